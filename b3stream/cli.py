@@ -1,0 +1,179 @@
+"""The ``b3stream`` command: prepare, mine, train, evaluate, inspect, demo.
+
+Each subcommand is a thin shell over a library function, so everything the CLI does can also be scripted.
+The mining and training subcommands register their own arguments (``b3stream.mining.commands``,
+``b3stream.train.commands``) to keep their flags next to the code they drive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="turn a source into WebDataset shards with dense ids and a manifest",
+        description="Write WebDataset shards + manifest.json. SOURCE is jsonl, csv, parquet (then give SRC) "
+                    "or codesearch (docstring -> code pairs from the installed Python packages).",
+    )
+    p.add_argument("source", choices=["jsonl", "csv", "parquet", "codesearch"])
+    p.add_argument("src", nargs="?", help="source file (not for codesearch)")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--query-field", default="query")
+    p.add_argument("--positive-field", default="positive")
+    p.add_argument("--task-field", default=None, help="column naming the task (default: one task)")
+    p.add_argument("--group-field", default=None,
+                   help="column used to split held-out data by group (default: the query text)")
+    p.add_argument("--negatives-field", default=None, help="column with a list of hard-negative texts")
+    p.add_argument("--id-field", default=None, help="column with the source's own ids (checked unique)")
+    p.add_argument("--query-image-field", default=None, help="column with query image paths")
+    p.add_argument("--positive-image-field", default=None, help="column with positive image paths")
+    p.add_argument("--prompts", default=None, help="YAML: task -> {query: ..., positive: ...} instruction prompts")
+    p.add_argument("--query-prompt", default="", help="default instruction prompt for queries")
+    p.add_argument("--positive-prompt", default="", help="default instruction prompt for positives")
+    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--validation-fraction", type=float, default=0.05)
+    p.add_argument("--max-share", type=float, default=0.2,
+                   help="no task or group may exceed this share of a held-out split")
+    p.add_argument("--samples-per-shard", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--packages", default=None, help="codesearch: comma-separated tasks to keep (e.g. stdlib,numpy)")
+    p.add_argument("--max-pairs", type=int, default=None, help="codesearch: stop after this many pairs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from .data.prepare import load_prompts, prepare_codesearch, prepare_file, print_summary
+    from .data.sources import FieldMap
+
+    common = dict(
+        held_out={"validation": args.validation_fraction, "test": args.test_fraction},
+        samples_per_shard=args.samples_per_shard, seed=args.seed, max_share=args.max_share,
+        prompts=load_prompts(args.prompts, args.query_prompt, args.positive_prompt),
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    if args.source == "codesearch":
+        packages = [p for p in args.packages.split(",") if p] if args.packages else None
+        manifest = prepare_codesearch(args.out, packages=packages, max_pairs=args.max_pairs, **common)
+    else:
+        if not args.src:
+            raise SystemExit(f"b3stream prepare {args.source}: give the source file")
+        fields = FieldMap(
+            query=args.query_field, positive=args.positive_field, task=args.task_field, group=args.group_field,
+            negatives=args.negatives_field, id=args.id_field, query_image=args.query_image_field,
+            positive_image=args.positive_image_field,
+        )
+        manifest = prepare_file(args.src, args.source, args.out, fields, **common)
+    print_summary(manifest)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="describe a dataset folder or a schedule (batch quality)",
+                       description="PATH is a prepared dataset folder, a schedule file (.b3s) or a folder of "
+                                   "schedules. For schedules it prints the metadata and batch quality.")
+    p.add_argument("path")
+    p.add_argument("--verify", action="store_true", help="dataset: re-hash and re-read every shard")
+    p.add_argument("--embeddings", default=None,
+                   help="schedule: recompute batch quality with these embeddings (a mining folder)")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    path = Path(args.path)
+    if (path / "manifest.json").is_file():
+        from .data.manifest import Manifest
+        from .data.prepare import print_summary
+        from .data.reader import ShardedDataset
+
+        manifest = Manifest.load(path)
+        print_summary(manifest)
+        if args.verify:
+            for split in manifest.splits:
+                ShardedDataset(path, split, manifest=manifest).verify()
+                print(f"  {split}: verified")
+        return 0
+    from .mining.commands import inspect_schedule
+
+    return inspect_schedule(path, embeddings=args.embeddings)
+
+
+# --------------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="end to end on the bundled model and code-search data",
+                       description="prepare the code-search pairs, mine a B3 schedule with the bundled "
+                                   "MiniLM teacher, train a LoRA student on it and evaluate before/after.")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--max-pairs", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--K", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="b3stream",
+        description="Contrastive embedding training with smart batch mining (B3 / B3++ / GCBS / random / task).",
+    )
+    parser.add_argument("--version", action="version", version=f"b3stream {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_prepare(sub)
+    from .mining.commands import register as register_mine
+    from .train.commands import register as register_train
+
+    register_mine(sub)
+    register_train(sub)  # train, evaluate
+    _add_inspect(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data.manifest import DataError
+    from .mining.schedule import ScheduleError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, ConfigError, ScheduleError) as e:
+        print(f"b3stream {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Typed configuration: dataclasses loaded from YAML, overridable from the command line.
+
+Every YAML key mirrors a dataclass field (torchtune style), so a config file reads as the constructor
+arguments of the stage it drives. An unknown key is an error that names the key and where it came from:
+a typo must never silently fall back to a default.
+
+    cfg = load_config(MineConfig, "mine.yaml", overrides=["p=30", "teacher.pooling=cls"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The configs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA / DoRA adapter settings (paper: LoRA r=8)."""
+
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: PEFT's default for the architecture
+    use_dora: bool = False
+
+
+@dataclass
+class EncoderConfig:
+    """A Hugging Face model turned into an embedding model by pooling (``b3stream.encoder``)."""
+
+    model: str | None = None  # HF folder or hub id; None: the bundled all-MiniLM-L6-v2
+    pooling: str = "mean"  # mean | cls | last  (last-token for decoder models, as the paper)
+    normalize: bool = True
+    max_query_length: int = 64
+    max_positive_length: int = 256
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class MineConfig:
+    """Static B3 mining (DESIGN.md steps 1-6). Symbols follow the paper: p, m, K, |B| (batch_size), h."""
+
+    data: str | None = None  # prepared dataset folder (manifest.json); None with user embeddings
+    split: str = "train"
+    out: str = "runs/mine"
+    teacher: EncoderConfig = field(default_factory=lambda: EncoderConfig(lora=LoraConfig(enabled=False)))
+    embed_batch_size: int = 64
+    query_embeddings: str | None = None  # bring-your-own teacher embeddings (N x d .npy)
+    positive_embeddings: str | None = None
+    strategy: str = "b3"  # random | task | gcbs | b3 | b3pp
+    p: int = 30  # ranks skipped (likely false negatives)
+    m: int = 100  # ranks kept after the skip: S = R[:, p:p+m]
+    K: int = 32  # community size
+    batch_size: int = 1024  # |B|, global batch
+    h: int = 5  # B3++ hard negatives per example
+    seed: int = 0
+    per_task: bool = True  # mine and batch each task separately (the paper mines each dataset apart)
+    index: str = "auto"  # auto | flat | ivf | hnsw
+    exact_threshold: int = 50_000  # auto: exact search up to this many positives per task
+    margin: float | None = None  # NV-Retriever style: drop candidates scoring above margin * positive score
+    edges: str = "mutual"  # mutual | union
+    rank_weights: bool = False
+    gcbs_threshold: float | None = None  # None: chosen from the similarity distribution
+    version: int | None = None  # schedule version to write; None: next free
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe (``b3stream/train/loop.py``)."""
+
+    data: str = ""
+    schedule: str = ""  # a schedule file, or a folder holding versioned schedules
+    out: str = "runs/train"
+    student: EncoderConfig = field(default_factory=EncoderConfig)
+    temperature: float = 0.02
+    symmetric: bool = False
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    max_steps: int | None = None
+    grad_cache_chunk: int | None = None  # None: no GradCache; else sub-batch size for cached embedding
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    deepspeed: str | None = None  # ZeRO JSON; None: ds_configs/zero0.json
+    seed: int = 0
+    num_workers: int = 1
+    log_every: int = 10
+    eval_every: int | None = None
+    eval_split: str = "test"
+    eval_max_queries: int | None = 1000
+    save_every: int | None = None
+    resume: bool = True
+    export: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and overriding
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML / command-line value to the annotated type, or raise naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if _is_dataclass_type(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where=where)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError` naming them."""
+    hints = _type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
+            f"known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: T, overrides: dict[str, Any] | list[str]) -> T:
+    """Return a copy of ``cfg`` with dotted-key overrides (``{"teacher.pooling": "cls"}`` or ``["p=30"]``).
+
+    Values given as strings are parsed as YAML scalars (so ``"none"``/``"null"`` -> None, ``"3"`` -> 3).
+    """
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, raw = item.split("=", 1)
+            pairs[key.strip()] = raw
+        overrides = pairs
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else value
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section of {type(cfg).__name__}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}")
+        node[parts[-1]] = value
+    return from_dict(type(cfg), data, where="overrides")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict | list | None = None) -> T:
+    """Load ``cls`` from a YAML file (optional), then apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+    cfg = from_dict(cls, data, where=str(path) if path else "config")
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

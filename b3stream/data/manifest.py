@@ -1,0 +1,133 @@
+"""The manifest: what a prepared dataset holds, and the fingerprint every later artefact is stamped with.
+
+A prepared dataset is a folder of WebDataset tar shards plus ``manifest.json``. Each split has its own
+dense id space ``0..n-1`` (ids are assigned when the shards are written and never change), its own shard
+list and its own content fingerprint. Mining artefacts (embeddings, neighbour lists, schedules) are built for
+one split and carry ``{"fingerprint", "split", "n"}``; :func:`check_stamp` refuses one built for other data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class DataError(ValueError):
+    """Bad input data, a corrupt shard or a mismatched artefact; the message names the file and record."""
+
+
+@dataclass
+class ShardInfo:
+    url: str  # relative to the dataset folder, or an absolute path / URL
+    nsamples: int
+    first_id: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    n: int
+    fingerprint: str
+    shards: list[ShardInfo]
+    tasks: dict[str, int]
+    groups: int
+
+
+@dataclass
+class Manifest:
+    name: str
+    N: int
+    fingerprint: str
+    splits: dict[str, SplitInfo]
+    tasks: dict[str, int]
+    prompts: dict[str, dict[str, str]] = field(default_factory=dict)
+    fields: dict[str, str | None] = field(default_factory=dict)
+    source: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    # -- persistence -----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
+        try:
+            if d.get("schema_version") != SCHEMA_VERSION:
+                raise DataError(
+                    f"{where}: schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}; "
+                    "re-run `b3stream prepare`"
+                )
+            splits = {
+                name: SplitInfo(
+                    n=s["n"], fingerprint=s["fingerprint"], tasks=s["tasks"], groups=s["groups"],
+                    shards=[ShardInfo(**sh) for sh in s["shards"]],
+                )
+                for name, s in d["splits"].items()
+            }
+            return cls(**{**d, "splits": splits})
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: malformed manifest ({e!r})") from None
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Manifest":
+        path = Path(root) / MANIFEST_NAME
+        if not path.is_file():
+            raise DataError(f"{path}: no manifest; is {root} a folder made by `b3stream prepare`?")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        m = cls.from_dict(d, where=str(path))
+        total = sum(s.n for s in m.splits.values())
+        if total != m.N:
+            raise DataError(f"{path}: N={m.N} but the splits hold {total} records")
+        for name, s in m.splits.items():
+            counted = sum(sh.nsamples for sh in s.shards)
+            if counted != s.n:
+                raise DataError(f"{path}: split {name!r} has n={s.n} but its shards list {counted} samples")
+        return m
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise DataError(f"dataset {self.name!r} has no split {name!r}; it has {sorted(self.splits)}")
+        return self.splits[name]
+
+    def stamp(self, split: str) -> dict:
+        """What an artefact built from ``split`` records about its input."""
+        s = self.split(split)
+        return {"dataset": self.name, "split": split, "n": s.n, "fingerprint": s.fingerprint}
+
+    def prompt(self, task: str | None, side: str) -> str:
+        """The instruction prompt for ``side`` ("query" or "positive") of ``task`` (paper section 3.3)."""
+        for key in (task, "default"):
+            if key is not None and key in self.prompts and side in self.prompts[key]:
+                return self.prompts[key][side]
+        return ""
+
+
+def check_stamp(stamp: dict | None, expected: dict, what: str) -> None:
+    """Refuse an artefact whose stamp does not match the data it is used with."""
+    if stamp is None:
+        raise DataError(f"{what}: carries no data fingerprint; rebuild it with this version of b3stream")
+    if stamp.get("fingerprint") != expected.get("fingerprint") or stamp.get("n") != expected.get("n"):
+        raise DataError(
+            f"{what}: built for data {stamp.get('dataset')!r}/{stamp.get('split')!r} "
+            f"(n={stamp.get('n')}, fingerprint {str(stamp.get('fingerprint'))[:12]}) but used with "
+            f"{expected.get('dataset')!r}/{expected.get('split')!r} (n={expected.get('n')}, fingerprint "
+            f"{str(expected.get('fingerprint'))[:12]}); rebuild it for this data"
+        )
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

