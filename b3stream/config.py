@@ -56,29 +56,47 @@ class EncoderConfig:
 
 @dataclass
 class MineConfig:
-    """Static B3 mining (DESIGN.md steps 1-6). Symbols follow the paper: p, m, K, |B| (batch_size), h."""
+    """Static B3 mining (DESIGN.md steps 1-6). Symbols follow the paper: p, m, K, |B| (batch_size), h.
+
+    Stages (``b3stream.mining.pipeline``): embed -> rank -> partition -> schedule, each file to file under
+    ``out``. See ``configs/mine_b3.yaml`` for a commented example.
+    """
 
     data: str | None = None  # prepared dataset folder (manifest.json); None with user embeddings
     split: str = "train"
     out: str = "runs/mine"
+    # -- embed ------------------------------------------------------------------------------------
     teacher: EncoderConfig = field(default_factory=lambda: EncoderConfig(lora=LoraConfig(enabled=False)))
     embed_batch_size: int = 64
+    embed_chunk: int = 2048  # rows embedded between two progress records (the resume granularity)
     query_embeddings: str | None = None  # bring-your-own teacher embeddings (N x d .npy)
     positive_embeddings: str | None = None
-    strategy: str = "b3"  # random | task | gcbs | b3 | b3pp
+    # -- rank -------------------------------------------------------------------------------------
     p: int = 30  # ranks skipped (likely false negatives)
     m: int = 100  # ranks kept after the skip: S = R[:, p:p+m]
+    per_task: bool = True  # mine and batch each task separately (the paper mines each dataset apart)
+    index: str = "auto"  # auto | flat | ivf | hnsw
+    exact_threshold: int = 50_000  # auto: exact search up to this many positives per task, IVF above
+    ivf_nlist: int | None = None  # None: about 4 * sqrt(n) inverted lists
+    ivf_nprobe: int = 32
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 256
+    recall_sample: int = 1000  # approximate indexes: queries checked against exact search (0: skip)
+    margin: float | None = None  # NV-Retriever style: drop candidates scoring above margin * positive score
+    # -- partition --------------------------------------------------------------------------------
     K: int = 32  # community size
+    edges: str = "mutual"  # mutual | union
+    rank_weights: bool = False  # weight edges by rank (closer ranks weigh more) for METIS
+    metis_ufactor: int = 30  # METIS load imbalance in 1/1000 (30: parts up to 3% over K before repair)
+    # -- schedule ---------------------------------------------------------------------------------
+    strategy: str = "b3"  # random | task | gcbs | b3 | b3pp
     batch_size: int = 1024  # |B|, global batch
     h: int = 5  # B3++ hard negatives per example
     seed: int = 0
-    per_task: bool = True  # mine and batch each task separately (the paper mines each dataset apart)
-    index: str = "auto"  # auto | flat | ivf | hnsw
-    exact_threshold: int = 50_000  # auto: exact search up to this many positives per task
-    margin: float | None = None  # NV-Retriever style: drop candidates scoring above margin * positive score
-    edges: str = "mutual"  # mutual | union
-    rank_weights: bool = False
-    gcbs_threshold: float | None = None  # None: chosen from the similarity distribution
+    mix_tasks: bool = False  # draw communities from all tasks together instead of one task per batch
+    gcbs_threshold: float | None = None  # None: chosen from the similarity distribution (median of S scores)
+    quality_sample: int | None = 2048  # queries scored for the Theorem-1 bound (None: all, 0: skip)
+    quality_temperature: float = 0.02  # tau in exp(s / tau) for the bound (the paper trains at 0.02)
     version: int | None = None  # schedule version to write; None: next free
 
 

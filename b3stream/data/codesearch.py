@@ -9,7 +9,8 @@ docstring taken out, is the positive.  The filters, in our own formulation:
 Files
   * only ``.py`` files; the scanned roots are the stdlib directory and the
     purelib/platlib directories (:func:`codesearch_roots`), walked in sorted
-    order so the output is the same on every run in a given environment;
+    order (a directory's files, then its subdirectories) so the output is the
+    same on every run in a given environment;
   * test code is skipped: directories ``test``, ``tests``, ``testing`` and
     ``_test*``; files ``test_*.py``, ``*_test.py``, ``test.py``, ``tests.py``,
     ``conftest.py``;
@@ -31,7 +32,10 @@ Functions (``def`` and ``async def``, methods and nested functions included)
     ``.. directive::``) with whitespace collapsed -- has at least 3 words, at
     most 128 words, and is mostly letters (>= 60% of its non-space characters);
   * summaries mentioning "deprecated" or starting with "See ..."/"Alias for"
-    are dropped: they point elsewhere instead of describing the code;
+    are dropped: they point elsewhere instead of describing the code; so are
+    docstrings that open with a parameter entry (``x (`int`): ...`` or
+    ``x : int``) instead of a summary; a trailing ``:`` (which introduced a
+    now-removed example or list) is stripped;
   * the code is the function's source lines (decorators kept) minus the
     docstring's lines, dedented; after removing the docstring the body must
     keep >= 3 non-blank, non-comment lines, and the whole function must be at
@@ -101,6 +105,9 @@ _INLINE_CUT = re.compile(
 # Fields holding nested statements (if/for/while/with/try/match/class/def bodies).
 _BLOCK_FIELDS = ("body", "handlers", "orelse", "finalbody", "cases")  # source order
 _POINTER = re.compile(r"^(?:see\b|alias(?:es)? (?:for|of)\b)", re.I)
+# Docstrings that open straight with a parameter entry, "x (`int`): ..." (Google,
+# e.g. transformers' auto_docstring) or "x : int" (NumPy): no summary to use.
+_PARAM_ENTRY = re.compile(r"^\**[A-Za-z_][\w.]*\s*(?:\([^)]*\)\s*:|\s:\s)")
 
 
 def codesearch_roots() -> list[tuple[str, Path]]:
@@ -137,8 +144,9 @@ def docstring_summary(doc: str) -> str:
     summary = " ".join(" ".join(kept).split())
     cut = _INLINE_CUT.search(summary)
     if cut:
-        summary = summary[: cut.start()].rstrip()
-    return summary
+        summary = summary[: cut.start()]
+    # A trailing colon introduced the (removed) example or list that followed.
+    return summary.rstrip().rstrip(":").rstrip()
 
 
 def _good_summary(summary: str) -> bool:
@@ -148,7 +156,9 @@ def _good_summary(summary: str) -> bool:
     chars = [c for c in summary if not c.isspace()]
     if sum(c.isalpha() for c in chars) < MIN_ALPHA_FRACTION * len(chars):
         return False  # signatures, formulas, ascii art
-    return "deprecated" not in summary.lower() and not _POINTER.match(summary)
+    if _PARAM_ENTRY.match(summary) or _POINTER.match(summary):
+        return False
+    return "deprecated" not in summary.lower()
 
 
 def _is_code_line(line: str) -> bool:
@@ -267,9 +277,9 @@ def iter_codesearch_pairs(packages: list[str] | None = None, max_pairs: int | No
     ``packages`` restricts the scan to these tasks ("stdlib", "torch", ...); a
     stdlib top-level module name ("json", "email") also selects that module.
     ``max_pairs`` stops early.  If ``stats`` is a dict it is filled with counts
-    (files, unreadable, unparsable, candidates, duplicates, pairs).
+    (files, too_large, unreadable, unparsable, candidates, duplicates, pairs).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     wanted = set(packages) if packages is not None else None
     files = []
@@ -279,7 +289,7 @@ def iter_codesearch_pairs(packages: list[str] | None = None, max_pairs: int | No
             if wanted is None or task in wanted or top in wanted:
                 files.append((task, rel, path))
 
-    counts = dict(files=len(files), unreadable=0, unparsable=0, candidates=0, duplicates=0, pairs=0)
+    counts = dict(files=len(files), too_large=0, unreadable=0, unparsable=0, candidates=0, duplicates=0, pairs=0)
     if stats is not None:
         stats.clear()
         stats.update(counts)
@@ -295,6 +305,7 @@ def iter_codesearch_pairs(packages: list[str] | None = None, max_pairs: int | No
         for task, rel, path in bar:
             try:
                 if path.stat().st_size > MAX_FILE_BYTES:
+                    counts["too_large"] += 1
                     continue
                 text = path.read_bytes().decode("utf-8-sig")
             except (OSError, UnicodeDecodeError):

@@ -118,7 +118,8 @@ class Schedule:
         arrays = {"ids": self.ids, "offsets": self.offsets}
         if self.negatives is not None:
             arrays["hard_negatives"] = self.negatives
-        return {k: np.ascontiguousarray(v.astype("<i8")) for k, v in arrays.items()}
+        # Sorted by name: the header's JSON lists them sorted, and the checksum follows that order.
+        return {k: np.ascontiguousarray(arrays[k].astype("<i8")) for k in sorted(arrays)}
 
     def to_bytes(self) -> bytes:
         arrays = self._arrays()

@@ -1,0 +1,338 @@
+"""Stage 1, embed: the teacher embeds every query x_i and positive y_i (B3 paper, section 3.1).
+
+Output, in ``OUT/embeddings/``:
+
+- ``queries.npy``, ``positives.npy``: float16 ``(N, d)`` ``.npy`` files, row ``i`` is id ``i``, L2-normalised,
+  written through :func:`numpy.lib.format.open_memmap` so neither side ever has to fit in memory;
+- ``tasks.npy``: int32 ``(N,)`` task index of every id (names in the record);
+- ``embeddings.json``: the record: data stamp (``Manifest.stamp(split)``), teacher settings, rows done.
+
+Texts get their task's instruction prompt (paper section 3.3, ``manifest.prompt(task, side)``). Rows are
+embedded in chunks of ``embed_chunk`` records; after each chunk the memmaps are flushed and ``rows_done``
+recorded, so an interrupted run resumes at the first unrecorded chunk (same data and teacher settings), and
+the result is the same as an uninterrupted run.
+
+Bring your own: ``--query-embeddings Q.npy --positive-embeddings P.npy`` (e.g. from an API model) are
+checked (same shape, finite, non-zero rows), L2-normalised and copied in as float16. With ``--data`` the
+rows must match the split's ids; without it the row numbers are the ids, there is one task, and the stamp's
+fingerprint is a SHA-256 of the two arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, MineConfig
+from ..data.manifest import DataError, Manifest, check_stamp
+from .artefacts import log, new_token, read_json, same_params, tmp_name, write_json
+
+FOLDER = "embeddings"
+RECORD = "embeddings.json"
+USER_DATASET = "user-embeddings"
+
+
+@dataclass
+class Embeddings:
+    """Teacher embeddings of one split: ``queries[i]`` and ``positives[i]`` belong to id ``i``."""
+
+    queries: np.ndarray  # (N, d) float16 memmap
+    positives: np.ndarray  # (N, d) float16 memmap
+    tasks: np.ndarray  # (N,) int32
+    task_names: list[str]
+    stamp: dict
+    record: dict
+    folder: Path
+
+    @property
+    def n(self) -> int:
+        return len(self.queries)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def check_vectors(arr: np.ndarray, what: str, chunk: int = 65536, hasher=None) -> None:
+    """Raise :class:`DataError` naming the first row of ``arr`` that is NaN/inf or has (near) zero norm.
+
+    Such rows would silently rank as everyone's neighbour or no one's (cosine of a zero vector is
+    undefined), so they are refused rather than mined. Reads ``arr`` chunk by chunk (memmaps welcome);
+    ``hasher`` (a hashlib object) is fed the raw bytes on the way.
+    """
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise DataError(f"{what}: expected a 2-D (N, d) array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{what}: expected floating-point embeddings, got dtype {arr.dtype}")
+    for start in range(0, len(arr), chunk):
+        block = np.asarray(arr[start : start + chunk])
+        if hasher is not None:
+            hasher.update(np.ascontiguousarray(block).tobytes())
+        block = block.astype(np.float32)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite)[0])
+            raise DataError(f"{what}: row {row} contains NaN or inf")
+        norms = np.linalg.norm(block, axis=1)
+        bad = norms < 1e-6
+        if bad.any():
+            row = start + int(np.flatnonzero(bad)[0])
+            raise DataError(f"{what}: row {row} has zero norm; cosine similarity is undefined for it")
+
+
+def _normalise(block: np.ndarray) -> np.ndarray:
+    block = block.astype(np.float32)
+    return block / np.linalg.norm(block, axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_embeddings(folder: str | Path, expect: dict | None = None) -> Embeddings:
+    """Open finished embeddings (``OUT/embeddings`` or ``OUT``) read-only; refuse other data's.
+
+    Args:
+        folder: the embeddings folder or the mining output folder holding it.
+        expect: a data stamp (``Manifest.stamp(split)``); embeddings stamped otherwise raise DataError.
+    """
+    folder = Path(folder)
+    if not (folder / RECORD).is_file() and (folder / FOLDER / RECORD).is_file():
+        folder = folder / FOLDER
+    record = read_json(folder / RECORD)
+    if record is None:
+        raise DataError(f"{folder}: no embeddings record ({RECORD}); run `b3stream mine embed` first")
+    if not record.get("complete"):
+        raise DataError(f"{folder}: embeddings are incomplete ({record.get('rows_done')} of {record.get('n')} "
+                        "rows); re-run `b3stream mine embed` to resume")
+    if expect is not None:
+        check_stamp(record.get("stamp"), expect, f"embeddings {folder}")
+    q = np.load(folder / "queries.npy", mmap_mode="r")
+    p = np.load(folder / "positives.npy", mmap_mode="r")
+    tasks = np.load(folder / "tasks.npy")
+    if q.shape != p.shape or len(tasks) != len(q) or len(q) != record["n"]:
+        raise DataError(f"{folder}: queries {q.shape}, positives {p.shape} and tasks {tasks.shape} disagree "
+                        f"with the record (n={record['n']})")
+    return Embeddings(queries=q, positives=p, tasks=tasks, task_names=list(record["task_names"]),
+                      stamp=record["stamp"], record=record, folder=folder)
+
+
+def expected_stamp(cfg: MineConfig) -> dict | None:
+    """The stamp artefacts of this config must carry: the manifest's for ``cfg.data``, else None."""
+    if cfg.data is None:
+        return None
+    return Manifest.load(cfg.data).stamp(cfg.split)
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------
+
+
+def embed_params(cfg: MineConfig) -> dict:
+    """What the embeddings depend on; a change means re-embedding."""
+    if cfg.query_embeddings or cfg.positive_embeddings:
+        files = {}
+        for side, path in (("queries", cfg.query_embeddings), ("positives", cfg.positive_embeddings)):
+            st = Path(path).stat() if path and Path(path).is_file() else None
+            files[side] = {"path": str(Path(path).resolve()) if path else None,
+                           "bytes": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
+        return {"source": "user", "files": files, "data": cfg.data and str(Path(cfg.data).resolve()),
+                "split": cfg.split}
+    from ..encoder import model_name, resolve_model
+
+    t = cfg.teacher
+    return {"source": "teacher", "model": model_name(t), "model_path": str(resolve_model(t.model)),
+            "pooling": t.pooling, "normalize": t.normalize, "max_query_length": t.max_query_length,
+            "max_positive_length": t.max_positive_length}
+
+
+def embed(cfg: MineConfig, progress: bool = True) -> Path:
+    """Run the embed stage for ``cfg``; returns the embeddings folder. Resumes an interrupted run."""
+    if bool(cfg.query_embeddings) != bool(cfg.positive_embeddings):
+        raise ConfigError("give both --query-embeddings and --positive-embeddings, or neither")
+    if cfg.query_embeddings:
+        return import_embeddings(cfg, progress=progress)
+    if cfg.data is None:
+        raise ConfigError("embed: give --data (a prepared dataset) or --query-embeddings/--positive-embeddings")
+    return embed_with_teacher(cfg, progress=progress)
+
+
+def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
+    from ..data.reader import ShardedDataset
+    from ..encoder import Encoder, with_prompt
+
+    if cfg.embed_chunk < 1 or cfg.embed_batch_size < 1:
+        raise ConfigError("embed_chunk and embed_batch_size must be positive")
+    manifest = Manifest.load(cfg.data)
+    ds = ShardedDataset(cfg.data, cfg.split, manifest=manifest)
+    stamp, n = ds.stamp, len(ds)
+    folder = Path(cfg.out) / FOLDER
+    params = {**embed_params(cfg), "prompts": manifest.prompts}
+    record = read_json(folder / RECORD)
+    if record is not None and record.get("stamp") == stamp and same_params({**record, "complete": True}, params):
+        if record.get("complete"):
+            log.info("embed: %s is up to date (%d rows)", folder, n)
+            return folder
+        start = int(record.get("rows_done", 0))
+        if not ((folder / "queries.npy").is_file() and (folder / "positives.npy").is_file()):
+            start = 0
+        log.info("embed: resuming at row %d of %d", start, n)
+    else:
+        start = 0
+        if folder.exists():
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = Encoder(cfg.teacher, trainable=False, device=device,
+                      dtype=torch.float16 if device == "cuda" else None)
+    dim = encoder.dim
+    mode = "r+" if start > 0 else "w+"
+    qmm = np.lib.format.open_memmap(folder / "queries.npy", mode=mode, dtype=np.float16, shape=(n, dim))
+    pmm = np.lib.format.open_memmap(folder / "positives.npy", mode=mode, dtype=np.float16, shape=(n, dim))
+    if qmm.shape != (n, dim) or pmm.shape != (n, dim):
+        raise DataError(f"{folder}: existing embedding files have the wrong shape; delete the folder")
+
+    task_names: list[str] = []
+    task_index: dict[str, int] = {}
+    tasks = np.empty(n, dtype=np.int32)
+    record = {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": start, "complete": False,
+              "chunk": cfg.embed_chunk}
+    write_json(folder / RECORD, record)
+    bar = tqdm(total=n, initial=start, desc="embed", unit="pair", disable=not progress, file=sys.stderr)
+    chunk: list[dict] = []
+
+    def flush_chunk(rows: list[dict]) -> None:
+        lo, hi = rows[0]["id"], rows[-1]["id"] + 1
+        q_texts = [with_prompt(manifest.prompt(r.get("task"), "query"), r["query"]) for r in rows]
+        p_texts = [with_prompt(manifest.prompt(r.get("task"), "positive"), r["positive"]) for r in rows]
+        q = encoder.encode(q_texts, side="query", batch_size=cfg.embed_batch_size)
+        p = encoder.encode(p_texts, side="positive", batch_size=cfg.embed_batch_size)
+        check_vectors(q, f"teacher query embeddings (ids {lo}..{hi - 1})")
+        check_vectors(p, f"teacher positive embeddings (ids {lo}..{hi - 1})")
+        qmm[lo:hi] = q.astype(np.float16)
+        pmm[lo:hi] = p.astype(np.float16)
+        # Flush before recording progress: the record must never claim rows that are not on disk.
+        qmm.flush()
+        pmm.flush()
+        record["rows_done"] = hi
+        write_json(folder / RECORD, record)
+        bar.update(hi - lo)
+
+    expected = 0
+    for rec in ds:
+        i = rec["id"]
+        if i != expected:
+            raise DataError(f"{cfg.data}: split {cfg.split!r} streams id {i} where {expected} was expected")
+        expected += 1
+        task = rec.get("task") or "default"
+        if task not in task_index:
+            task_index[task] = len(task_names)
+            task_names.append(task)
+        tasks[i] = task_index[task]
+        if i < start:
+            continue  # already embedded by an interrupted run
+        chunk.append(rec)
+        if len(chunk) >= cfg.embed_chunk:
+            flush_chunk(chunk)
+            chunk = []
+    if chunk:
+        flush_chunk(chunk)
+    bar.close()
+    if expected != n:
+        raise DataError(f"{cfg.data}: split {cfg.split!r} streamed {expected} records, manifest says {n}")
+    del qmm, pmm
+    _write_tasks(folder, tasks)
+    record.update(complete=True, task_names=task_names, token=new_token(),
+                  source_model=params["model"])
+    write_json(folder / RECORD, record)
+    log.info("embed: wrote %d x %d teacher embeddings to %s", n, dim, folder)
+    return folder
+
+
+def _write_tasks(folder: Path, tasks: np.ndarray) -> None:
+    tmp = tmp_name(folder / "tasks.npy")
+    with open(tmp, "wb") as f:
+        np.save(f, tasks.astype(np.int32))
+    tmp.replace(folder / "tasks.npy")
+
+
+def import_embeddings(cfg: MineConfig, progress: bool = True, chunk: int = 65536) -> Path:
+    """Bring-your-own teacher embeddings: validate, normalise and copy in as float16 (see module doc)."""
+    folder = Path(cfg.out) / FOLDER
+    paths = {"queries": Path(cfg.query_embeddings), "positives": Path(cfg.positive_embeddings)}
+    arrays = {}
+    for side, path in paths.items():
+        if not path.is_file():
+            raise DataError(f"{path}: {side} embeddings file does not exist")
+        try:
+            arrays[side] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise DataError(f"{path}: not a .npy array ({e})") from None
+    q, p = arrays["queries"], arrays["positives"]
+    if q.ndim != 2 or q.shape != p.shape:
+        raise DataError(f"query embeddings {q.shape} and positive embeddings {p.shape} must be two (N, d) "
+                        "arrays of the same shape")
+    n, dim = q.shape
+    params = embed_params(cfg)
+    if cfg.data is not None:
+        from ..data.reader import ShardedDataset
+
+        ds = ShardedDataset(cfg.data, cfg.split)
+        stamp = ds.stamp
+        if n != stamp["n"]:
+            raise DataError(f"{paths['queries']}: {n} rows but split {cfg.split!r} of {cfg.data} has "
+                            f"{stamp['n']} examples; row i must be id i")
+    else:
+        ds, stamp = None, None
+    record = read_json(folder / RECORD)
+    if record is not None and record.get("complete") and same_params(record, params) and \
+            (stamp is None or record.get("stamp") == stamp):
+        log.info("embed: %s is up to date (imported %d rows)", folder, n)
+        return folder
+
+    # Validate everything before writing anything: bad input leaves no partial output.
+    hasher = hashlib.sha256()
+    check_vectors(q, f"{paths['queries']}", chunk, hasher)
+    check_vectors(p, f"{paths['positives']}", chunk, hasher)
+    if stamp is None:
+        stamp = {"dataset": USER_DATASET, "split": None, "n": n, "fingerprint": hasher.hexdigest()}
+    if ds is not None:
+        names = [t or "default" for t in ds.column("task")]
+        task_names = list(dict.fromkeys(names))
+        lookup = {t: i for i, t in enumerate(task_names)}
+        tasks = np.array([lookup[t] for t in names], dtype=np.int32)
+    else:
+        task_names, tasks = ["default"], np.zeros(n, dtype=np.int32)
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    bar = tqdm(total=2 * n, desc="import embeddings", unit="row", disable=not progress, file=sys.stderr)
+    for side, src in (("queries", q), ("positives", p)):
+        tmp = tmp_name(folder / f"{side}.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+        for start in range(0, n, chunk):
+            out[start : start + chunk] = _normalise(np.asarray(src[start : start + chunk])).astype(np.float16)
+            bar.update(min(chunk, n - start))
+        out.flush()
+        del out
+        tmp.replace(folder / f"{side}.npy")
+    bar.close()
+    _write_tasks(folder, tasks)
+    write_json(folder / RECORD, {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": n,
+                                 "complete": True, "task_names": task_names, "token": new_token(),
+                                 "source_model": f"user:{paths['queries'].name}"})
+    log.info("embed: imported %d x %d embeddings into %s", n, dim, folder)
+    return folder

@@ -1,0 +1,287 @@
+"""Stage 2, rank: FAISS top-(p+m) positives of every query -> S = R[:, p:p+m] (B3 paper, section 3.1).
+
+For query ``x_i`` the positives ``y_j`` of the (task's) data are ranked by inner product of the
+L2-normalised teacher embeddings (cosine). The query's own positive ``y_i`` is removed; the ``p`` highest
+remaining ranks are skipped because they are likely false negatives (paraphrases, duplicates); ranks
+``[p, p+m)`` are kept as row ``i`` of ``S`` (int32, N x m, global ids). ``R`` itself is never built: FAISS
+returns only the top ``p+m+1`` per query, queries go through in chunks, so memory is O(N (p+m)).
+
+Index choice (``index``): ``flat`` is exact; ``ivf`` (IVFFlat, ``ivf_nlist`` lists, ``ivf_nprobe`` probes)
+and ``hnsw`` (HNSW-flat, ``hnsw_m`` links, ``hnsw_ef_search``) are approximate; ``auto`` takes flat up to
+``exact_threshold`` positives per task and IVF above. For an approximate index the recall@(p+m+1) against
+exact search is measured on ``recall_sample`` queries and logged and recorded. When FAISS sees a GPU, flat
+and IVF indexes are moved onto it (HNSW has no GPU version and stays on the CPU).
+
+Per task (``per_task``, the default) each task is ranked against its own positives only, as the paper mines
+each dataset separately; local row numbers are mapped back to global ids. ``p + m`` must be below every
+task's size (the own positive is not a candidate), else :class:`ConfigError` names the task.
+
+Margin filter (optional, NV-Retriever's "TopK-PercPos"): a candidate scoring above ``margin`` times the
+query's own positive score is dropped as a probable false negative.
+
+Padding policy: a row with fewer than ``m`` candidates (approximate search came back short, or the margin
+filter dropped some) keeps its candidates first, in rank order, and is padded on the right with ``-1``
+(score 0). Every consumer ignores ``-1``.
+
+Output, in ``OUT/rank/``: ``S.npy`` (int32, N x m), ``scores.npy`` (float16, N x m, the teacher's cosine
+for each entry of S) and ``rank.json`` (record: parameters, index per task, recall, padded rows).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import ConfigError
+from .artefacts import log
+from .embed import Embeddings, check_vectors
+
+FOLDER = "rank"
+RECORD = "rank.json"
+INDEXES = ("auto", "flat", "ivf", "hnsw")
+
+
+@dataclass
+class RankParams:
+    """The ranking knobs of MineConfig (p, m and the index choice)."""
+
+    p: int = 30
+    m: int = 100
+    per_task: bool = True
+    index: str = "auto"
+    exact_threshold: int = 50_000
+    ivf_nlist: int | None = None
+    ivf_nprobe: int = 32
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 256
+    recall_sample: int = 1000
+    margin: float | None = None
+    seed: int = 0
+    query_chunk: int = 4096
+
+    @classmethod
+    def from_config(cls, cfg) -> "RankParams":
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: getattr(cfg, k) for k in names if hasattr(cfg, k)})
+
+    def check(self) -> None:
+        if self.p < 0 or self.m < 1:
+            raise ConfigError(f"need p >= 0 and m >= 1, got p={self.p}, m={self.m}")
+        if self.index not in INDEXES:
+            raise ConfigError(f"index must be one of {INDEXES}, got {self.index!r}")
+        if self.margin is not None and not 0 < self.margin <= 1.5:
+            raise ConfigError(f"margin must be a fraction of the positive's score (e.g. 0.95), got {self.margin}")
+
+
+def task_groups(tasks: np.ndarray, task_names: list[str], per_task: bool) -> list[tuple[str, np.ndarray]]:
+    """(name, sorted global ids) of each group mined apart: one per task, or everything together."""
+    if not per_task or len(task_names) <= 1:
+        return [("all" if len(task_names) != 1 else task_names[0], np.arange(len(tasks), dtype=np.int64))]
+    order = np.argsort(tasks, kind="stable")
+    bounds = np.searchsorted(tasks[order], np.arange(len(task_names) + 1))
+    return [(task_names[t], np.sort(order[bounds[t] : bounds[t + 1]]).astype(np.int64))
+            for t in range(len(task_names)) if bounds[t + 1] > bounds[t]]
+
+
+def check_sizes(groups: list[tuple[str, np.ndarray]], p: int, m: int) -> None:
+    for name, ids in groups:
+        if p + m >= len(ids):
+            raise ConfigError(
+                f"p + m = {p} + {m} = {p + m} but task {name!r} has only {len(ids)} examples; ranking needs "
+                f"p + m < n within a task (the query's own positive is not a candidate). Lower p and m, or "
+                f"set per_task: false to rank all tasks together"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# FAISS
+# --------------------------------------------------------------------------------------------------
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def gpu_available() -> bool:
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def choose_index(n: int, prm: RankParams) -> str:
+    if prm.index != "auto":
+        return prm.index
+    return "flat" if n <= prm.exact_threshold else "ivf"
+
+
+def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536):
+    """An inner-product index over ``base`` (float16/32 rows, added chunk by chunk).
+
+    Returns (index, desc, keep): ``keep`` holds objects FAISS does not own (quantizer, GPU resources) and
+    must live as long as the index.
+    """
+    faiss = _faiss()
+    n, d = base.shape
+    desc: dict = {"kind": kind}
+    keep: list = []
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = prm.ivf_nlist or int(min(65536, max(16, 4 * np.sqrt(n))))
+        nlist = min(nlist, max(1, n // 39))  # FAISS wants ~39 training points per list
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(prm.seed)
+        train_n = min(n, nlist * 64)
+        sample = np.sort(rng.choice(n, size=train_n, replace=False))
+        index.train(np.ascontiguousarray(base[sample], dtype=np.float32))
+        index.nprobe = min(prm.ivf_nprobe, nlist)
+        desc.update(nlist=nlist, nprobe=int(index.nprobe))
+        keep.append(quantizer)  # FAISS does not own the quantizer: keep it alive with the index
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, prm.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        desc.update(M=prm.hnsw_m, ef_search=prm.hnsw_ef_search)
+    else:
+        raise ConfigError(f"unknown index {kind!r}; expected one of {INDEXES[1:]}")
+    for start in range(0, n, chunk):
+        index.add(np.ascontiguousarray(base[start : start + chunk], dtype=np.float32))
+    if kind == "hnsw":
+        index.hnsw.efSearch = prm.hnsw_ef_search
+    if kind != "hnsw" and gpu_available():
+        res = faiss.StandardGpuResources()
+        keep += [res, index]
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        desc["device"] = "gpu"
+    else:
+        desc["device"] = "cpu"
+    return index, desc, keep
+
+
+def search(index, queries: np.ndarray, k: int, chunk: int = 4096, progress: bool = False,
+           desc: str = "rank") -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of every query row, chunk by chunk (scores float32, ids int64, -1 where short)."""
+    n = len(queries)
+    D = np.empty((n, k), dtype=np.float32)
+    I = np.empty((n, k), dtype=np.int64)
+    bar = tqdm(total=n, desc=desc, unit="query", disable=not progress, file=sys.stderr)
+    for start in range(0, n, chunk):
+        q = np.ascontiguousarray(queries[start : start + chunk], dtype=np.float32)
+        D[start : start + len(q)], I[start : start + len(q)] = index.search(q, k)
+        bar.update(len(q))
+    bar.close()
+    return D, I
+
+
+def exact_search(queries: np.ndarray, base: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product over ``base`` in chunks (used to measure recall on a sample)."""
+    nq = len(queries)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_d = np.full((nq, 0), -np.inf, dtype=np.float32)
+    best_i = np.empty((nq, 0), dtype=np.int64)
+    for start in range(0, len(base), chunk):
+        block = np.asarray(base[start : start + chunk], dtype=np.float32)
+        sims = q @ block.T
+        kk = min(k, sims.shape[1])
+        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        d = np.concatenate([best_d, np.take_along_axis(sims, part, axis=1)], axis=1)
+        i = np.concatenate([best_i, part + start], axis=1)
+        keep = np.argsort(-d, axis=1, kind="stable")[:, :k]
+        best_d, best_i = np.take_along_axis(d, keep, axis=1), np.take_along_axis(i, keep, axis=1)
+    return best_d, best_i
+
+
+# --------------------------------------------------------------------------------------------------
+# S from search results
+# --------------------------------------------------------------------------------------------------
+
+
+def _compact(I: np.ndarray, D: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Move dropped entries to the end of each row, keeping the rank order of the rest."""
+    order = np.argsort(drop, axis=1, kind="stable")
+    return (np.take_along_axis(I, order, axis=1), np.take_along_axis(D, order, axis=1),
+            np.take_along_axis(drop, order, axis=1))
+
+
+def select_ranks(I: np.ndarray, D: np.ndarray, own: np.ndarray, p: int, m: int,
+                 margin: float | None = None, positive_scores: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-(p+m+1) search results -> (S, scores) of ranks [p, p+m), own positive removed, -1 padded.
+
+    ``own[r]`` is the index (in the searched base) of row r's own positive.
+    """
+    I, D, drop = _compact(I, D, (I < 0) | (I == own[:, None]))
+    I, D, drop = I[:, p : p + m], D[:, p : p + m], drop[:, p : p + m]
+    if margin is not None:
+        drop = drop | (D > margin * positive_scores[:, None])
+        I, D, drop = _compact(I, D, drop)
+    if I.shape[1] < m:  # fewer results than p+m+1 in total
+        pad = m - I.shape[1]
+        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
+        D = np.pad(D, ((0, 0), (0, pad)))
+        drop = np.pad(drop, ((0, 0), (0, pad)), constant_values=True)
+    I = np.where(drop, -1, I)
+    D = np.where(drop, 0.0, D)
+    return I, D
+
+
+def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, progress: bool = False,
+               name: str = "all") -> tuple[np.ndarray, np.ndarray, dict]:
+    """S for one group (ids local to the group: row r is the group's r-th example)."""
+    n = len(queries)
+    kind = choose_index(n, prm)
+    k = prm.p + prm.m + 1
+    t0 = time.perf_counter()
+    index, desc, keep = build_index(positives, kind, prm)
+    desc["build_s"] = round(time.perf_counter() - t0, 3)
+    t1 = time.perf_counter()
+    D, I = search(index, queries, k, prm.query_chunk, progress, desc=f"rank {name}" if name != "all" else "rank")
+    desc["search_s"] = round(time.perf_counter() - t1, 3)
+    if kind != "flat" and prm.recall_sample > 0:
+        rng = np.random.default_rng(prm.seed)
+        sample = np.sort(rng.choice(n, size=min(n, prm.recall_sample), replace=False))
+        _, exact = exact_search(np.asarray(queries[sample]), positives, k)
+        hits = [len(np.intersect1d(a[a >= 0], b)) for a, b in zip(I[sample], exact)]
+        desc["recall"] = round(float(np.mean(hits)) / k, 4)
+        desc["recall_sample"] = int(len(sample))
+        log.info("rank %s: %s index recall@%d vs exact = %.3f on %d queries", name, kind, k, desc["recall"],
+                 len(sample))
+    del index, keep
+    pos_scores = None
+    if prm.margin is not None:
+        pos_scores = np.empty(n, dtype=np.float32)
+        for start in range(0, n, 65536):
+            q = np.asarray(queries[start : start + 65536], dtype=np.float32)
+            pp = np.asarray(positives[start : start + 65536], dtype=np.float32)
+            pos_scores[start : start + len(q)] = (q * pp).sum(1)
+    S, scores = select_ranks(I, D, np.arange(n), prm.p, prm.m, prm.margin, pos_scores)
+    desc["padded_rows"] = int((S[:, -1] < 0).sum())
+    desc["n"] = n
+    return S, scores, desc
+
+
+def rank(emb: Embeddings, prm: RankParams, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """S (int32, N x m, global ids, -1 padded) and its scores (float16) for all of ``emb``."""
+    prm.check()
+    groups = task_groups(emb.tasks, emb.task_names, prm.per_task)
+    check_sizes(groups, prm.p, prm.m)
+    check_vectors(emb.queries, f"{emb.folder}/queries.npy")
+    check_vectors(emb.positives, f"{emb.folder}/positives.npy")
+    N = emb.n
+    S = np.full((N, prm.m), -1, dtype=np.int32)
+    scores = np.zeros((N, prm.m), dtype=np.float16)
+    info = {"groups": {}}
+    for name, ids in groups:
+        whole = len(ids) == N
+        q = emb.queries if whole else emb.queries[ids]
+        p = emb.positives if whole else emb.positives[ids]
+        s_local, sc, desc = rank_group(q, p, prm, progress=progress, name=name)
+        S[ids] = np.where(s_local >= 0, ids[np.maximum(s_local, 0)], -1)
+        scores[ids] = sc.astype(np.float16)
+        info["groups"][name] = desc
+    info["padded_rows"] = int((S[:, -1] < 0).sum())
+    return S, scores, info

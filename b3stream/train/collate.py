@@ -1,0 +1,85 @@
+"""Records by id -> prompted texts -> token tensors, one rank's batch at a time, in DataLoader workers.
+
+Reading is by id through the data layer (``ShardedDataset[id]``, WebDataset's ``wids``), so the batch
+composition is entirely the schedule's. Instruction prompts come from the manifest, per task and side
+(paper section 3.3); hard negatives are other examples' positives, so they get the positive prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.manifest import Manifest
+from ..data.reader import ShardedDataset
+from ..encoder import with_prompt
+from .sampler import ScheduleSampler, Step
+
+
+@dataclass
+class Tokenize:
+    """The encoder's tokenizer and per-side max lengths, without the model (cheap to send to workers)."""
+
+    tokenizer: object
+    max_query_length: int
+    max_positive_length: int
+
+    @classmethod
+    def of(cls, encoder) -> "Tokenize":
+        return cls(encoder.tokenizer, encoder.cfg.max_query_length, encoder.cfg.max_positive_length)
+
+    def __call__(self, texts: list[str], side: str) -> dict[str, torch.Tensor]:
+        limit = self.max_query_length if side == "query" else self.max_positive_length
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt"))
+
+
+def texts_of(records: list[dict], side: str, manifest: Manifest) -> list[str]:
+    """The prompted ``side`` texts of ``records`` (side is "query" or "positive")."""
+    return [with_prompt(manifest.prompt(r.get("task"), side), r[side]) for r in records]
+
+
+@dataclass
+class LocalBatch:
+    step: Step
+    features: dict[str, dict[str, torch.Tensor]]  # side -> tokenizer output
+
+
+class StepData(Dataset):
+    """Step index of the sampler's current plan -> this rank's tokenised batch."""
+
+    def __init__(self, records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tokenize):
+        self.records, self.sampler, self.tokenize = records, sampler, tokenize
+        self.manifest = records.manifest
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def __getitem__(self, index: int) -> LocalBatch:
+        step = self.sampler.step(index)
+        recs = [self.records[i] for i in step.ids]
+        features = {side: self.tokenize(texts_of(recs, side, self.manifest), side) for side in ("query", "positive")}
+        if self.sampler.schedule.negatives is not None:
+            # Every rank passes a negative side (maybe empty) so all ranks run the same collectives.
+            negs = [self.records[i] for i in step.negative_ids]
+            features["negative"] = (self.tokenize(texts_of(negs, "positive", self.manifest), "positive")
+                                    if negs else {"input_ids": torch.zeros(0, 0, dtype=torch.long),
+                                                  "attention_mask": torch.zeros(0, 0, dtype=torch.long)})
+        return LocalBatch(step=step, features=features)
+
+
+def _as_is(item):
+    return item
+
+
+def step_loader(records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tokenize,
+                num_workers: int = 1) -> DataLoader:
+    """Batches for the remaining steps of the sampler's current plan, prefetched by ``num_workers``.
+
+    The workers get a copy of the sampler taken now; after a swap or at a new epoch make a new loader.
+    """
+    data = StepData(records, sampler, tokenize)
+    return DataLoader(data, batch_size=None, sampler=range(sampler.position, sampler.steps_per_epoch),
+                      num_workers=num_workers, collate_fn=_as_is,
+                      prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)

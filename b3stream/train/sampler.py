@@ -1,0 +1,227 @@
+"""The schedule consumer: which ids each rank trains on at each step.
+
+A schedule (``b3stream.mining.schedule``) is one epoch of global batches, each |B| ids laid out community by
+community (|B|/K runs of K). The sampler turns it into an *epoch plan* and hands every rank its slice of
+each global batch:
+
+- **Whole communities per rank**: a batch is cut into ``world`` contiguous slices, so when |B|/K divides by
+  the world size every rank embeds whole communities. (The loss gathers all embeddings, so the split never
+  changes the loss value; it keeps each rank's work local to a community.)
+- **Same number of steps on every rank**: every rank derives the same plan from the same schedule, seed
+  and state, and every global batch has at least ``world`` ids (a smaller tail is merged into the batch
+  before it), so each rank has a non-empty slice at every step.
+- **Exactly once per epoch**: an epoch plan is a permutation of the schedule's batches (seeded by
+  ``(seed, epoch)``); the batches themselves are the miner's.
+- **Hot swap** (:meth:`ScheduleSampler.swap`): a new schedule version re-batches only the ids not yet
+  consumed in this epoch: its batches, in a seeded order, with consumed ids removed, are concatenated (so
+  community members stay adjacent) and cut into batches of its |B|. The epoch ends when every id has been
+  seen once, across any number of swaps.
+- **Resumable**: :meth:`state_dict` holds the schedule version, epoch, position, swap count, the ids consumed
+  this epoch and the seed; loading it rebuilds the identical plan (or, if that version is gone, swaps to the
+  given schedule) so a resumed run trains the same remaining ids.
+
+B3++ hard negatives: the union of the hard-negative ids of a global batch's members (without ids already in
+the batch, whose embeddings are there as positives) is one pool ``N`` shared by every query; each rank
+embeds a contiguous share of it. A pool smaller than the world size is dropped for that step, so every
+rank embeds either nothing or at least one negative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..mining.schedule import Schedule, ScheduleError
+
+
+@dataclass
+class Step:
+    """One rank's share of one global batch."""
+
+    epoch: int
+    index: int  # position in the epoch plan
+    ids: np.ndarray  # this rank's slice of the global batch
+    negative_ids: np.ndarray  # this rank's share of the batch's hard-negative pool (may be empty)
+    global_size: int  # |B| of this step
+    version: int | None  # schedule version the batch came from
+
+
+def split_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Contiguous share of ``n`` rows for ``rank``; shares differ by at most one row."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def schedule_batch_size(schedule: Schedule) -> int:
+    """|B| as the miner recorded it (else the largest batch)."""
+    size = schedule.meta.get("batch_size")
+    return int(size) if size else int(np.diff(schedule.offsets).max())
+
+
+def check_schedule(schedule: Schedule, n: int, world: int) -> None:
+    """Refuse, before training, a schedule that cannot be trained on ``world`` ranks."""
+    schedule.check_epoch(n)
+    size = schedule_batch_size(schedule)
+    if size % world:
+        raise ScheduleError(
+            f"schedule {schedule.path or ''} has |B|={size}, which does not divide over {world} ranks; "
+            f"mine it with a batch size that is a multiple of {world}"
+        )
+    if n < world:
+        raise ScheduleError(f"{n} examples cannot feed {world} ranks")
+
+
+class ScheduleSampler:
+    """Per-rank view of a schedule's epoch plan (see the module docstring).
+
+    Args:
+        schedule: a loaded schedule covering ids ``0..n-1`` exactly once.
+        n: number of examples in the training split.
+        rank, world_size: this process and the number of processes.
+        seed: seeds the batch order of every epoch (and of the plans made at swaps).
+    """
+
+    def __init__(self, schedule: Schedule, n: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        check_schedule(schedule, n, world_size)
+        self.schedule, self.n, self.rank, self.world, self.seed = schedule, n, rank, world_size, seed
+        self.epoch, self.position, self.swaps = 0, 0, 0
+        self._before = np.empty(0, np.int64)  # ids consumed this epoch before the current plan
+        self._make_plan()
+
+    # -- the plan ----------------------------------------------------------------------------------
+    def _make_plan(self) -> None:
+        """Epoch plan from ``schedule``, excluding ``_before``: flat ids, offsets, aligned negative rows."""
+        sched = self.schedule
+        rng = np.random.default_rng([self.seed, self.epoch, self.swaps])
+        order = rng.permutation(len(sched.offsets) - 1)
+        starts, stops = sched.offsets[order], sched.offsets[order + 1]
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(order) else \
+            np.empty(0, np.int64)
+        if len(self._before):
+            consumed = np.zeros(self.n, bool)
+            consumed[self._before] = True
+            rows = rows[~consumed[sched.ids[rows]]]
+            # Re-batch what is left: consecutive |B| of the survivors (community members stay adjacent).
+            size = schedule_batch_size(sched)
+            offsets = np.append(np.arange(0, len(rows), size), len(rows))
+        else:
+            offsets = np.concatenate([[0], np.cumsum(stops - starts)])
+        # A last batch smaller than the world would leave a rank without data: merge it backwards.
+        while len(offsets) > 2 and offsets[-1] - offsets[-2] < self.world:
+            offsets = np.delete(offsets, -2)
+        self._ids = sched.ids[rows]
+        self._negs = None if sched.negatives is None else sched.negatives[rows]
+        self._offsets = offsets.astype(np.int64)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in the current plan (the full epoch unless a swap happened mid-epoch)."""
+        return len(self._offsets) - 1
+
+    @property
+    def steps_left(self) -> int:
+        return self.steps_per_epoch - self.position
+
+    @property
+    def version(self) -> int | None:
+        return self.schedule.version
+
+    @property
+    def whole_communities(self) -> bool:
+        """True when every rank's slice is made of whole K-communities (|B|/K divisible by the world)."""
+        k = self.schedule.meta.get("K")
+        size = schedule_batch_size(self.schedule)
+        return bool(k) and size % k == 0 and (size // k) % self.world == 0
+
+    def global_batch(self, index: int) -> np.ndarray:
+        return self._ids[self._offsets[index] : self._offsets[index + 1]]
+
+    def negative_pool(self, index: int) -> np.ndarray:
+        """The global batch's shared hard negatives: unique ids, none of them in the batch."""
+        if self._negs is None:
+            return np.empty(0, np.int64)
+        batch = self.global_batch(index)
+        pool = np.unique(self._negs[self._offsets[index] : self._offsets[index + 1]])
+        pool = pool[(pool >= 0) & ~np.isin(pool, batch)]
+        return pool if len(pool) >= self.world else np.empty(0, np.int64)
+
+    def step(self, index: int | None = None) -> Step:
+        """This rank's share of step ``index`` of the current plan (default: the next one)."""
+        index = self.position if index is None else index
+        if not 0 <= index < self.steps_per_epoch:
+            raise IndexError(f"step {index} outside the epoch plan of {self.steps_per_epoch} steps")
+        batch = self.global_batch(index)
+        lo, hi = split_bounds(len(batch), self.world, self.rank)
+        pool = self.negative_pool(index)
+        nlo, nhi = split_bounds(len(pool), self.world, self.rank)
+        return Step(epoch=self.epoch, index=index, ids=batch[lo:hi], negative_ids=pool[nlo:nhi],
+                    global_size=len(batch), version=self.version)
+
+    def __iter__(self):
+        """The remaining steps of this epoch's plan, without consuming them (see :meth:`advance`)."""
+        for index in range(self.position, self.steps_per_epoch):
+            yield self.step(index)
+
+    # -- progress ----------------------------------------------------------------------------------
+    def consumed(self) -> np.ndarray:
+        """Ids trained on so far this epoch, in order."""
+        return np.concatenate([self._before, self._ids[: self._offsets[self.position]]])
+
+    def advance(self) -> None:
+        """Mark the current step as trained; the last step of a plan starts the next epoch."""
+        self.position += 1
+        if self.position >= self.steps_per_epoch:
+            self._next_epoch()
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.position, self.swaps = 0, 0
+        self._before = np.empty(0, np.int64)
+        self._make_plan()
+
+    def _continue_on(self, schedule: Schedule, consumed: np.ndarray, swaps: int) -> None:
+        """Plan the rest of the epoch on ``schedule``: every id not in ``consumed``, re-batched."""
+        self.schedule, self._before, self.swaps, self.position = schedule, consumed, swaps, 0
+        self._make_plan()
+        if self.steps_per_epoch == 0:  # nothing left: the swap came exactly at the end of an epoch
+            self._next_epoch()
+
+    def swap(self, schedule: Schedule) -> None:
+        """Continue the epoch on ``schedule`` (a newer version for the same data): only the ids not yet
+        consumed this epoch are re-batched, with the new schedule's communities."""
+        check_schedule(schedule, self.n, self.world)
+        self._continue_on(schedule, self.consumed(), self.swaps + 1)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": self.version, "epoch": self.epoch, "position": self.position, "swaps": self.swaps,
+                "seed": self.seed, "n": self.n, "world": self.world, "before": self._before.copy(),
+                "consumed": self.consumed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a saved position. If the saved schedule version is the one this sampler holds, the plan
+        is rebuilt exactly; otherwise the remaining ids are re-batched with this schedule (a swap)."""
+        if state["n"] != self.n:
+            raise ScheduleError(f"sampler state is for {state['n']} examples, this data has {self.n}")
+        if state["seed"] != self.seed:
+            raise ScheduleError(f"sampler state was made with seed {state['seed']}, this run uses {self.seed}")
+        # The world size may differ: the plan depends on schedule, seed and position (and on the world only
+        # through the merge of a tail batch smaller than it); the slicing by rank is redone.
+        self.epoch = int(state["epoch"])
+        consumed = np.asarray(state["consumed"], np.int64)
+        if state["version"] == self.version:
+            self.swaps = int(state["swaps"])
+            self._before = np.asarray(state["before"], np.int64)
+            self._make_plan()
+            self.position = int(state["position"])
+            if self.position > self.steps_per_epoch or not np.array_equal(self.consumed(), consumed):
+                raise ScheduleError(
+                    f"schedule version {self.version} does not reproduce the saved sampler position; "
+                    "was the schedule file replaced?"
+                )
+        else:  # the saved version is gone or superseded: continue the epoch on this one
+            self._continue_on(self.schedule, consumed, int(state["swaps"]) + 1)
