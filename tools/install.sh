@@ -28,7 +28,7 @@ PY="$VENV/bin/python"
 torch_args=("torch==$TORCH_VERSION")
 [ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--index-url "$TORCH_INDEX_URL")
 "$PY" -m pip install -q "${torch_args[@]}"
-before=$("$PY" -c 'import torch; print(torch.__version__)')
+before=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)
 
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
