@@ -125,11 +125,15 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="end to end on the bundled model and code-search data",
                        description="prepare the code-search pairs, mine a B3 schedule with the bundled "
                                    "MiniLM teacher, train a LoRA student on it and evaluate before/after.")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--max-pairs", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--K", type=int, default=8)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--out", default="runs/demo", help="run folder (stages found there are reused)")
+    p.add_argument("--max-pairs", type=int, default=6000, help="code-search pairs to prepare")
+    p.add_argument("--batch-size", type=int, default=32, help="|B|, the global batch")
+    p.add_argument("--K", type=int, default=8, help="community size")
+    p.add_argument("--p", type=int, default=3, help="ranks skipped (few thousand examples: keep it small)")
+    p.add_argument("--m", type=int, default=50, help="ranks kept after the skip")
+    p.add_argument("--steps", type=int, default=60, help="training steps")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eval-queries", type=int, default=1000, help="held-out queries to evaluate on")
     p.set_defaults(func=_run_demo)
 
 

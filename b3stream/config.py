@@ -75,6 +75,7 @@ class MineConfig:
     p: int = 30  # ranks skipped (likely false negatives)
     m: int = 100  # ranks kept after the skip: S = R[:, p:p+m]
     per_task: bool = True  # mine and batch each task separately (the paper mines each dataset apart)
+    small_tasks: str = "error"  # error | merge: tasks of <= p+m examples are ranked and partitioned together
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_threshold: int = 50_000  # auto: exact search up to this many positives per task, IVF above
     ivf_nlist: int | None = None  # None: about 4 * sqrt(n) inverted lists
@@ -102,31 +103,36 @@ class MineConfig:
 
 @dataclass
 class TrainConfig:
-    """The training recipe (``b3stream/train/loop.py``)."""
+    """The training recipe (``b3stream/train/loop.py``). Symbols follow the paper: tau (temperature), |B|
+    (the schedule's global batch size), h (the schedule's hard negatives per example)."""
 
-    data: str = ""
-    schedule: str = ""  # a schedule file, or a folder holding versioned schedules
-    out: str = "runs/train"
+    data: str = ""  # prepared dataset folder; training reads its "train" split
+    schedule: str = ""  # a schedule file, or a folder holding versioned schedules (newest good one used)
+    out: str = "runs/train"  # RUN: checkpoints/, tb/, export/, summary.json
     student: EncoderConfig = field(default_factory=EncoderConfig)
-    temperature: float = 0.02
-    symmetric: bool = False
+    temperature: float = 0.02  # tau
+    symmetric: bool = False  # also the positive -> query InfoNCE term
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     epochs: int = 1
-    max_steps: int | None = None
+    max_steps: int | None = None  # wins over epochs when set
     grad_cache_chunk: int | None = None  # None: no GradCache; else sub-batch size for cached embedding
     grad_clip: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    deepspeed: str | None = None  # ZeRO JSON; None: ds_configs/zero0.json
+    deepspeed: str | None = None  # ZeRO JSON path or name in ds_configs/ ("zero2"); None: zero0
     seed: int = 0
-    num_workers: int = 1
+    num_workers: int = 1  # DataLoader workers reading records by id
     log_every: int = 10
-    eval_every: int | None = None
-    eval_split: str = "test"
+    eval_every: int | None = None  # also evaluated before training and at the end when eval_split is set
+    eval_split: str | None = "test"  # None: no evaluation
     eval_max_queries: int | None = 1000
-    save_every: int | None = None
-    resume: bool = True
+    eval_batch_size: int = 64
+    save_every: int | None = None  # a checkpoint is always written at the end
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from RUN/checkpoints when it holds one
+    watch_schedule_every: int | None = None  # poll the schedule folder every N steps; swap to a newer version
+    trace_ids: bool = False  # append every step's global batch ids to RUN/trace.jsonl
     export: bool = True
 
 

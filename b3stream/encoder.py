@@ -141,5 +141,7 @@ def load_encoder(cfg: EncoderConfig, **kwargs) -> Encoder:
 
 def model_name(cfg: EncoderConfig) -> str:
     """A short, stable name for metadata (folder name for local paths)."""
+    if cfg.model in (None, "default", "minilm"):
+        return "all-MiniLM-L6-v2 (bundled)"
     path = resolve_model(cfg.model)
     return Path(path).name if Path(path).exists() else path

@@ -1,11 +1,142 @@
-"""`b3stream mine` and schedule inspection (filled in by the mining work)."""
+"""``b3stream mine`` and ``b3stream inspect SCHEDULE``.
+
+    b3stream mine --config configs/mine_b3.yaml              # every stage the strategy needs
+    b3stream mine rank --config X.yaml --p 10 --m 50          # one stage (embed | rank | partition | schedule)
+    b3stream mine --data data/code --out runs/mine --strategy b3pp --K 8 --batch-size 64 --h 3
+    b3stream mine --query-embeddings Q.npy --positive-embeddings P.npy --out runs/byo   # own embeddings
+
+Flags override the YAML (``--strategy --p --m --K --batch-size --h --seed --out`` and a few more); any
+other MineConfig field can be set with ``--set key=value`` (e.g. ``--set teacher.pooling=cls``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .pipeline import STAGES
+
+_FLAGS = {  # flag -> MineConfig key
+    "data": "data", "split": "split", "out": "out", "strategy": "strategy", "p": "p", "m": "m", "K": "K",
+    "batch_size": "batch_size", "h": "h", "seed": "seed", "query_embeddings": "query_embeddings",
+    "positive_embeddings": "positive_embeddings", "index": "index", "edges": "edges", "version": "version",
+}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("mine", help="mine a batch schedule (not yet available)")
-    p.set_defaults(func=lambda args: print("b3stream mine: not yet available") or 1)
+    p = sub.add_parser(
+        "mine", help="mine a batch schedule (B3, B3++, GCBS, random, task)",
+        description="Run the mining stages (embed -> rank -> partition -> schedule) from a YAML config, all of "
+                    "them or one. Each stage reads and writes files under --out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument("stage", nargs="?", default="all", choices=[*STAGES, "all"],
+                   help="one stage, or all (default) of those the strategy needs")
+    p.add_argument("--config", default=None, help="YAML with MineConfig fields (configs/mine_b3.yaml)")
+    p.add_argument("--data", default=None, help="prepared dataset folder")
+    p.add_argument("--split", default=None)
+    p.add_argument("--out", default=None, help="mining folder (stages write under it)")
+    p.add_argument("--strategy", default=None, choices=["random", "task", "gcbs", "b3", "b3pp"])
+    p.add_argument("--p", type=int, default=None, help="ranks skipped as likely false negatives")
+    p.add_argument("--m", type=int, default=None, help="ranks kept after the skip (S = R[:, p:p+m])")
+    p.add_argument("--K", type=int, default=None, help="community size")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size |B| (a multiple of K)")
+    p.add_argument("--h", type=int, default=None, help="B3++ hard negatives per example")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--query-embeddings", default=None, help="your own query embeddings (N x d .npy)")
+    p.add_argument("--positive-embeddings", default=None, help="your own positive embeddings (N x d .npy)")
+    p.add_argument("--index", default=None, choices=["auto", "flat", "ivf", "hnsw"])
+    p.add_argument("--edges", default=None, choices=["mutual", "union"])
+    p.add_argument("--version", type=int, default=None, help="schedule version to write (default: next)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other MineConfig field, e.g. --set per_task=false (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.set_defaults(func=run_mine)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("b3stream.mining")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(getattr(h, "_b3_mine", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._b3_mine = True
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def config_from_args(args):
+    from ..config import MineConfig, load_config
+
+    overrides = {key: getattr(args, flag) for flag, key in _FLAGS.items() if getattr(args, flag, None) is not None}
+    for item in args.overrides:
+        if "=" not in item:
+            from ..config import ConfigError
+
+            raise ConfigError(f"--set {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value
+    return load_config(MineConfig, args.config, overrides or None)
+
+
+def run_mine(args) -> int:
+    from .pipeline import run_stage
+
+    _setup_logging(args.quiet)
+    cfg = config_from_args(args)
+    out = run_stage(args.stage, cfg, progress=not args.quiet)
+    print(out)
+    if args.stage in ("schedule", "all") and not args.quiet:
+        from .schedule import load_schedule
+
+        print_quality(load_schedule(out).meta.get("quality"))
+    return 0
+
+
+def print_quality(q: dict | None) -> None:
+    if not q:
+        print("  batch quality: not computed (no embeddings)")
+        return
+    print(f"  Theorem-1 bound (K={q['K']}, tau={q['temperature']}): {q['theorem1_bound']:.4f} "
+          f"(floor log(N/K) = {q['theorem1_floor']:.4f}; {q['queries']} queries)")
+    print(f"  in-batch negative similarity: mean {q['neg_sim_mean']:.4f}, hardest per query "
+          f"{q['neg_sim_hardest_mean']:.4f}, max {q['neg_sim_max']:.4f}"
+          + (" (with B3++ hard negatives)" if q.get("with_hard_negatives") else ""))
 
 
 def inspect_schedule(path, embeddings=None) -> int:
-    print(f"{path}: schedule inspection not yet available")
-    return 1
+    """Print a schedule's metadata, batch sizes and quality; with ``embeddings`` (a mining folder or its
+    ``embeddings/``), recompute the batch quality for them (all queries up to 4096)."""
+    import numpy as np
+
+    from .schedule import load_schedule
+
+    sched = load_schedule(path)
+    meta = sched.meta
+    sizes = np.diff(sched.offsets)
+    print(f"{sched.path}: schedule v{meta.get('version')} ({meta.get('strategy')})")
+    data = meta.get("data") or {}
+    print(f"  data: {data.get('dataset')}/{data.get('split')} n={data.get('n')} "
+          f"fingerprint {str(data.get('fingerprint'))[:12]}; source model {meta.get('source_model')}")
+    params = ", ".join(f"{k}={meta.get(k)}" for k in ("p", "m", "K", "batch_size", "h", "seed", "per_task",
+                                                       "mix_tasks", "edges") if meta.get(k) is not None)
+    print(f"  params: {params}")
+    print(f"  {len(sizes)} batches, {len(sched.ids)} ids; batch sizes min {sizes.min()} max {sizes.max()}; "
+          f"full batches {int((sizes == meta.get('batch_size')).sum())}")
+    if sched.negatives is not None:
+        print(f"  hard negatives: {sched.negatives.shape[1]} per example")
+    timings = meta.get("timings") or {}
+    if timings:
+        print("  timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items() if v is not None))
+    print_quality(meta.get("quality"))
+    if embeddings is not None:
+        from .embed import load_embeddings
+        from .quality import schedule_quality
+
+        emb = load_embeddings(Path(embeddings), expect=meta.get("data"))
+        q = schedule_quality(sched, emb.queries, emb.positives, K=meta.get("K") or 32, sample=4096)
+        print(f"recomputed with {emb.folder}:")
+        print_quality(q)
+    return 0

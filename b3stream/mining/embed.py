@@ -150,7 +150,8 @@ def embed_params(cfg: MineConfig) -> dict:
     from ..encoder import model_name, resolve_model
 
     t = cfg.teacher
-    return {"source": "teacher", "model": model_name(t), "model_path": str(resolve_model(t.model)),
+    name = model_name(t)
+    return {"source": "teacher", "model": name, "model_path": str(resolve_model(t.model)),
             "pooling": t.pooling, "normalize": t.normalize, "max_query_length": t.max_query_length,
             "max_positive_length": t.max_positive_length}
 

@@ -14,16 +14,17 @@ Drawing without replacement with probabilities proportional to counts is done wi
 (the k largest of ``log count_j + Gumbel noise`` are a weighted sample without replacement), vectorised over
 the unique candidates of the batch: the work is O(|B| m log(|B| m)) per batch, never O(N).
 
-When the pooled rows hold fewer than ``h |B|`` distinct candidates (tiny tasks, heavy padding), every
+When the pooled rows hold fewer than ``h |B|`` distinct candidates (small tasks, heavy padding), every
 candidate is taken and the rest is drawn uniformly from ``pool`` (the ids of the batch's tasks), still
-distinct and outside the batch, by rejection sampling.
+distinct and outside the batch, by rejection sampling. When even the pool has fewer than ``h |B|`` ids
+outside the batch (a task of fewer than (h+1)|B| examples), all of them are taken and the remaining slots
+are ``-1``, which the trainer skips: negatives never repeat and never come from another task.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..config import ConfigError
 
 
 def candidate_counts(batch: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,14 +69,14 @@ def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random
 
 def _uniform_fill(batch: np.ndarray, chosen: np.ndarray, k: int, rng: np.random.Generator,
                   pool: np.ndarray | None, n: int) -> np.ndarray:
+    """``k`` more distinct ids from ``pool`` outside the batch and ``chosen``; -1 for what the pool lacks."""
     size = n if pool is None else len(pool)
     taken = np.unique(np.concatenate([batch, chosen]))
-    in_pool = len(taken) if pool is None else int(np.isin(taken, pool).sum())
-    if size - in_pool < k:
-        raise ConfigError(
-            f"B3++ needs {k + len(chosen)} distinct hard negatives outside a batch of {len(batch)}, but the "
-            f"batch's task(s) hold only {size} examples; lower h or the batch size"
-        )
+    free = size - (len(taken) if pool is None else int(np.isin(taken, pool).sum()))
+    if free <= k:  # small task: take all that is left (in random order) and pad
+        rest = np.setdiff1d(np.arange(n) if pool is None else pool, taken)
+        rest = rest[rng.permutation(len(rest))]
+        return np.concatenate([rest, np.full(k - len(rest), -1, dtype=np.int64)])
     out = np.empty(0, dtype=np.int64)
     while len(out) < k:
         draw = rng.integers(0, size, size=2 * (k - len(out)) + 16)

@@ -5,14 +5,21 @@ minimising the edges between parts, i.e. maximising the strong-negative pairs in
 only balances parts approximately (``ufactor``: up to 3 % over by default) and can return empty parts, so a
 repair pass makes the sizes exact:
 
-1. **evict**: a part above its target size gives up the members with the *weakest* ties to it (lowest
-   edge weight into their own part), keeping its core;
+1. **evict**: a part above its target size gives up the members that lose least by leaving: the
+   lowest (edge weight into their own part - edge weight into the best part with room), keeping its core.
+   Members whose strongest tie is to a part with room are preferred, so most moves follow an edge;
 2. **re-home by strongest edges**: in rounds, every evicted node proposes to the open part (one below
    target) it has the most edge weight to; each part accepts its strongest proposals up to its free room;
-   a node placed in one round counts as a member for the next, so chains of neighbours move together;
-3. **fill**: nodes with no edge to any open part (isolated nodes, or ties only to full parts) fill the
-   remaining room, ordered by the part METIS first gave them, so nodes evicted together stay together.
-   Empty parts are filled this way too.
+   a node placed in one round counts as a member for the next, so chains of neighbours move together.
+   An empty part (METIS sometimes leaves one) is seeded with the evicted node of highest degree, and its
+   neighbours follow it in the next rounds;
+3. **ejection chains**: an evicted node with no edge to a part with room joins its strongest part anyway,
+   and step 1 runs again: that part now evicts the member that loses least, preferably one tied to a
+   part with room. Repeated up to ``max_hops`` times, this moves nodes along paths of edges from over-full
+   to under-full parts (METIS leaves them in different regions of the graph when clusters do not divide
+   by K);
+4. **fill**: nodes still without an edge to any open part (isolated nodes) fill the remaining room,
+   ordered by the part METIS first gave them, so nodes evicted together stay together.
 
 Remainder policy: with ``n = qK + r`` and ``0 < r < K`` there are ``q`` communities of exactly ``K`` and one
 *short* community of ``r`` (the METIS part that was smallest gets target ``r``). It is stored last, padded
@@ -24,6 +31,8 @@ communities; ``community_task`` int32 ``(n_comm,)``.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -76,7 +85,57 @@ def internal_weight(graph: Graph, parts: np.ndarray, chunk: int = 1 << 17) -> np
     return out
 
 
-def repair(graph: Graph, parts: np.ndarray, K: int, max_rounds: int = 64) -> tuple[np.ndarray, dict]:
+def _open_strength(graph: Graph, nodes: np.ndarray, parts: np.ndarray, room: np.ndarray, nparts: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index into ``nodes``, part, edge weight) for every node and every part with room it has edges to."""
+    pos, owner = _row_entries(graph, nodes)
+    nbr_part = parts[graph.adjncy[pos]]
+    ok = nbr_part >= 0
+    ok[ok] = room[nbr_part[ok]] > 0
+    if not ok.any():
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    w = np.ones(int(ok.sum()), dtype=np.int64) if graph.eweights is None else graph.eweights[pos[ok]]
+    pair_u, inv = np.unique(owner[ok] * nparts + nbr_part[ok], return_inverse=True)
+    strength = np.bincount(inv, weights=w).astype(np.int64)
+    node_i, part_i = np.divmod(pair_u, nparts)
+    return node_i, part_i, strength
+
+
+def _node_weight_to_own(graph: Graph, nodes: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """Edge weight from each of ``nodes`` into its own part."""
+    pos, owner = _row_entries(graph, nodes)
+    same = parts[graph.adjncy[pos]] == parts[nodes][owner]
+    w = same.astype(np.int64) if graph.eweights is None else np.where(same, graph.eweights[pos], 0)
+    return np.bincount(owner, weights=w, minlength=len(nodes)).astype(np.int64)
+
+
+def _best_per_node(node_i: np.ndarray, part_i: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """Index of each node's strongest (node, part) pair (ties -> lower part id)."""
+    o = np.lexsort((part_i, -strength, node_i))
+    first = np.concatenate([[True], node_i[o][1:] != node_i[o][:-1]])
+    return o[first]
+
+
+def _independent_seeds(graph: Graph, pool: np.ndarray, k: int) -> np.ndarray:
+    """Up to ``k`` pool positions to seed empty parts: highest degree first, never two neighbours (two
+    neighbours seeded apart would split what should grow together). Loops over at most the pool."""
+    deg = graph.degree[pool]
+    picked: list[int] = []
+    blocked: set[int] = set()
+    for i in np.lexsort((pool, -deg)).tolist():
+        v = int(pool[i])
+        if v in blocked:
+            continue
+        picked.append(i)
+        if len(picked) == k:
+            break
+        blocked.update(graph.adjncy[graph.xadj[v] : graph.xadj[v + 1]].tolist())
+    return np.array(picked, dtype=np.int64)
+
+
+def repair(graph: Graph, parts: np.ndarray, K: int, max_hops: int = 8, max_rounds: int = 64
+           ) -> tuple[np.ndarray, dict]:
     """Make METIS parts exactly K (one short part of n mod K if any). Returns (labels, stats).
 
     Labels are in ``[0, ceil(n/K))``; the short part, if any, is the last label.
@@ -91,70 +150,95 @@ def repair(graph: Graph, parts: np.ndarray, K: int, max_rounds: int = 64) -> tup
         target[int(np.argmin(sizes))] = r  # the smallest part is cheapest to trim to r
     stats = {"metis_sizes_min": int(sizes.min()), "metis_sizes_max": int(sizes.max()),
              "metis_empty_parts": int((sizes == 0).sum())}
+    everywhere = np.ones(nparts, dtype=np.int64)
+    pool = np.zeros(0, dtype=np.int64)
+    origin = np.zeros(0, dtype=np.int64)
+    evicted = by_edges = seeded = hops = 0
+    last_pool = None
 
-    # 1. evict the weakest-tied members of over-full parts.
-    excess = np.maximum(sizes - target, 0)
-    moved = np.zeros(0, dtype=np.int64)
-    if excess.any():
-        inner = internal_weight(graph, parts)
-        order = np.lexsort((np.arange(n), inner, parts))  # by part, then weakest first (ties: lower id)
-        part_start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        rank_in_part = np.arange(n) - part_start[parts[order]]
-        moved = np.sort(order[rank_in_part < excess[parts[order]]])
-    origin = parts[moved].copy()
-    parts[moved] = -1
-    room = target - np.bincount(parts[parts >= 0], minlength=nparts)
-    stats["evicted"] = int(len(moved))
+    for hops in range(1, max_hops + 1):
+        # 1. evict the members that lose least by leaving (weak ties home, strong ties to a part with room)
+        placed = parts >= 0
+        sizes = np.bincount(parts[placed], minlength=nparts)
+        excess = np.maximum(sizes - target, 0)
+        if excess.any():
+            room0 = target - sizes
+            cand = np.flatnonzero(placed & (excess[np.maximum(parts, 0)] > 0))
+            loss = _node_weight_to_own(graph, cand, parts)
+            node_i, _, strength = _open_strength(graph, cand, parts, room0, nparts)
+            outer = np.zeros(len(cand), dtype=np.int64)
+            np.maximum.at(outer, node_i, strength)
+            loss = loss - outer
+            order = np.lexsort((cand, loss, parts[cand]))  # by part, cheapest to move first, then id
+            cp = parts[cand][order]
+            grp = np.concatenate([[0], np.flatnonzero(cp[1:] != cp[:-1]) + 1])
+            rank_in = np.arange(len(cp)) - np.repeat(grp, np.diff(np.concatenate([grp, [len(cp)]])))
+            out = cand[order[rank_in < excess[cp]]]
+            evicted += len(out)
+            pool = np.concatenate([pool, out])
+            origin = np.concatenate([origin, parts[out]])
+            parts[out] = -1
+        room = target - np.bincount(parts[parts >= 0], minlength=nparts)
 
-    # 2. re-home by strongest edges, in rounds.
-    pool = moved
-    rounds = 0
-    by_edges = 0
-    while len(pool) and rounds < max_rounds:
-        rounds += 1
-        pos, owner = _row_entries(graph, pool)
-        nbr_part = parts[graph.adjncy[pos]]
-        ok = nbr_part >= 0
-        ok[ok] = room[nbr_part[ok]] > 0
-        if not ok.any():
+        # 2. re-home by strongest edges to parts with room, in rounds; seed empty parts
+        for _ in range(max_rounds):
+            if not len(pool):
+                break
+            node_i, part_i, strength = _open_strength(graph, pool, parts, room, nparts)
+            if len(node_i) == 0:
+                empty = np.flatnonzero((room == target) & (room > 0))
+                if len(empty) == 0:
+                    break
+                best = _independent_seeds(graph, pool, min(len(empty), len(pool)))
+                k = len(best)
+                parts[pool[best]] = empty[:k]
+                room[empty[:k]] -= 1
+                seeded += k
+                keep = np.ones(len(pool), dtype=bool)
+                keep[best] = False
+                pool, origin = pool[keep], origin[keep]
+                continue
+            best = _best_per_node(node_i, part_i, strength)
+            prop_node, prop_part, prop_w = node_i[best], part_i[best], strength[best]
+            # each part accepts its strongest proposals up to its free room
+            o2 = np.lexsort((prop_node, -prop_w, prop_part))
+            pp = prop_part[o2]
+            grp = np.concatenate([[0], np.flatnonzero(pp[1:] != pp[:-1]) + 1])
+            rank_in = np.arange(len(pp)) - np.repeat(grp, np.diff(np.concatenate([grp, [len(pp)]])))
+            accept = o2[rank_in < room[pp]]
+            parts[pool[prop_node[accept]]] = prop_part[accept]
+            np.subtract.at(room, prop_part[accept], 1)
+            by_edges += len(accept)
+            keep = np.ones(len(pool), dtype=bool)
+            keep[prop_node[accept]] = False
+            pool, origin = pool[keep], origin[keep]
+        if not len(pool) or hops == max_hops or (last_pool is not None and np.array_equal(np.sort(pool), last_pool)):
+            break  # done, out of hops, or the chain brought back the same nodes
+        last_pool = np.sort(pool)
+
+        # 3. ejection chain: a node with no edge to a part with room joins its strongest (full) part;
+        #    the next eviction then pushes out that part's member best tied to a part with room.
+        node_i, part_i, strength = _open_strength(graph, pool, parts, everywhere, nparts)
+        if len(node_i) == 0:
             break
-        w = np.ones(int(ok.sum()), dtype=np.int64) if graph.eweights is None else graph.eweights[pos[ok]]
-        pair = owner[ok] * nparts + nbr_part[ok]
-        pair_u, inv = np.unique(pair, return_inverse=True)
-        strength = np.bincount(inv, weights=w).astype(np.int64)
-        node_i, part_i = np.divmod(pair_u, nparts)
-        # each node's best open part (strongest; ties -> lower part id)
-        o = np.lexsort((part_i, -strength, node_i))
-        first = np.concatenate([[True], node_i[o][1:] != node_i[o][:-1]])
-        best = o[first]
-        prop_node, prop_part, prop_w = node_i[best], part_i[best], strength[best]
-        # each part accepts its strongest proposals up to its free room
-        o2 = np.lexsort((prop_node, -prop_w, prop_part))
-        pp = prop_part[o2]
-        grp_start = np.concatenate([[0], np.flatnonzero(pp[1:] != pp[:-1]) + 1])
-        rank_in = np.arange(len(pp)) - np.repeat(grp_start, np.diff(np.concatenate([grp_start, [len(pp)]])))
-        accept = o2[rank_in < room[pp]]
-        if len(accept) == 0:
-            break
-        nodes = pool[prop_node[accept]]
-        parts[nodes] = prop_part[accept]
-        np.subtract.at(room, prop_part[accept], 1)
-        by_edges += len(accept)
+        best = _best_per_node(node_i, part_i, strength)
+        parts[pool[node_i[best]]] = part_i[best]
         keep = np.ones(len(pool), dtype=bool)
-        keep[prop_node[accept]] = False
-        origin = origin[keep]
-        pool = pool[keep]
-    stats["moved_by_edges"] = int(by_edges)
-    stats["repair_rounds"] = rounds
+        keep[node_i[best]] = False
+        pool, origin = pool[keep], origin[keep]
 
-    # 3. fill the remaining room with the nodes that have no edge to an open part.
+    stats.update(evicted=int(evicted), moved_by_edges=int(by_edges), seeded_empty=int(seeded), repair_hops=hops)
+
+    # 4. fill the remaining room with the nodes that have no edge to an open part.
+    room = target - np.bincount(parts[parts >= 0], minlength=nparts)
     if len(pool):
         order = np.lexsort((pool, origin))
         slots = np.repeat(np.arange(nparts), np.maximum(room, 0))
         parts[pool[order]] = slots
         np.subtract.at(room, slots, 1)
     stats["moved_without_edges"] = int(len(pool))
-    assert not room.any() and (parts >= 0).all(), "repair left parts unbalanced"
+    if room.any() or (parts < 0).any():
+        raise AssertionError("repair left parts unbalanced")  # a bug, never a data problem
 
     # The short part (if any) gets the last label so it is stored last.
     if r:
@@ -184,14 +268,18 @@ def partition(graph: Graph, K: int, seed: int = 0, ufactor: int = 30,
         raise ConfigError(f"K must be positive, got {K}")
     n = graph.n
     nparts = -(-n // K)
+    t0 = time.perf_counter()
     labels = metis_parts(graph, nparts, seed=seed, ufactor=ufactor)
+    t1 = time.perf_counter()
+    stats: dict = {}
     if n:
+        metis_cut = edge_cut(graph, labels)
+        labels, stats = repair(graph, labels, K)
         cut = edge_cut(graph, labels)
-    labels, stats = repair(graph, labels, K) if n else (labels, {})
-    if n:
-        stats.update(metis_edge_cut=cut, edge_cut=edge_cut(graph, labels),
-                     internal_edge_fraction=round(1 - edge_cut(graph, labels) / max(1, graph.num_edges), 4))
-    stats.update(n=n, communities=nparts, short=int(n % K))
+        stats.update(metis_edge_cut=metis_cut, edge_cut=cut,
+                     internal_edge_fraction=round(1 - cut / max(1, graph.num_edges), 4))
+    stats.update(n=n, communities=nparts, short=int(n % K), metis_s=round(t1 - t0, 3),
+                 repair_s=round(time.perf_counter() - t1, 3))
     return communities_from_labels(labels, K, ids), stats
 
 

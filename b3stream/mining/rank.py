@@ -14,7 +14,8 @@ and IVF indexes are moved onto it (HNSW has no GPU version and stays on the CPU)
 
 Per task (``per_task``, the default) each task is ranked against its own positives only, as the paper mines
 each dataset separately; local row numbers are mapped back to global ids. ``p + m`` must be below every
-task's size (the own positive is not a candidate), else :class:`ConfigError` names the task.
+task's size (the own positive is not a candidate), else :class:`ConfigError` names the task; with
+``small_tasks: merge`` the tasks too small for that are ranked (and partitioned) together as one group.
 
 Margin filter (optional, NV-Retriever's "TopK-PercPos"): a candidate scoring above ``margin`` times the
 query's own positive score is dropped as a probable false negative.
@@ -60,6 +61,7 @@ class RankParams:
     hnsw_ef_search: int = 256
     recall_sample: int = 1000
     margin: float | None = None
+    small_tasks: str = "error"
     seed: int = 0
     query_chunk: int = 4096
 
@@ -77,24 +79,51 @@ class RankParams:
             raise ConfigError(f"margin must be a fraction of the positive's score (e.g. 0.95), got {self.margin}")
 
 
-def task_groups(tasks: np.ndarray, task_names: list[str], per_task: bool) -> list[tuple[str, np.ndarray]]:
-    """(name, sorted global ids) of each group mined apart: one per task, or everything together."""
+SMALL_TASKS = "(small tasks)"
+
+
+def task_groups(tasks: np.ndarray, task_names: list[str], per_task: bool, merge_below: int = 0
+                ) -> list[tuple[str, np.ndarray]]:
+    """(name, sorted global ids) of each group mined apart: one per task, or everything together.
+
+    ``merge_below`` (``small_tasks: merge``): tasks with fewer examples form one group named
+    ``(small tasks)``, placed last; while that group is itself still too small, the smallest remaining
+    task joins it (ties: the earlier task), so every group can be ranked.
+    """
     if not per_task or len(task_names) <= 1:
         return [("all" if len(task_names) != 1 else task_names[0], np.arange(len(tasks), dtype=np.int64))]
     order = np.argsort(tasks, kind="stable")
     bounds = np.searchsorted(tasks[order], np.arange(len(task_names) + 1))
-    return [(task_names[t], np.sort(order[bounds[t] : bounds[t + 1]]).astype(np.int64))
-            for t in range(len(task_names)) if bounds[t + 1] > bounds[t]]
+    groups = [(task_names[t], np.sort(order[bounds[t] : bounds[t + 1]]).astype(np.int64))
+              for t in range(len(task_names)) if bounds[t + 1] > bounds[t]]
+    small = [g for g in groups if len(g[1]) < merge_below]
+    if not small:
+        return groups
+    rest = sorted((g for g in groups if len(g[1]) >= merge_below), key=lambda g: len(g[1]))
+    while sum(len(ids) for _, ids in small) < merge_below and rest:
+        small.append(rest.pop(0))
+    merged = {name for name, _ in small}
+    return [g for g in groups if g[0] not in merged] + \
+        [(SMALL_TASKS, np.sort(np.concatenate([ids for _, ids in small])))]
 
 
 def check_sizes(groups: list[tuple[str, np.ndarray]], p: int, m: int) -> None:
     for name, ids in groups:
         if p + m >= len(ids):
+            what = "the small tasks together have" if name == SMALL_TASKS else f"task {name!r} has"
             raise ConfigError(
-                f"p + m = {p} + {m} = {p + m} but task {name!r} has only {len(ids)} examples; ranking needs "
-                f"p + m < n within a task (the query's own positive is not a candidate). Lower p and m, or "
-                f"set per_task: false to rank all tasks together"
+                f"p + m = {p} + {m} = {p + m} but {what} only {len(ids)} examples; ranking needs "
+                f"p + m < n within a task (the query's own positive is not a candidate). Lower p and m, set "
+                f"small_tasks: merge to rank tasks that small together, or per_task: false to rank all tasks "
+                f"together"
             )
+
+
+def merge_threshold(small_tasks: str, p: int, m: int) -> int:
+    """Task size below which ``small_tasks: merge`` pools a task with the other small ones."""
+    if small_tasks not in ("error", "merge"):
+        raise ConfigError(f"small_tasks must be 'error' or 'merge', got {small_tasks!r}")
+    return p + m + 1 if small_tasks == "merge" else 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,8 +165,12 @@ def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536
         nlist = min(nlist, max(1, n // 39))  # FAISS wants ~39 training points per list
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        # k-means on ~40 points per list with 16 iterations: the lists only route the search, and the
+        # recall check below says whether they route it well enough; full-size training costs as much as
+        # the search itself on 2 cores.
+        index.cp.niter = 16
         rng = np.random.default_rng(prm.seed)
-        train_n = min(n, nlist * 64)
+        train_n = min(n, nlist * 40)
         sample = np.sort(rng.choice(n, size=train_n, replace=False))
         index.train(np.ascontiguousarray(base[sample], dtype=np.float32))
         index.nprobe = min(prm.ivf_nprobe, nlist)
@@ -151,7 +184,7 @@ def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536
     for start in range(0, n, chunk):
         index.add(np.ascontiguousarray(base[start : start + chunk], dtype=np.float32))
     if kind == "hnsw":
-        index.hnsw.efSearch = prm.hnsw_ef_search
+        index.hnsw.efSearch = max(prm.hnsw_ef_search, prm.p + prm.m + 1)  # HNSW returns at most efSearch
     if kind != "hnsw" and gpu_available():
         res = faiss.StandardGpuResources()
         keep += [res, index]
@@ -163,36 +196,53 @@ def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536
 
 
 def search(index, queries: np.ndarray, k: int, chunk: int = 4096, progress: bool = False,
-           desc: str = "rank") -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` of every query row, chunk by chunk (scores float32, ids int64, -1 where short)."""
+           desc: str = "rank"):
+    """Yield ``(start, scores, ids)`` for the top-``k`` of each chunk of query rows (-1 ids where short)."""
     n = len(queries)
-    D = np.empty((n, k), dtype=np.float32)
-    I = np.empty((n, k), dtype=np.int64)
     bar = tqdm(total=n, desc=desc, unit="query", disable=not progress, file=sys.stderr)
     for start in range(0, n, chunk):
         q = np.ascontiguousarray(queries[start : start + chunk], dtype=np.float32)
-        D[start : start + len(q)], I[start : start + len(q)] = index.search(q, k)
+        D, I = index.search(q, k)
+        yield start, D, I
         bar.update(len(q))
     bar.close()
-    return D, I
 
 
-def exact_search(queries: np.ndarray, base: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product over ``base`` in chunks (used to measure recall on a sample)."""
-    nq = len(queries)
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    best_d = np.full((nq, 0), -np.inf, dtype=np.float32)
-    best_i = np.empty((nq, 0), dtype=np.int64)
-    for start in range(0, len(base), chunk):
-        block = np.asarray(base[start : start + chunk], dtype=np.float32)
-        sims = q @ block.T
-        kk = min(k, sims.shape[1])
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-        d = np.concatenate([best_d, np.take_along_axis(sims, part, axis=1)], axis=1)
-        i = np.concatenate([best_i, part + start], axis=1)
-        keep = np.argsort(-d, axis=1, kind="stable")[:, :k]
-        best_d, best_i = np.take_along_axis(d, keep, axis=1), np.take_along_axis(i, keep, axis=1)
-    return best_d, best_i
+def exact_search(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None,
+                 chunk: int = 32768, qblock: int = 1024, progress: bool = False,
+                 desc: str = "exact top-k") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner products of ``queries`` over ``base``, by blocks of ``base`` (never the full
+    matrix). ``exclude[r]``: a base row query r must skip (its own positive), or -1. Returns (scores, ids).
+
+    Used for recall checks and the quality bound; torch's matmul + topk are several times faster than a
+    numpy argpartition here (and than FAISS's flat index on this CPU wheel).
+    """
+    import torch
+
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    nq = q.shape[0]
+    best_d = torch.full((nq, k), -torch.inf)
+    best_i = torch.full((nq, k), -1, dtype=torch.int64)
+    ex = None if exclude is None else torch.from_numpy(np.asarray(exclude, dtype=np.int64))
+    bar = tqdm(total=len(base), desc=desc, unit="row", disable=not progress, file=sys.stderr)
+    for lo in range(0, len(base), chunk):
+        block = torch.from_numpy(np.ascontiguousarray(base[lo : lo + chunk], dtype=np.float32))
+        hi = lo + block.shape[0]
+        for a in range(0, nq, qblock):
+            sims = q[a : a + qblock] @ block.T
+            if ex is not None:
+                e = ex[a : a + qblock]
+                inside = torch.nonzero((e >= lo) & (e < hi)).flatten()
+                sims[inside, e[inside] - lo] = -torch.inf
+            local = sims.topk(min(k, sims.shape[1]), dim=1)  # this block's best, then merge with the best so far
+            d = torch.cat([best_d[a : a + qblock], local.values], dim=1)
+            i = torch.cat([best_i[a : a + qblock], local.indices + lo], dim=1)
+            top = d.topk(k, dim=1)
+            best_d[a : a + qblock] = top.values
+            best_i[a : a + qblock] = torch.gather(i, 1, top.indices)
+        bar.update(hi - lo)
+    bar.close()
+    return best_d.numpy(), best_i.numpy()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +281,10 @@ def select_ranks(I: np.ndarray, D: np.ndarray, own: np.ndarray, p: int, m: int,
 
 def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, progress: bool = False,
                name: str = "all") -> tuple[np.ndarray, np.ndarray, dict]:
-    """S for one group (ids local to the group: row r is the group's r-th example)."""
+    """S for one group (ids local to the group: row r is the group's r-th example).
+
+    Search results are reduced to S chunk by chunk, so memory stays at the size of S (N x m).
+    """
     n = len(queries)
     kind = choose_index(n, prm)
     k = prm.p + prm.m + 1
@@ -239,26 +292,29 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
     index, desc, keep = build_index(positives, kind, prm)
     desc["build_s"] = round(time.perf_counter() - t0, 3)
     t1 = time.perf_counter()
-    D, I = search(index, queries, k, prm.query_chunk, progress, desc=f"rank {name}" if name != "all" else "rank")
+    S = np.empty((n, prm.m), dtype=np.int32)
+    scores = np.empty((n, prm.m), dtype=np.float32)
+    label = f"rank {name}" if name != "all" else "rank"
+    for start, D, I in search(index, queries, k, prm.query_chunk, progress, desc=label):
+        rows = np.arange(start, start + len(I))
+        pos_scores = None
+        if prm.margin is not None:  # the query's own positive score, for the margin filter
+            q = np.asarray(queries[start : start + len(I)], dtype=np.float32)
+            pos_scores = (q * np.asarray(positives[start : start + len(I)], dtype=np.float32)).sum(1)
+        S[rows], scores[rows] = select_ranks(I, D, rows, prm.p, prm.m, prm.margin, pos_scores)
     desc["search_s"] = round(time.perf_counter() - t1, 3)
     if kind != "flat" and prm.recall_sample > 0:
         rng = np.random.default_rng(prm.seed)
         sample = np.sort(rng.choice(n, size=min(n, prm.recall_sample), replace=False))
-        _, exact = exact_search(np.asarray(queries[sample]), positives, k)
-        hits = [len(np.intersect1d(a[a >= 0], b)) for a, b in zip(I[sample], exact)]
+        q = np.asarray(queries[sample])
+        _, approx = index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        _, exact = exact_search(q, positives, k)
+        hits = [len(np.intersect1d(a[a >= 0], b)) for a, b in zip(approx, exact)]
         desc["recall"] = round(float(np.mean(hits)) / k, 4)
         desc["recall_sample"] = int(len(sample))
         log.info("rank %s: %s index recall@%d vs exact = %.3f on %d queries", name, kind, k, desc["recall"],
                  len(sample))
     del index, keep
-    pos_scores = None
-    if prm.margin is not None:
-        pos_scores = np.empty(n, dtype=np.float32)
-        for start in range(0, n, 65536):
-            q = np.asarray(queries[start : start + 65536], dtype=np.float32)
-            pp = np.asarray(positives[start : start + 65536], dtype=np.float32)
-            pos_scores[start : start + len(q)] = (q * pp).sum(1)
-    S, scores = select_ranks(I, D, np.arange(n), prm.p, prm.m, prm.margin, pos_scores)
     desc["padded_rows"] = int((S[:, -1] < 0).sum())
     desc["n"] = n
     return S, scores, desc
@@ -267,7 +323,7 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
 def rank(emb: Embeddings, prm: RankParams, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
     """S (int32, N x m, global ids, -1 padded) and its scores (float16) for all of ``emb``."""
     prm.check()
-    groups = task_groups(emb.tasks, emb.task_names, prm.per_task)
+    groups = task_groups(emb.tasks, emb.task_names, prm.per_task, merge_threshold(prm.small_tasks, prm.p, prm.m))
     check_sizes(groups, prm.p, prm.m)
     check_vectors(emb.queries, f"{emb.folder}/queries.npy")
     check_vectors(emb.positives, f"{emb.folder}/positives.npy")

@@ -1,0 +1,299 @@
+"""The mining pipeline: one function per stage, each reading and writing files under ``cfg.out``.
+
+    OUT/embeddings/  queries.npy positives.npy tasks.npy embeddings.json      (embed)
+    OUT/rank/        S.npy scores.npy rank.json                               (rank)
+    OUT/partition/   communities.npy community_task.npy partition.json        (partition)
+    OUT/schedules/   v000000.b3s (+ .json sidecar with timings)              (schedule)
+
+:func:`run_all` runs what the strategy needs (random/task: embed for quality; gcbs: + rank; b3: + partition;
+b3pp: + rank and partition) and skips a stage whose record says it was built from the same inputs and
+parameters; each stage function run on its own always rebuilds. Every record carries the data stamp; when
+``cfg.data`` is given, artefacts stamped for other data are refused (:class:`DataError`). All checks of
+parameters and inputs run before a stage writes anything, and a stage deletes its old record before it
+replaces its arrays, so a failed stage leaves no output that looks valid.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, MineConfig
+from ..data.manifest import DataError, check_stamp
+from .artefacts import log, new_token, read_json, same_params, staged_arrays, write_json
+from .embed import FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings
+from .rank import FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, merge_threshold, rank, task_groups
+from .schedule import Schedule, publish_schedule
+from .strategies import BatchInputs, BatchParams, get_strategy, make_batches
+
+PARTITION_FOLDER, PARTITION_RECORD = "partition", "partition.json"
+SCHEDULE_FOLDER = "schedules"
+STAGES = ("embed", "rank", "partition", "schedule")
+NEEDS = {"random": (), "task": (), "gcbs": ("rank",), "b3": ("rank", "partition"),
+         "b3pp": ("rank", "partition")}
+
+
+def out_dir(cfg: MineConfig, folder: str) -> Path:
+    return Path(cfg.out) / folder
+
+
+def _check(record_stamp: dict | None, expect: dict | None, what: str) -> None:
+    if expect is not None:
+        check_stamp(record_stamp, expect, what)
+
+
+def _embeddings(cfg: MineConfig) -> Embeddings:
+    return load_embeddings(out_dir(cfg, EMBED_FOLDER), expect=expected_stamp(cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------------
+
+
+def embed_stage(cfg: MineConfig, progress: bool = True) -> Path:
+    """Stage 1 (:mod:`b3stream.mining.embed`): resumable; skips work already done for the same inputs."""
+    t0 = time.perf_counter()
+    folder = embed(cfg, progress=progress)
+    record = read_json(folder / "embeddings.json")
+    if record is not None and "seconds" not in record:
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        write_json(folder / "embeddings.json", record)
+    return folder
+
+
+def rank_params(cfg: MineConfig, emb_record: dict) -> dict:
+    prm = asdict(RankParams.from_config(cfg))
+    prm.pop("query_chunk")
+    return {**prm, "upstream": emb_record.get("token")}
+
+
+def rank_stage(cfg: MineConfig, progress: bool = True) -> Path:
+    """Stage 2 (:mod:`b3stream.mining.rank`): embeddings -> S, scores."""
+    t0 = time.perf_counter()
+    emb = _embeddings(cfg)
+    prm = RankParams.from_config(cfg)
+    folder = out_dir(cfg, RANK_FOLDER)
+    S, scores, info = rank(emb, prm, progress=progress)  # validates before anything is written
+    (folder / RANK_RECORD).unlink(missing_ok=True)
+    with staged_arrays(folder) as put:
+        put("S.npy", S.astype(np.int32))
+        put("scores.npy", scores.astype(np.float16))
+    write_json(folder / RANK_RECORD, {
+        "stamp": emb.stamp, "params": rank_params(cfg, emb.record), "n": emb.n, "m": cfg.m, "info": info,
+        "token": new_token(), "seconds": round(time.perf_counter() - t0, 3),
+        "source_model": emb.record.get("source_model"),
+    })
+    log.info("rank: S %s written to %s (%d padded rows)", S.shape, folder, info["padded_rows"])
+    return folder
+
+
+def load_rank(cfg: MineConfig, expect: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    folder = out_dir(cfg, RANK_FOLDER)
+    record = read_json(folder / RANK_RECORD)
+    if record is None:
+        raise DataError(f"{folder}: no neighbour lists ({RANK_RECORD}); run `b3stream mine rank` first")
+    _check(record.get("stamp"), expect, f"neighbour lists {folder}")
+    S = np.load(folder / "S.npy", mmap_mode="r")
+    scores = np.load(folder / "scores.npy", mmap_mode="r")
+    if S.shape[0] != record["n"] or scores.shape != S.shape:
+        raise DataError(f"{folder}: S {S.shape} / scores {scores.shape} disagree with the record (n={record['n']})")
+    return S, scores, record
+
+
+def _tasks(cfg: MineConfig, n: int | None = None) -> tuple[np.ndarray, list[str], dict | None]:
+    """Task index per id: from the embeddings when present, else from the dataset, else one task."""
+    folder = out_dir(cfg, EMBED_FOLDER)
+    if (folder / "embeddings.json").is_file():
+        emb = _embeddings(cfg)
+        return np.asarray(emb.tasks), emb.task_names, emb.stamp
+    if cfg.data is not None:
+        from ..data.reader import ShardedDataset
+
+        ds = ShardedDataset(cfg.data, cfg.split)
+        names = [t or "default" for t in ds.column("task")]
+        task_names = list(dict.fromkeys(names))
+        lookup = {t: i for i, t in enumerate(task_names)}
+        return np.array([lookup[t] for t in names], dtype=np.int32), task_names, ds.stamp
+    if n is not None:
+        return np.zeros(n, dtype=np.int32), ["default"], None
+    raise ConfigError("no embeddings and no --data: nothing says which ids exist; run the embed stage first")
+
+
+def partition_params(cfg: MineConfig, rank_record: dict) -> dict:
+    return {"K": cfg.K, "edges": cfg.edges, "rank_weights": cfg.rank_weights, "seed": cfg.seed,
+            "metis_ufactor": cfg.metis_ufactor, "per_task": cfg.per_task, "upstream": rank_record.get("token")}
+
+
+def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
+    """Stage 3 (:mod:`b3stream.mining.graph` + :mod:`b3stream.mining.partition`): S -> communities."""
+    from .graph import EDGES, build_graph, subgraph_rows
+    from .partition import partition
+
+    t0 = time.perf_counter()
+    if cfg.K < 1:
+        raise ConfigError(f"K must be positive, got {cfg.K}")
+    if cfg.edges not in EDGES:
+        raise ConfigError(f"edges must be one of {EDGES}, got {cfg.edges!r}")
+    expect = expected_stamp(cfg)
+    S, _, rank_record = load_rank(cfg, expect)
+    N = len(S)
+    tasks, task_names, _ = _tasks(cfg, N)
+    rp = rank_record.get("params", {})
+    groups = task_groups(tasks, task_names, cfg.per_task,
+                         merge_threshold(rp.get("small_tasks", "error"), rp.get("p", cfg.p), rp.get("m", cfg.m)))
+    folder = out_dir(cfg, PARTITION_FOLDER)
+    all_comm, all_task, info = [], [], {}
+    for name, ids in tqdm(groups, desc="partition", unit="task", disable=not progress or len(groups) < 2,
+                          file=sys.stderr):
+        t1 = time.perf_counter()
+        local = subgraph_rows(S, ids, N)
+        graph = build_graph(local, edges=cfg.edges, rank_weights=cfg.rank_weights)
+        del local
+        t_graph = time.perf_counter() - t1
+        comm, stats = partition(graph, cfg.K, seed=cfg.seed, ufactor=cfg.metis_ufactor, ids=ids)
+        stats.update(graph.stats, graph_s=round(t_graph, 3))
+        del graph
+        info[name] = stats
+        all_comm.append(comm)
+        # communities of merged small tasks (or of everything) are batched as one group: task index -1
+        all_task.append(np.full(len(comm), task_names.index(name) if name in task_names else -1, dtype=np.int32))
+        log.info("partition %s: %d nodes, %d edges (%s), %d communities of K=%d, %.0f%% of edges inside, "
+                 "%d repair moves", name, stats["n"], stats["edges"], cfg.edges, stats["communities"],
+                 cfg.K, 100 * stats.get("internal_edge_fraction", 0), stats.get("evicted", 0))
+    communities = np.concatenate(all_comm) if all_comm else np.zeros((0, cfg.K), np.int32)
+    community_task = np.concatenate(all_task) if all_task else np.zeros(0, np.int32)
+    (folder / PARTITION_RECORD).unlink(missing_ok=True)
+    with staged_arrays(folder) as put:
+        put("communities.npy", communities)
+        put("community_task.npy", community_task)
+    write_json(folder / PARTITION_RECORD, {
+        "stamp": rank_record["stamp"], "params": partition_params(cfg, rank_record), "n": N,
+        "communities": int(len(communities)), "groups": info, "token": new_token(),
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+    return folder
+
+
+def load_partition(cfg: MineConfig, expect: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    folder = out_dir(cfg, PARTITION_FOLDER)
+    record = read_json(folder / PARTITION_RECORD)
+    if record is None:
+        raise DataError(f"{folder}: no communities ({PARTITION_RECORD}); run `b3stream mine partition` first")
+    _check(record.get("stamp"), expect, f"communities {folder}")
+    return np.load(folder / "communities.npy"), np.load(folder / "community_task.npy"), record
+
+
+def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
+    """Stage 4 (:mod:`b3stream.mining.strategies`): artefacts -> a published, versioned schedule."""
+    t0 = time.perf_counter()
+    strategy = get_strategy(cfg.strategy)
+    prm = BatchParams.from_config(cfg)
+    expect = expected_stamp(cfg)
+    S = scores = communities = community_task = None
+    records: dict[str, dict] = {}
+    if "S" in strategy.needs or "scores" in strategy.needs:
+        S, scores, records["rank"] = load_rank(cfg, expect)
+    if "communities" in strategy.needs:
+        communities, community_task, records["partition"] = load_partition(cfg, expect)
+        if "rank" in records and records["partition"]["params"].get("upstream") != records["rank"].get("token"):
+            raise ConfigError("the communities were built from older neighbour lists; re-run the partition stage")
+    n_hint = len(S) if S is not None else (records["partition"]["n"] if "partition" in records else None)
+    tasks, task_names, stamp = _tasks(cfg, n_hint)
+    emb = _embeddings(cfg) if (out_dir(cfg, EMBED_FOLDER) / "embeddings.json").is_file() else None
+    for what, rec in records.items():
+        if stamp is not None and rec.get("stamp") != stamp:
+            raise DataError(f"the {what} stage's output was built for other data than the embeddings; re-run it")
+    stamp = stamp or next((r["stamp"] for r in records.values()), None)
+    n = len(tasks)
+    inputs = BatchInputs(n=n, tasks=tasks, task_names=task_names, S=S, scores=scores,
+                         communities=communities, community_task=community_task)
+    batches, negatives, extra = make_batches(cfg.strategy, inputs, prm)
+    uses_s, uses_k = bool(set(strategy.needs) & {"S", "communities"}), strategy.uses_communities
+    meta = {
+        "strategy": cfg.strategy, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "p": cfg.p if uses_s else None, "m": cfg.m if uses_s else None, "K": cfg.K if uses_k else None,
+        "h": cfg.h if negatives is not None else None, "per_task": cfg.per_task, "mix_tasks": cfg.mix_tasks,
+        "edges": cfg.edges if uses_k else None, "rank_weights": cfg.rank_weights if uses_k else None,
+        "data": stamp, "n": n, "num_batches": len(batches), "tasks": task_names,
+        "source_model": emb.record.get("source_model") if emb is not None else None, "source_step": None,
+        "margin": cfg.margin if uses_s else None, **extra,
+    }
+    schedule = Schedule.from_batches(batches, meta, negatives)
+    schedule.check_epoch(n)
+    t_sched = time.perf_counter() - t0
+    timings = {name: rec.get("seconds") for name, rec in records.items()}
+    if emb is not None:
+        timings["embed"] = emb.record.get("seconds")
+    timings["schedule"] = round(t_sched, 3)
+    if emb is not None and cfg.quality_sample != 0:
+        from .quality import batch_quality
+
+        t1 = time.perf_counter()
+        schedule.meta["quality"] = batch_quality(
+            schedule.ids, schedule.offsets, emb.queries, emb.positives, K=cfg.K,
+            temperature=cfg.quality_temperature, negatives=schedule.negatives, sample=cfg.quality_sample,
+            seed=0, progress=progress)
+        timings["quality"] = round(time.perf_counter() - t1, 3)
+    schedule.meta["timings"] = timings
+    path = publish_schedule(schedule, out_dir(cfg, SCHEDULE_FOLDER), cfg.version)
+    q = schedule.meta.get("quality")
+    log.info("schedule: %s, %d batches (%s)%s", path, len(batches), cfg.strategy,
+             f"; Theorem-1 bound {q['theorem1_bound']:.3f}, in-batch negative similarity mean "
+             f"{q['neg_sim_mean']:.3f}, hardest {q['neg_sim_hardest_mean']:.3f}" if q else "")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# all stages
+# --------------------------------------------------------------------------------------------------
+
+
+def _up_to_date(record_path: Path, params: dict, expect: dict | None) -> bool:
+    record = read_json(record_path)
+    if not same_params(record, params):
+        return False
+    return expect is None or record.get("stamp", {}).get("fingerprint") == expect.get("fingerprint")
+
+
+def run_all(cfg: MineConfig, progress: bool = True) -> Path:
+    """Every stage the strategy needs, skipping up-to-date ones; returns the schedule path."""
+    get_strategy(cfg.strategy)  # unknown strategy: fail before any work
+    expect = expected_stamp(cfg)
+    needs = NEEDS[cfg.strategy]
+    if cfg.data is not None or cfg.query_embeddings or cfg.positive_embeddings:
+        embed_stage(cfg, progress)
+    elif not (out_dir(cfg, EMBED_FOLDER) / "embeddings.json").is_file():
+        raise ConfigError("give --data (a prepared dataset) or --query-embeddings/--positive-embeddings")
+    if "rank" in needs:
+        emb_record = read_json(out_dir(cfg, EMBED_FOLDER) / "embeddings.json") or {}
+        if _up_to_date(out_dir(cfg, RANK_FOLDER) / RANK_RECORD, rank_params(cfg, emb_record), expect):
+            log.info("rank: up to date")
+        else:
+            rank_stage(cfg, progress)
+    if "partition" in needs:
+        rank_record = read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
+        if _up_to_date(out_dir(cfg, PARTITION_FOLDER) / PARTITION_RECORD, partition_params(cfg, rank_record), expect):
+            log.info("partition: up to date")
+        else:
+            partition_stage(cfg, progress)
+    return schedule_stage(cfg, progress)
+
+
+STAGE_FUNCTIONS = {"embed": embed_stage, "rank": rank_stage, "partition": partition_stage,
+                   "schedule": schedule_stage, "all": run_all}
+
+
+def run_stage(stage: str, cfg: MineConfig, progress: bool = True) -> Path:
+    if stage not in STAGE_FUNCTIONS:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_FUNCTIONS)}")
+    return STAGE_FUNCTIONS[stage](cfg, progress)
+
+
+__all__ = ["embed_stage", "rank_stage", "partition_stage", "schedule_stage", "run_all", "run_stage",
+           "load_rank", "load_partition", "embed_params"]

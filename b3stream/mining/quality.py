@@ -1,0 +1,125 @@
+"""Batch quality before any training: the B3 paper's Theorem-1 bound and in-batch negative similarity.
+
+Let ``s_ij = <x_i, y_j>`` be the teacher's cosine between query i and positive j, ``tau`` a temperature,
+``N`` the number of examples and ``B_i`` the negatives query i sees in its batch (the other members' positives,
+plus the batch's B3++ hard negatives when the schedule has them). Our reading of Theorem 1:
+
+    H_i^K      = sum of the K largest exp(s_ij / tau) over all j != i           (the whole data)
+    H_{B_i,i}^K = sum of the K largest exp(s_ij / tau) over j in B_i              (the batch)
+    bound_i    = log( N/K * H_i^K / H_{B_i,i}^K )
+
+It bounds how much of query i's full-data negative mass its batch misses:
+``sum_{j != i} exp(s_ij/tau) <= (N/K) H_i^K`` (the mean of all N-1 < N terms is at most the mean of the K
+largest) and ``sum_{j in B_i} exp(s_ij/tau) >= H_{B_i,i}^K``, so ``log`` of the ratio of full-data to in-batch
+negative mass, the gap between the full-data and the in-batch InfoNCE denominators, is at most ``bound_i``.
+A batch that holds query i's hardest negatives makes ``H_{B_i,i}^K`` close to ``H_i^K`` and the bound close
+to its floor ``log(N/K)``; random batches leave it far above. We report the mean of ``bound_i`` over queries
+(lower is better), computed in log space (``tau = 0.02`` makes the exponentials overflow otherwise). When a
+batch offers fewer than K negatives, all of them are summed. K defaults to the community size K.
+
+Also reported, over the same queries: the mean in-batch negative similarity (mean over queries of the mean
+``s_ij``, j in B_i), the mean over queries of the *hardest* in-batch negative's similarity, and the maximum.
+
+Bounded memory: the global part is an exact top-K over all positives for a seeded sample of queries, in
+blocks of positives (never N x N; ``sample=None`` uses every query); the batch part multiplies each sampled
+query with its own batch only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    mx = np.max(x, axis=axis, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    return (mx + np.log(np.sum(np.exp(x - mx), axis=axis, keepdims=True))).squeeze(axis)
+
+
+def _sig(x: float, digits: int = 6) -> float:
+    """Round to significant digits so metadata is stable across BLAS summation orders."""
+    return float(f"{float(x):.{digits}g}")
+
+
+def global_topk(query_vecs: np.ndarray, query_ids: np.ndarray, positives: np.ndarray, K: int,
+                progress: bool = False) -> np.ndarray:
+    """The K largest s_ij over all j != i for each given query (float32, (len(query_ids), K))."""
+    from .rank import exact_search
+
+    top, _ = exact_search(query_vecs, positives, K, exclude=query_ids, progress=progress,
+                          desc="quality: global top-K")
+    return top
+
+
+def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, positives: np.ndarray, K: int,
+                  temperature: float = 0.02, negatives: np.ndarray | None = None, sample: int | None = 2048,
+                  seed: int = 0, progress: bool = False) -> dict:
+    """Theorem-1 bound and in-batch negative similarity of a schedule (module docstring).
+
+    Args:
+        ids, offsets: the schedule's flat batches (batch b = ids[offsets[b]:offsets[b+1]]).
+        queries, positives: teacher embeddings (N x d, L2-normalised; memmaps fine).
+        K: top-K size of the bound.
+        negatives: B3++ hard negatives aligned with ``ids`` (they join every query's batch negatives).
+        sample: number of queries scored (seeded); None or >= N: all.
+    """
+    N = len(positives)
+    ids = np.asarray(ids, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    K = int(max(1, min(K, N - 1)))
+    rng = np.random.default_rng(seed)
+    chosen = np.arange(N) if sample is None or sample >= N else np.sort(rng.choice(N, size=sample, replace=False))
+    qv = np.asarray(queries[chosen], dtype=np.float32)
+    top = global_topk(qv, chosen, positives, K, progress=progress)
+    log_h_global = _logsumexp(top / temperature, axis=1)
+
+    where = np.empty(N, dtype=np.int64)
+    where[ids] = np.arange(len(ids))
+    batch_of = np.searchsorted(offsets, where[chosen], side="right") - 1
+    order = np.argsort(batch_of, kind="stable")
+    starts = np.flatnonzero(np.concatenate([[True], batch_of[order][1:] != batch_of[order][:-1]]))
+    log_h_batch = np.empty(len(chosen))
+    neg_mean = np.empty(len(chosen))
+    neg_max = np.empty(len(chosen))
+    bounds = list(starts) + [len(order)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        rows = order[a:b]
+        bidx = batch_of[rows[0]]
+        lo, hi = offsets[bidx], offsets[bidx + 1]
+        cand = ids[lo:hi]
+        if negatives is not None:
+            cand = np.unique(np.concatenate([cand, negatives[lo:hi].ravel()]))
+            cand = cand[cand >= 0]  # -1: a slot a small task could not fill
+        sims = qv[rows] @ np.asarray(positives[cand], dtype=np.float32).T
+        own = cand[None, :] == chosen[rows][:, None]
+        sims[own] = -np.inf
+        n_neg = sims.shape[1] - 1
+        if n_neg <= 0:  # a batch of one has no negatives
+            log_h_batch[rows], neg_mean[rows], neg_max[rows] = -np.inf, np.nan, np.nan
+            continue
+        kk = min(K, n_neg)
+        part = -np.partition(-sims, kk - 1, axis=1)[:, :kk]
+        log_h_batch[rows] = _logsumexp(part / temperature, axis=1)
+        finite = np.where(own, 0.0, sims)
+        neg_mean[rows] = finite.sum(1) / n_neg
+        neg_max[rows] = sims.max(1)
+    bound = np.log(N / K) + log_h_global - log_h_batch
+    ok = np.isfinite(bound)
+    return {
+        "theorem1_bound": _sig(bound[ok].mean()) if ok.any() else None,
+        "theorem1_floor": _sig(np.log(N / K)),
+        "neg_sim_mean": _sig(np.nanmean(neg_mean)) if ok.any() else None,
+        "neg_sim_hardest_mean": _sig(np.nanmean(neg_max)) if ok.any() else None,
+        "neg_sim_max": _sig(np.nanmax(neg_max)) if ok.any() else None,
+        "K": K, "temperature": temperature, "queries": int(len(chosen)), "N": int(N),
+        "with_hard_negatives": negatives is not None,
+    }
+
+
+def schedule_quality(schedule, queries: np.ndarray, positives: np.ndarray, K: int | None = None,
+                     temperature: float = 0.02, sample: int | None = 2048, seed: int = 0,
+                     progress: bool = False) -> dict:
+    """:func:`batch_quality` of a :class:`~b3stream.mining.schedule.Schedule` (K from its metadata)."""
+    K = K or int(schedule.meta.get("K") or 32)
+    return batch_quality(schedule.ids, schedule.offsets, queries, positives, K, temperature,
+                         negatives=schedule.negatives, sample=sample, seed=seed, progress=progress)

@@ -1,0 +1,240 @@
+"""Batch strategies behind one interface: ``random``, ``task``, ``gcbs``, ``b3``, ``b3pp``.
+
+Each strategy turns the mined artefacts into one epoch of global batches of ``|B|`` ids, every id exactly
+once. They differ only in *which* ids share a batch:
+
+- ``random``: a seeded permutation of all ids, cut every |B| (tasks mixed).
+- ``task``: task-homogeneous random batches (as GritLM trains): each task's ids permuted and cut every |B|.
+- ``gcbs``: Global Contrastive Batch Sampling (Sachidananda, Yang and Zhu, ICML 2023), in our reading: keep
+  the similarity-graph edges whose teacher score reaches a threshold, order the examples by the Reverse
+  Cuthill-McKee permutation of that graph (which keeps linked examples close, i.e. a small bandwidth), and
+  take consecutive slices of |B| as batches. Our graph is the sparse S (with its scores), not a dense
+  similarity matrix; the threshold defaults to the median score in S.
+- ``b3``: the paper's batches: |B|/K METIS communities of K drawn at random (one task at a time unless
+  ``mix_tasks``), so each batch is made of groups of mutually strong negatives.
+- ``b3pp``: ``b3`` plus h hard negatives per example from the batch's pooled S rows
+  (:mod:`b3stream.mining.negatives`). With the same seed its batches equal ``b3``'s.
+
+Common policy for batches that cannot be full: each group (task) contributes its full batches; what is left
+of each group (fewer than |B| ids, whole communities for b3) is pooled at the end of the epoch, whole units
+first and short communities (n mod K, see :mod:`b3stream.mining.partition`) last, and cut every |B|. So an
+epoch has at most a few task-mixed tail batches, only the very last batch can be shorter than |B|, and only
+tail batches can split a short community. Full batches are shuffled (seeded) so tasks interleave.
+Batches are laid out unit by unit, so a b3 batch is |B|/K consecutive runs of K ids (the schedule format).
+
+Everything is a pure function of the inputs and ``seed`` (numpy PCG64): reruns are byte-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ConfigError
+from .graph import subgraph_rows
+from .negatives import draw_hard_negatives
+from .rank import task_groups
+
+
+@dataclass
+class BatchInputs:
+    """What strategies may read. ``S``/``scores``/``communities`` are None when not mined."""
+
+    n: int
+    tasks: np.ndarray  # (n,) int32 task index per id
+    task_names: list[str]
+    S: np.ndarray | None = None  # (n, m) int32, -1 padded
+    scores: np.ndarray | None = None  # (n, m) float16
+    communities: np.ndarray | None = None  # (n_comm, K) int32, -1 padded
+    community_task: np.ndarray | None = None  # (n_comm,) int32
+
+
+@dataclass
+class BatchParams:
+    batch_size: int = 1024
+    K: int = 32
+    h: int = 5
+    seed: int = 0
+    per_task: bool = True
+    mix_tasks: bool = False
+    gcbs_threshold: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "BatchParams":
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+
+def rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """Independent generators for batching and for B3++ draws (so b3 and b3pp share batches)."""
+    a, b = np.random.SeedSequence(seed).spawn(2)
+    return np.random.Generator(np.random.PCG64(a)), np.random.Generator(np.random.PCG64(b))
+
+
+def pack(groups: list[tuple[np.ndarray, list[np.ndarray]]], batch_size: int,
+         rng: np.random.Generator) -> list[np.ndarray]:
+    """Per group ``(full_units (U, u), short_units)`` in batch order -> the epoch's batches (module doc)."""
+    full_batches, tail_full, tail_short = [], [], []
+    for units, short in groups:
+        if len(units):
+            per_batch = batch_size // units.shape[1]
+            nb = len(units) // per_batch
+            full_batches += list(units[: nb * per_batch].reshape(nb, batch_size))
+            tail_full.append(units[nb * per_batch :].ravel())
+        tail_short += [s[s >= 0] for s in short]
+    order = rng.permutation(len(full_batches))
+    batches = [full_batches[i] for i in order]
+    tail = np.concatenate(tail_full + tail_short) if (tail_full or tail_short) else np.empty(0, np.int64)
+    batches += [tail[i : i + batch_size] for i in range(0, len(tail), batch_size)]
+    return [np.asarray(b, dtype=np.int64) for b in batches if len(b)]
+
+
+class Strategy:
+    """Interface: ``needs`` names the artefacts used; :meth:`batches` returns (batches, negatives|None)."""
+
+    name = ""
+    needs: tuple[str, ...] = ()
+    uses_communities = False
+
+    def check(self, inp: BatchInputs, prm: BatchParams) -> None:
+        if prm.batch_size < 1:
+            raise ConfigError(f"batch size must be positive, got {prm.batch_size}")
+        if self.uses_communities:
+            if prm.K < 1 or prm.K > prm.batch_size:
+                raise ConfigError(f"K = {prm.K} must be between 1 and the batch size |B| = {prm.batch_size}: a "
+                                  "batch is |B|/K whole communities")
+            if prm.batch_size % prm.K:
+                raise ConfigError(f"the batch size |B| = {prm.batch_size} is not a multiple of K = {prm.K}: a "
+                                  "batch is |B|/K whole communities")
+        for need in self.needs:
+            if getattr(inp, need) is None:
+                raise ConfigError(f"strategy {self.name!r} needs {need}; run the earlier mining stages first")
+
+    def batches(self, inp: BatchInputs, prm: BatchParams) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        raise NotImplementedError
+
+
+class RandomBatches(Strategy):
+    name = "random"
+
+    def batches(self, inp, prm):
+        rng, _ = rngs(prm.seed)
+        perm = rng.permutation(inp.n)
+        return [perm[i : i + prm.batch_size] for i in range(0, inp.n, prm.batch_size)], None
+
+
+class TaskBatches(Strategy):
+    name = "task"
+
+    def batches(self, inp, prm):
+        rng, _ = rngs(prm.seed)
+        groups = task_groups(inp.tasks, inp.task_names, per_task=True)
+        units = [(rng.permutation(ids).reshape(-1, 1), []) for _, ids in groups]
+        return pack(units, prm.batch_size, rng), None
+
+
+class GcbsBatches(Strategy):
+    name = "gcbs"
+    needs = ("S", "scores")
+
+    def threshold(self, inp: BatchInputs, prm: BatchParams) -> float:
+        if prm.gcbs_threshold is not None:
+            return float(prm.gcbs_threshold)
+        valid = np.asarray(inp.S) >= 0
+        return float(np.median(np.asarray(inp.scores, dtype=np.float32)[valid])) if valid.any() else 0.0
+
+    def batches(self, inp, prm):
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+        rng, _ = rngs(prm.seed)
+        tau = self.threshold(inp, prm)
+        self.used_threshold = tau
+        out = []
+        for _, ids in task_groups(inp.tasks, inp.task_names, prm.per_task and not prm.mix_tasks):
+            local = subgraph_rows(inp.S, ids, inp.n)
+            sc = np.asarray(inp.scores[ids] if len(ids) != inp.n else inp.scores, dtype=np.float32)
+            keep = (local >= 0) & (sc >= tau)
+            rows = np.nonzero(keep)[0]
+            cols = local[keep]
+            n = len(ids)
+            A = csr_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+            A = (A + A.T).tocsr()  # RCM wants a symmetric structure
+            order = reverse_cuthill_mckee(A, symmetric_mode=True)
+            out.append((ids[order].reshape(-1, 1), []))
+        return pack(out, prm.batch_size, rng), None
+
+
+class B3Batches(Strategy):
+    name = "b3"
+    needs = ("communities",)
+    uses_communities = True
+
+    def check(self, inp, prm):
+        super().check(inp, prm)
+        if inp.communities.shape[1] != prm.K:
+            raise ConfigError(f"the communities have K = {inp.communities.shape[1]} but K = {prm.K} was asked; "
+                              "re-run the partition stage")
+
+    def batches(self, inp, prm):
+        rng, _ = rngs(prm.seed)
+        comm, ctask = inp.communities, inp.community_task
+        if prm.mix_tasks or ctask is None:
+            ctask = np.zeros(len(comm), dtype=np.int32)
+        groups = []
+        for t in np.unique(ctask):
+            mine = np.flatnonzero(ctask == t)
+            short = (comm[mine] < 0).any(axis=1)
+            full = comm[mine[~short]]
+            groups.append((full[rng.permutation(len(full))].astype(np.int64),
+                           [comm[i].astype(np.int64) for i in mine[short]]))
+        return pack(groups, prm.batch_size, rng), None
+
+
+class B3ppBatches(B3Batches):
+    name = "b3pp"
+    needs = ("communities", "S")
+
+    def check(self, inp, prm):
+        super().check(inp, prm)
+        if prm.h < 1:
+            raise ConfigError(f"b3pp needs h >= 1 hard negatives per example, got h = {prm.h}")
+
+    def batches(self, inp, prm):
+        batches, _ = super().batches(inp, prm)
+        _, neg_rng = rngs(prm.seed)
+        by_task = {inp.task_names.index(name): ids
+                   for name, ids in task_groups(inp.tasks, inp.task_names, True)} \
+            if len(inp.task_names) > 1 else None
+        negatives = []
+        for b in batches:
+            pool = None
+            if by_task is not None and not prm.mix_tasks:
+                present = np.unique(inp.tasks[b])
+                pool = by_task[int(present[0])] if len(present) == 1 else \
+                    np.sort(np.concatenate([by_task[int(t)] for t in present]))
+            negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool))
+        return batches, negatives
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (RandomBatches, TaskBatches, GcbsBatches, B3Batches, B3ppBatches)
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name]()
+
+
+def make_batches(name: str, inp: BatchInputs, prm: BatchParams
+                 ) -> tuple[list[np.ndarray], list[np.ndarray] | None, dict]:
+    """Run strategy ``name``: (batches, B3++ negatives or None, strategy-specific metadata)."""
+    strategy = get_strategy(name)
+    strategy.check(inp, prm)
+    batches, negatives = strategy.batches(inp, prm)
+    extra = {}
+    if hasattr(strategy, "used_threshold"):
+        extra["gcbs_threshold"] = round(float(strategy.used_threshold), 6)
+    return batches, negatives, extra

@@ -1,0 +1,79 @@
+"""partition.py: METIS + repair to communities of exactly K, remainder policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ._mining_synth import clustered, random_S
+
+from b3stream.mining.graph import build_graph, csr_from_edges
+from b3stream.mining.partition import communities_from_labels, edge_cut, partition, repair
+from b3stream.mining.rank import RankParams, rank_group
+
+
+def check_communities(comm, n, K):
+    assert comm.shape == (-(-n // K), K)
+    flat = comm[comm >= 0]
+    assert np.array_equal(np.sort(flat), np.arange(n)), "every id exactly once"
+    sizes = (comm >= 0).sum(1)
+    assert np.all(sizes[:-1] == K)
+    assert sizes[-1] == (n % K or K), "the short community (n mod K) is the last one"
+    assert np.all(comm[:-1] >= 0)
+
+
+@pytest.mark.parametrize("n,K", [(640, 32), (1000, 32), (517, 8), (33, 32), (7, 32)])
+def test_exactly_K_with_remainder(n, K):
+    q, p, _ = clustered(n, clusters=max(2, n // 40), seed=n)
+    S, _, _ = rank_group(q, p, RankParams(p=2, m=min(20, n - 3), index="flat"))
+    comm, stats = partition(build_graph(S, "mutual"), K, seed=0)
+    check_communities(comm, n, K)
+    assert stats["short"] == n % K
+
+
+def test_communities_keep_edges_inside():
+    q, p, labels = clustered(2000, clusters=25, seed=3)
+    S, _, _ = rank_group(q, p, RankParams(p=3, m=30, index="flat"))
+    g = build_graph(S, "mutual")
+    comm, stats = partition(g, 16, seed=0)
+    check_communities(comm, 2000, 16)
+    # communities follow the clusters: most members share the majority label
+    purity = np.mean([np.bincount(labels[c]).max() / len(c) for c in comm])
+    assert purity > 0.8
+    # and a random split of the same sizes cuts far more edges
+    rnd = np.random.default_rng(0).permutation(2000) // 16
+    assert stats["edge_cut"] < 0.7 * edge_cut(g, rnd)
+
+
+def test_repair_handles_empty_parts_isolated_nodes_and_oversized_parts():
+    # two triangles plus isolated nodes; METIS labels forced to be badly unbalanced
+    edges = np.array([0 * 10 + 1, 0 * 10 + 2, 1 * 10 + 2, 3 * 10 + 4, 3 * 10 + 5, 4 * 10 + 5], dtype=np.int64)
+    g = csr_from_edges(edges, 10)
+    bad = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # everything in part 0, parts 1 and 2 empty
+    labels, stats = repair(g, bad, 4)
+    sizes = np.bincount(labels, minlength=3)
+    assert sizes.tolist() == [4, 4, 2]
+    assert stats["metis_empty_parts"] == 2 and stats["evicted"] >= 6
+    comm = communities_from_labels(labels, 4)
+    check_communities(comm, 10, 4)
+    # the repair moves whole triangles together when it can: no triangle is split three ways
+    for tri in ([0, 1, 2], [3, 4, 5]):
+        assert len(set(labels[tri].tolist())) <= 2
+
+
+def test_partition_is_deterministic_and_handles_edgeless_graphs():
+    S = random_S(300, 10, seed=2)
+    g = build_graph(S, "union")
+    a, _ = partition(g, 8, seed=5)
+    b, _ = partition(g, 8, seed=5)
+    assert np.array_equal(a, b)
+    empty = build_graph(np.full((50, 4), -1, dtype=np.int32))
+    comm, _ = partition(empty, 8)
+    check_communities(comm, 50, 8)
+
+
+def test_global_ids_are_mapped_back():
+    q, p, _ = clustered(100, seed=4)
+    S, _, _ = rank_group(q, p, RankParams(p=1, m=10, index="flat"))
+    ids = np.arange(100) * 3 + 7
+    comm, _ = partition(build_graph(S), 10, ids=ids)
+    assert np.array_equal(np.sort(comm.ravel()), ids)

@@ -1,0 +1,127 @@
+"""strategies.py: random / task / gcbs / b3 / b3pp behind one interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from b3stream.config import ConfigError
+from b3stream.mining.embed import Embeddings
+from b3stream.mining.graph import build_graph, subgraph_rows
+from b3stream.mining.partition import partition
+from b3stream.mining.rank import RankParams, rank, task_groups
+from b3stream.mining.schedule import Schedule
+from b3stream.mining.strategies import STRATEGIES, BatchInputs, BatchParams, make_batches
+
+from ._mining_synth import clustered
+
+STRATS = sorted(STRATEGIES)
+
+
+def mined(n=1000, tasks=3, K=8, p=2, m=20, seed=0) -> BatchInputs:
+    q, pos, _ = clustered(n, clusters=30, seed=seed)
+    t = (np.arange(n) % tasks).astype(np.int32)
+    names = [f"t{i}" for i in range(tasks)]
+    emb = Embeddings(queries=q.astype(np.float16), positives=pos.astype(np.float16), tasks=t, task_names=names,
+                     stamp={}, record={}, folder=Path("memory"))
+    S, scores, _ = rank(emb, RankParams(p=p, m=m, index="flat"), progress=False)
+    comms, ctask = [], []
+    for name, ids in task_groups(t, names, True):
+        c, _ = partition(build_graph(subgraph_rows(S, ids, n)), K, ids=ids)
+        comms.append(c)
+        ctask.append(np.full(len(c), names.index(name), dtype=np.int32))
+    return BatchInputs(n=n, tasks=t, task_names=names, S=S, scores=scores, communities=np.concatenate(comms),
+                       community_task=np.concatenate(ctask))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return mined()
+
+
+def schedule(inputs, name, **kw):
+    prm = BatchParams(**{"batch_size": 64, "K": 8, "h": 2, "seed": 0, **kw})
+    batches, negatives, meta = make_batches(name, inputs, prm)
+    return Schedule.from_batches(batches, {"strategy": name, **meta}, negatives)
+
+
+@pytest.mark.parametrize("name", STRATS)
+def test_every_id_exactly_once_and_full_batches(inputs, name):
+    s = schedule(inputs, name)
+    s.check_epoch(inputs.n)
+    sizes = np.diff(s.offsets)
+    assert np.all(sizes[:-1] == 64) and 0 < sizes[-1] <= 64, "only the last batch may be short"
+    assert (s.negatives is not None) == (name == "b3pp")
+
+
+@pytest.mark.parametrize("name", STRATS)
+def test_byte_identical_reruns_and_seed_matters(inputs, name):
+    a = schedule(inputs, name).to_bytes()
+    assert a == schedule(inputs, name).to_bytes()
+    if name != "gcbs":  # gcbs only shuffles the batch order; still a different file
+        assert a != schedule(inputs, name, seed=1).to_bytes()
+
+
+@pytest.mark.parametrize("name", ["task", "b3", "b3pp", "gcbs"])
+def test_batches_stay_within_one_task(inputs, name):
+    s = schedule(inputs, name)
+    mixed = [len(np.unique(inputs.tasks[b])) > 1 for b in s.batches]
+    # per task: 333/334 ids -> 5 full batches each; the tails are pooled into a few mixed batches at the end
+    assert not any(mixed[: -3])
+    assert sum(mixed) <= 3
+
+
+def test_b3_batches_are_whole_communities_and_b3pp_shares_them(inputs):
+    b3 = schedule(inputs, "b3")
+    comm_of = np.empty(inputs.n, dtype=np.int64)
+    for c, members in enumerate(inputs.communities):
+        comm_of[members[members >= 0]] = c
+    full = [b for b in b3.batches if len(b) == 64]
+    for b in full[:-2]:
+        runs = comm_of[b].reshape(8, 8)
+        assert np.all(runs == runs[:, :1]), "each run of K is one community"
+    b3pp = schedule(inputs, "b3pp")
+    assert np.array_equal(b3.ids, b3pp.ids) and np.array_equal(b3.offsets, b3pp.offsets)
+    for b, negs in zip(b3pp.batches, b3pp.hard_negatives):
+        assert negs.shape == (len(b), 2)
+        assert not np.isin(negs, b).any() and len(np.unique(negs)) == negs.size
+
+
+def test_mix_tasks_draws_communities_from_all_tasks(inputs):
+    s = schedule(inputs, "b3", mix_tasks=True)
+    s.check_epoch(inputs.n)
+    assert sum(len(np.unique(inputs.tasks[b])) > 1 for b in s.batches) > 5
+
+
+def test_gcbs_records_its_threshold(inputs):
+    _, _, meta = make_batches("gcbs", inputs, BatchParams(batch_size=64))
+    valid = inputs.S >= 0
+    assert meta["gcbs_threshold"] == pytest.approx(np.median(inputs.scores[valid].astype(np.float32)), abs=1e-3)
+    _, _, meta = make_batches("gcbs", inputs, BatchParams(batch_size=64, gcbs_threshold=0.5))
+    assert meta["gcbs_threshold"] == 0.5
+
+
+def test_bad_parameters(inputs):
+    with pytest.raises(ConfigError, match="between 1 and the batch size"):
+        make_batches("b3", inputs, BatchParams(batch_size=4, K=8))
+    with pytest.raises(ConfigError, match="not a multiple of K"):
+        make_batches("b3", inputs, BatchParams(batch_size=60, K=8))
+    with pytest.raises(ConfigError, match="K = 8 but K = 16"):
+        make_batches("b3", inputs, BatchParams(batch_size=64, K=16))
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        make_batches("hardest", inputs, BatchParams())
+    with pytest.raises(ConfigError, match="needs communities"):
+        make_batches("b3", BatchInputs(n=10, tasks=np.zeros(10, np.int32), task_names=["a"]), BatchParams(64, 8))
+    with pytest.raises(ConfigError, match="h >= 1"):
+        make_batches("b3pp", inputs, BatchParams(batch_size=64, K=8, h=0))
+
+
+def test_short_communities_and_tails_close_the_epoch():
+    inp = mined(n=203, tasks=2, K=8)  # tasks of 102 and 101 ids: 6 communities of 8 + 1 short community each
+    for name in ("b3", "b3pp", "task"):
+        s = schedule(inp, name, batch_size=32)
+        s.check_epoch(203)
+        sizes = np.diff(s.offsets)
+        assert np.all(sizes[:-1] == 32) and sizes[-1] == 203 % 32

@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Benchmark the mining stages on synthetic clustered embeddings: time and peak RSS per stage.
+
+    python tools/bench_mining.py --n 100000              # embed(import) + rank + partition + schedule
+    python tools/bench_mining.py --n 1000000 --no-rank   # partition + schedule from a generated S
+    python tools/bench_mining.py --n 100000 --edges mutual,union --workdir /tmp/b3bench
+
+Every stage runs in its own subprocess, which reports its wall time and its own peak resident set size
+(``getrusage(RUSAGE_SELF).ru_maxrss``, which counts the touched pages of memory-mapped inputs too), so one
+stage's memory never hides another's. Paper settings by default: d=384, p=30, m=100, K=32, |B|=1024, h=5.
+
+Synthetic data (:func:`generate_data`): unit vectors with a two-level cluster structure, like topics and subtopics
+of a text corpus. ``n / 2000`` super-clusters with random unit centres ``g``; each holds 10 clusters whose
+centres are ``normalise(g + 0.8 z)``; a query is ``normalise(c + 1.0 z)`` for its cluster's centre ``c``
+and its positive ``normalise(x + 0.6 z)`` (``z`` Gaussian with unit expected norm). Cosines then look
+like those of a sentence encoder: about 0.86 to the own positive, 0.5 within a cluster, 0.3 within a
+super-cluster, 0 across. Cluster sizes are binomial (about 200), ids are in random order.
+
+S for large n without ranking (``--no-rank``): exact search over all N would take over an hour at 1M on 2
+cores, so S is computed *exactly within each super-cluster*: every query's positives are ranked against the
+positives of its own super-cluster (about 2000), the own positive removed, ranks [p, p+m) kept. Since
+super-clusters are nearly orthogonal, these are (almost) the true global ranks [p, p+m): the graph has the
+degree, mutual-edge fraction and community structure a real FAISS ranking gives on this data (compare
+``--n 100000`` with and without ``--no-rank``), at about a minute of generation for 1M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SUPER = 2000  # points per super-cluster
+SUB = 10  # clusters per super-cluster
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _noise(rng, shape, scale):
+    return (scale / np.sqrt(shape[-1])) * rng.standard_normal(shape, dtype=np.float32)
+
+
+def generate_data(work: Path, n: int, d: int, p: int, m: int, seed: int, block_S: bool,
+                  chunk: int = 50_000, raw: bool = False) -> dict:
+    """Write the synthetic embeddings (and S). ``raw``: also write float32 Q/P files for the import path."""
+    from b3stream.config import MineConfig
+    from b3stream.mining.artefacts import new_token, write_json
+    from b3stream.mining.pipeline import rank_params
+
+    rng = np.random.default_rng(seed)
+    n_super = max(1, -(-n // SUPER))
+    supers = _unit(rng.standard_normal((n_super, d), dtype=np.float32))
+    centres = _unit(np.repeat(supers, SUB, axis=0) + _noise(rng, (n_super * SUB, d), 0.8))
+    cluster = rng.integers(0, n_super * SUB, size=n)
+    emb_dir = work / "embeddings"
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    Q = np.lib.format.open_memmap(emb_dir / "queries.npy", mode="w+", dtype=np.float16, shape=(n, d))
+    P = np.lib.format.open_memmap(emb_dir / "positives.npy", mode="w+", dtype=np.float16, shape=(n, d))
+    for lo in range(0, n, chunk):
+        c = cluster[lo : lo + chunk]
+        x = _unit(centres[c] + _noise(rng, (len(c), d), 1.0))
+        y = _unit(x + _noise(rng, (len(c), d), 0.6))
+        Q[lo : lo + len(c)] = x.astype(np.float16)
+        P[lo : lo + len(c)] = y.astype(np.float16)
+    Q.flush()
+    P.flush()
+    stamp = {"dataset": "synthetic", "split": None, "n": n, "fingerprint": f"synthetic-{n}-{d}-{seed}"}
+    np.save(emb_dir / "tasks.npy", np.zeros(n, dtype=np.int32))
+    record = {"stamp": stamp, "params": {"source": "synthetic", "seed": seed}, "n": n, "dim": d, "rows_done": n,
+              "complete": True, "task_names": ["default"], "token": new_token(), "source_model": "synthetic"}
+    if raw:
+        np.save(work / "q.npy", np.asarray(Q, dtype=np.float32))
+        np.save(work / "p.npy", np.asarray(P, dtype=np.float32))
+    else:
+        write_json(emb_dir / "embeddings.json", record)
+    info = {"super_clusters": n_super, "clusters": n_super * SUB}
+    if block_S:
+        t0 = time.perf_counter()
+        S = np.full((n, m), -1, dtype=np.int32)
+        scores = np.zeros((n, m), dtype=np.float16)
+        sup = cluster // SUB
+        order = np.argsort(sup, kind="stable")
+        bounds = np.searchsorted(sup[order], np.arange(n_super + 1))
+        for s in range(n_super):
+            ids = np.sort(order[bounds[s] : bounds[s + 1]])
+            if len(ids) <= p + m:
+                raise SystemExit(f"super-cluster {s} has only {len(ids)} points; use a larger --n")
+            sims = np.asarray(Q[ids], dtype=np.float32) @ np.asarray(P[ids], dtype=np.float32).T
+            np.fill_diagonal(sims, -np.inf)  # the own positive is not a candidate
+            top = np.argpartition(-sims, p + m - 1, axis=1)[:, : p + m]
+            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(sims, top, 1), axis=1), 1)
+            S[ids] = ids[top[:, p:]]
+            scores[ids] = np.take_along_axis(sims, top[:, p:], 1).astype(np.float16)
+        rank_dir = work / "rank"
+        rank_dir.mkdir(exist_ok=True)
+        np.save(rank_dir / "S.npy", S)
+        np.save(rank_dir / "scores.npy", scores)
+        cfg = MineConfig(out=str(work), p=p, m=m)
+        write_json(rank_dir / "rank.json", {
+            "stamp": stamp, "params": rank_params(cfg, record), "n": n, "m": m, "token": new_token(),
+            "info": {"generator": "exact within super-clusters"}, "seconds": round(time.perf_counter() - t0, 3)})
+        info["S_seconds"] = round(time.perf_counter() - t0, 1)
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# stages (run in a child process)
+# --------------------------------------------------------------------------------------------------
+
+
+def run_stage(args) -> None:
+    import logging
+
+    from b3stream.config import MineConfig
+    from b3stream.mining import pipeline
+
+    logging.basicConfig(level=logging.INFO, format="    %(message)s", stream=sys.stderr)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every missing SIMD variant
+    work = Path(args.workdir)
+    cfg = MineConfig(out=str(work), p=args.p, m=args.m, K=args.K, batch_size=args.batch_size, h=args.h,
+                     edges=args.edges_one, strategy=args.strategy, quality_sample=args.quality_sample,
+                     version=args.version)
+    if args.stage == "embed":
+        cfg.query_embeddings, cfg.positive_embeddings = str(work / "q.npy"), str(work / "p.npy")
+    t0 = time.perf_counter()
+    pipeline.run_stage(args.stage, cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    extra = {}
+    if args.stage == "schedule":
+        from b3stream.mining.schedule import load_schedule
+
+        meta = load_schedule(work / "schedules").meta
+        extra = {"quality_s": meta["timings"].get("quality"), "quality": meta.get("quality")}
+    if args.stage == "rank":
+        extra = {"rank": json.loads((work / "rank" / "rank.json").read_text())["info"]}
+    if args.stage == "partition":
+        g = json.loads((work / "partition" / "partition.json").read_text())["groups"]
+        extra = {"partition": next(iter(g.values()))}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
+    print(json.dumps({"stage": args.stage, "seconds": round(seconds, 2), "peak_rss_gb": round(peak, 3), **extra}))
+
+
+def child(args, stage: str, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--stage", stage, "--workdir", str(args.workdir),
+           "--n", str(args.n), "--p", str(args.p), "--m", str(args.m), "--K", str(args.K),
+           "--batch-size", str(args.batch_size), "--h", str(args.h),
+           "--quality-sample", str(args.quality_sample)]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode:
+        raise SystemExit(f"stage {stage} failed ({proc.returncode})")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--d", type=int, default=384)
+    ap.add_argument("--p", type=int, default=30)
+    ap.add_argument("--m", type=int, default=100)
+    ap.add_argument("--K", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--h", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--edges", default="mutual,union", help="comma-separated: mutual, union")
+    ap.add_argument("--no-rank", action="store_true", help="generate S (exact within super-clusters) instead")
+    ap.add_argument("--quality-sample", type=int, default=1024, help="queries scored for the Theorem-1 bound")
+    ap.add_argument("--workdir", default=None, help="default: /tmp/b3bench-N")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the random schedule (quality reference)")
+    # child mode
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--edges-one", default="mutual", help=argparse.SUPPRESS)
+    ap.add_argument("--strategy", default="b3", help=argparse.SUPPRESS)
+    ap.add_argument("--version", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.workdir = Path(args.workdir or f"/tmp/b3bench-{args.n}")
+    if args.child:
+        run_stage(args)
+        return
+
+    import shutil
+
+    if args.workdir.exists():
+        shutil.rmtree(args.workdir)
+    args.workdir.mkdir(parents=True)
+    print(f"# b3stream mining benchmark: n={args.n:,} d={args.d} p={args.p} m={args.m} K={args.K} "
+          f"|B|={args.batch_size} h={args.h}; {os.cpu_count()} CPUs; workdir {args.workdir}", flush=True)
+    t0 = time.perf_counter()
+    info = generate_data(args.workdir, args.n, args.d, args.p, args.m, args.seed, block_S=args.no_rank,
+                         raw=not args.no_rank)
+    print(f"# generated data in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
+    rows = []
+
+    def report(name: str, res: dict) -> None:
+        rows.append((name, res))
+        extra = ""
+        if "partition" in res:
+            pt = res["partition"]
+            extra = (f"edges {pt['edges']:,}, graph {pt['graph_s']} s, METIS {pt['metis_s']} s, repair "
+                     f"{pt['repair_s']} s, inside {pt['internal_edge_fraction']:.1%}, METIS sizes "
+                     f"{pt['metis_sizes_min']}-{pt['metis_sizes_max']} ({pt['metis_empty_parts']} empty), "
+                     f"moved {pt['evicted']:,} ({pt['moved_without_edges']:,} without an edge)")
+        if "rank" in res:
+            g = next(iter(res["rank"]["groups"].values()))
+            extra = f"{g['kind']} {g.get('nlist', '')}/{g.get('nprobe', '')}, recall {g.get('recall', 'exact')}, " \
+                    f"build {g['build_s']} s, search {g['search_s']} s"
+        if res.get("quality"):
+            q = res["quality"]
+            extra = (f"quality {res['quality_s']} s of it: bound {q['theorem1_bound']:.3f} (floor "
+                     f"{q['theorem1_floor']:.3f}), neg sim mean {q['neg_sim_mean']:.3f} hardest "
+                     f"{q['neg_sim_hardest_mean']:.3f}")
+        print(f"{name:<28} {res['seconds']:>8.1f} s  {res['peak_rss_gb']:>6.2f} GB   {extra}", flush=True)
+
+    print(f"{'stage':<28} {'time':>10}  {'peak RSS':>9}")
+    if not args.no_rank:
+        report("embed (import)", child(args, "embed"))
+        report("rank", child(args, "rank"))
+    version = 0
+    totals = {}
+    for edges in [e for e in args.edges.split(",") if e]:
+        part = child(args, "partition", edges_one=edges)
+        report(f"partition ({edges})", part)
+        sched = child(args, "schedule", edges_one=edges, strategy="b3", version=version)
+        report(f"schedule b3 ({edges})", sched)
+        version += 1
+        totals[edges] = (part["seconds"] + sched["seconds"], max(part["peak_rss_gb"], sched["peak_rss_gb"]))
+        if edges == "mutual":
+            report("schedule b3pp (mutual)", child(args, "schedule", edges_one=edges, strategy="b3pp", version=version))
+            version += 1
+    if not args.no_baseline:  # the same quality numbers for random batches, for scale
+        report("schedule random", child(args, "schedule", strategy="random", version=version))
+    for edges, (secs, peak) in totals.items():
+        print(f"# partition + schedule b3 ({edges}): {secs:.1f} s, peak {peak:.2f} GB")
+    if not args.no_rank:
+        front = sum(r["seconds"] for name, r in rows if name in ("embed (import)", "rank"))
+        if "mutual" in totals:
+            print(f"# everything (import + rank + partition + schedule, mutual): {front + totals['mutual'][0]:.1f} s")
+    if not args.keep:
+        shutil.rmtree(args.workdir)
+
+
+if __name__ == "__main__":
+    main()
