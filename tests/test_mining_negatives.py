@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from b3stream.mining.negatives import candidate_counts, draw_hard_negatives
+from b3stream.mining.negatives import candidate_counts, draw_hard_negatives, excluded_ids
 
 from ._mining_synth import random_S
 
@@ -56,3 +56,65 @@ def test_deterministic_for_a_seed():
     a = draw_hard_negatives(batch, S, 4, np.random.default_rng(7))
     b = draw_hard_negatives(batch, S, 4, np.random.default_rng(7))
     assert np.array_equal(a, b)
+
+
+def test_a_members_top_p_is_never_drawn_through_another_members_row():
+    # member 0 skipped 400 and 401 (its top-p, likely false negatives: T[0]); member 1 ranks 400 among its
+    # strong negatives (S[1]) and every member ranks 401, the batch's most frequent candidate. Both must stay
+    # out, because the drawn negatives are shared with every query of the batch, query 0 included.
+    n, m, p = 500, 6, 2
+    batch = np.arange(20)
+    S = np.full((n, m), -1, dtype=np.int32)
+    S[batch, 0] = 401
+    S[1, 1] = 400
+    S[batch, 2:] = (300 + np.arange(80)).reshape(20, 4)  # 80 ordinary candidates of count 1
+    T = np.full((n, p), -1, dtype=np.int32)
+    T[0] = [400, 401]
+    T[5] = [350, -1]  # a padded top-p row: the -1 excludes nothing
+    T[450] = [302, 303]  # not a member: its top-p stays a candidate
+    assert excluded_ids(batch, T).tolist() == [*range(20), 350, 400, 401]
+    cands, counts = candidate_counts(batch, S, top=T)
+    assert not np.isin([400, 401, 350], cands).any() and np.isin([302, 303], cands).all()
+    assert len(cands) == 79 and np.all(counts == 1)
+    for seed in range(30):
+        neg = draw_hard_negatives(batch, S, 1, np.random.default_rng(seed), top=T)
+        assert not np.isin(neg, [400, 401, 350]).any() and not np.isin(neg, batch).any()
+        assert len(np.unique(neg)) == neg.size
+    # without T, the frequent 401 is (almost surely) drawn: the exclusion is what keeps it out
+    assert 401 in draw_hard_negatives(batch, S, 1, np.random.default_rng(0))
+    # the uniform fill-up respects the exclusion too: 79 candidates cannot fill 20 x 5 slots
+    for seed in range(10):
+        neg = draw_hard_negatives(batch, S, 5, np.random.default_rng(seed), top=T)
+        assert not np.isin(neg, [400, 401, 350]).any() and not np.isin(neg, batch).any()
+        assert len(np.unique(neg)) == neg.size == 100
+
+
+def test_top_p_exclusion_with_a_small_pool_pads_and_p0_changes_nothing():
+    S = np.full((100, 5), -1, dtype=np.int32)
+    S[0, 0] = 50
+    S[1, 0] = 12  # 12 is member 0's top-p: excluded although member 1 ranks it
+    T = np.full((100, 3), -1, dtype=np.int32)
+    T[0] = [12, 13, -1]
+    T[99] = [14, 15, 16]  # not a member: excludes nothing
+    batch = np.arange(10)
+    # 40 needed: the S candidate 50, then a pool of 45 with 35 ids outside the batch, minus 12 and 13 (member
+    # 0's top-p): 33 to draw, so 6 slots stay -1
+    neg = draw_hard_negatives(batch, S, 4, np.random.default_rng(0), pool=np.arange(45), top=T)
+    assert (neg == -1).sum() == 6
+    assert np.array_equal(np.sort(neg[neg >= 0]), np.append(np.setdiff1d(np.arange(10, 45), [12, 13]), 50))
+    # p = 0: T is (N, 0) and the draw is the members-only one, byte for byte
+    T0 = np.empty((100, 0), dtype=np.int32)
+    for h, pool in ((3, None), (2, np.arange(40)), (4, np.arange(45))):
+        a = draw_hard_negatives(batch, S, h, np.random.default_rng(0), pool=pool, top=T0)
+        b = draw_hard_negatives(batch, S, h, np.random.default_rng(0), pool=pool)
+        assert np.array_equal(a, b)
+
+
+def test_deterministic_for_a_seed_with_top_p():
+    S = random_S(1000, 20, seed=3)
+    T = random_S(1000, 4, seed=4, pad_rows=10)
+    batch = np.arange(0, 1000, 31)
+    a = draw_hard_negatives(batch, S, 4, np.random.default_rng(7), top=T)
+    b = draw_hard_negatives(batch, S, 4, np.random.default_rng(7), top=T)
+    assert np.array_equal(a, b)
+    assert not np.isin(a, T[batch][T[batch] >= 0]).any() and not np.isin(a, batch).any()

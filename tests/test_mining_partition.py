@@ -24,7 +24,7 @@ def check_communities(comm, n, K):
 @pytest.mark.parametrize("n,K", [(640, 32), (1000, 32), (517, 8), (33, 32), (7, 32)])
 def test_exactly_K_with_remainder(n, K):
     q, p, _ = clustered(n, clusters=max(2, n // 40), seed=n)
-    S, _, _ = rank_group(q, p, RankParams(p=2, m=min(20, n - 3), index="flat"))
+    S, _, _, _ = rank_group(q, p, RankParams(p=2, m=min(20, n - 3), index="flat"))
     comm, stats = partition(build_graph(S, "mutual"), K, seed=0)
     check_communities(comm, n, K)
     assert stats["short"] == n % K
@@ -32,7 +32,7 @@ def test_exactly_K_with_remainder(n, K):
 
 def test_communities_keep_edges_inside():
     q, p, labels = clustered(2000, clusters=25, seed=3)
-    S, _, _ = rank_group(q, p, RankParams(p=3, m=30, index="flat"))
+    S, _, _, _ = rank_group(q, p, RankParams(p=3, m=30, index="flat"))
     g = build_graph(S, "mutual")
     comm, stats = partition(g, 16, seed=0)
     check_communities(comm, 2000, 16)
@@ -73,7 +73,7 @@ def test_partition_is_deterministic_and_handles_edgeless_graphs():
 
 def test_global_ids_are_mapped_back():
     q, p, _ = clustered(100, seed=4)
-    S, _, _ = rank_group(q, p, RankParams(p=1, m=10, index="flat"))
+    S, _, _, _ = rank_group(q, p, RankParams(p=1, m=10, index="flat"))
     ids = np.arange(100) * 3 + 7
     comm, _ = partition(build_graph(S), 10, ids=ids)
     assert np.array_equal(np.sort(comm.ravel()), ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,13 @@ def mined(n=1000, tasks=3, K=8, p=2, m=20, seed=0) -> BatchInputs:
     names = [f"t{i}" for i in range(tasks)]
     emb = Embeddings(queries=q.astype(np.float16), positives=pos.astype(np.float16), tasks=t, task_names=names,
                      stamp={}, record={}, folder=Path("memory"))
-    S, scores, _ = rank(emb, RankParams(p=p, m=m, index="flat"), progress=False)
+    S, scores, T, _ = rank(emb, RankParams(p=p, m=m, index="flat"), progress=False)
     comms, ctask = [], []
     for name, ids in task_groups(t, names, True):
         c, _ = partition(build_graph(subgraph_rows(S, ids, n)), K, ids=ids)
         comms.append(c)
         ctask.append(np.full(len(c), names.index(name), dtype=np.int32))
-    return BatchInputs(n=n, tasks=t, task_names=names, S=S, scores=scores, communities=np.concatenate(comms),
+    return BatchInputs(n=n, tasks=t, task_names=names, S=S, scores=scores, top=T, communities=np.concatenate(comms),
                        community_task=np.concatenate(ctask))
 
 
@@ -87,6 +88,8 @@ def test_b3_batches_are_whole_communities_and_b3pp_shares_them(inputs):
     for b, negs in zip(b3pp.batches, b3pp.hard_negatives):
         assert negs.shape == (len(b), 2)
         assert not np.isin(negs, b).any() and len(np.unique(negs)) == negs.size
+        top = inputs.top[b]
+        assert not np.isin(negs, top[top >= 0]).any(), "no member's top-p is a hard negative of the batch"
 
 
 def test_mix_tasks_draws_communities_from_all_tasks(inputs):
@@ -116,6 +119,8 @@ def test_bad_parameters(inputs):
         make_batches("b3", BatchInputs(n=10, tasks=np.zeros(10, np.int32), task_names=["a"]), BatchParams(64, 8))
     with pytest.raises(ConfigError, match="h >= 1"):
         make_batches("b3pp", inputs, BatchParams(batch_size=64, K=8, h=0))
+    with pytest.raises(ConfigError, match="needs top"):
+        make_batches("b3pp", replace(inputs, top=None), BatchParams(batch_size=64, K=8))
 
 
 def test_short_communities_and_tails_close_the_epoch():

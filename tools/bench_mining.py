@@ -95,6 +95,7 @@ def generate_data(work: Path, n: int, d: int, p: int, m: int, seed: int, block_S
         t0 = time.perf_counter()
         S = np.full((n, m), -1, dtype=np.int32)
         scores = np.zeros((n, m), dtype=np.float16)
+        T = np.full((n, p), -1, dtype=np.int32)  # the skipped top-p: B3++ excludes them
         sup = cluster // SUB
         order = np.argsort(sup, kind="stable")
         bounds = np.searchsorted(sup[order], np.arange(n_super + 1))
@@ -107,14 +108,17 @@ def generate_data(work: Path, n: int, d: int, p: int, m: int, seed: int, block_S
             top = np.argpartition(-sims, p + m - 1, axis=1)[:, : p + m]
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(sims, top, 1), axis=1), 1)
             S[ids] = ids[top[:, p:]]
+            T[ids] = ids[top[:, :p]]
             scores[ids] = np.take_along_axis(sims, top[:, p:], 1).astype(np.float16)
         rank_dir = work / "rank"
         rank_dir.mkdir(exist_ok=True)
         np.save(rank_dir / "S.npy", S)
         np.save(rank_dir / "scores.npy", scores)
+        np.save(rank_dir / "top.npy", T)
         cfg = MineConfig(out=str(work), p=p, m=m)
         write_json(rank_dir / "rank.json", {
             "stamp": stamp, "params": rank_params(cfg, record), "n": n, "m": m, "token": new_token(),
+            "top": {"file": "top.npy", "p": p, "shape": [n, p]},
             "info": {"generator": "exact within super-clusters"}, "seconds": round(time.perf_counter() - t0, 3)})
         info["S_seconds"] = round(time.perf_counter() - t0, 1)
     return info

@@ -2,23 +2,30 @@
 
 For a batch ``B`` the rows ``S[i]`` of its members are pooled into one *unified* distribution
 
-    Pr(j) proportional to  #{ (i, c) : i in B, S[i, c] = j },     j not in B,
+    Pr(j) proportional to  #{ (i, c) : i in B, S[i, c] = j },     j not in X(B),
+    X(B) = B  union  { T[i, c] : i in B },
 
-so an example that many members rank among their strong negatives is the most likely pick. Members are
-excluded (they are in-batch negatives already); the members' top-p ranks never entered ``S``, so they are
-excluded by construction. ``h * |B|`` *distinct* ids are drawn without replacement and reshaped to
-``(|B|, h)``, row ``i`` aligned with the batch's ``i``-th id. The trainer shares all of them with every query
-of the global batch, so the row assignment only decides whose text carries which negative.
+so an example that many members rank among their strong negatives is the most likely pick. Excluded are
+the members (they are in-batch negatives already) and every member's top-p ranks ``T[i]`` (likely false
+negatives of ``i``: paraphrases, duplicates). ``T[i]`` never entered ``S[i]``, but it can enter *another*
+member's row ``S[k]``, and since the trainer shares the ``h * |B|`` negatives with every query of the global
+batch, a ``j`` in ``T[i]`` drawn through ``S[k]`` would be a negative for ``i`` after all; hence the union.
+``h * |B|`` *distinct* ids are drawn without replacement and reshaped to ``(|B|, h)``, row ``i`` aligned with
+the batch's ``i``-th id; the row assignment only decides whose text carries which negative.
 
 Drawing without replacement with probabilities proportional to counts is done with the Gumbel-top-k trick
 (the k largest of ``log count_j + Gumbel noise`` are a weighted sample without replacement), vectorised over
-the unique candidates of the batch: the work is O(|B| m log(|B| m)) per batch, never O(N).
+the unique candidates of the batch; ``X(B)`` is one sort of the members and the pooled rows ``T[B]``, and
+the candidates are tested against it by ``searchsorted``. The work is O(|B| (p+m) log(|B| (p+m))) per batch,
+never O(N).
 
 When the pooled rows hold fewer than ``h |B|`` distinct candidates (small tasks, heavy padding), every
 candidate is taken and the rest is drawn uniformly from ``pool`` (the ids of the batch's tasks), still
-distinct and outside the batch, by rejection sampling. When even the pool has fewer than ``h |B|`` ids
-outside the batch (a task of fewer than (h+1)|B| examples), all of them are taken and the remaining slots
-are ``-1``, which the trainer skips: negatives never repeat and never come from another task.
+distinct and outside ``X(B)``, by rejection sampling. When even the pool has fewer than ``h |B|`` ids
+outside ``X(B)`` (a task of fewer than about (h+1+p)|B| examples), all of them are taken and the remaining
+slots are ``-1``, which the trainer skips: negatives never repeat and are never a member nor a member's
+top-p; S candidates come from the members' rank group (their task when ranked per task), the fill-up from
+the batch's tasks.
 """
 
 from __future__ import annotations
@@ -26,21 +33,48 @@ from __future__ import annotations
 import numpy as np
 
 
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """``np.unique(x)`` by sort and adjacent compare: numpy 2.x's plain ``np.unique`` of integers goes
+    through a hash table and then sorts, about 20x slower than this for the ~|B| p ids of a batch."""
+    x = np.sort(x)
+    return x[np.concatenate([[True], x[1:] != x[:-1]])] if len(x) else x
 
-def candidate_counts(batch: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique ids in the S rows of ``batch`` (minus the members and padding) and how often each occurs."""
-    cand = np.asarray(S[np.sort(batch)]).ravel()
+
+def _contains(sorted_ids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``x in sorted_ids`` elementwise, by binary search (``sorted_ids`` sorted and unique)."""
+    if len(sorted_ids) == 0:
+        return np.zeros(len(x), dtype=bool)
+    pos = np.searchsorted(sorted_ids, x)
+    pos[pos == len(sorted_ids)] = 0
+    return sorted_ids[pos] == x
+
+
+def excluded_ids(batch: np.ndarray, top: np.ndarray | None = None) -> np.ndarray:
+    """X(B): the sorted ids no query of ``batch`` may get as a hard negative, the members and the union of
+    their top-p rows ``top[i]`` (module docstring); -1 padding dropped. ``top=None``: the members only."""
+    members = _sorted_unique(np.asarray(batch, dtype=np.int64))
+    if top is None or top.shape[1] == 0 or len(members) == 0:
+        return members
+    t = np.asarray(top[members], dtype=np.int64).ravel()  # sorted rows: sequential reads from a memmap
+    return _sorted_unique(np.concatenate([members, t[t >= 0]]))
+
+
+def candidate_counts(batch: np.ndarray, S: np.ndarray, top: np.ndarray | None = None,
+                     excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Unique ids in the S rows of ``batch`` outside X(B) (members, their top-p, padding) and how often
+    each occurs. ``excluded``: X(B) when the caller has it already (else built from ``top``)."""
+    members = _sorted_unique(np.asarray(batch, dtype=np.int64))
+    cand = np.asarray(S[members]).ravel()
     cand = cand[cand >= 0]
     uniq, counts = np.unique(cand, return_counts=True)
-    members = np.sort(batch)
-    pos = np.searchsorted(members, uniq)
-    pos[pos == len(members)] = 0
-    outside = members[pos] != uniq
+    if excluded is None:
+        excluded = excluded_ids(members, top)
+    outside = ~_contains(excluded, uniq)
     return uniq[outside], counts[outside]
 
 
 def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random.Generator,
-                        pool: np.ndarray | None = None) -> np.ndarray:
+                        pool: np.ndarray | None = None, top: np.ndarray | None = None) -> np.ndarray:
     """``(len(batch), h)`` distinct hard negatives for one batch (module docstring).
 
     Args:
@@ -49,29 +83,35 @@ def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random
         h: negatives per example.
         rng: the schedule's generator (consumed deterministically).
         pool: sorted ids the uniform fill-up may draw from (default: all ids 0..N-1).
+        top: the skipped top-p ranks T (N x p, -1 padded); every member's row is excluded along with the
+            members. None excludes the members only (for callers without T; b3pp always passes it).
     """
     batch = np.asarray(batch, dtype=np.int64)
     need = h * len(batch)
     if need == 0:
         return np.empty((len(batch), 0), dtype=np.int64)
-    uniq, counts = candidate_counts(batch, S)
+    excluded = excluded_ids(batch, top)
+    uniq, counts = candidate_counts(batch, S, excluded=excluded)
     keys = np.log(counts) + rng.gumbel(size=len(uniq))
     if len(uniq) > need:
-        top = np.argpartition(-keys, need - 1)[:need]
+        top_k = np.argpartition(-keys, need - 1)[:need]
     else:
-        top = np.arange(len(uniq))
-    top = top[np.lexsort((uniq[top], -keys[top]))]  # most likely first; deterministic order
-    chosen = uniq[top]
+        top_k = np.arange(len(uniq))
+    top_k = top_k[np.lexsort((uniq[top_k], -keys[top_k]))]  # most likely first; deterministic order
+    chosen = uniq[top_k]
     if len(chosen) < need:
-        chosen = np.concatenate([chosen, _uniform_fill(batch, chosen, need - len(chosen), rng, pool, len(S))])
+        chosen = np.concatenate([chosen, _uniform_fill(excluded, chosen, need - len(chosen), rng, pool, len(S))])
     return chosen.reshape(len(batch), h)
 
 
-def _uniform_fill(batch: np.ndarray, chosen: np.ndarray, k: int, rng: np.random.Generator,
+def _uniform_fill(excluded: np.ndarray, chosen: np.ndarray, k: int, rng: np.random.Generator,
                   pool: np.ndarray | None, n: int) -> np.ndarray:
-    """``k`` more distinct ids from ``pool`` outside the batch and ``chosen``; -1 for what the pool lacks."""
+    """``k`` more distinct ids from ``pool`` outside X(B) (``excluded``) and ``chosen``; -1 for what the pool
+    lacks."""
     size = n if pool is None else len(pool)
-    taken = np.unique(np.concatenate([batch, chosen]))
+    taken = _sorted_unique(np.concatenate([excluded, chosen]))
+    # X(B) may hold ids outside the pool (a member's top-p from another task of a merged small-task
+    # group): only the taken ids inside the pool reduce what is left to draw
     free = size - (len(taken) if pool is None else int(np.isin(taken, pool).sum()))
     if free <= k:  # small task: take all that is left (in random order) and pad
         rest = np.setdiff1d(np.arange(n) if pool is None else pool, taken)

@@ -1,7 +1,7 @@
 """The mining pipeline: one function per stage, each reading and writing files under ``cfg.out``.
 
     OUT/embeddings/  queries.npy positives.npy tasks.npy embeddings.json      (embed)
-    OUT/rank/        S.npy scores.npy rank.json                               (rank)
+    OUT/rank/        S.npy scores.npy top.npy rank.json                       (rank)
     OUT/partition/   communities.npy community_task.npy partition.json        (partition)
     OUT/schedules/   v000000.b3s (+ .json sidecar with timings)              (schedule)
 
@@ -32,6 +32,7 @@ from .schedule import Schedule, publish_schedule
 from .strategies import BatchInputs, BatchParams, get_strategy, make_batches
 
 PARTITION_FOLDER, PARTITION_RECORD = "partition", "partition.json"
+TOP_FILE = "top.npy"  # T: the top-p ranks each query skipped (see rank.py), next to S.npy
 SCHEDULE_FOLDER = "schedules"
 STAGES = ("embed", "rank", "partition", "schedule")
 NEEDS = {"random": (), "task": (), "gcbs": ("rank",), "b3": ("rank", "partition"),
@@ -74,18 +75,20 @@ def rank_params(cfg: MineConfig, emb_record: dict) -> dict:
 
 
 def rank_stage(cfg: MineConfig, progress: bool = True) -> Path:
-    """Stage 2 (:mod:`b3stream.mining.rank`): embeddings -> S, scores."""
+    """Stage 2 (:mod:`b3stream.mining.rank`): embeddings -> S, scores, T (the skipped top-p)."""
     t0 = time.perf_counter()
     emb = _embeddings(cfg)
     prm = RankParams.from_config(cfg)
     folder = out_dir(cfg, RANK_FOLDER)
-    S, scores, info = rank(emb, prm, progress=progress)  # validates before anything is written
+    S, scores, T, info = rank(emb, prm, progress=progress)  # validates before anything is written
     (folder / RANK_RECORD).unlink(missing_ok=True)
     with staged_arrays(folder) as put:
         put("S.npy", S.astype(np.int32))
         put("scores.npy", scores.astype(np.float16))
+        put(TOP_FILE, T.astype(np.int32))
     write_json(folder / RANK_RECORD, {
         "stamp": emb.stamp, "params": rank_params(cfg, emb.record), "n": emb.n, "m": cfg.m, "info": info,
+        "top": {"file": TOP_FILE, "p": prm.p, "shape": list(T.shape)},
         "token": new_token(), "seconds": round(time.perf_counter() - t0, 3),
         "source_model": emb.record.get("source_model"),
     })
@@ -93,7 +96,10 @@ def rank_stage(cfg: MineConfig, progress: bool = True) -> Path:
     return folder
 
 
-def load_rank(cfg: MineConfig, expect: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_rank(cfg: MineConfig, expect: dict | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """(S, scores, T, record) of the rank stage, memory-mapped. ``T`` (the skipped top-p) is None for rank
+    output written before T was kept; the strategies that need it (b3pp) refuse that output."""
     folder = out_dir(cfg, RANK_FOLDER)
     record = read_json(folder / RANK_RECORD)
     if record is None:
@@ -103,7 +109,13 @@ def load_rank(cfg: MineConfig, expect: dict | None = None) -> tuple[np.ndarray, 
     scores = np.load(folder / "scores.npy", mmap_mode="r")
     if S.shape[0] != record["n"] or scores.shape != S.shape:
         raise DataError(f"{folder}: S {S.shape} / scores {scores.shape} disagree with the record (n={record['n']})")
-    return S, scores, record
+    T = None
+    if record.get("top") is not None:
+        T = np.load(folder / TOP_FILE, mmap_mode="r")
+        if list(T.shape) != [record["n"], record["params"]["p"]]:
+            raise DataError(f"{folder}: top-p lists {T.shape} disagree with the record (n={record['n']}, "
+                            f"p={record['params']['p']})")
+    return S, scores, T, record
 
 
 def _tasks(cfg: MineConfig, n: int | None = None) -> tuple[np.ndarray, list[str], dict | None]:
@@ -141,7 +153,7 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
     if cfg.edges not in EDGES:
         raise ConfigError(f"edges must be one of {EDGES}, got {cfg.edges!r}")
     expect = expected_stamp(cfg)
-    S, _, rank_record = load_rank(cfg, expect)
+    S, _, _, rank_record = load_rank(cfg, expect)
     N = len(S)
     tasks, task_names, _ = _tasks(cfg, N)
     rp = rank_record.get("params", {})
@@ -194,15 +206,23 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     strategy = get_strategy(cfg.strategy)
     prm = BatchParams.from_config(cfg)
+    strategy.check_params(prm)
     expect = expected_stamp(cfg)
-    S = scores = communities = community_task = None
+    S = scores = top = communities = community_task = None
     records: dict[str, dict] = {}
-    if "S" in strategy.needs or "scores" in strategy.needs:
-        S, scores, records["rank"] = load_rank(cfg, expect)
+    if {"S", "scores", "top"} & set(strategy.needs):
+        S, scores, top, records["rank"] = load_rank(cfg, expect)
+        if "top" in strategy.needs and top is None:
+            raise DataError(f"{out_dir(cfg, RANK_FOLDER)}: the neighbour lists have no top-p lists ({TOP_FILE}), "
+                            f"which {cfg.strategy} needs to keep each member's likely false negatives out of the "
+                            "batch's hard negatives; re-run `b3stream mine rank`")
     if "communities" in strategy.needs:
         communities, community_task, records["partition"] = load_partition(cfg, expect)
         if "rank" in records and records["partition"]["params"].get("upstream") != records["rank"].get("token"):
             raise ConfigError("the communities were built from older neighbour lists; re-run the partition stage")
+        if records["partition"]["params"].get("K") != cfg.K:
+            raise ConfigError(f"the communities have K={records['partition']['params'].get('K')} but K={cfg.K} "
+                              "was asked for; re-run the partition stage with this K")
     n_hint = len(S) if S is not None else (records["partition"]["n"] if "partition" in records else None)
     tasks, task_names, stamp = _tasks(cfg, n_hint)
     emb = _embeddings(cfg) if (out_dir(cfg, EMBED_FOLDER) / "embeddings.json").is_file() else None
@@ -211,18 +231,22 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
             raise DataError(f"the {what} stage's output was built for other data than the embeddings; re-run it")
     stamp = stamp or next((r["stamp"] for r in records.values()), None)
     n = len(tasks)
-    inputs = BatchInputs(n=n, tasks=tasks, task_names=task_names, S=S, scores=scores,
+    inputs = BatchInputs(n=n, tasks=tasks, task_names=task_names, S=S, scores=scores, top=top,
                          communities=communities, community_task=community_task)
     batches, negatives, extra = make_batches(cfg.strategy, inputs, prm)
     uses_s, uses_k = bool(set(strategy.needs) & {"S", "communities"}), strategy.uses_communities
+    # p, m, margin, edges describe the artefacts the batches came from, which may predate this config.
+    rank_rec = records.get("rank") or read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
+    rp, pp = rank_rec.get("params", {}), records.get("partition", {}).get("params", {})
     meta = {
         "strategy": cfg.strategy, "batch_size": cfg.batch_size, "seed": cfg.seed,
-        "p": cfg.p if uses_s else None, "m": cfg.m if uses_s else None, "K": cfg.K if uses_k else None,
+        "p": rp.get("p") if uses_s else None, "m": rp.get("m") if uses_s else None,
+        "K": cfg.K if uses_k else None,
         "h": cfg.h if negatives is not None else None, "per_task": cfg.per_task, "mix_tasks": cfg.mix_tasks,
-        "edges": cfg.edges if uses_k else None, "rank_weights": cfg.rank_weights if uses_k else None,
+        "edges": pp.get("edges") if uses_k else None, "rank_weights": pp.get("rank_weights") if uses_k else None,
         "data": stamp, "n": n, "num_batches": len(batches), "tasks": task_names,
         "source_model": emb.record.get("source_model") if emb is not None else None, "source_step": None,
-        "margin": cfg.margin if uses_s else None, **extra,
+        "margin": rp.get("margin") if uses_s else None, **extra,
     }
     schedule = Schedule.from_batches(batches, meta, negatives)
     schedule.check_epoch(n)
@@ -272,7 +296,10 @@ def run_all(cfg: MineConfig, progress: bool = True) -> Path:
         raise ConfigError("give --data (a prepared dataset) or --query-embeddings/--positive-embeddings")
     if "rank" in needs:
         emb_record = read_json(out_dir(cfg, EMBED_FOLDER) / "embeddings.json") or {}
-        if _up_to_date(out_dir(cfg, RANK_FOLDER) / RANK_RECORD, rank_params(cfg, emb_record), expect):
+        rank_record = read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
+        # output from before T (top.npy) was kept is stale: b3pp needs T
+        if _up_to_date(out_dir(cfg, RANK_FOLDER) / RANK_RECORD, rank_params(cfg, emb_record), expect) and \
+                rank_record.get("top") is not None:
             log.info("rank: up to date")
         else:
             rank_stage(cfg, progress)

@@ -1,10 +1,13 @@
-"""Stage 2, rank: FAISS top-(p+m) positives of every query -> S = R[:, p:p+m] (B3 paper, section 3.1).
+"""Stage 2, rank: FAISS top-(p+m) positives of every query -> S = R[:, p:p+m], T = R[:, :p] (B3 paper, 3.1).
 
 For query ``x_i`` the positives ``y_j`` of the (task's) data are ranked by inner product of the
 L2-normalised teacher embeddings (cosine). The query's own positive ``y_i`` is removed; the ``p`` highest
 remaining ranks are skipped because they are likely false negatives (paraphrases, duplicates); ranks
-``[p, p+m)`` are kept as row ``i`` of ``S`` (int32, N x m, global ids). ``R`` itself is never built: FAISS
-returns only the top ``p+m+1`` per query, queries go through in chunks, so memory is O(N (p+m)).
+``[p, p+m)`` are kept as row ``i`` of ``S`` (int32, N x m, global ids). The skipped ranks ``[0, p)`` are kept
+too, as row ``i`` of ``T`` (int32, N x p, global ids): they never enter ``S[i]``, but they can appear in
+another member's ``S`` row, and B3++ must not hand them to ``i`` as hard negatives through that row
+(:mod:`b3stream.mining.negatives`). ``R`` itself is never built: FAISS returns only the top ``p+m+1`` per
+query, queries go through in chunks, so memory is O(N (p+m)).
 
 Index choice (``index``): ``flat`` is exact; ``ivf`` (IVFFlat, ``ivf_nlist`` lists, ``ivf_nprobe`` probes)
 and ``hnsw`` (HNSW-flat, ``hnsw_m`` links, ``hnsw_ef_search``) are approximate; ``auto`` takes flat up to
@@ -22,10 +25,13 @@ query's own positive score is dropped as a probable false negative.
 
 Padding policy: a row with fewer than ``m`` candidates (approximate search came back short, or the margin
 filter dropped some) keeps its candidates first, in rank order, and is padded on the right with ``-1``
-(score 0). Every consumer ignores ``-1``.
+(score 0). A row of ``T`` is padded likewise when the search returned fewer than ``p`` results besides the
+own positive (the margin filter never touches ``T``: its ranks are excluded anyway). Every consumer ignores
+``-1``.
 
 Output, in ``OUT/rank/``: ``S.npy`` (int32, N x m), ``scores.npy`` (float16, N x m, the teacher's cosine
-for each entry of S) and ``rank.json`` (record: parameters, index per task, recall, padded rows).
+for each entry of S), ``top.npy`` (int32, N x p; N x 0 when p = 0) and ``rank.json`` (record: parameters,
+index per task, recall, padded rows, the shape of T).
 """
 
 from __future__ import annotations
@@ -259,12 +265,16 @@ def _compact(I: np.ndarray, D: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray
 
 def select_ranks(I: np.ndarray, D: np.ndarray, own: np.ndarray, p: int, m: int,
                  margin: float | None = None, positive_scores: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-(p+m+1) search results -> (S, scores) of ranks [p, p+m), own positive removed, -1 padded.
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-(p+m+1) search results -> (S, scores, T): S and its scores are ranks [p, p+m), T the skipped
+    ranks [0, p); own positive removed first, both -1 padded.
 
     ``own[r]`` is the index (in the searched base) of row r's own positive.
     """
     I, D, drop = _compact(I, D, (I < 0) | (I == own[:, None]))
+    T = np.where(drop[:, :p], -1, I[:, :p])
+    if T.shape[1] < p:  # fewer results than p in total
+        T = np.pad(T, ((0, 0), (0, p - T.shape[1])), constant_values=-1)
     I, D, drop = I[:, p : p + m], D[:, p : p + m], drop[:, p : p + m]
     if margin is not None:
         drop = drop | (D > margin * positive_scores[:, None])
@@ -276,14 +286,14 @@ def select_ranks(I: np.ndarray, D: np.ndarray, own: np.ndarray, p: int, m: int,
         drop = np.pad(drop, ((0, 0), (0, pad)), constant_values=True)
     I = np.where(drop, -1, I)
     D = np.where(drop, 0.0, D)
-    return I, D
+    return I, D, T
 
 
 def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, progress: bool = False,
-               name: str = "all") -> tuple[np.ndarray, np.ndarray, dict]:
-    """S for one group (ids local to the group: row r is the group's r-th example).
+               name: str = "all") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(S, scores, T, info) for one group (ids local to the group: row r is the group's r-th example).
 
-    Search results are reduced to S chunk by chunk, so memory stays at the size of S (N x m).
+    Search results are reduced to S and T chunk by chunk, so memory stays at the size of S and T (N x (p+m)).
     """
     n = len(queries)
     kind = choose_index(n, prm)
@@ -294,6 +304,7 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
     t1 = time.perf_counter()
     S = np.empty((n, prm.m), dtype=np.int32)
     scores = np.empty((n, prm.m), dtype=np.float32)
+    T = np.empty((n, prm.p), dtype=np.int32)
     label = f"rank {name}" if name != "all" else "rank"
     for start, D, I in search(index, queries, k, prm.query_chunk, progress, desc=label):
         rows = np.arange(start, start + len(I))
@@ -301,7 +312,7 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
         if prm.margin is not None:  # the query's own positive score, for the margin filter
             q = np.asarray(queries[start : start + len(I)], dtype=np.float32)
             pos_scores = (q * np.asarray(positives[start : start + len(I)], dtype=np.float32)).sum(1)
-        S[rows], scores[rows] = select_ranks(I, D, rows, prm.p, prm.m, prm.margin, pos_scores)
+        S[rows], scores[rows], T[rows] = select_ranks(I, D, rows, prm.p, prm.m, prm.margin, pos_scores)
     desc["search_s"] = round(time.perf_counter() - t1, 3)
     if kind != "flat" and prm.recall_sample > 0:
         rng = np.random.default_rng(prm.seed)
@@ -317,11 +328,13 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
     del index, keep
     desc["padded_rows"] = int((S[:, -1] < 0).sum())
     desc["n"] = n
-    return S, scores, desc
+    return S, scores, T, desc
 
 
-def rank(emb: Embeddings, prm: RankParams, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
-    """S (int32, N x m, global ids, -1 padded) and its scores (float16) for all of ``emb``."""
+def rank(emb: Embeddings, prm: RankParams, progress: bool = True
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(S, scores, T, info) for all of ``emb``: S (int32, N x m), its scores (float16) and the skipped top-p
+    T (int32, N x p), global ids, -1 padded."""
     prm.check()
     groups = task_groups(emb.tasks, emb.task_names, prm.per_task, merge_threshold(prm.small_tasks, prm.p, prm.m))
     check_sizes(groups, prm.p, prm.m)
@@ -330,14 +343,16 @@ def rank(emb: Embeddings, prm: RankParams, progress: bool = True) -> tuple[np.nd
     N = emb.n
     S = np.full((N, prm.m), -1, dtype=np.int32)
     scores = np.zeros((N, prm.m), dtype=np.float16)
+    T = np.full((N, prm.p), -1, dtype=np.int32)
     info = {"groups": {}}
     for name, ids in groups:
         whole = len(ids) == N
         q = emb.queries if whole else emb.queries[ids]
         p = emb.positives if whole else emb.positives[ids]
-        s_local, sc, desc = rank_group(q, p, prm, progress=progress, name=name)
+        s_local, sc, t_local, desc = rank_group(q, p, prm, progress=progress, name=name)
         S[ids] = np.where(s_local >= 0, ids[np.maximum(s_local, 0)], -1)
+        T[ids] = np.where(t_local >= 0, ids[np.maximum(t_local, 0)], -1)
         scores[ids] = sc.astype(np.float16)
         info["groups"][name] = desc
     info["padded_rows"] = int((S[:, -1] < 0).sum())
-    return S, scores, info
+    return S, scores, T, info

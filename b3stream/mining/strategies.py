@@ -12,8 +12,8 @@ once. They differ only in *which* ids share a batch:
   similarity matrix; the threshold defaults to the median score in S.
 - ``b3``: the paper's batches: |B|/K METIS communities of K drawn at random (one task at a time unless
   ``mix_tasks``), so each batch is made of groups of mutually strong negatives.
-- ``b3pp``: ``b3`` plus h hard negatives per example from the batch's pooled S rows
-  (:mod:`b3stream.mining.negatives`). With the same seed its batches equal ``b3``'s.
+- ``b3pp``: ``b3`` plus h hard negatives per example from the batch's pooled S rows, never a member nor any
+  member's top-p (T) (:mod:`b3stream.mining.negatives`). With the same seed its batches equal ``b3``'s.
 
 Common policy for batches that cannot be full: each group (task) contributes its full batches; what is left
 of each group (fewer than |B| ids, whole communities for b3) is pooled at the end of the epoch, whole units
@@ -27,6 +27,7 @@ Everything is a pure function of the inputs and ``seed`` (numpy PCG64): reruns a
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,13 +40,14 @@ from .rank import task_groups
 
 @dataclass
 class BatchInputs:
-    """What strategies may read. ``S``/``scores``/``communities`` are None when not mined."""
+    """What strategies may read. ``S``/``scores``/``top``/``communities`` are None when not mined."""
 
     n: int
     tasks: np.ndarray  # (n,) int32 task index per id
     task_names: list[str]
     S: np.ndarray | None = None  # (n, m) int32, -1 padded
     scores: np.ndarray | None = None  # (n, m) float16
+    top: np.ndarray | None = None  # (n, p) int32, -1 padded: T, the top-p ranks skipped from S
     communities: np.ndarray | None = None  # (n_comm, K) int32, -1 padded
     community_task: np.ndarray | None = None  # (n_comm,) int32
 
@@ -89,14 +91,15 @@ def pack(groups: list[tuple[np.ndarray, list[np.ndarray]]], batch_size: int,
     return [np.asarray(b, dtype=np.int64) for b in batches if len(b)]
 
 
-class Strategy:
+class Strategy(ABC):
     """Interface: ``needs`` names the artefacts used; :meth:`batches` returns (batches, negatives|None)."""
 
     name = ""
     needs: tuple[str, ...] = ()
     uses_communities = False
 
-    def check(self, inp: BatchInputs, prm: BatchParams) -> None:
+    def check_params(self, prm: BatchParams) -> None:
+        """|B| and K on their own: checked before any artefact is read."""
         if prm.batch_size < 1:
             raise ConfigError(f"batch size must be positive, got {prm.batch_size}")
         if self.uses_communities:
@@ -106,12 +109,16 @@ class Strategy:
             if prm.batch_size % prm.K:
                 raise ConfigError(f"the batch size |B| = {prm.batch_size} is not a multiple of K = {prm.K}: a "
                                   "batch is |B|/K whole communities")
+
+    def check(self, inp: BatchInputs, prm: BatchParams) -> None:
+        self.check_params(prm)
         for need in self.needs:
             if getattr(inp, need) is None:
                 raise ConfigError(f"strategy {self.name!r} needs {need}; run the earlier mining stages first")
 
+    @abstractmethod
     def batches(self, inp: BatchInputs, prm: BatchParams) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        raise NotImplementedError
+        """One epoch of batches (and B3++ negatives aligned with them, or None)."""
 
 
 class RandomBatches(Strategy):
@@ -193,12 +200,15 @@ class B3Batches(Strategy):
 
 class B3ppBatches(B3Batches):
     name = "b3pp"
-    needs = ("communities", "S")
+    needs = ("communities", "S", "top")
 
     def check(self, inp, prm):
         super().check(inp, prm)
         if prm.h < 1:
             raise ConfigError(f"b3pp needs h >= 1 hard negatives per example, got h = {prm.h}")
+        if len(inp.top) != len(inp.S):
+            raise ConfigError(f"the top-p lists T ({len(inp.top)} rows) and S ({len(inp.S)} rows) disagree; "
+                              "re-run the rank stage")
 
     def batches(self, inp, prm):
         batches, _ = super().batches(inp, prm)
@@ -213,7 +223,7 @@ class B3ppBatches(B3Batches):
                 present = np.unique(inp.tasks[b])
                 pool = by_task[int(present[0])] if len(present) == 1 else \
                     np.sort(np.concatenate([by_task[int(t)] for t in present]))
-            negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool))
+            negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool, top=inp.top))
         return batches, negatives
 
 
