@@ -81,7 +81,10 @@ class RetrievalSet:
         records = ShardedDataset(data, split, manifest=manifest)
         docs: dict[str, int] = {}
         rel: dict[str, set[int]] = {}
-        for rec in records:
+        # Read by id rather than streaming: webdataset's streaming refuses to run inside a multi-process
+        # group without a node splitter, and every rank needs the whole split here.
+        for i in range(len(records)):
+            rec = records[i]
             task = rec.get("task")
             doc = with_prompt(manifest.prompt(task, "positive"), rec["positive"])
             query = with_prompt(manifest.prompt(task, "query"), rec["query"])
@@ -148,8 +151,12 @@ def encoder_config_for(path: str | None, pooling: str | None = None, max_length:
 def evaluate_path(model: str | None, data: str | Path, split: str = "test", max_queries: int | None = None,
                   batch_size: int = 64, pooling: str | None = None, max_length: int | None = None,
                   progress: bool = True) -> dict:
-    """``b3stream evaluate``: load a saved model (None: the bundled MiniLM) and evaluate it."""
+    """``b3stream evaluate``: load a saved model (None: the bundled MiniLM) and evaluate it. ``model`` may
+    also be a training export folder (RUN/export): its sentence-transformers model is used."""
     import torch
+
+    if model and (Path(model) / "sentence-transformers" / "modules.json").is_file():
+        model = str(Path(model) / "sentence-transformers")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

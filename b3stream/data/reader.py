@@ -114,7 +114,10 @@ class ShardedDataset:
         def raise_named(exn):
             raise DataError(f"split {self.split!r}: cannot stream shards ({exn})") from exn
 
-        stream = wds.WebDataset(self.urls, shardshuffle=False, handler=raise_named, empty_check=False)
+        # The whole split, in id order, in every process: sharding across ranks or DataLoader workers is
+        # the caller's business (schedules hand out ids), so webdataset's node/worker splitting is off.
+        stream = wds.WebDataset(self.urls, shardshuffle=False, handler=raise_named, empty_check=False,
+                                nodesplitter=None, workersplitter=None)
         for sample in stream:
             yield decode_sample(sample, sample.get("__url__", self.split))
 

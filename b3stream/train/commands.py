@@ -1,7 +1,66 @@
-"""`b3stream train` and `b3stream evaluate` (filled in by the training work)."""
+"""``b3stream train`` (one process, no launcher) and ``b3stream evaluate``."""
+
+from __future__ import annotations
+
+import json
 
 
 def register(sub) -> None:
-    for name in ("train", "evaluate"):
-        p = sub.add_parser(name, help=f"{name} (not yet available)")
-        p.set_defaults(func=lambda args: print("not yet available") or 1)
+    p = sub.add_parser(
+        "train", help="train a student on a batch schedule (one process; use torchrun/deepspeed for more)",
+        description="Train with DeepSpeed in this process (rank 0 of 1). For several processes launch "
+                    "`torchrun --nproc_per_node N -m b3stream.train --config X.yaml` or "
+                    "`deepspeed --module b3stream.train --config X.yaml`.",
+    )
+    p.add_argument("--config", required=True, help="training YAML (TrainConfig)")
+    p.add_argument("--deepspeed", default=None, help="ZeRO JSON path or name in ds_configs/ (zero0..zero3)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_steps=20")
+    p.set_defaults(func=_run_train)
+
+    e = sub.add_parser("evaluate", help="retrieval metrics of a model on a dataset's held-out split",
+                       description="nDCG@10, MRR@10, Recall@1/@10 (FAISS, exact) of MODEL on the split's "
+                                   "positives. MODEL: a sentence-transformers export, a merged HF folder, or "
+                                   "omitted for the bundled all-MiniLM-L6-v2 (the zero-shot baseline).")
+    e.add_argument("--model", default=None,
+                   help="model folder: RUN/export, its sentence-transformers/ or merged/ (default: bundled MiniLM)")
+    e.add_argument("--data", required=True, help="prepared dataset folder")
+    e.add_argument("--split", default="test")
+    e.add_argument("--max-queries", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
+                   help="override pooling (read from a sentence-transformers folder otherwise)")
+    e.add_argument("--max-length", type=int, default=None, help="token limit for queries and documents")
+    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.set_defaults(func=_run_evaluate)
+
+
+def _run_train(args) -> int:
+    from ..config import TrainConfig, load_config
+    from .distributed import shutdown, single_process_env
+    from .loop import train
+
+    overrides = list(args.overrides) + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
+    cfg = load_config(TrainConfig, args.config, overrides)  # config errors before anything starts
+    single_process_env()
+    try:
+        summary = train(cfg)
+    finally:
+        shutdown()
+    print(f"trained {summary['steps']} steps, {summary['examples_per_s'] or 0:.1f} examples/s; run in {cfg.out}")
+    for name, metrics in summary["eval"].items():
+        from ..evaluate import format_metrics
+
+        print(f"  {name}: {format_metrics(metrics)}")
+    return 0
+
+
+def _run_evaluate(args) -> int:
+    from ..evaluate import evaluate_path, format_metrics
+
+    metrics = evaluate_path(args.model, args.data, args.split, args.max_queries, args.batch_size, args.pooling,
+                            args.max_length)
+    print(f"{args.model or 'bundled all-MiniLM-L6-v2'} on {args.data}/{args.split}: {format_metrics(metrics)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0

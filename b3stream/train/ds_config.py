@@ -88,7 +88,10 @@ def build_ds_config(cfg: TrainConfig, path: Path, world_size: int, batch_size: i
     sched = ds.get("scheduler")
     if sched is not None:
         params = sched.setdefault("params", {})
-        warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
+        # DeepSpeed's WarmupLR needs >= 1 warmup step (it uses at least 2); without warmup we start the
+        # ramp at the full rate, so it is flat, and the linear decay follows.
+        warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
+        _fill(params, "warmup_min_lr", 0.0 if cfg.warmup_ratio > 0 else float(cfg.lr), "scheduler.params")
         _fill(params, "warmup_max_lr", float(cfg.lr), "scheduler.params")
         _fill(params, "warmup_num_steps", warmup, "scheduler.params")
         _fill(params, "total_num_steps", max(total_steps, warmup + 1), "scheduler.params")

@@ -1,8 +1,8 @@
 """InfoNCE over the global batch, with B3++ hard negatives and GradCache.
 
-The objective (paper, section 3: "Training is plain InfoNCE over in-batch (+ hard) negatives"): for query
-``q_i`` with positive ``d_i`` in a global batch of |B| pairs, and a pool ``N`` of extra hard negatives
-shared by every query,
+B3 changes which examples share a batch, not the objective: training is plain InfoNCE over the in-batch
+negatives (B3++ adds a pool of hard negatives). For query ``q_i`` with positive ``d_i`` in a global batch
+of |B| pairs, and a pool ``N`` of extra hard negatives shared by every query,
 
     l_i = -log  exp(q_i . d_i / tau)  /  ( sum_{j in B} exp(q_i . d_j / tau) + sum_{n in N} exp(q_i . n / tau) )
 
@@ -68,7 +68,7 @@ def gather_sizes(n: int, device: torch.device | None = None) -> list[int]:
     return [int(t.item()) for t in out]
 
 
-def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+def all_gather_rows(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     """All ranks' ``x`` (rows may differ per rank: padded to the largest, then trimmed)."""
     rank, world = _world()
     biggest = max(sizes)
@@ -86,7 +86,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         rank, _ = _world()
         ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        parts = _all_gather_rows(x.detach(), sizes)
+        parts = all_gather_rows(x.detach(), sizes)
         parts[rank] = x.detach()
         return torch.cat(parts)
 
@@ -126,10 +126,12 @@ class LossOutput:
     accuracy: float  # share of queries whose positive outranks every negative
     batch_size: int  # |B| (global)
     negatives: int  # |N| (global hard negatives)
+    pos_sims: torch.Tensor | None = None  # this rank's q_i . d_i (for histograms)
+    hardest_sims: torch.Tensor | None = None  # this rank's most similar negative per query
 
 
 class InfoNCE:
-    """InfoNCE over the gathered global batch (paper eq. 1; tau = ``temperature``).
+    """InfoNCE over the gathered global batch (tau = ``temperature``; see the module docstring).
 
     Args:
         temperature: tau; the paper uses 0.02.
@@ -185,7 +187,8 @@ class InfoNCE:
                 dist.all_reduce(stats)
             stats = (stats / total).tolist()
         return LossOutput(loss=scaled, global_loss=stats[0], pos_sim=stats[1], hardest_neg_sim=stats[2],
-                          accuracy=stats[3], batch_size=total, negatives=n_neg)
+                          accuracy=stats[3], batch_size=total, negatives=n_neg, pos_sims=pos.cpu(),
+                          hardest_sims=hardest.cpu())
 
 
 # --------------------------------------------------------------------------------------------------

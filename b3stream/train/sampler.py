@@ -8,8 +8,8 @@ each global batch:
   the world size every rank embeds whole communities. (The loss gathers all embeddings, so the split never
   changes the loss value; it keeps each rank's work local to a community.)
 - **Same number of steps on every rank**: every rank derives the same plan from the same schedule, seed
-  and state, and every global batch has at least ``world`` ids (a smaller tail is merged into the batch
-  before it), so each rank has a non-empty slice at every step.
+  and state, and every global batch has at least ``world`` ids (a smaller tail is merged into a
+  neighbouring batch), so each rank has a non-empty slice at every step.
 - **Exactly once per epoch**: an epoch plan is a permutation of the schedule's batches (seeded by
   ``(seed, epoch)``); the batches themselves are the miner's.
 - **Hot swap** (:meth:`ScheduleSampler.swap`): a new schedule version re-batches only the ids not yet
@@ -73,6 +73,21 @@ def check_schedule(schedule: Schedule, n: int, world: int) -> None:
         raise ScheduleError(f"{n} examples cannot feed {world} ranks")
 
 
+def _merge_small(offsets: np.ndarray, world: int) -> np.ndarray:
+    """Merge every batch smaller than ``world`` (a tail) into the batch after it (the last one into the
+    batch before it): a batch with fewer ids than ranks would leave a rank without data."""
+    if not (np.diff(offsets) < world).any():
+        return offsets
+    keep = [int(offsets[0])]
+    for end in offsets[1:-1]:
+        if end - keep[-1] >= world:
+            keep.append(int(end))
+    keep.append(int(offsets[-1]))
+    if len(keep) > 2 and keep[-1] - keep[-2] < world:
+        del keep[-2]
+    return np.asarray(keep, np.int64)
+
+
 class ScheduleSampler:
     """Per-rank view of a schedule's epoch plan (see the module docstring).
 
@@ -110,12 +125,9 @@ class ScheduleSampler:
             offsets = np.append(np.arange(0, len(rows), size), len(rows))
         else:
             offsets = np.concatenate([[0], np.cumsum(stops - starts)])
-        # A last batch smaller than the world would leave a rank without data: merge it backwards.
-        while len(offsets) > 2 and offsets[-1] - offsets[-2] < self.world:
-            offsets = np.delete(offsets, -2)
         self._ids = sched.ids[rows]
         self._negs = None if sched.negatives is None else sched.negatives[rows]
-        self._offsets = offsets.astype(np.int64)
+        self._offsets = _merge_small(offsets.astype(np.int64), self.world)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -1,0 +1,348 @@
+"""The training recipe: config -> data and schedule -> student -> DeepSpeed engine -> loop -> checkpoints
+-> evaluation -> export. Read :func:`train` top to bottom; the helpers below it are the details.
+
+Each step trains on one global batch of the schedule (B3: |B|/K communities of K mined neighbours):
+
+1. every rank reads its slice of the batch by id (DataLoader workers, ``collate.py``),
+2. embeds queries, positives and its share of the B3++ hard negatives in ONE engine forward
+   (in GradCache chunks when ``grad_cache_chunk`` is set),
+3. gathers all ranks' embeddings and computes InfoNCE with temperature tau over the global batch,
+4. ONE ``engine.backward`` and ``engine.step`` (ZeRO reduces, clips, updates, steps the lr schedule).
+
+Launch: ``b3stream train --config X.yaml`` (one process), ``torchrun --nproc_per_node N -m b3stream.train
+--config X.yaml`` or ``deepspeed --module b3stream.train --config X.yaml --deepspeed ds_configs/zero2.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, TrainConfig, dump_config
+from ..data.manifest import DataError, Manifest
+from ..data.reader import ShardedDataset
+from ..encoder import Encoder
+from ..evaluate import RetrievalSet
+from ..mining.schedule import ScheduleError, latest_schedule, load_schedule, version_path
+from ..monitor import Monitor
+from .collate import Tokenize, step_loader
+from .distributed import DistInfo, barrier, init_distributed
+from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, zero_stage
+from .export import export_all
+from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
+from .sampler import ScheduleSampler, schedule_batch_size, split_bounds
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the recipe; returns the run summary (also written to ``RUN/summary.json``)."""
+    dist = init_distributed()
+    run = Path(cfg.out)
+
+    # -- 1. Data and schedule. Everything wrong with the inputs fails here, before the model loads. ----
+    manifest = Manifest.load(cfg.data)
+    records = ShardedDataset(cfg.data, "train", manifest=manifest)
+    schedule = load_schedule(cfg.schedule, expect=manifest.stamp("train"))
+    sampler = ScheduleSampler(schedule, len(records), dist.rank, dist.world_size, seed=cfg.seed)
+    batch_size = schedule_batch_size(schedule)  # |B|
+    total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * sampler.steps_per_epoch
+    precision = resolve_precision(cfg.precision, dist.device)
+    ds_config = build_ds_config(cfg, resolve_ds_path(cfg.deepspeed), dist.world_size, batch_size, total_steps,
+                                precision)
+    eval_set = _eval_set(cfg, manifest)
+    if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run / "config.yaml")
+
+    # -- 2. Student: HF encoder + pooling (+ LoRA), wrapped so one forward embeds every side. ----------
+    torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
+    encoder = Encoder(cfg.student, trainable=True, dtype=torch.float32)  # DeepSpeed casts for bf16/fp16
+    model = BatchEmbedder(encoder, chunk=cfg.grad_cache_chunk)
+    loss_fn = InfoNCE(temperature=cfg.temperature, symmetric=cfg.symmetric)
+
+    # -- 3. DeepSpeed engine: ZeRO stage, optimizer (AdamW) and warmup/decay schedule from the JSON. ---
+    import deepspeed
+
+    _quiet_known_noise()
+    ds_log = logging.getLogger("DeepSpeed")
+    level = ds_log.level
+    ds_log.setLevel(logging.ERROR)  # initialize() warns about reading the lr before the first step
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+    ds_log.setLevel(max(level, logging.WARNING))
+    stage = zero_stage(ds_config)
+
+    # -- 4. Resume: model, optimizer, lr schedule and sampler position from RUN/checkpoints. ----------
+    step = 0
+    if cfg.resume:
+        step, sampler = _restore(engine, sampler, cfg, manifest, run / "checkpoints", dist)
+    monitor = Monitor(run, total_steps, start_step=step, log_every=cfg.log_every, enabled=dist.is_main)
+    monitor.write(_banner(cfg, dist, sampler, batch_size, total_steps, stage, precision, step))
+
+    # -- 5. Zero-shot / resumed-model evaluation. ------------------------------------------------------
+    evals = {}
+    if eval_set is not None and step == 0:
+        evals["before"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
+
+    # -- 6. The loop. -----------------------------------------------------------------------------------
+    tokenize = Tokenize.of(encoder)
+    throughput, step_times = [], []
+    while step < total_steps:
+        loader = step_loader(records, sampler, tokenize, cfg.num_workers)  # rest of this epoch's plan
+        t_ready = time.perf_counter()
+        for batch in loader:
+            if (batch.step.epoch, batch.step.index) != (sampler.epoch, sampler.position):
+                raise RuntimeError("data loader and sampler disagree on the step; this is a bug")
+            torch.manual_seed(_step_seed(cfg.seed, step, dist.rank))  # dropout replayable on resume
+            t_start = time.perf_counter()
+            features = {side: {k: v.to(dist.device) for k, v in f.items()} for side, f in batch.features.items()}
+            emb = engine(features)
+            out = loss_fn(emb["query"], emb["positive"], emb.get("negative"))
+            engine.backward(out.loss)
+            t_backward = _sync(dist)
+            grad_norm = _grad_norm(engine) if stage == 0 and precision == "fp32" else None
+            lr = engine.get_lr()[0]  # the rate this update uses
+            engine.step()
+            t_end = _sync(dist)
+            if cfg.trace_ids and dist.is_main:
+                _trace(run, step + 1, batch.step, sampler.global_batch(sampler.position))
+            sampler.advance()
+            step += 1
+
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
+            seconds = t_end - t_ready
+            throughput.append(out.batch_size / seconds)
+            step_times.append(seconds)
+            monitor.step(step, {
+                "loss": out.global_loss, "accuracy": out.accuracy, "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "examples_per_s": out.batch_size / seconds, "time_data": t_start - t_ready,
+                "time_fwd_bwd": t_backward - t_start, "time_optimizer": t_end - t_backward,
+                "pos_sim": out.pos_sim, "hardest_neg_sim": out.hardest_neg_sim, "hard_negatives": out.negatives,
+                "epoch": batch.step.epoch, "schedule_version": batch.step.version,
+                "strategy": sampler.schedule.meta.get("strategy", "?"),
+            }, histograms={"pos_sim": out.pos_sims, "hardest_neg_sim": out.hardest_sims})
+            if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                evals[f"step{step}"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                _save(engine, sampler, step, cfg, run / "checkpoints", dist)
+            if step >= total_steps:
+                break
+            if cfg.watch_schedule_every and step % cfg.watch_schedule_every == 0 and \
+                    _maybe_swap(cfg, manifest, sampler, dist, monitor):
+                break  # the loader holds the old plan; start one on the new plan
+            t_ready = time.perf_counter()
+        del loader
+
+    # -- 7. Final checkpoint, evaluation, export. -------------------------------------------------------
+    _save(engine, sampler, step, cfg, run / "checkpoints", dist)
+    if eval_set is not None:
+        evals["after"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
+    exported = _export(engine, encoder, cfg, manifest, run / "export", dist, stage, precision) if cfg.export else {}
+    summary = {
+        "steps": step, "epoch": sampler.epoch, "batch_size": batch_size, "world_size": dist.world_size,
+        "zero_stage": stage, "precision": precision, "schedule_version": sampler.version,
+        "strategy": sampler.schedule.meta.get("strategy"),
+        "examples_per_s": float(np.median(throughput)) if throughput else None,
+        "steps_per_s": 1.0 / float(np.median(step_times)) if step_times else None,
+        "ranks_in_sync": _ranks_in_sync(engine, dist, stage), "eval": evals, "export": exported,
+    }
+    if dist.is_main:
+        (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    monitor.close()
+    barrier()
+    return summary
+
+
+# ======================================================================================================
+# The details
+# ======================================================================================================
+
+
+def _banner(cfg, dist: DistInfo, sampler, batch_size, total_steps, stage, precision, step) -> str:
+    meta = sampler.schedule.meta
+    whole = "whole communities per rank" if sampler.whole_communities else "communities may span ranks"
+    return (f"b3stream train: {dist.world_size} rank(s) on {dist.device.type} ({dist.backend}), ZeRO-{stage}, "
+            f"{precision}; schedule v{sampler.version} {meta.get('strategy', '?')} |B|={batch_size} "
+            f"K={meta.get('K', '-')} h={meta.get('h', '-')} ({whole}); tau={cfg.temperature}; "
+            f"{sampler.steps_per_epoch} steps/epoch, {total_steps} steps"
+            + (f", resuming at step {step}" if step else "")
+            + (f"; GradCache chunk {cfg.grad_cache_chunk}" if cfg.grad_cache_chunk else ""))
+
+
+def _quiet_known_noise() -> None:
+    """Deprecation notices raised inside DeepSpeed / transformers on every step, not actionable here."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """A per-(step, rank) seed: dropout masks do not depend on what ran before, so resume replays them."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def _sync(dist: DistInfo) -> float:
+    if dist.device.type == "cuda":
+        torch.cuda.synchronize(dist.device)
+    return time.perf_counter()
+
+
+def _grad_norm(engine) -> float:
+    """Pre-clipping gradient norm for ZeRO-0 fp32, where DeepSpeed does not record one."""
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _eval_set(cfg: TrainConfig, manifest: Manifest) -> RetrievalSet | None:
+    if not cfg.eval_split:
+        return None
+    if cfg.eval_split not in manifest.splits:
+        raise ConfigError(f"eval_split {cfg.eval_split!r} is not in {cfg.data} (splits: {sorted(manifest.splits)}); "
+                          "set eval_split: null to train without evaluation")
+    # Seed 0, not cfg.seed: runs with different seeds (and `b3stream evaluate`) score the same queries.
+    return RetrievalSet(cfg.data, cfg.eval_split, cfg.eval_max_queries, seed=0)
+
+
+def _encode_shared(encoder: Encoder, texts: list[str], side: str, cfg: TrainConfig, dist: DistInfo,
+                   stage: int) -> np.ndarray:
+    """Every rank embeds a share of ``texts``; all ranks get all embeddings. Under ZeRO-3 every rank must
+    run the same forwards (they gather parameters), so there each embeds everything."""
+    if dist.world_size == 1 or stage == 3:
+        return encoder.encode(texts, side, batch_size=cfg.eval_batch_size)
+    lo, hi = split_bounds(len(texts), dist.world_size, dist.rank)
+    mine = torch.from_numpy(encoder.encode(texts[lo:hi], side, batch_size=cfg.eval_batch_size)).to(dist.device)
+    if mine.ndim != 2 or mine.shape[1] != encoder.dim:
+        mine = mine.reshape(-1, encoder.dim)
+    parts = all_gather_rows(mine, gather_sizes(mine.shape[0], dist.device))
+    return torch.cat(parts).cpu().numpy()
+
+
+def _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step) -> dict:
+    corpus = _encode_shared(encoder, eval_set.corpus, "positive", cfg, dist, stage)
+    queries = _encode_shared(encoder, eval_set.queries, "query", cfg, dist, stage)
+    metrics = eval_set.score(queries, corpus)
+    monitor.eval(step, metrics, eval_set.split)
+    return metrics
+
+
+def _trace(run: Path, step: int, s, global_ids: np.ndarray) -> None:
+    with open(run / "trace.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "epoch": s.epoch, "index": s.index, "version": s.version,
+                            "ids": [int(i) for i in global_ids]}) + "\n")
+
+
+def _ranks_in_sync(engine, dist: DistInfo, stage: int) -> bool | None:
+    """True when every rank holds bit-identical trainable weights (data parallelism's invariant; a
+    mismatch means a lost gradient reduction). None under ZeRO-3, where no rank holds them all."""
+    if stage == 3:
+        return None
+    import hashlib
+
+    import torch.distributed as tdist
+
+    digest = hashlib.sha256()
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    if dist.world_size == 1:
+        return True
+    digests = [None] * dist.world_size
+    tdist.all_gather_object(digests, digest.hexdigest())
+    return len(set(digests)) == 1
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+
+
+def _save(engine, sampler: ScheduleSampler, step: int, cfg: TrainConfig, folder: Path, dist: DistInfo) -> None:
+    """A DeepSpeed checkpoint (trainable weights, optimizer, lr schedule) + the sampler's position."""
+    tag = f"step{step:08d}"
+    lora = cfg.student.lora.enabled
+    engine.save_checkpoint(str(folder), tag=tag, exclude_frozen_parameters=lora,
+                           client_state={"step": step, "sampler": sampler.state_dict()})
+    barrier()
+    if dist.is_main and cfg.keep_checkpoints > 0:
+        tags = sorted(p for p in folder.glob("step*") if p.is_dir())
+        for old in tags[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _restore(engine, sampler: ScheduleSampler, cfg: TrainConfig, manifest: Manifest, folder: Path,
+             dist: DistInfo) -> tuple[int, ScheduleSampler]:
+    if not (folder / "latest").is_file():
+        return 0, sampler
+    path, client = engine.load_checkpoint(str(folder), load_module_strict=not cfg.student.lora.enabled)
+    if path is None or not client:
+        raise DataError(f"{folder}: could not load the latest checkpoint")
+    state = client["sampler"]
+    if state["version"] != sampler.version and Path(cfg.schedule).is_dir():
+        # Continue on the exact schedule version the run was using, if it is still there.
+        saved = version_path(cfg.schedule, state["version"])
+        if saved.is_file():
+            schedule = load_schedule(saved, expect=manifest.stamp("train"))
+            sampler = ScheduleSampler(schedule, sampler.n, dist.rank, dist.world_size, seed=cfg.seed)
+    sampler.load_state_dict(state)
+    return int(client["step"]), sampler
+
+
+def _maybe_swap(cfg: TrainConfig, manifest: Manifest, sampler: ScheduleSampler, dist: DistInfo,
+                monitor: Monitor) -> bool:
+    """Hot swap: rank 0 looks for a newer schedule version, every rank learns the answer at the same step
+    and re-batches the ids not yet consumed this epoch on it."""
+    import torch.distributed as tdist
+
+    newest = -1
+    if dist.is_main and Path(cfg.schedule).is_dir():
+        path = latest_schedule(cfg.schedule)
+        if path is not None:
+            newest = int(path.stem[1:])
+    if dist.world_size > 1:
+        box = [newest]
+        tdist.broadcast_object_list(box, src=0)
+        newest = box[0]
+    if newest < 0 or newest == sampler.version:
+        return False
+    try:
+        schedule = load_schedule(version_path(cfg.schedule, newest), expect=manifest.stamp("train"))
+        sampler.swap(schedule)
+    except ScheduleError as e:  # keep training on the current schedule; every rank sees the same file
+        monitor.write(f"schedule v{newest} not used: {e}")
+        return False
+    monitor.write(f"swapped to schedule v{newest} ({schedule.meta.get('strategy', '?')}); "
+                  f"{sampler.steps_per_epoch} steps left in epoch {sampler.epoch}")
+    return True
+
+
+# -- export ------------------------------------------------------------------------------------------------
+
+
+def _export(engine, encoder: Encoder, cfg: TrainConfig, manifest: Manifest, out: Path, dist: DistInfo,
+            stage: int, precision: str) -> dict:
+    prompts = {"query": manifest.prompt(None, "query"), "document": manifest.prompt(None, "positive")}
+    for task in manifest.tasks:
+        prompts[f"{task}-query"] = manifest.prompt(task, "query")
+        prompts[f"{task}-document"] = manifest.prompt(task, "positive")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    paths = {}
+    if stage == 3:  # parameters are partitioned: gather them on every rank, rank 0 writes
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if dist.is_main:
+                paths = export_all(encoder, out, prompts, dtype)
+    elif dist.is_main:
+        paths = export_all(encoder, out, prompts, dtype)
+    barrier()
+    if dist.is_main:
+        print(f"exported to {out}: {', '.join(sorted(paths))}", flush=True)
+    return paths

@@ -1,0 +1,159 @@
+"""InfoNCE against a naive reference, across 2 ranks, and GradCache against the plain loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from b3stream.config import EncoderConfig, LoraConfig
+from b3stream.train.distributed import free_port
+from b3stream.train.loss import BatchEmbedder, InfoNCE
+
+from . import _train_util
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).float()
+
+
+def naive_infonce(q, d, n, tau, symmetric):
+    """Query by query, written the way the paper states it."""
+    keys = d if n is None else torch.cat([d, n])
+    forward = torch.stack([-torch.log_softmax(q[i] @ keys.T / tau, 0)[i] for i in range(len(q))]).mean()
+    if not symmetric:
+        return forward
+    backward = torch.stack([-torch.log_softmax(d[j] @ q.T / tau, 0)[j] for j in range(len(d))]).mean()
+    return 0.5 * (forward + backward)
+
+
+@pytest.mark.parametrize("hard", [0, 7])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_infonce_matches_reference(hard, symmetric):
+    q, d = unit(12, 16, seed=1), unit(12, 16, seed=2)
+    n = unit(hard, 16, seed=3) if hard else None
+    out = InfoNCE(0.05, symmetric)(q, d, n)
+    ref = naive_infonce(q, d, n, 0.05, symmetric)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert out.global_loss == pytest.approx(ref.item(), rel=1e-5)
+    assert out.batch_size == 12 and out.negatives == hard
+
+
+def test_targets_are_right_with_hard_negatives():
+    """Each query equals its own positive; hard negatives are other directions. A misplaced target
+    (e.g. i * (h + 1) vs i) would make the loss large and the accuracy low."""
+    d = unit(8, 32, seed=4)
+    q = d.clone()
+    n = unit(24, 32, seed=5)  # h = 3 per example, appended after the positives
+    out = InfoNCE(0.02)(q, d, n)
+    assert out.accuracy == 1.0
+    assert out.loss.item() < 1e-3
+    assert out.pos_sim == pytest.approx(1.0, abs=1e-6)
+    assert out.hardest_neg_sim < 0.99
+    # A hard negative identical to a query's positive is a tie, so the loss must rise to about log 2.
+    n2 = torch.cat([n, d[:1]])
+    tied = InfoNCE(0.02)(q, d, n2)
+    assert tied.accuracy == pytest.approx(7 / 8)
+
+
+@pytest.mark.parametrize("sizes,neg_sizes,symmetric", [([4, 4], [3, 3], False), ([5, 3], [4, 1], True),
+                                                       ([3, 3], [0, 0], False)])
+def test_two_rank_gather_equals_single_process(tmp_path, sizes, neg_sizes, symmetric):
+    """Loss of the gathered 2-rank batch == one process holding the whole batch, and the gradients each rank
+    gets for its own rows, averaged over ranks as DeepSpeed does, == the single-process gradients."""
+    total, negs = sum(sizes), sum(neg_sizes)
+    tensors = {"q": unit(total, 16, seed=6), "d": unit(total, 16, seed=7),
+               "n": unit(negs, 16, seed=8) if negs else None}
+    torch.multiprocessing.spawn(_train_util.gather_worker, nprocs=2, join=True,
+                                args=(2, free_port(), tensors, sizes, neg_sizes, 0.05, symmetric, str(tmp_path)))
+    q = tensors["q"].clone().requires_grad_()
+    d = tensors["d"].clone().requires_grad_()
+    n = tensors["n"].clone().requires_grad_() if negs else None
+    single = InfoNCE(0.05, symmetric)(q, d, n)
+    single.loss.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["loss"] == pytest.approx(single.global_loss, rel=1e-5)
+        assert r["accuracy"] == pytest.approx(single.accuracy)
+    world = 2
+    torch.testing.assert_close(torch.cat([r["q"] for r in ranks]) / world, q.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["d"] for r in ranks]) / world, d.grad, rtol=1e-4, atol=1e-6)
+    if negs:
+        torch.testing.assert_close(torch.cat([r["n"] for r in ranks]) / world, n.grad, rtol=1e-4, atol=1e-6)
+
+
+# -- GradCache ------------------------------------------------------------------------------------------
+
+TEXTS_Q = [f"how to {verb} a {noun}" for verb in ("sort", "parse", "open", "hash", "merge")
+           for noun in ("list", "file")]
+TEXTS_D = [f"def {verb}_{noun}(x):\n    return {verb}({noun}, x)  # {i}" for i, (verb, noun) in
+           enumerate((v, n) for v in ("sort", "parse", "open", "hash", "merge") for n in ("list", "file"))]
+
+
+@pytest.fixture(scope="module")
+def lora_encoder():
+    from b3stream.encoder import Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig(max_query_length=16, max_positive_length=24,
+                                lora=LoraConfig(r=4, alpha=8, dropout=0.1)), trainable=True)
+    # LoRA starts with B = 0, which zeroes A's gradient; give B values so both are exercised.
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return enc
+
+
+def lora_grads(enc, chunk, train_mode, seed=0, hard=True):
+    model = BatchEmbedder(enc, chunk=chunk)
+    model.train(train_mode)
+    model.zero_grad(set_to_none=True)
+    batch = {"query": dict(enc.tokenize(TEXTS_Q, "query")), "positive": dict(enc.tokenize(TEXTS_D, "positive"))}
+    if hard:
+        batch["negative"] = dict(enc.tokenize(TEXTS_D[::-1][:4], "query"))
+    torch.manual_seed(seed)
+    emb = model(batch)
+    out = InfoNCE(0.02, symmetric=True)(emb["query"], emb["positive"], emb.get("negative"))
+    out.loss.backward()
+    return out.global_loss, {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 100])
+def test_gradcache_gradients_equal_plain(lora_encoder, chunk):
+    loss_plain, plain = lora_grads(lora_encoder, None, train_mode=False)
+    loss_cached, cached = lora_grads(lora_encoder, chunk, train_mode=False)
+    assert loss_cached == pytest.approx(loss_plain, rel=1e-5)
+    assert any(g.abs().sum() > 0 for n, g in plain.items() if "lora_A" in n)
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradcache_replays_dropout_masks(lora_encoder):
+    """In train mode the recomputed chunks must see the dropout masks of the first pass: the cached
+    gradients equal those of the same chunked forward kept entirely in memory."""
+    _, cached = lora_grads(lora_encoder, 4, train_mode=True, seed=11)
+
+    enc = copy.deepcopy(lora_encoder)
+    model = BatchEmbedder(enc, chunk=None)
+    model.train()
+    batch = {"query": dict(enc.tokenize(TEXTS_Q, "query")), "positive": dict(enc.tokenize(TEXTS_D, "positive")),
+             "negative": dict(enc.tokenize(TEXTS_D[::-1][:4], "query"))}
+    torch.manual_seed(11)
+    # Same chunking and order as BatchEmbedder, without checkpointing.
+    from b3stream.train.loss import _trim
+
+    emb = {}
+    for side in ("query", "positive", "negative"):
+        f = batch[side]
+        n = f["input_ids"].shape[0]
+        emb[side] = torch.cat([enc(**_trim({k: v[s:s + 4] for k, v in f.items()})) for s in range(0, n, 4)]) \
+            if n > 4 else enc(**f)
+    out = InfoNCE(0.02, symmetric=True)(emb["query"], emb["positive"], emb["negative"])
+    out.loss.backward()
+    for name, p in enc.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(cached[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

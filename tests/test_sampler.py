@@ -1,0 +1,173 @@
+"""The schedule consumer: rank slices, exactly-once epochs, resume, hot swap, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from b3stream.mining.schedule import Schedule, ScheduleError
+from b3stream.train.sampler import ScheduleSampler, split_bounds
+
+
+def make_schedule(n: int, batch_size: int, K: int, seed: int = 0, h: int = 0, version: int = 0) -> Schedule:
+    """Random communities of K, |B|/K of them per batch; the last batch takes what is left."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(n)
+    batches = [ids[i:i + batch_size] for i in range(0, n, batch_size)]
+    negatives = [rng.integers(0, n, size=(len(b), h)) for b in batches] if h else None
+    meta = {"strategy": "random", "K": K, "batch_size": batch_size, "h": h, "version": version}
+    return Schedule.from_batches(batches, meta, negatives)
+
+
+def run_epoch(samplers: list[ScheduleSampler]) -> list[list[np.ndarray]]:
+    """Step every rank's sampler through one epoch; per step, each rank's slice."""
+    steps = []
+    epoch = samplers[0].epoch
+    while samplers[0].epoch == epoch:
+        assert len({s.steps_left for s in samplers}) == 1, "ranks disagree on the steps left"
+        steps.append([s.step().ids for s in samplers])
+        for s in samplers:
+            s.advance()
+    return steps
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_each_id_once_per_epoch_and_same_steps_on_every_rank(world):
+    n, size, K = 1000, 64, 8  # 15 full batches + a tail of 40
+    sched = make_schedule(n, size, K)
+    samplers = [ScheduleSampler(sched, n, rank, world, seed=3) for rank in range(world)]
+    for epoch in range(2):
+        steps = run_epoch(samplers)
+        assert len(steps) == 16
+        seen = np.concatenate([ids for step in steps for ids in step])
+        assert np.array_equal(np.sort(seen), np.arange(n)), f"epoch {epoch}: not each id exactly once"
+        assert all(len(ids) > 0 for step in steps for ids in step)
+    assert samplers[0].epoch == 2
+
+
+def test_rank_slices_are_whole_communities():
+    n, size, K, world = 512, 64, 8, 4  # |B|/K = 8 communities, 2 per rank
+    sched = make_schedule(n, size, K)
+    sampler = ScheduleSampler(sched, n, rank=1, world_size=world)
+    assert sampler.whole_communities
+    for index in range(sampler.steps_per_epoch):
+        batch = sampler.global_batch(index)
+        communities = {tuple(batch[i:i + K]) for i in range(0, size, K)}
+        mine = sampler.step(index).ids
+        assert len(mine) == size // world
+        assert {tuple(mine[i:i + K]) for i in range(0, len(mine), K)} <= communities
+
+
+def test_epochs_reorder_batches_but_keep_them():
+    n, size = 256, 32
+    sched = make_schedule(n, size, 8)
+    sampler = ScheduleSampler(sched, n, seed=1)
+    first = [tuple(sampler.global_batch(i)) for i in range(sampler.steps_per_epoch)]
+    for _ in range(sampler.steps_per_epoch):
+        sampler.advance()
+    second = [tuple(sampler.global_batch(i)) for i in range(sampler.steps_per_epoch)]
+    assert set(first) == set(second) == {tuple(b) for b in sched.batches}
+    assert first != second
+
+
+def test_state_dict_resume_continues_same_ids():
+    n, size = 600, 32
+    sched = make_schedule(n, size, 4)
+    reference = ScheduleSampler(sched, n, rank=0, world_size=2, seed=5)
+    stopped = ScheduleSampler(sched, n, rank=0, world_size=2, seed=5)
+    for _ in range(7):
+        stopped.advance()
+    state = stopped.state_dict()
+    resumed = ScheduleSampler(sched, n, rank=0, world_size=2, seed=5)
+    resumed.load_state_dict(state)
+    for _ in range(7):
+        reference.advance()
+    assert resumed.position == 7
+    for a, b in zip(reference, resumed):
+        assert np.array_equal(a.ids, b.ids)
+    assert np.array_equal(resumed.consumed(), reference.consumed())
+
+
+def test_tail_smaller_than_world_is_merged():
+    n, size, world = 66, 32, 4  # a 2-id tail would starve two ranks
+    sched = make_schedule(n, size, 4)
+    samplers = [ScheduleSampler(sched, n, r, world) for r in range(world)]
+    steps = run_epoch(samplers)
+    assert len(steps) == 2
+    assert all(len(ids) >= 1 for step in steps for ids in step)
+    assert sorted(np.concatenate([i for s in steps for i in s]).tolist()) == list(range(n))
+
+
+def test_hard_negative_pool_is_shared_unique_and_outside_the_batch():
+    n, size, world = 400, 40, 2
+    sched = make_schedule(n, size, 4, h=5)
+    samplers = [ScheduleSampler(sched, n, r, world) for r in range(world)]
+    for index in range(samplers[0].steps_per_epoch):
+        pool = samplers[0].negative_pool(index)
+        batch = samplers[0].global_batch(index)
+        assert len(np.unique(pool)) == len(pool) and not np.isin(pool, batch).any()
+        shares = [s.step(index).negative_ids for s in samplers]
+        assert np.array_equal(np.concatenate(shares), pool)
+
+
+def test_swap_rebatches_only_unconsumed_ids_exactly_once():
+    n, size = 800, 64
+    old = make_schedule(n, size, 8, seed=0, version=0)
+    new = make_schedule(n, 32, 4, seed=1, version=1)
+    world = 2
+    samplers = [ScheduleSampler(old, n, r, world, seed=2) for r in range(world)]
+    for _ in range(5):
+        for s in samplers:
+            s.advance()
+    consumed = samplers[0].consumed()
+    for s in samplers:
+        s.swap(new)
+    assert samplers[0].version == 1 and samplers[0].position == 0
+    rest = run_epoch(samplers)
+    after = np.concatenate([ids for step in rest for ids in step])
+    assert not np.isin(after, consumed).any()
+    assert np.array_equal(np.sort(np.concatenate([consumed, after])), np.arange(n))
+    # The new batches follow the new schedule's batch size (32), except a possible tail.
+    assert all(sum(len(i) for i in step) == 32 for step in rest[:-1])
+
+    # A sampler resumed from a post-swap state on the new schedule replays the same plan.
+    fresh = ScheduleSampler(old, n, 0, world, seed=2)
+    for _ in range(5):
+        fresh.advance()
+    fresh.swap(new)
+    fresh.advance()
+    state = fresh.state_dict()
+    resumed = ScheduleSampler(new, n, 0, world, seed=2)
+    resumed.load_state_dict(state)
+    assert np.array_equal(resumed.step().ids, rest[1][0])
+
+
+def test_resume_onto_a_newer_schedule_swaps():
+    n = 300
+    old, new = make_schedule(n, 30, 3, seed=0, version=0), make_schedule(n, 30, 3, seed=9, version=4)
+    s = ScheduleSampler(old, n)
+    for _ in range(3):
+        s.advance()
+    state = s.state_dict()
+    other = ScheduleSampler(new, n)
+    other.load_state_dict(state)  # version 0 is gone: continue on version 4 with the 210 ids left
+    left = np.concatenate([b.ids for b in other])
+    assert len(left) == 210 and not np.isin(left, state["consumed"]).any()
+
+
+def test_refuses_bad_schedules():
+    n = 100
+    with pytest.raises(ScheduleError, match="does not divide over 2 ranks"):
+        ScheduleSampler(make_schedule(n, 25, 5), n, 0, 2)
+    with pytest.raises(ScheduleError, match="exactly once"):
+        ScheduleSampler(make_schedule(n, 20, 5), n + 1)
+
+
+def test_split_bounds_cover_and_balance():
+    for n in range(0, 20):
+        for world in range(1, 5):
+            bounds = [split_bounds(n, world, r) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [b - a for a, b in bounds]
+            assert max(sizes) - min(sizes) <= 1

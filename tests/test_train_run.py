@@ -1,0 +1,188 @@
+"""`b3stream train` end to end in one process: stop + resume, export, evaluation, refusals.
+
+Real parts throughout: the bundled MiniLM weights with LoRA, DeepSpeed (ZeRO-0, gloo), the code-search
+shards read by id. Lengths are short and runs a few steps long to keep this quick on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from b3stream.config import ConfigError, TrainConfig
+from b3stream.mining.schedule import load_schedule
+from b3stream.train.ds_config import build_ds_config, resolve_ds_path
+from b3stream.train.sampler import ScheduleSampler
+
+from ._train_util import random_schedule, read_trace, run, write_config
+
+B3 = [sys.executable, "-m", "b3stream"]
+STUDENT = {"max_query_length": 48, "max_positive_length": 48, "lora": {"r": 4, "alpha": 8}}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(code_dataset, tmp_path_factory):
+    """Train 2 steps and stop; then ask for 4 steps with export + evaluation: the second run resumes."""
+    root = tmp_path_factory.mktemp("train_run")
+    sched = random_schedule(code_dataset, batch_size=8, K=2, folder=root / "schedules")
+    cfg = write_config(root / "train.yaml", data=str(code_dataset), schedule=str(sched.parent),
+                       out=str(root / "run"), student=STUDENT, max_steps=2, trace_ids=True, seed=3)
+    first = run([*B3, "train", "--config", str(cfg)], threads=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    trace_first = read_trace(root / "run")
+    second = run([*B3, "train", "--config", str(cfg), "max_steps=4", "export=true", "eval_split=test",
+                  "eval_max_queries=24"], threads=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return {"root": root, "schedule": sched, "first": first, "second": second, "trace_first": trace_first,
+            "summary": json.loads((root / "run" / "summary.json").read_text()), "data": code_dataset}
+
+
+def test_resume_continues_with_the_same_remaining_ids(resumed_run):
+    trace = read_trace(resumed_run["root"] / "run")
+    assert [t["step"] for t in trace] == [1, 2, 3, 4]
+    assert trace[:2] == resumed_run["trace_first"]
+    assert "resuming at step 2" in resumed_run["second"].stderr
+    # The uninterrupted sequence, from the sampler alone.
+    from b3stream.data.manifest import Manifest
+
+    n = Manifest.load(resumed_run["data"]).split("train").n
+    sampler = ScheduleSampler(load_schedule(resumed_run["schedule"]), n, seed=3)
+    expected = [sampler.global_batch(i).tolist() for i in range(4)]
+    assert [t["ids"] for t in trace] == expected
+    assert len(set(sum(expected, []))) == 32  # no id twice within the epoch
+
+
+def test_summary_and_monitoring(resumed_run):
+    s = resumed_run["summary"]
+    assert s["steps"] == 4 and s["ranks_in_sync"] is True and s["examples_per_s"] > 0
+    assert set(s["eval"]) == {"after"}  # a resumed run does not re-run the zero-shot evaluation
+    for key in ("ndcg@10", "mrr@10", "recall@1", "recall@10"):
+        assert 0.0 <= s["eval"]["after"][key] <= 1.0
+    assert list((resumed_run["root"] / "run" / "tb").glob("events.out.tfevents.*"))
+    assert "step 4/4" in resumed_run["second"].stderr and "ex/s" in resumed_run["second"].stderr
+
+
+def test_sentence_transformers_export_matches_our_encoder(resumed_run):
+    """The exported folder, loaded by sentence-transformers offline, embeds like b3stream's encoder with the
+    trained adapter (and like the merged model loaded through our encoder)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from b3stream.config import EncoderConfig, LoraConfig
+    from b3stream.data.reader import ShardedDataset
+    from b3stream.encoder import Encoder
+    from b3stream.evaluate import encoder_config_for
+
+    export = resumed_run["root"] / "run" / "export"
+    assert (export / "adapter" / "adapter_config.json").is_file()
+    assert (export / "merged" / "config.json").is_file()
+    records = ShardedDataset(resumed_run["data"], "test")
+    texts = [records[i]["positive"] for i in range(6)] + [records[i]["query"] for i in range(6)]
+
+    st = SentenceTransformer(str(export / "sentence-transformers"), device="cpu")
+    st_emb = st.encode(texts, convert_to_numpy=True, batch_size=4)
+
+    trained = Encoder(EncoderConfig(**{**STUDENT, "lora": LoraConfig(r=4, alpha=8)}), trainable=True)
+    set_peft_model_state_dict(trained.model, load_file(str(export / "adapter" / "adapter_model.safetensors")))
+    ours = trained.encode(texts, "positive", batch_size=4)
+    merged = Encoder(encoder_config_for(str(export / "sentence-transformers"))).encode(texts, "positive")
+    base = Encoder(EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=False)})).encode(texts, "positive")
+
+    np.testing.assert_allclose(st_emb, ours, atol=2e-5)
+    np.testing.assert_allclose(merged, ours, atol=2e-5)
+    assert np.abs(ours - base).max() > 1e-4, "the export should hold the trained weights, not the base"
+
+
+def test_evaluate_command_on_the_export(resumed_run):
+    export = resumed_run["root"] / "run" / "export" / "sentence-transformers"
+    out = resumed_run["root"] / "eval.json"
+    res = run([*B3, "evaluate", "--model", str(export), "--data", str(resumed_run["data"]),
+               "--max-queries", "24", "--json", str(out)], threads=2)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ndcg@10" in res.stdout
+    metrics = json.loads(out.read_text())
+    after = resumed_run["summary"]["eval"]["after"]
+    assert metrics["queries"] == after["queries"] and metrics["corpus"] == after["corpus"]
+    assert metrics["ndcg@10"] == pytest.approx(after["ndcg@10"], abs=0.02)
+
+
+# -- refusals, before any training ----------------------------------------------------------------------
+
+
+def test_unknown_config_key_is_refused(tmp_path, code_dataset):
+    cfg = write_config(tmp_path / "bad.yaml", data=str(code_dataset), schedule="x", learning_rate=1e-4)
+    res = run([*B3, "train", "--config", str(cfg)])
+    assert res.returncode == 2
+    assert "unknown key(s) 'learning_rate'" in res.stderr
+
+
+def test_schedule_for_other_data_is_refused_before_the_model_loads(tmp_path, code_dataset, toy_dataset):
+    sched = random_schedule(toy_dataset, batch_size=8, folder=tmp_path / "toy_sched")
+    cfg = write_config(tmp_path / "bad.yaml", data=str(code_dataset), schedule=str(sched), out=str(tmp_path / "r"))
+    start = time.time()
+    res = run([*B3, "train", "--config", str(cfg)])
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "built for data 'toy'" in res.stderr and "rebuild it for this data" in res.stderr
+    assert "Loading weights" not in res.stderr and "step 1/" not in res.stderr
+    assert time.time() - start < 60
+    assert not (tmp_path / "r").exists()
+
+
+def test_deepspeed_json_may_not_restate_our_settings(tmp_path):
+    cfg = TrainConfig(lr=1e-4)
+    bad = json.loads(resolve_ds_path("zero2").read_text())
+    bad["optimizer"]["params"]["lr"] = 0.1
+    (tmp_path / "ds.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="optimizer.params.lr = 0.1"):
+        build_ds_config(cfg, tmp_path / "ds.json", 1, 32, 100, "fp32")
+    ds = build_ds_config(cfg, resolve_ds_path("zero2"), 2, 32, 100, "fp32")
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["scheduler"]["params"]["total_num_steps"] == 100
+    assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["torch_adam"] is True
+    with pytest.raises(ConfigError, match="does not divide over 3 ranks"):
+        build_ds_config(cfg, resolve_ds_path("zero2"), 3, 32, 100, "fp32")
+    with pytest.raises(ConfigError, match="ZeRO stages 0-2"):
+        build_ds_config(TrainConfig(grad_cache_chunk=8), resolve_ds_path("zero3"), 1, 32, 100, "fp32")
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload"):
+        build_ds_config(cfg, resolve_ds_path(name), 1, 32, 100, "fp32")
+
+
+def test_precision_on_cpu_is_fp32():
+    from b3stream.train.ds_config import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        resolve_precision("bf16", torch.device("cpu"))
+
+
+def test_loop_hot_swaps_to_a_newer_schedule_version(tmp_path, code_dataset):
+    """The loop's schedule watch: a newer version in the folder is picked up and only the ids not yet
+    consumed this epoch are re-batched on it."""
+    from b3stream.data.manifest import Manifest
+    from b3stream.monitor import Monitor
+    from b3stream.train.distributed import DistInfo
+    from b3stream.train.loop import _maybe_swap
+
+    folder = tmp_path / "schedules"
+    random_schedule(code_dataset, batch_size=16, K=4, seed=0, folder=folder, version=0)
+    manifest = Manifest.load(code_dataset)
+    n = manifest.split("train").n
+    sampler = ScheduleSampler(load_schedule(folder), n)
+    for _ in range(5):
+        sampler.advance()
+    consumed = sampler.consumed()
+    cfg = TrainConfig(data=str(code_dataset), schedule=str(folder))
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    quiet = Monitor(tmp_path, 1, enabled=False)
+    assert not _maybe_swap(cfg, manifest, sampler, dist, quiet)  # nothing newer yet
+    random_schedule(code_dataset, batch_size=32, K=8, seed=1, folder=folder, version=1)
+    assert _maybe_swap(cfg, manifest, sampler, dist, quiet)
+    assert sampler.version == 1 and sampler.epoch == 0 and sampler.position == 0
+    rest = np.concatenate([s.ids for s in sampler])
+    assert np.array_equal(np.sort(np.concatenate([consumed, rest])), np.arange(n))
