@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,17 @@ def resolve_model(name: str | None) -> str:
     return name
 
 
-def with_prompt(prompt: str, text: str) -> str:
-    """Instruction prompt + text (paper section 3.3); empty prompts leave the text untouched."""
-    return f"{prompt}{text}" if prompt else text
+@dataclass
+class Tokenize:
+    """The tokenizer and per-side max lengths, without the model: cheap to send to DataLoader workers."""
+
+    tokenizer: object
+    max_query_length: int
+    max_positive_length: int
+
+    def __call__(self, texts: list[str], side: str) -> dict[str, torch.Tensor]:
+        limit = self.max_query_length if side == "query" else self.max_positive_length
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt"))
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -89,19 +98,13 @@ class Encoder(torch.nn.Module):
             model.requires_grad_(False)
             model.eval()
         self.model = model
+        self.tokenize = Tokenize(self.tokenizer, cfg.max_query_length, cfg.max_positive_length)
         if device is not None:
             self.to(device)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def max_length(self, side: str) -> int:
-        return self.cfg.max_query_length if side == "query" else self.cfg.max_positive_length
-
-    def tokenize(self, texts: list[str], side: str) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length(side),
-                              return_tensors="pt")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
@@ -133,10 +136,6 @@ class Encoder(torch.nn.Module):
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
-
-
-def load_encoder(cfg: EncoderConfig, **kwargs) -> Encoder:
-    return Encoder(cfg, **kwargs)
 
 
 def model_name(cfg: EncoderConfig) -> str:

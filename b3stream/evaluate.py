@@ -21,7 +21,7 @@ import numpy as np
 from .config import EncoderConfig, LoraConfig
 from .data.manifest import Manifest
 from .data.reader import ShardedDataset
-from .encoder import Encoder, with_prompt
+from .encoder import Encoder
 
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
 
@@ -81,13 +81,8 @@ class RetrievalSet:
         records = ShardedDataset(data, split, manifest=manifest)
         docs: dict[str, int] = {}
         rel: dict[str, set[int]] = {}
-        # Read by id rather than streaming: webdataset's streaming refuses to run inside a multi-process
-        # group without a node splitter, and every rank needs the whole split here.
-        for i in range(len(records)):
-            rec = records[i]
-            task = rec.get("task")
-            doc = with_prompt(manifest.prompt(task, "positive"), rec["positive"])
-            query = with_prompt(manifest.prompt(task, "query"), rec["query"])
+        for rec in records:  # every rank streams the whole split, in id order
+            doc, query = manifest.prompted(rec, "positive"), manifest.prompted(rec, "query")
             rel.setdefault(query, set()).add(docs.setdefault(doc, len(docs)))
         queries = list(rel)
         if max_queries is not None and len(queries) > max_queries:

@@ -111,6 +111,10 @@ class Manifest:
                 return self.prompts[key][side]
         return ""
 
+    def prompted(self, record: dict, side: str) -> str:
+        """``record[side]`` behind its task's instruction prompt for that side."""
+        return self.prompt(record.get("task"), side) + record[side]
+
 
 def check_stamp(stamp: dict | None, expected: dict, what: str) -> None:
     """Refuse an artefact whose stamp does not match the data it is used with."""

@@ -26,16 +26,25 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically (temp file, fsync, rename)."""
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one (temp file, fsync,
+    rename); a failed write leaves no temporary file behind."""
     path = Path(path)
     tmp = tmp_name(path)
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as JSON atomically."""
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
 
 def read_json(path: str | Path) -> dict | None:

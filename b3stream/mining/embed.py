@@ -169,7 +169,7 @@ def embed(cfg: MineConfig, progress: bool = True) -> Path:
 
 def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     from ..data.reader import ShardedDataset
-    from ..encoder import Encoder, with_prompt
+    from ..encoder import Encoder
 
     if cfg.embed_chunk < 1 or cfg.embed_batch_size < 1:
         raise ConfigError("embed_chunk and embed_batch_size must be positive")
@@ -216,8 +216,8 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
 
     def flush_chunk(rows: list[dict]) -> None:
         lo, hi = rows[0]["id"], rows[-1]["id"] + 1
-        q_texts = [with_prompt(manifest.prompt(r.get("task"), "query"), r["query"]) for r in rows]
-        p_texts = [with_prompt(manifest.prompt(r.get("task"), "positive"), r["positive"]) for r in rows]
+        q_texts = [manifest.prompted(r, "query") for r in rows]
+        p_texts = [manifest.prompted(r, "positive") for r in rows]
         q = encoder.encode(q_texts, side="query", batch_size=cfg.embed_batch_size)
         p = encoder.encode(p_texts, side="positive", batch_size=cfg.embed_batch_size)
         check_vectors(q, f"teacher query embeddings (ids {lo}..{hi - 1})")

@@ -69,22 +69,6 @@ def _row_entries(graph: Graph, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pos, owner
 
 
-def internal_weight(graph: Graph, parts: np.ndarray, chunk: int = 1 << 17) -> np.ndarray:
-    """For every node, the edge weight (or count) to nodes of its own part. Chunked over nodes."""
-    n = graph.n
-    out = np.zeros(n, dtype=np.int64)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        a, b = graph.xadj[lo], graph.xadj[hi]
-        deg = np.diff(graph.xadj[lo : hi + 1])
-        src_part = np.repeat(parts[lo:hi], deg)
-        same = parts[graph.adjncy[a:b]] == src_part
-        w = same.astype(np.int64) if graph.eweights is None else np.where(same, graph.eweights[a:b], 0)
-        cs = np.concatenate([[0], np.cumsum(w)])
-        out[lo:hi] = cs[graph.xadj[lo + 1 : hi + 1] - a] - cs[graph.xadj[lo:hi] - a]
-    return out
-
-
 def _open_strength(graph: Graph, nodes: np.ndarray, parts: np.ndarray, room: np.ndarray, nparts: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(index into ``nodes``, part, edge weight) for every node and every part with room it has edges to."""

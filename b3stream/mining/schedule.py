@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 import warnings
@@ -32,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .artefacts import write_atomic, write_json
 
 MAGIC = b"B3SCHED1\n"
 SUFFIX = ".b3s"
@@ -237,21 +238,8 @@ def publish_schedule(schedule: Schedule, folder: str | Path, version: int | None
         version = versions[-1] + 1 if versions else 0
     schedule.meta["version"] = int(version)
     path = version_path(folder, version)
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    side = sidecar(path)
-    side_tmp = folder / f".{side.name}.tmp-{os.getpid()}"
-    try:
-        side_tmp.write_text(json.dumps({"meta": {k: v for k, v in schedule.meta.items() if k != "timings"},
-                                        "timings": schedule.meta.get("timings", {})}, indent=2, default=str))
-        os.replace(side_tmp, side)
-        with open(tmp, "wb") as f:
-            f.write(schedule.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        for p in (tmp, side_tmp):
-            p.unlink(missing_ok=True)
-        raise
+    write_json(sidecar(path), {"meta": {k: v for k, v in schedule.meta.items() if k != "timings"},
+                               "timings": schedule.meta.get("timings", {})})
+    write_atomic(path, schedule.to_bytes())
     schedule.path = path
     return path

@@ -14,30 +14,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.manifest import Manifest
 from ..data.reader import ShardedDataset
-from ..encoder import with_prompt
+from ..encoder import Tokenize
 from .sampler import ScheduleSampler, Step
-
-
-@dataclass
-class Tokenize:
-    """The encoder's tokenizer and per-side max lengths, without the model (cheap to send to workers)."""
-
-    tokenizer: object
-    max_query_length: int
-    max_positive_length: int
-
-    @classmethod
-    def of(cls, encoder) -> "Tokenize":
-        return cls(encoder.tokenizer, encoder.cfg.max_query_length, encoder.cfg.max_positive_length)
-
-    def __call__(self, texts: list[str], side: str) -> dict[str, torch.Tensor]:
-        limit = self.max_query_length if side == "query" else self.max_positive_length
-        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt"))
 
 
 def texts_of(records: list[dict], side: str, manifest: Manifest) -> list[str]:
     """The prompted ``side`` texts of ``records`` (side is "query" or "positive")."""
-    return [with_prompt(manifest.prompt(r.get("task"), side), r[side]) for r in records]
+    return [manifest.prompted(r, side) for r in records]
 
 
 @dataclass

@@ -31,7 +31,7 @@ from ..encoder import Encoder
 from ..evaluate import RetrievalSet
 from ..mining.schedule import ScheduleError, latest_schedule, load_schedule, version_path
 from ..monitor import Monitor
-from .collate import Tokenize, step_loader
+from .collate import step_loader
 from .distributed import DistInfo, barrier, init_distributed
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, zero_stage
 from .export import export_all
@@ -90,7 +90,7 @@ def train(cfg: TrainConfig) -> dict:
         evals["before"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
 
     # -- 6. The loop. -----------------------------------------------------------------------------------
-    tokenize = Tokenize.of(encoder)
+    tokenize = encoder.tokenize
     throughput, step_times = [], []
     while step < total_steps:
         loader = step_loader(records, sampler, tokenize, cfg.num_workers)  # rest of this epoch's plan
