@@ -7,6 +7,6 @@ communities of K mutually strong negatives, and a batch of |B| is |B|/K communit
 
 __version__ = "0.1.0"
 
-from .mining.schedule import Schedule, load_schedule  # noqa: E402  (public loader)
+from .schedule import Schedule, load_schedule  # noqa: E402  (public loader)
 
 __all__ = ["Schedule", "load_schedule", "__version__"]

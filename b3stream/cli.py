@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .data.manifest import DataError
-    from .mining.schedule import ScheduleError
+    from .schedule import ScheduleError
 
     try:
         return int(args.func(args) or 0)

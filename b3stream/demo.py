@@ -27,7 +27,7 @@ def run_demo(args) -> int:
     from .data.prepare import prepare_codesearch, summary
     from .mining.commands import print_quality
     from .mining.pipeline import run_all
-    from .mining.schedule import load_schedule
+    from .schedule import load_schedule
 
     out = Path(args.out)
     data = out / "data"

@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from b3stream.data.manifest import Manifest
-from b3stream.mining.schedule import Schedule, publish_schedule
+from b3stream.schedule import Schedule, publish_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 from b3stream.config import MineConfig
 from b3stream.mining.pipeline import run_all, schedule_stage
 from b3stream.mining.quality import batch_quality
-from b3stream.mining.schedule import load_schedule
+from b3stream.schedule import load_schedule
 
 from ._mining_synth import clustered
 

@@ -13,7 +13,7 @@ from b3stream.mining.embed import Embeddings
 from b3stream.mining.graph import build_graph, subgraph_rows
 from b3stream.mining.partition import partition
 from b3stream.mining.rank import RankParams, rank, task_groups
-from b3stream.mining.schedule import Schedule
+from b3stream.schedule import Schedule
 from b3stream.mining.strategies import STRATEGIES, BatchInputs, BatchParams, make_batches
 
 from ._mining_synth import clustered

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from b3stream.mining.schedule import Schedule, ScheduleError
+from b3stream.schedule import Schedule, ScheduleError
 from b3stream.train.sampler import ScheduleSampler, split_bounds
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from b3stream import load_schedule
-from b3stream.mining.schedule import (
+from b3stream.schedule import (
     Schedule, ScheduleError, latest_schedule, list_versions, publish_schedule, version_path,
 )
 

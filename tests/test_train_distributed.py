@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from b3stream.data.manifest import Manifest
-from b3stream.mining.schedule import load_schedule
+from b3stream.schedule import load_schedule
 from b3stream.train.distributed import free_port
 from b3stream.train.sampler import ScheduleSampler
 

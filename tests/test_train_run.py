@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from b3stream.config import ConfigError, TrainConfig
-from b3stream.mining.schedule import load_schedule
+from b3stream.schedule import load_schedule
 from b3stream.train.ds_config import build_ds_config, resolve_ds_path
 from b3stream.train.sampler import ScheduleSampler
 

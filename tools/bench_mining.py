@@ -148,7 +148,7 @@ def run_stage(args) -> None:
     seconds = time.perf_counter() - t0
     extra = {}
     if args.stage == "schedule":
-        from b3stream.mining.schedule import load_schedule
+        from b3stream.schedule import load_schedule
 
         meta = load_schedule(work / "schedules").meta
         extra = {"quality_s": meta["timings"].get("quality"), "quality": meta.get("quality")}

@@ -19,52 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import json_default, read_json, tmp_name, write_atomic, write_json  # noqa: F401
+
 log = logging.getLogger("b3stream.mining")
-
-
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one (temp file, fsync,
-    rename); a failed write leaves no temporary file behind."""
-    path = Path(path)
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically."""
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
-
-
-def read_json(path: str | Path) -> dict | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def new_token() -> str:
@@ -103,5 +60,5 @@ def same_params(record: dict | None, params: dict) -> bool:
     if record is None or not record.get("complete", True):
         return False
     stored = record.get("params")
-    return json.loads(json.dumps(stored, sort_keys=True, default=_json_default)) == \
-        json.loads(json.dumps(params, sort_keys=True, default=_json_default))
+    return json.loads(json.dumps(stored, sort_keys=True, default=json_default)) == \
+        json.loads(json.dumps(params, sort_keys=True, default=json_default))

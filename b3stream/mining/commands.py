@@ -89,7 +89,7 @@ def run_mine(args) -> int:
     out = run_stage(args.stage, cfg, progress=not args.quiet)
     print(out)
     if args.stage in ("schedule", "all") and not args.quiet:
-        from .schedule import load_schedule
+        from ..schedule import load_schedule
 
         print_quality(load_schedule(out).meta.get("quality"))
     return 0
@@ -111,7 +111,7 @@ def inspect_schedule(path, embeddings=None) -> int:
     ``embeddings/``), recompute the batch quality for them (all queries up to 4096)."""
     import numpy as np
 
-    from .schedule import load_schedule
+    from ..schedule import load_schedule
 
     sched = load_schedule(path)
     meta = sched.meta

@@ -28,7 +28,7 @@ from ..data.manifest import DataError, check_stamp
 from .artefacts import log, new_token, read_json, same_params, staged_arrays, write_json
 from .embed import FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings
 from .rank import FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, merge_threshold, rank, task_groups
-from .schedule import Schedule, publish_schedule
+from ..schedule import Schedule, publish_schedule
 from .strategies import BatchInputs, BatchParams, get_strategy, make_batches
 
 PARTITION_FOLDER, PARTITION_RECORD = "partition", "partition.json"

@@ -119,7 +119,7 @@ def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, pos
 def schedule_quality(schedule, queries: np.ndarray, positives: np.ndarray, K: int | None = None,
                      temperature: float = 0.02, sample: int | None = 2048, seed: int = 0,
                      progress: bool = False) -> dict:
-    """:func:`batch_quality` of a :class:`~b3stream.mining.schedule.Schedule` (K from its metadata)."""
+    """:func:`batch_quality` of a :class:`~b3stream.schedule.Schedule` (K from its metadata)."""
     K = K or int(schedule.meta.get("K") or 32)
     return batch_quality(schedule.ids, schedule.offsets, queries, positives, K, temperature,
                          negatives=schedule.negatives, sample=sample, seed=seed, progress=progress)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..config import ConfigError, TrainConfig, load_config
     from ..data.manifest import DataError
-    from ..mining.schedule import ScheduleError
+    from ..schedule import ScheduleError
     from .distributed import finish
 
     args = parse_args(argv)

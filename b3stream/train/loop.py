@@ -29,7 +29,7 @@ from ..data.manifest import DataError, Manifest
 from ..data.reader import ShardedDataset
 from ..encoder import Encoder
 from ..evaluate import RetrievalSet
-from ..mining.schedule import ScheduleError, latest_schedule, load_schedule, version_path
+from ..schedule import ScheduleError, latest_schedule, load_schedule, version_path
 from ..monitor import Monitor
 from .collate import step_loader
 from .distributed import DistInfo, barrier, init_distributed

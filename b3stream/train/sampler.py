@@ -1,6 +1,6 @@
 """The schedule consumer: which ids each rank trains on at each step.
 
-A schedule (``b3stream.mining.schedule``) is one epoch of global batches, each |B| ids laid out community by
+A schedule (``b3stream.schedule``) is one epoch of global batches, each |B| ids laid out community by
 community (|B|/K runs of K). The sampler turns it into an *epoch plan* and hands every rank its slice of
 each global batch:
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..mining.schedule import Schedule, ScheduleError
+from ..schedule import Schedule, ScheduleError
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artefacts import write_atomic, write_json
+from .files import write_atomic, write_json
 
 MAGIC = b"B3SCHED1\n"
 SUFFIX = ".b3s"
@@ -193,7 +193,7 @@ def load_schedule(path: str | Path, expect: dict | None = None) -> Schedule:
         except json.JSONDecodeError:
             pass  # the sidecar is informational; the schedule itself was verified
     if expect is not None:
-        from ..data.manifest import DataError, check_stamp
+        from .data.manifest import DataError, check_stamp
 
         try:
             check_stamp(sched.meta.get("data"), expect, f"schedule {path}")
