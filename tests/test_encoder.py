@@ -27,3 +27,19 @@ def test_pooling_last_token_handles_both_paddings():
     assert pool(hidden, left, "last").flatten().tolist() == [3.0, 7.0]
     assert pool(hidden, right, "cls").flatten().tolist() == [0.0, 4.0]
     assert pool(hidden, right, "mean").flatten().tolist() == [0.5, 5.5]
+
+
+def test_encode_restores_each_modules_own_mode():
+    """``encode`` must not switch on dropout that was off: training would depend on whether an evaluation
+    ran before it."""
+    from b3stream.config import LoraConfig
+
+    enc = Encoder(EncoderConfig(lora=LoraConfig(r=4, alpha=8)), trainable=True)
+    dropouts = [m for m in enc.model.modules() if isinstance(m, torch.nn.Dropout)]
+    modes = [m.training for m in enc.model.modules()]
+    assert any(m.training for m in dropouts) and not all(m.training for m in dropouts)  # from_pretrained + LoRA
+    enc.encode(["a query", "another"], "query")
+    assert [m.training for m in enc.model.modules()] == modes
+    enc.model.train()
+    enc.encode(["a query"], "query")
+    assert all(m.training for m in dropouts)

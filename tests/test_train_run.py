@@ -57,6 +57,22 @@ def test_resume_continues_with_the_same_remaining_ids(resumed_run):
     assert len(set(sum(expected, []))) == 32  # no id twice within the epoch
 
 
+def test_resumed_run_reproduces_the_uninterrupted_losses_with_dropout_on(resumed_run):
+    """One run of 4 steps with an opening evaluation == 2 steps without one + a resumed 2 (LoRA dropout
+    0.05 and the backbone's 0.1 on): dropout masks depend on (seed, step, rank), never on what ran before,
+    and train mode is set explicitly rather than left to whether an evaluation ran."""
+    root = resumed_run["root"]
+    cfg = write_config(root / "straight.yaml", data=str(resumed_run["data"]), schedule=str(resumed_run["schedule"]),
+                       out=str(root / "straight"), student=STUDENT, max_steps=4, trace_ids=True, seed=3,
+                       eval_split="test", eval_max_queries=8)
+    res = run([*B3, "train", "--config", str(cfg)], threads=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    straight = read_trace(root / "straight")
+    resumed = read_trace(root / "run")
+    assert [t["ids"] for t in straight] == [t["ids"] for t in resumed]
+    np.testing.assert_allclose([t["loss"] for t in straight], [t["loss"] for t in resumed], rtol=1e-5)
+
+
 def test_summary_and_monitoring(resumed_run):
     s = resumed_run["summary"]
     assert s["steps"] == 4 and s["ranks_in_sync"] is True and s["examples_per_s"] > 0

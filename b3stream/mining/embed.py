@@ -5,6 +5,8 @@ Output, in ``OUT/embeddings/``:
 - ``queries.npy``, ``positives.npy``: float16 ``(N, d)`` ``.npy`` files, row ``i`` is id ``i``, L2-normalised,
   written through :func:`numpy.lib.format.open_memmap` so neither side ever has to fit in memory;
 - ``tasks.npy``: int32 ``(N,)`` task index of every id (names in the record);
+- ``positive_keys.npy``: int64 ``(N,)`` content key of every id's prompted positive text
+  (:mod:`b3stream.data.dedup`): ids sharing a key are never mined as each other's negatives;
 - ``embeddings.json``: the record: data stamp (``Manifest.stamp(split)``), teacher settings, rows done.
 
 Texts get their task's instruction prompt (paper section 3.3, ``manifest.prompt(task, side)``). Rows are
@@ -27,14 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, Manifest, check_stamp
+from ..data.dedup import content_key, content_keys
 from .artefacts import log, new_token, read_json, same_params, tmp_name, write_json
 
 FOLDER = "embeddings"
 RECORD = "embeddings.json"
+KEYS_FILE = "positive_keys.npy"
+KEY_SCHEME = "blake2b-8 of the prompted positive"  # in the params: embeddings without keys are stale
 USER_DATASET = "user-embeddings"
 
 
@@ -49,6 +54,7 @@ class Embeddings:
     stamp: dict
     record: dict
     folder: Path
+    keys: np.ndarray | None = None  # (N,) int64 content key of each positive; None: no same-text filtering
 
     @property
     def n(self) -> int:
@@ -118,10 +124,14 @@ def load_embeddings(folder: str | Path, expect: dict | None = None) -> Embedding
     q = np.load(folder / "queries.npy", mmap_mode="r")
     p = np.load(folder / "positives.npy", mmap_mode="r")
     tasks = np.load(folder / "tasks.npy")
-    if q.shape != p.shape or len(tasks) != len(q) or len(q) != record["n"]:
-        raise DataError(f"{folder}: queries {q.shape}, positives {p.shape} and tasks {tasks.shape} disagree "
-                        f"with the record (n={record['n']})")
-    return Embeddings(queries=q, positives=p, tasks=tasks, task_names=list(record["task_names"]),
+    if not (folder / KEYS_FILE).is_file():
+        raise DataError(f"{folder}: no positive content keys ({KEYS_FILE}); these embeddings predate them, "
+                        "re-run `b3stream mine embed`")
+    keys = np.load(folder / KEYS_FILE)
+    if q.shape != p.shape or len(tasks) != len(q) or len(keys) != len(q) or len(q) != record["n"]:
+        raise DataError(f"{folder}: queries {q.shape}, positives {p.shape}, tasks {tasks.shape} and keys "
+                        f"{keys.shape} disagree with the record (n={record['n']})")
+    return Embeddings(queries=q, positives=p, tasks=tasks, task_names=list(record["task_names"]), keys=keys,
                       stamp=record["stamp"], record=record, folder=folder)
 
 
@@ -146,14 +156,14 @@ def embed_params(cfg: MineConfig) -> dict:
             files[side] = {"path": str(Path(path).resolve()) if path else None,
                            "bytes": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
         return {"source": "user", "files": files, "data": cfg.data and str(Path(cfg.data).resolve()),
-                "split": cfg.split}
+                "split": cfg.split, "keys": KEY_SCHEME}
     from ..encoder import model_name, resolve_model
 
     t = cfg.teacher
     name = model_name(t)
     return {"source": "teacher", "model": name, "model_path": str(resolve_model(t.model)),
             "pooling": t.pooling, "normalize": t.normalize, "max_query_length": t.max_query_length,
-            "max_positive_length": t.max_positive_length}
+            "max_positive_length": t.max_positive_length, "keys": KEY_SCHEME}
 
 
 def embed(cfg: MineConfig, progress: bool = True) -> Path:
@@ -174,7 +184,7 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     if cfg.embed_chunk < 1 or cfg.embed_batch_size < 1:
         raise ConfigError("embed_chunk and embed_batch_size must be positive")
     manifest = Manifest.load(cfg.data)
-    ds = ShardedDataset(cfg.data, cfg.split, manifest=manifest)
+    ds = ShardedDataset(cfg.data, cfg.split, manifest=manifest, verify=cfg.verify_data)
     stamp, n = ds.stamp, len(ds)
     folder = Path(cfg.out) / FOLDER
     params = {**embed_params(cfg), "prompts": manifest.prompts}
@@ -208,10 +218,11 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     task_names: list[str] = []
     task_index: dict[str, int] = {}
     tasks = np.empty(n, dtype=np.int32)
+    keys = np.empty(n, dtype=np.int64)
     record = {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": start, "complete": False,
               "chunk": cfg.embed_chunk}
     write_json(folder / RECORD, record)
-    bar = tqdm(total=n, initial=start, desc="embed", unit="pair", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=n, initial=start, desc="embed", unit="pair", disable=not progress, file=sys.stderr)
     chunk: list[dict] = []
 
     def flush_chunk(rows: list[dict]) -> None:
@@ -242,6 +253,7 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
             task_index[task] = len(task_names)
             task_names.append(task)
         tasks[i] = task_index[task]
+        keys[i] = content_key(manifest.prompted(rec, "positive"))
         if i < start:
             continue  # already embedded by an interrupted run
         chunk.append(rec)
@@ -254,7 +266,8 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     if expected != n:
         raise DataError(f"{cfg.data}: split {cfg.split!r} streamed {expected} records, manifest says {n}")
     del qmm, pmm
-    _write_tasks(folder, tasks)
+    _write_array(folder, "tasks.npy", tasks.astype(np.int32))
+    _write_array(folder, KEYS_FILE, keys)
     record.update(complete=True, task_names=task_names, token=new_token(),
                   source_model=params["model"])
     write_json(folder / RECORD, record)
@@ -262,11 +275,11 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     return folder
 
 
-def _write_tasks(folder: Path, tasks: np.ndarray) -> None:
-    tmp = tmp_name(folder / "tasks.npy")
+def _write_array(folder: Path, name: str, array: np.ndarray) -> None:
+    tmp = tmp_name(folder / name)
     with open(tmp, "wb") as f:
-        np.save(f, tasks.astype(np.int32))
-    tmp.replace(folder / "tasks.npy")
+        np.save(f, array)
+    tmp.replace(folder / name)
 
 
 def import_embeddings(cfg: MineConfig, progress: bool = True, chunk: int = 65536) -> Path:
@@ -290,7 +303,7 @@ def import_embeddings(cfg: MineConfig, progress: bool = True, chunk: int = 65536
     if cfg.data is not None:
         from ..data.reader import ShardedDataset
 
-        ds = ShardedDataset(cfg.data, cfg.split)
+        ds = ShardedDataset(cfg.data, cfg.split, verify=cfg.verify_data)
         stamp = ds.stamp
         if n != stamp["n"]:
             raise DataError(f"{paths['queries']}: {n} rows but split {cfg.split!r} of {cfg.data} has "
@@ -314,13 +327,15 @@ def import_embeddings(cfg: MineConfig, progress: bool = True, chunk: int = 65536
         task_names = list(dict.fromkeys(names))
         lookup = {t: i for i, t in enumerate(task_names)}
         tasks = np.array([lookup[t] for t in names], dtype=np.int32)
+        keys = content_keys(ds.manifest.prompted(rec, "positive") for rec in ds)
     else:
         task_names, tasks = ["default"], np.zeros(n, dtype=np.int32)
+        keys = None  # no texts: identical positive vectors stand for identical texts (below)
 
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    bar = tqdm(total=2 * n, desc="import embeddings", unit="row", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=2 * n, desc="import embeddings", unit="row", disable=not progress, file=sys.stderr)
     for side, src in (("queries", q), ("positives", p)):
         tmp = tmp_name(folder / f"{side}.npy")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
@@ -331,9 +346,19 @@ def import_embeddings(cfg: MineConfig, progress: bool = True, chunk: int = 65536
         del out
         tmp.replace(folder / f"{side}.npy")
     bar.close()
-    _write_tasks(folder, tasks)
+    if keys is None:
+        stored = np.load(folder / "positives.npy", mmap_mode="r")
+        keys = np.concatenate([_row_keys(np.asarray(stored[a : a + chunk])) for a in range(0, n, chunk)])
+    _write_array(folder, "tasks.npy", tasks)
+    _write_array(folder, KEYS_FILE, keys)
     write_json(folder / RECORD, {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": n,
                                  "complete": True, "task_names": task_names, "token": new_token(),
                                  "source_model": f"user:{paths['queries'].name}"})
     log.info("embed: imported %d x %d embeddings into %s", n, dim, folder)
     return folder
+
+
+def _row_keys(block: np.ndarray) -> np.ndarray:
+    """Content keys of embedding rows (bring-your-own embeddings without texts): equal rows, equal keys."""
+    rows = np.ascontiguousarray(block)
+    return np.array([content_key(r.tobytes().hex()) for r in rows], dtype=np.int64)

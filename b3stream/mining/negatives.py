@@ -1,4 +1,4 @@
-"""B3++ hard negatives: ``h`` extra negatives per example, drawn per batch (B3 paper, section 3.3).
+"""B3++ hard negatives: ``h`` extra negatives per example, drawn per batch (B3 paper, section 3.2).
 
 For a batch ``B`` the rows ``S[i]`` of its members are pooled into one *unified* distribution
 
@@ -6,8 +6,9 @@ For a batch ``B`` the rows ``S[i]`` of its members are pooled into one *unified*
     X(B) = B  union  { T[i, c] : i in B },
 
 so an example that many members rank among their strong negatives is the most likely pick. Excluded are
-the members (they are in-batch negatives already) and every member's top-p ranks ``T[i]`` (likely false
-negatives of ``i``: paraphrases, duplicates). ``T[i]`` never entered ``S[i]``, but it can enter *another*
+the members (they are in-batch negatives already), every member's top-p ranks ``T[i]`` (likely false
+negatives of ``i``: paraphrases, duplicates) and every id whose positive text equals a member's (same
+content key, :mod:`b3stream.data.dedup`: a correct answer under another id). ``T[i]`` never entered ``S[i]``, but it can enter *another*
 member's row ``S[k]``, and since the trainer shares the ``h * |B|`` negatives with every query of the global
 batch, a ``j`` in ``T[i]`` drawn through ``S[k]`` would be a negative for ``i`` after all; hence the union.
 ``h * |B|`` *distinct* ids are drawn without replacement and reshaped to ``(|B|, h)``, row ``i`` aligned with
@@ -59,22 +60,32 @@ def excluded_ids(batch: np.ndarray, top: np.ndarray | None = None) -> np.ndarray
     return _sorted_unique(np.concatenate([members, t[t >= 0]]))
 
 
+def same_text(ids: np.ndarray, batch: np.ndarray, keys: np.ndarray | None) -> np.ndarray:
+    """Whether each of ``ids`` has the same positive text (content key) as some member of ``batch``."""
+    if keys is None or len(ids) == 0:
+        return np.zeros(len(ids), dtype=bool)
+    return _contains(_sorted_unique(keys[np.asarray(batch, dtype=np.int64)]), keys[ids])
+
+
 def candidate_counts(batch: np.ndarray, S: np.ndarray, top: np.ndarray | None = None,
-                     excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Unique ids in the S rows of ``batch`` outside X(B) (members, their top-p, padding) and how often
-    each occurs. ``excluded``: X(B) when the caller has it already (else built from ``top``)."""
+                     excluded: np.ndarray | None = None, keys: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Unique ids in the S rows of ``batch`` outside X(B) (members, their top-p, padding, and with ``keys``
+    the ids sharing a member's positive text) and how often each occurs. ``excluded``: X(B) when the caller
+    has it already (else built from ``top``)."""
     members = _sorted_unique(np.asarray(batch, dtype=np.int64))
     cand = np.asarray(S[members]).ravel()
     cand = cand[cand >= 0]
     uniq, counts = np.unique(cand, return_counts=True)
     if excluded is None:
         excluded = excluded_ids(members, top)
-    outside = ~_contains(excluded, uniq)
+    outside = ~_contains(excluded, uniq) & ~same_text(uniq, members, keys)
     return uniq[outside], counts[outside]
 
 
 def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random.Generator,
-                        pool: np.ndarray | None = None, top: np.ndarray | None = None) -> np.ndarray:
+                        pool: np.ndarray | None = None, top: np.ndarray | None = None,
+                        keys: np.ndarray | None = None) -> np.ndarray:
     """``(len(batch), h)`` distinct hard negatives for one batch (module docstring).
 
     Args:
@@ -85,31 +96,43 @@ def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random
         pool: sorted ids the uniform fill-up may draw from (default: all ids 0..N-1).
         top: the skipped top-p ranks T (N x p, -1 padded); every member's row is excluded along with the
             members. None excludes the members only (for callers without T; b3pp always passes it).
+        keys: content keys of every id's positive (N,); ids sharing a member's key are never drawn.
     """
     batch = np.asarray(batch, dtype=np.int64)
     need = h * len(batch)
     if need == 0:
         return np.empty((len(batch), 0), dtype=np.int64)
     excluded = excluded_ids(batch, top)
-    uniq, counts = candidate_counts(batch, S, excluded=excluded)
-    keys = np.log(counts) + rng.gumbel(size=len(uniq))
+    uniq, counts = candidate_counts(batch, S, excluded=excluded, keys=keys)
+    gumbel_keys = np.log(counts) + rng.gumbel(size=len(uniq))
     if len(uniq) > need:
-        top_k = np.argpartition(-keys, need - 1)[:need]
+        top_k = np.argpartition(-gumbel_keys, need - 1)[:need]
     else:
         top_k = np.arange(len(uniq))
-    top_k = top_k[np.lexsort((uniq[top_k], -keys[top_k]))]  # most likely first; deterministic order
+    top_k = top_k[np.lexsort((uniq[top_k], -gumbel_keys[top_k]))]  # most likely first; deterministic order
     chosen = uniq[top_k]
     if len(chosen) < need:
-        chosen = np.concatenate([chosen, _uniform_fill(excluded, chosen, need - len(chosen), rng, pool, len(S))])
+        chosen = np.concatenate([chosen, _uniform_fill(excluded, chosen, need - len(chosen), rng, pool, len(S),
+                                                       batch, keys)])
     return chosen.reshape(len(batch), h)
 
 
 def _uniform_fill(excluded: np.ndarray, chosen: np.ndarray, k: int, rng: np.random.Generator,
-                  pool: np.ndarray | None, n: int) -> np.ndarray:
-    """``k`` more distinct ids from ``pool`` outside X(B) (``excluded``) and ``chosen``; -1 for what the pool
-    lacks."""
+                  pool: np.ndarray | None, n: int, batch: np.ndarray | None = None,
+                  keys: np.ndarray | None = None) -> np.ndarray:
+    """``k`` more distinct ids from ``pool`` outside X(B) (``excluded``), ``chosen`` and the members'
+    same-text ids; -1 for what the pool lacks."""
     size = n if pool is None else len(pool)
     taken = _sorted_unique(np.concatenate([excluded, chosen]))
+    if keys is not None and batch is not None:
+        # Same-text ids cannot be counted without reading every key of the pool, so do that (this
+        # fill-up only runs when the S rows hold fewer than h|B| candidates) and draw from what is left.
+        rest = np.setdiff1d(np.arange(n) if pool is None else pool, taken)
+        rest = rest[~same_text(rest, batch, keys)]
+        if len(rest) <= k:
+            rest = rest[rng.permutation(len(rest))]
+            return np.concatenate([rest, np.full(k - len(rest), -1, dtype=np.int64)])
+        return rest[np.sort(rng.choice(len(rest), size=k, replace=False))][rng.permutation(k)]
     # X(B) may hold ids outside the pool (a member's top-p from another task of a merged small-task
     # group): only the taken ids inside the pool reduce what is left to draw
     free = size - (len(taken) if pool is None else int(np.isin(taken, pool).sum()))

@@ -20,6 +20,16 @@ each dataset separately; local row numbers are mapped back to global ids. ``p + 
 task's size (the own positive is not a candidate), else :class:`ConfigError` names the task; with
 ``small_tasks: merge`` the tasks too small for that are ranked (and partitioned) together as one group.
 
+Same-text positives (:mod:`b3stream.data.dedup`): every id whose positive text equals the query's own
+positive is removed with the own positive, before the top ``p`` are counted: it is the query's correct answer
+under another id, never a negative (the paper's "filter out the golden label" for classification). Such ids
+score exactly like the own positive, so the search is widened by the largest duplicate count in the group
+(capped at ``p + m``; a row with more duplicates than that comes back short and is padded).
+
+Per-task ``p`` and ``m`` (``task_params: {task: {p: .., m: ..}}``): the paper skips p = 30 ranks for
+retrieval and p = 70 for VQA. ``S`` is as wide as the largest ``m`` and ``T`` as the largest ``p``; narrower
+tasks are padded with ``-1``. A merged group of small tasks uses the global ``p`` and ``m``.
+
 Margin filter (optional, NV-Retriever's "TopK-PercPos"): a candidate scoring above ``margin`` times the
 query's own positive score is dropped as a probable false negative.
 
@@ -38,12 +48,14 @@ from __future__ import annotations
 
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..config import ConfigError
+from ..data.dedup import max_multiplicity
 from .artefacts import log
 from .embed import Embeddings, check_vectors
 
@@ -68,6 +80,7 @@ class RankParams:
     recall_sample: int = 1000
     margin: float | None = None
     small_tasks: str = "error"
+    task_params: dict | None = None  # task -> {"p": .., "m": ..}: per-task overrides of p and m
     seed: int = 0
     query_chunk: int = 4096
 
@@ -83,6 +96,20 @@ class RankParams:
             raise ConfigError(f"index must be one of {INDEXES}, got {self.index!r}")
         if self.margin is not None and not 0 < self.margin <= 1.5:
             raise ConfigError(f"margin must be a fraction of the positive's score (e.g. 0.95), got {self.margin}")
+        for task, entry in (self.task_params or {}).items():
+            if not isinstance(entry, dict) or not entry or set(entry) - {"p", "m"}:
+                raise ConfigError(f"task_params.{task} must map to p and/or m, got {entry!r}")
+            for key, value in entry.items():
+                low = 0 if key == "p" else 1
+                if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                    raise ConfigError(f"task_params.{task}.{key} must be an integer >= {low}, got {value!r}")
+
+    def for_group(self, name: str) -> "RankParams":
+        """These parameters with the group's own p and m (``task_params``), if it has any."""
+        entry = (self.task_params or {}).get(name)
+        if not entry:
+            return self
+        return dataclasses.replace(self, p=entry.get("p", self.p), m=entry.get("m", self.m))
 
 
 SMALL_TASKS = "(small tasks)"
@@ -113,8 +140,9 @@ def task_groups(tasks: np.ndarray, task_names: list[str], per_task: bool, merge_
         [(SMALL_TASKS, np.sort(np.concatenate([ids for _, ids in small])))]
 
 
-def check_sizes(groups: list[tuple[str, np.ndarray]], p: int, m: int) -> None:
+def check_sizes(groups: list[tuple[str, np.ndarray]], prm: RankParams) -> None:
     for name, ids in groups:
+        p, m = prm.for_group(name).p, prm.for_group(name).m
         if p + m >= len(ids):
             what = "the small tasks together have" if name == SMALL_TASKS else f"task {name!r} has"
             raise ConfigError(
@@ -154,7 +182,7 @@ def choose_index(n: int, prm: RankParams) -> str:
     return "flat" if n <= prm.exact_threshold else "ivf"
 
 
-def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536):
+def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536, k: int | None = None):
     """An inner-product index over ``base`` (float16/32 rows, added chunk by chunk).
 
     Returns (index, desc, keep): ``keep`` holds objects FAISS does not own (quantizer, GPU resources) and
@@ -190,7 +218,7 @@ def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536
     for start in range(0, n, chunk):
         index.add(np.ascontiguousarray(base[start : start + chunk], dtype=np.float32))
     if kind == "hnsw":
-        index.hnsw.efSearch = max(prm.hnsw_ef_search, prm.p + prm.m + 1)  # HNSW returns at most efSearch
+        index.hnsw.efSearch = max(prm.hnsw_ef_search, k or prm.p + prm.m + 1)  # HNSW returns at most efSearch
     if kind != "hnsw" and gpu_available():
         res = faiss.StandardGpuResources()
         keep += [res, index]
@@ -205,7 +233,7 @@ def search(index, queries: np.ndarray, k: int, chunk: int = 4096, progress: bool
            desc: str = "rank"):
     """Yield ``(start, scores, ids)`` for the top-``k`` of each chunk of query rows (-1 ids where short)."""
     n = len(queries)
-    bar = tqdm(total=n, desc=desc, unit="query", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=n, desc=desc, unit="query", disable=not progress, file=sys.stderr)
     for start in range(0, n, chunk):
         q = np.ascontiguousarray(queries[start : start + chunk], dtype=np.float32)
         D, I = index.search(q, k)
@@ -230,7 +258,7 @@ def exact_search(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndar
     best_d = torch.full((nq, k), -torch.inf)
     best_i = torch.full((nq, k), -1, dtype=torch.int64)
     ex = None if exclude is None else torch.from_numpy(np.asarray(exclude, dtype=np.int64))
-    bar = tqdm(total=len(base), desc=desc, unit="row", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(base), desc=desc, unit="row", disable=not progress, file=sys.stderr)
     for lo in range(0, len(base), chunk):
         block = torch.from_numpy(np.ascontiguousarray(base[lo : lo + chunk], dtype=np.float32))
         hi = lo + block.shape[0]
@@ -264,14 +292,18 @@ def _compact(I: np.ndarray, D: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray
 
 
 def select_ranks(I: np.ndarray, D: np.ndarray, own: np.ndarray, p: int, m: int,
-                 margin: float | None = None, positive_scores: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 margin: float | None = None, positive_scores: np.ndarray | None = None,
+                 keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-(p+m+1) search results -> (S, scores, T): S and its scores are ranks [p, p+m), T the skipped
-    ranks [0, p); own positive removed first, both -1 padded.
+    ranks [0, p); own positive (and, with ``keys``, every same-text positive) removed first, both -1 padded.
 
-    ``own[r]`` is the index (in the searched base) of row r's own positive.
+    ``own[r]`` is the index (in the searched base) of row r's own positive; ``keys[j]`` the content key of
+    base row j's positive.
     """
-    I, D, drop = _compact(I, D, (I < 0) | (I == own[:, None]))
+    drop = (I < 0) | (I == own[:, None])
+    if keys is not None:
+        drop |= keys[np.maximum(I, 0)] == keys[own][:, None]
+    I, D, drop = _compact(I, D, drop)
     T = np.where(drop[:, :p], -1, I[:, :p])
     if T.shape[1] < p:  # fewer results than p in total
         T = np.pad(T, ((0, 0), (0, p - T.shape[1])), constant_values=-1)
@@ -290,16 +322,20 @@ def select_ranks(I: np.ndarray, D: np.ndarray, own: np.ndarray, p: int, m: int,
 
 
 def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, progress: bool = False,
-               name: str = "all") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+               name: str = "all", keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """(S, scores, T, info) for one group (ids local to the group: row r is the group's r-th example).
+    ``keys``: content keys of the group's positives; same-text positives are dropped like the own one.
 
     Search results are reduced to S and T chunk by chunk, so memory stays at the size of S and T (N x (p+m)).
     """
     n = len(queries)
     kind = choose_index(n, prm)
-    k = prm.p + prm.m + 1
+    # Duplicates of the own positive score like it and are dropped: search deeper by as many.
+    extra = 0 if keys is None else min(max_multiplicity(keys) - 1, prm.p + prm.m)
+    k = min(prm.p + prm.m + 1 + extra, n)
     t0 = time.perf_counter()
-    index, desc, keep = build_index(positives, kind, prm)
+    index, desc, keep = build_index(positives, kind, prm, k=k)
+    desc["duplicate_depth"] = int(extra)
     desc["build_s"] = round(time.perf_counter() - t0, 3)
     t1 = time.perf_counter()
     S = np.empty((n, prm.m), dtype=np.int32)
@@ -312,7 +348,7 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
         if prm.margin is not None:  # the query's own positive score, for the margin filter
             q = np.asarray(queries[start : start + len(I)], dtype=np.float32)
             pos_scores = (q * np.asarray(positives[start : start + len(I)], dtype=np.float32)).sum(1)
-        S[rows], scores[rows], T[rows] = select_ranks(I, D, rows, prm.p, prm.m, prm.margin, pos_scores)
+        S[rows], scores[rows], T[rows] = select_ranks(I, D, rows, prm.p, prm.m, prm.margin, pos_scores, keys)
     desc["search_s"] = round(time.perf_counter() - t1, 3)
     if kind != "flat" and prm.recall_sample > 0:
         rng = np.random.default_rng(prm.seed)
@@ -337,22 +373,31 @@ def rank(emb: Embeddings, prm: RankParams, progress: bool = True
     T (int32, N x p), global ids, -1 padded."""
     prm.check()
     groups = task_groups(emb.tasks, emb.task_names, prm.per_task, merge_threshold(prm.small_tasks, prm.p, prm.m))
-    check_sizes(groups, prm.p, prm.m)
+    unknown = sorted(set(prm.task_params or {}) - {name for name, _ in groups})
+    if unknown:
+        raise ConfigError(f"task_params names task(s) {unknown} that are not ranked on their own here; tasks: "
+                          f"{[name for name, _ in groups]}")
+    check_sizes(groups, prm)
     check_vectors(emb.queries, f"{emb.folder}/queries.npy")
     check_vectors(emb.positives, f"{emb.folder}/positives.npy")
     N = emb.n
-    S = np.full((N, prm.m), -1, dtype=np.int32)
-    scores = np.zeros((N, prm.m), dtype=np.float16)
-    T = np.full((N, prm.p), -1, dtype=np.int32)
+    width_m = max(prm.for_group(name).m for name, _ in groups)
+    width_p = max(prm.for_group(name).p for name, _ in groups)
+    S = np.full((N, width_m), -1, dtype=np.int32)
+    scores = np.zeros((N, width_m), dtype=np.float16)
+    T = np.full((N, width_p), -1, dtype=np.int32)
     info = {"groups": {}}
     for name, ids in groups:
         whole = len(ids) == N
         q = emb.queries if whole else emb.queries[ids]
         p = emb.positives if whole else emb.positives[ids]
-        s_local, sc, t_local, desc = rank_group(q, p, prm, progress=progress, name=name)
-        S[ids] = np.where(s_local >= 0, ids[np.maximum(s_local, 0)], -1)
-        T[ids] = np.where(t_local >= 0, ids[np.maximum(t_local, 0)], -1)
-        scores[ids] = sc.astype(np.float16)
+        gprm = prm.for_group(name)
+        s_local, sc, t_local, desc = rank_group(q, p, gprm, progress=progress, name=name,
+                                                  keys=None if emb.keys is None else emb.keys[ids])
+        S[ids, : gprm.m] = np.where(s_local >= 0, ids[np.maximum(s_local, 0)], -1)
+        T[ids, : gprm.p] = np.where(t_local >= 0, ids[np.maximum(t_local, 0)], -1)
+        scores[ids, : gprm.m] = sc.astype(np.float16)
+        desc.update(p=gprm.p, m=gprm.m)
         info["groups"][name] = desc
     info["padded_rows"] = int((S[:, -1] < 0).sum())
     return S, scores, T, info

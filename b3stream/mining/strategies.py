@@ -50,6 +50,7 @@ class BatchInputs:
     top: np.ndarray | None = None  # (n, p) int32, -1 padded: T, the top-p ranks skipped from S
     communities: np.ndarray | None = None  # (n_comm, K) int32, -1 padded
     community_task: np.ndarray | None = None  # (n_comm,) int32
+    keys: np.ndarray | None = None  # (n,) int64 content key of each positive (b3stream.data.dedup)
 
 
 @dataclass
@@ -223,7 +224,7 @@ class B3ppBatches(B3Batches):
                 present = np.unique(inp.tasks[b])
                 pool = by_task[int(present[0])] if len(present) == 1 else \
                     np.sort(np.concatenate([by_task[int(t)] for t in present]))
-            negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool, top=inp.top))
+            negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool, top=inp.top, keys=inp.keys))
         return batches, negatives
 
 

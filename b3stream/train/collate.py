@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.dedup import content_keys
 from ..data.manifest import Manifest
 from ..data.reader import ShardedDataset
 from ..encoder import Tokenize
@@ -27,6 +28,7 @@ def texts_of(records: list[dict], side: str, manifest: Manifest) -> list[str]:
 class LocalBatch:
     step: Step
     features: dict[str, dict[str, torch.Tensor]]  # side -> tokenizer output
+    keys: dict[str, torch.Tensor]  # "positive"/"negative" -> int64 content keys of those texts
 
 
 class StepData(Dataset):
@@ -42,14 +44,17 @@ class StepData(Dataset):
     def __getitem__(self, index: int) -> LocalBatch:
         step = self.sampler.step(index)
         recs = [self.records[i] for i in step.ids]
-        features = {side: self.tokenize(texts_of(recs, side, self.manifest), side) for side in ("query", "positive")}
+        texts = {side: texts_of(recs, side, self.manifest) for side in ("query", "positive")}
+        features = {side: self.tokenize(texts[side], side) for side in ("query", "positive")}
+        keys = {"positive": torch.from_numpy(content_keys(texts["positive"]))}
         if self.sampler.schedule.negatives is not None:
             # Every rank passes a negative side (maybe empty) so all ranks run the same collectives.
-            negs = [self.records[i] for i in step.negative_ids]
-            features["negative"] = (self.tokenize(texts_of(negs, "positive", self.manifest), "positive")
+            negs = texts_of([self.records[i] for i in step.negative_ids], "positive", self.manifest)
+            features["negative"] = (self.tokenize(negs, "positive")
                                     if negs else {"input_ids": torch.zeros(0, 0, dtype=torch.long),
                                                   "attention_mask": torch.zeros(0, 0, dtype=torch.long)})
-        return LocalBatch(step=step, features=features)
+            keys["negative"] = torch.from_numpy(content_keys(negs))
+        return LocalBatch(step=step, features=features, keys=keys)
 
 
 def _as_is(item):

@@ -9,6 +9,11 @@ of |B| pairs, and a pool ``N`` of extra hard negatives shared by every query,
 and the loss is the mean of ``l_i`` over the |B| queries (optionally averaged with the reverse, positive ->
 query, term). tau defaults to 0.02 as in the paper.
 
+Same-text positives. When the content keys of the texts are given (:mod:`b3stream.data.dedup`), every column
+whose text equals query i's positive, other than its own target, is masked out of ``l_i``: a duplicated
+document or a shared class label under another id is i's correct answer, not a negative. (In the reverse
+term, the queries whose positive has d_i's text are masked likewise.)
+
 Distributed layout. Each rank embeds its slice of the batch (and its share of ``N``), then gathers every
 rank's embeddings, so each query sees the whole global batch as negatives. A rank scores only *its own*
 queries (a (n_local, |B| + |N|) logit block, not |B| x |B|); the gather's backward sums the gradient each
@@ -109,6 +114,20 @@ def gather(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     return _GatherWithGrad.apply(x, sizes)
 
 
+def _gather_keys(keys: torch.Tensor | None, sizes: list[int] | None, device: torch.device) -> torch.Tensor:
+    """Every rank's int64 content keys in rank order (no gradient; NCCL needs them on the GPU)."""
+    if keys is None:
+        raise ValueError("content keys must be given for the positives and for the hard negatives alike")
+    keys = keys.to(device=device, dtype=torch.long)
+    _, world = _world()
+    if world == 1:
+        return keys
+    if sizes is None:
+        sizes = gather_sizes(keys.shape[0], device)
+    dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.cat(all_gather_rows(keys.to(dev), sizes)).to(device)
+
+
 # --------------------------------------------------------------------------------------------------
 # InfoNCE
 # --------------------------------------------------------------------------------------------------
@@ -138,15 +157,19 @@ class InfoNCE:
         symmetric: also average in the positive -> query direction (in-batch queries as negatives).
     """
 
-    def __init__(self, temperature: float = 0.02, symmetric: bool = False):
+    def __init__(self, temperature: float = 0.02, symmetric: bool = False, mask_duplicates: bool = True):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.tau = temperature
         self.symmetric = symmetric
+        self.mask_duplicates = mask_duplicates
 
-    def __call__(self, q: torch.Tensor, d: torch.Tensor, n: torch.Tensor | None = None) -> LossOutput:
+    def __call__(self, q: torch.Tensor, d: torch.Tensor, n: torch.Tensor | None = None,
+                 d_keys: torch.Tensor | None = None, n_keys: torch.Tensor | None = None) -> LossOutput:
         """``q``, ``d``: this rank's (n_local, dim) query and positive embeddings (row i pairs with row i);
-        ``n``: this rank's share of the hard negatives (any count, also 0), or None."""
+        ``n``: this rank's share of the hard negatives (any count, also 0), or None. ``d_keys`` / ``n_keys``:
+        int64 content keys of those positives / negatives; with ``mask_duplicates`` same-text columns are
+        masked (module docstring)."""
         if q.shape != d.shape:
             raise ValueError(f"queries {tuple(q.shape)} and positives {tuple(d.shape)} must pair row by row")
         # Similarities in fp32 even when the encoder runs in bf16: tau = 0.02 multiplies errors by 50.
@@ -163,13 +186,25 @@ class InfoNCE:
             n_neg = n_all.shape[0]
             keys = torch.cat([d_all, n_all])
         target = torch.arange(offset, offset + q.shape[0], device=q.device)
+        same = None
+        if self.mask_duplicates and d_keys is not None:
+            key_all = _gather_keys(d_keys, sizes, q.device)
+            if n is not None:
+                key_all = torch.cat([key_all, _gather_keys(n_keys, None, q.device)])
+            same = key_all[None, :] == d_keys.to(q.device)[:, None]
+            same[torch.arange(len(target), device=q.device), target] = False
 
         logits = q @ keys.T / self.tau
+        if same is not None:
+            logits = logits.masked_fill(same, float("-inf"))
         per_query = F.cross_entropy(logits, target, reduction="none")
         loss = per_query.sum()
         if self.symmetric:
             q_all = gather(q, sizes)
-            rev = F.cross_entropy(d @ q_all.T / self.tau, target, reduction="none")
+            rev_logits = d @ q_all.T / self.tau
+            if same is not None:
+                rev_logits = rev_logits.masked_fill(same[:, :total], float("-inf"))
+            rev = F.cross_entropy(rev_logits, target, reduction="none")
             loss = 0.5 * (loss + rev.sum())
         # world / total: DeepSpeed averages gradients over ranks, so this makes the result the gradient
         # of the mean over all |B| queries however the batch was split.
@@ -181,6 +216,7 @@ class InfoNCE:
             masked = sims.clone()
             masked.scatter_(1, target[:, None], float("-inf"))
             hardest = masked.max(dim=1).values if masked.shape[1] > 1 else torch.zeros_like(pos)
+            hardest = hardest.nan_to_num(neginf=-1.0)  # every other column masked: no negative at all
             stats = torch.stack([loss.detach(), pos.sum(), hardest.sum(), (pos > hardest).float().sum()])
             if world > 1:
                 stats = stats.to(q.device if dist.get_backend() == "nccl" else "cpu")
