@@ -41,17 +41,41 @@ def _add_prepare(sub) -> None:
     p.add_argument("--prompts", default=None, help="YAML: task -> {query: ..., positive: ...} instruction prompts")
     p.add_argument("--query-prompt", default="", help="default instruction prompt for queries")
     p.add_argument("--positive-prompt", default="", help="default instruction prompt for positives")
-    p.add_argument("--test-fraction", type=float, default=0.05)
-    p.add_argument("--validation-fraction", type=float, default=0.05)
-    p.add_argument("--max-share", type=float, default=0.2,
+    p.add_argument("--test-fraction", type=_fraction, default=0.05, help="share of rows held out for test")
+    p.add_argument("--validation-fraction", type=_fraction, default=0.05, help="share held out for validation")
+    p.add_argument("--max-share", type=_share, default=0.2,
                    help="no task or group may exceed this share of a held-out split")
     p.add_argument("--samples-per-shard", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--packages", default=None, help="codesearch: comma-separated tasks to keep (e.g. stdlib,numpy)")
     p.add_argument("--max-pairs", type=int, default=None, help="codesearch: stop after this many pairs")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier dataset in --out (a folder holding only a manifest and its shards)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_prepare)
+
+
+def _fraction(text: str) -> float:
+    """A held-out fraction: at least 0, below 1."""
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
+    return value
+
+
+def _share(text: str) -> float:
+    """A share cap: above 0, at most 1."""
+    value = _number(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in (0, 1]")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def _run_prepare(args) -> int:
@@ -164,10 +188,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that a flag the subcommand does not know is reported by the subcommand.
+
+    argparse hands a subcommand's unknown arguments back to the top-level parser, which then prints its own
+    usage (``b3stream [-h] [--version] COMMAND ...``): no help for someone who mistyped a ``mine`` flag.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = getattr(args, "command", None)
+        # Blame the subcommand only for what came after its name (``b3stream --bogus mine`` is the top's).
+        after_command = (command in argv and unknown[0] in argv
+                         and argv.index(unknown[0]) > argv.index(command))
+        owner = _subparsers(parser).get(command, parser) if after_command else parser
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     from .config import ConfigError
     from .data.manifest import DataError
     from .schedule import ScheduleError

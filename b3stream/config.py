@@ -64,6 +64,7 @@ class MineConfig:
 
     data: str | None = None  # prepared dataset folder (manifest.json); None with user embeddings
     split: str = "train"
+    verify_data: bool = True  # check shard sha256s against the manifest on open (false: skip, for huge data)
     out: str = "runs/mine"
     # -- embed ------------------------------------------------------------------------------------
     teacher: EncoderConfig = field(default_factory=lambda: EncoderConfig(lora=LoraConfig(enabled=False)))
@@ -107,6 +108,7 @@ class TrainConfig:
     (the schedule's global batch size), h (the schedule's hard negatives per example)."""
 
     data: str = ""  # prepared dataset folder; training reads its "train" split
+    verify_data: bool = True  # check shard sha256s against the manifest on open (false: skip, for huge data)
     schedule: str = ""  # a schedule file, or a folder holding versioned schedules (newest good one used)
     out: str = "runs/train"  # RUN: checkpoints/, tb/, export/, summary.json
     student: EncoderConfig = field(default_factory=EncoderConfig)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .config import EncoderConfig
 
@@ -119,8 +119,8 @@ class Encoder(torch.nn.Module):
         self.model.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out: np.ndarray | None = None
-        bar = tqdm(total=len(texts), desc=desc or f"embedding {side}s", unit="text", disable=not progress,
-                   file=sys.stderr)
+        bar = progress_bar(total=len(texts), desc=desc or f"embedding {side}s", unit="text",
+                           disable=not progress, file=sys.stderr)
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
             batch = {k: v.to(self.device) for k, v in self.tokenize([texts[i] for i in idx], side).items()}

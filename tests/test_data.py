@@ -6,15 +6,20 @@ import csv
 import hashlib
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from b3stream.cli import main
 from b3stream.data import DataError, FieldMap, Manifest, ShardedDataset
+from b3stream.data import reader as reader_module
 from b3stream.data.prepare import load_prompts, prepare_file
+from b3stream.data.shards import write_dataset
 from b3stream.data.splits import assign_splits
 
+from ._train_util import run, write_config
 from .conftest import toy_rows, write_jsonl
 
 FIELDS = FieldMap(query="q", positive="p", task="task", group="g")
@@ -219,7 +224,7 @@ def test_corrupt_shard_is_found_by_verify(toy_dataset, tmp_path):
     data = bytearray(shard.read_bytes())
     data[530:540] = b"XXXXXXXXXX"  # inside the first member's JSON: same size, broken content
     shard.write_bytes(bytes(data))
-    reader = ShardedDataset(ds, "train")  # sizes still agree
+    reader = ShardedDataset(ds, "train", verify=False)  # sizes and counts still agree
     with pytest.raises(DataError, match="train-000002.tar: checksum differs"):
         reader.verify()
 
@@ -277,3 +282,176 @@ def test_shard_file_hash_recorded(toy_dataset):
     m = Manifest.load(toy_dataset)
     sh = m.splits["test"].shards[0]
     assert hashlib.sha256((toy_dataset / sh.url).read_bytes()).hexdigest() == sh.sha256
+
+
+# -- shards that changed after prepare: refused on open, before mining or training reads them -----------
+
+
+def _alter_a_record(ds: Path, shard_name: str = "train-000002.tar") -> tuple[Path, str]:
+    """Change one letter of a query inside a shard: same size, still valid JSON, so only the hash differs."""
+    shard = ds / shard_name
+    data = bytearray(shard.read_bytes())
+    at = data.index(b'"query": "how do I handle') + len(b'"query": "')
+    data[at:at + 3] = b"HOW"
+    shard.write_bytes(bytes(data))
+    return shard, "HOW do I handle"
+
+
+def test_same_size_edit_inside_a_record_is_refused_on_open(toy_dataset, tmp_path):
+    ds = _copy(toy_dataset, tmp_path)
+    _, altered = _alter_a_record(ds)
+    with pytest.raises(DataError, match=r"train-000002.tar: checksum differs from the manifest"):
+        ShardedDataset(ds, "train")
+    # Opting out of the hash (huge data) still opens, and the altered record is what is read.
+    reader = ShardedDataset(ds, "train", verify=False)
+    assert reader[100]["query"].startswith(altered)
+
+
+def test_shards_are_hashed_once_per_process(toy_dataset, tmp_path, monkeypatch):
+    ds = _copy(toy_dataset, tmp_path)
+    hashed: list[str] = []
+    real = reader_module.sha256_file
+    monkeypatch.setattr(reader_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    shards = len(Manifest.load(ds).splits["train"].shards)
+    ShardedDataset(ds, "train")
+    ShardedDataset(ds, "train").verify()  # a second open and a full verify: nothing hashed again
+    assert len(hashed) == shards == len(set(hashed))
+    _alter_a_record(ds)  # a changed file is hashed again
+    with pytest.raises(DataError, match="checksum differs"):
+        ShardedDataset(ds, "train")
+    assert hashed[shards:] == ["train-000002.tar"]
+
+
+def test_mine_refuses_an_altered_shard_before_the_teacher_loads(toy_dataset, tmp_path, capsys):
+    ds = _copy(toy_dataset, tmp_path)
+    _alter_a_record(ds)
+    out = tmp_path / "mine"
+    assert main(["mine", "embed", "--data", str(ds), "--out", str(out), "--quiet"]) == 2
+    assert "train-000002.tar: checksum differs" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_train_refuses_an_altered_shard_before_the_model_loads(toy_dataset, tmp_path):
+    ds = _copy(toy_dataset, tmp_path)
+    _alter_a_record(ds)
+    cfg = write_config(tmp_path / "train.yaml", data=str(ds), schedule=str(tmp_path / "none"),
+                       out=str(tmp_path / "run"))
+    res = run([sys.executable, "-m", "b3stream", "train", "--config", str(cfg)])
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "train-000002.tar: checksum differs" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("delta", [-1, +1])
+def test_manifest_counts_are_checked_on_open(toy_dataset, tmp_path, delta):
+    # A manifest consistent with itself (N = sum of n = sum of nsamples) but not with the shards: lowered,
+    # mining used to fail with an IndexError after embedding; raised, only after embedding every row.
+    ds = _copy(toy_dataset, tmp_path)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["nsamples"] += delta
+    manifest["splits"]["train"]["n"] += delta
+    manifest["N"] += delta
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    for verify in (True, False):  # the count check does not depend on the hash
+        with pytest.raises(DataError, match=f"train-000000.tar: holds 50 records but the manifest says {50 + delta}"):
+            ShardedDataset(ds, "train", verify=verify)
+
+
+# -- where a dataset may be written --------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_the_folder_holding_the_source(tmp_path):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    src = write_jsonl(folder / "pairs.jsonl", toy_rows(40))
+    before = _tree(folder)
+    with pytest.raises(DataError, match=r"work: the source file .*pairs.jsonl lies inside it"):
+        prepare_file(str(src), "jsonl", str(folder), FIELDS, overwrite=True, progress=False)
+    assert _tree(folder) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_dataset(tmp_path):
+    src = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(40))
+    folder = tmp_path / "results"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "sub" / "model.bin").write_bytes(b"weights")
+    before = _tree(folder)
+    with pytest.raises(DataError, match=r"results: not a b3stream dataset \(no manifest.json\)"):
+        prepare_file(str(src), "jsonl", str(folder), FIELDS, overwrite=True, progress=False)
+    assert _tree(folder) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_refuses_a_dataset_folder_with_other_files(tmp_path):
+    out = _prepare(tmp_path, toy_rows(40))
+    (out / "notes.txt").write_text("keep me")
+    before = _tree(out)
+    with pytest.raises(DataError, match=r"src_ds: holds files the dataset did not write \(notes.txt\)"):
+        _prepare(tmp_path, toy_rows(60), overwrite=True)
+    assert _tree(out) == before
+
+
+def test_overwrite_replaces_a_dataset(tmp_path):
+    out = _prepare(tmp_path, toy_rows(40), samples_per_shard=10)
+    _prepare(tmp_path, toy_rows(60), samples_per_shard=100, overwrite=True)
+    assert Manifest.load(out).N == 60
+    listed = {sh.url for s in Manifest.load(out).splits.values() for sh in s.shards}
+    assert {p.name for p in out.iterdir()} == listed | {"manifest.json"}  # no shard of the old one left
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_naming_an_existing_file_is_an_error(tmp_path, overwrite):
+    src = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(40))
+    target = tmp_path / "dataset"
+    target.write_text("not a folder")
+    with pytest.raises(DataError, match=r"dataset: exists and is not a folder"):
+        prepare_file(str(src), "jsonl", str(target), FIELDS, overwrite=overwrite, progress=False)
+    assert target.read_text() == "not a folder"
+    assert _leftovers(tmp_path) == []
+
+
+def test_cli_prepare_overwrite_keeps_the_source(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(40))
+    assert main(["prepare", "jsonl", str(src), "--out", str(tmp_path), "--overwrite", "--quiet"]) == 2
+    assert "the source file" in capsys.readouterr().err
+    assert src.is_file() and _leftovers(tmp_path) == []
+
+
+# -- split options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"held_out": {"validation": 0.05, "test": -0.1}}, r"test fraction is -0.1; .* at least 0 and below 1"),
+        ({"held_out": {"validation": float("nan"), "test": 0.05}}, "validation fraction is nan"),
+        ({"max_share": -0.2}, r"max_share is -0.2; it must be above 0 and at most 1"),
+        ({"max_share": 0.0}, "max_share is 0.0"),
+    ],
+)
+def test_out_of_range_split_options_are_refused(tmp_path, options, message):
+    with pytest.raises(DataError, match=message):
+        _prepare(tmp_path, toy_rows(100), **options)
+    with pytest.raises(DataError, match=message):
+        write_dataset(toy_rows(100), tmp_path / "direct", name="x", progress=False, **options)
+    assert not (tmp_path / "src_ds").exists() and not (tmp_path / "direct").exists()
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag, value", [("--test-fraction", "-0.1"), ("--validation-fraction", "-1"),
+                                         ("--max-share", "-0.2")])
+def test_cli_refuses_negative_fractions(tmp_path, capsys, flag, value):
+    src = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(40))
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "jsonl", str(src), "--out", str(tmp_path / "out"), flag, value, "--quiet"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: b3stream prepare" in err and f"argument {flag}: {value} is not a" in err
+    assert not (tmp_path / "out").exists()

@@ -279,7 +279,7 @@ def iter_codesearch_pairs(packages: list[str] | None = None, max_pairs: int | No
     ``max_pairs`` stops early.  If ``stats`` is a dict it is filled with counts
     (files, too_large, unreadable, unparsable, candidates, duplicates, pairs).
     """
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     wanted = set(packages) if packages is not None else None
     files = []
@@ -300,7 +300,7 @@ def iter_codesearch_pairs(packages: list[str] | None = None, max_pairs: int | No
     def key(text: str) -> bytes:
         return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
-    bar = tqdm(files, desc="codesearch", unit="file", file=sys.stderr, disable=not progress)
+    bar = progress_bar(files, desc="codesearch", unit="file", file=sys.stderr, disable=not progress)
     try:
         for task, rel, path in bar:
             try:

@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml
 
 from .manifest import DataError, Manifest
-from .shards import write_dataset
+from .shards import DEFAULT_HELD_OUT, check_destination, write_dataset
 from .sources import FieldMap, read_records
+from .splits import check_split_options
 
 
 def load_prompts(path: str | None, query_prompt: str = "", positive_prompt: str = "") -> dict:
@@ -42,6 +43,8 @@ def load_prompts(path: str | None, query_prompt: str = "", positive_prompt: str 
 
 
 def prepare_file(src: str, fmt: str, out: str, fields: FieldMap, **kwargs) -> Manifest:
+    """Read ``src`` (a ``fmt`` file) and write it as a dataset under ``out`` (see :func:`write_dataset`)."""
+    _check_options(out, kwargs, source=src)  # before reading a possibly large source
     records = [rec for _, rec in read_records(src, fmt, fields)]
     if not records:
         raise DataError(f"{src}: no records")
@@ -52,6 +55,7 @@ def prepare_codesearch(out: str, packages: list[str] | None = None, max_pairs: i
                        progress: bool = True, **kwargs) -> Manifest:
     from .codesearch import iter_codesearch_pairs
 
+    _check_options(out, kwargs)  # before scanning every installed package
     records = []
     for pair in iter_codesearch_pairs(packages=packages, max_pairs=max_pairs, progress=progress):
         records.append({k: pair[k] for k in ("query", "positive", "task", "group")})
@@ -61,6 +65,13 @@ def prepare_codesearch(out: str, packages: list[str] | None = None, max_pairs: i
                          fields={"query": "docstring summary", "positive": "function code",
                                  "task": "top-level package", "group": "package"},
                          progress=progress, **kwargs)
+
+
+def _check_options(out: str, kwargs: dict, source: str | None = None) -> None:
+    """The checks :func:`write_dataset` makes on its destination and split options, made up front."""
+    check_destination(Path(out), kwargs.get("overwrite", False), source=source)
+    held_out = kwargs.get("held_out")
+    check_split_options(DEFAULT_HELD_OUT if held_out is None else held_out, kwargs.get("max_share", 0.2))
 
 
 def summary(manifest: Manifest, top: int = 8) -> str:

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-from .manifest import DataError, Manifest, sha256_file
+from .manifest import DataError, Manifest, ShardInfo, sha256_file
 
 
 def _is_url(url: str) -> bool:
@@ -38,14 +38,81 @@ def decode_sample(sample: dict, where: str) -> dict:
     return rec
 
 
+# What is known about each local shard file, by path and stat identity: its sample count and, once hashed,
+# its sha256. Repeated opens of a split (every mining stage, evaluation) and DataLoader workers forked after the
+# first open then cost a stat per shard instead of another read of the whole split.
+_FACTS: dict[tuple[str, int, int, int, int], dict] = {}
+
+
+def shard_facts(path: Path, with_hash: bool) -> dict:
+    """``{"samples": n}`` for the tar at ``path``, plus ``"sha256"`` if ``with_hash``; cached per process."""
+    st = path.stat()
+    # ctime and inode too: a copy that preserves mtime (cp -p, rsync -t) still changes one of them.
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    facts = _FACTS.setdefault(key, {})
+    try:
+        if "samples" not in facts:
+            facts["samples"] = count_samples(path)
+        if with_hash and "sha256" not in facts:
+            facts["sha256"] = sha256_file(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the shard ({e})") from None
+    return facts
+
+
+def count_samples(path: Path) -> int:
+    """Samples in a WebDataset tar: runs of members sharing a key, read from the headers alone."""
+    count, last = 0, None
+    try:
+        with tarfile.open(path, "r:") as tar:  # uncompressed, seekable: member data is skipped, not read
+            for member in tar:
+                if not member.isfile():
+                    continue
+                # webdataset's key: the member name up to the first dot of its last component
+                folder, _, base = member.name.rpartition("/")
+                key = (folder, base.split(".", 1)[0])
+                if key != last:
+                    count, last = count + 1, key
+    except (tarfile.TarError, EOFError) as e:
+        raise DataError(f"{path}: corrupt or truncated tar ({e})") from None
+    return count
+
+
+def check_shard(path: Path, info: ShardInfo, verify: bool) -> None:
+    """Refuse a local shard that is missing or differs from its manifest entry (size, count, hash)."""
+    if not path.is_file():
+        raise DataError(f"{path}: shard listed in the manifest is missing")
+    size = path.stat().st_size
+    if size != info.bytes:
+        raise DataError(
+            f"{path}: shard is {size} bytes but the manifest recorded {info.bytes}; it is truncated or was replaced"
+        )
+    facts = shard_facts(path, with_hash=verify)
+    if verify and facts["sha256"] != info.sha256:
+        raise DataError(
+            f"{path}: checksum differs from the manifest; the shard is corrupt or was replaced "
+            "(re-run `b3stream prepare`, or copy the shard again)"
+        )
+    if facts["samples"] != info.nsamples:
+        raise DataError(
+            f"{path}: holds {facts['samples']} records but the manifest says {info.nsamples}; "
+            "the manifest does not belong to these shards"
+        )
+
+
 class ShardedDataset:
     """One split of a prepared dataset. ``ds[i]`` is the record with id ``i``; ``iter(ds)`` streams all.
 
-    Opening checks that every local shard exists and has the size the manifest recorded (cheap, catches
-    truncated copies); :meth:`verify` re-hashes and re-reads everything.
+    Opening checks every local shard against the manifest: it exists, has the recorded size and holds the
+    recorded number of samples (a header scan), and, with ``verify`` (the default), its sha256 is the
+    recorded one, so a same-size edit inside a record is refused before mining or training reads it. Each
+    shard is hashed once per process (:func:`shard_facts`); ``verify=False`` skips the hash for data too
+    large to read twice. Remote shards (URLs) are checked as they are read. :meth:`verify` goes further:
+    it re-reads every record and checks the ids.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", manifest: Manifest | None = None):
+    def __init__(self, root: str | Path, split: str = "train", manifest: Manifest | None = None,
+                 verify: bool = True):
         self.root = Path(root)
         self.manifest = manifest or Manifest.load(self.root)
         self.split = split
@@ -53,14 +120,7 @@ class ShardedDataset:
         self.urls = [self._resolve(sh.url) for sh in self.info.shards]
         for sh, url in zip(self.info.shards, self.urls):
             if not _is_url(url):
-                p = Path(url)
-                if not p.is_file():
-                    raise DataError(f"{p}: shard listed in the manifest is missing")
-                if p.stat().st_size != sh.bytes:
-                    raise DataError(
-                        f"{p}: shard is {p.stat().st_size} bytes but the manifest recorded {sh.bytes}; "
-                        "it is truncated or was replaced"
-                    )
+                check_shard(Path(url), sh, verify)
         self._random = None
 
     def _resolve(self, url: str) -> str:
@@ -127,10 +187,10 @@ class ShardedDataset:
 
     # -- validation --------------------------------------------------------------------------------
     def verify(self) -> None:
-        """Re-hash every shard and check every record: ids dense and in order, counts as the manifest."""
+        """Hash every shard and check every record: ids dense and in order, counts as the manifest."""
         expected = 0
         for sh, url in zip(self.info.shards, self.urls):
-            if not _is_url(url) and sha256_file(url) != sh.sha256:
+            if not _is_url(url) and shard_facts(Path(url), with_hash=True)["sha256"] != sh.sha256:
                 raise DataError(f"{url}: checksum differs from the manifest; the shard is corrupt or replaced")
             count = 0
             try:

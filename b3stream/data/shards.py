@@ -3,10 +3,13 @@
 Ids are assigned per split in source order after the group split, so the same input gives the same ids and
 byte-identical shards (tar members carry mtime 0 and fixed owners). Everything is written under a temporary
 folder that is renamed into place only when complete: a failed run leaves no partial dataset behind.
+``overwrite`` replaces only an earlier dataset (a folder holding a manifest and its shards, nothing else),
+and only once the new one is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,12 +20,13 @@ from pathlib import Path
 from typing import Iterable
 
 import webdataset as wds
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .manifest import MANIFEST_NAME, DataError, Manifest, ShardInfo, SplitInfo, sha256_file
-from .splits import assign_splits
+from .splits import assign_splits, check_split_options
 
 SPLIT_ORDER = ("train", "validation", "test")
+DEFAULT_HELD_OUT = {"validation": 0.05, "test": 0.05}
 
 
 def encode_sample(rec: dict, idx: int) -> tuple[dict, bytes]:
@@ -56,27 +60,32 @@ def write_dataset(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
-    """Split ``records`` by group, assign ids, write shards and ``manifest.json`` under ``out``."""
+    """Split ``records`` by group, assign ids, write shards and ``manifest.json`` under ``out``.
+
+    ``out`` must not exist, or (with ``overwrite``) be a dataset this function wrote: see
+    :func:`check_destination`.
+    """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; pass --overwrite to replace it")
+    check_destination(out, overwrite)
     if samples_per_shard < 1:
         raise DataError("samples_per_shard must be at least 1")
+    held_out = dict(DEFAULT_HELD_OUT) if held_out is None else held_out
+    check_split_options(held_out, max_share)
     records = list(records)
     if not records:
         raise DataError(f"no records to write for {name!r}")
-    held_out = {"validation": 0.05, "test": 0.05} if held_out is None else held_out
     split_of = assign_splits(
         [r["group"] for r in records], [r["task"] for r in records], held_out, seed=seed, max_share=max_share
     )
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    new_parents = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
     tmp.mkdir(parents=True)
     try:
         splits = {}
-        bar = tqdm(total=len(records), desc=f"writing shards of {name}", unit="rec", disable=not progress,
-                   file=sys.stderr)
+        bar = progress_bar(total=len(records), desc=f"writing shards of {name}", unit="rec",
+                           disable=not progress, file=sys.stderr)
         for split in SPLIT_ORDER:
             members = [r for r, s in zip(records, split_of) if s == split]
             if members:
@@ -91,13 +100,73 @@ def write_dataset(
             tasks=dict(sorted(tasks.items())), prompts=prompts or {}, fields=fields or {}, source=source,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in new_parents:  # deepest first: folders made for this run go too
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     return manifest
+
+
+def check_destination(out: Path, overwrite: bool, source: str | Path | None = None) -> None:
+    """Refuse an ``out`` that writing a dataset would clobber.
+
+    ``--overwrite`` replaces only a folder that holds a b3stream manifest and the shards it lists, nothing
+    else: never a folder of other files, nor one holding ``source`` (the file being prepared).
+    """
+    out = Path(out)
+    present = out.exists() or out.is_symlink()
+    if present and (out.is_symlink() or not out.is_dir()):
+        raise DataError(f"{out}: exists and is not a folder; give --out a new folder or an earlier dataset folder")
+    if source is not None and _inside(Path(source), out):
+        raise DataError(f"{out}: the source file {source} lies inside it; write the dataset to another folder")
+    if not present:
+        return
+    if not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it")
+    manifest = out / MANIFEST_NAME
+    if not manifest.is_file():
+        raise DataError(f"{out}: not a b3stream dataset (no {MANIFEST_NAME}); --overwrite replaces only a "
+                        "folder written by `b3stream prepare`; give a new folder or remove this one yourself")
+    ours = _listed_files(manifest) | {MANIFEST_NAME}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours or not p.is_file() or p.is_symlink())
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise DataError(f"{out}: holds files the dataset did not write ({shown}); --overwrite replaces only a "
+                        "folder that holds nothing but a dataset; move them or give another folder")
+
+
+def _listed_files(manifest: Path) -> set[str]:
+    """Names of the shard files a manifest lists in its own folder (read loosely: any schema version)."""
+    try:
+        d = json.loads(manifest.read_text())
+        urls = [sh["url"] for split in d["splits"].values() for sh in split["shards"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{manifest}: unreadable manifest ({e!r}); not replacing its folder") from None
+    return {u for u in urls if isinstance(u, str) and "/" not in u and "://" not in u}
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an old ``out`` is set aside first and removed only after."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous dataset back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_split(members: list[dict], folder: Path, split: str, per_shard: int, bar) -> SplitInfo:

@@ -35,8 +35,7 @@ def assign_splits(
     n = len(groups)
     if n != len(tasks):
         raise ValueError("groups and tasks must have the same length")
-    if sum(held_out.values()) >= 1.0:
-        raise DataError(f"held-out fractions {held_out} leave nothing to train on")
+    check_split_options(held_out, max_share)
     size: Counter = Counter(groups)
     group_tasks: dict[str, Counter] = defaultdict(Counter)
     for g, t in zip(groups, tasks):
@@ -71,3 +70,14 @@ def assign_splits(
                 "give more groups or a larger fraction"
             )
     return [where.get(g, "train") for g in groups]
+
+
+def check_split_options(held_out: dict[str, float], max_share: float) -> None:
+    """Held-out fractions in [0, 1) leaving rows to train on; ``max_share`` in (0, 1]."""
+    for split, frac in held_out.items():
+        if not 0.0 <= frac < 1.0:  # also refuses NaN
+            raise DataError(f"{split} fraction is {frac}; a held-out fraction must be at least 0 and below 1")
+    if sum(held_out.values()) >= 1.0:
+        raise DataError(f"held-out fractions {held_out} leave nothing to train on")
+    if not 0.0 < max_share <= 1.0:
+        raise DataError(f"max_share is {max_share}; it must be above 0 and at most 1")

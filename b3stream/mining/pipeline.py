@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, check_stamp
@@ -127,7 +127,7 @@ def _tasks(cfg: MineConfig, n: int | None = None) -> tuple[np.ndarray, list[str]
     if cfg.data is not None:
         from ..data.reader import ShardedDataset
 
-        ds = ShardedDataset(cfg.data, cfg.split)
+        ds = ShardedDataset(cfg.data, cfg.split, verify=cfg.verify_data)
         names = [t or "default" for t in ds.column("task")]
         task_names = list(dict.fromkeys(names))
         lookup = {t: i for i, t in enumerate(task_names)}
@@ -161,8 +161,8 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
                          merge_threshold(rp.get("small_tasks", "error"), rp.get("p", cfg.p), rp.get("m", cfg.m)))
     folder = out_dir(cfg, PARTITION_FOLDER)
     all_comm, all_task, info = [], [], {}
-    for name, ids in tqdm(groups, desc="partition", unit="task", disable=not progress or len(groups) < 2,
-                          file=sys.stderr):
+    for name, ids in progress_bar(groups, desc="partition", unit="task", disable=not progress or len(groups) < 2,
+                                  file=sys.stderr):
         t1 = time.perf_counter()
         local = subgraph_rows(S, ids, N)
         graph = build_graph(local, edges=cfg.edges, rank_weights=cfg.rank_weights)

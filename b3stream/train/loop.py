@@ -46,7 +46,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # -- 1. Data and schedule. Everything wrong with the inputs fails here, before the model loads. ----
     manifest = Manifest.load(cfg.data)
-    records = ShardedDataset(cfg.data, "train", manifest=manifest)
+    records = ShardedDataset(cfg.data, "train", manifest=manifest, verify=cfg.verify_data)
     schedule = load_schedule(cfg.schedule, expect=manifest.stamp("train"))
     sampler = ScheduleSampler(schedule, len(records), dist.rank, dist.world_size, seed=cfg.seed)
     batch_size = schedule_batch_size(schedule)  # |B|
