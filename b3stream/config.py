@@ -56,7 +56,7 @@ class EncoderConfig:
 
 @dataclass
 class MineConfig:
-    """Static B3 mining (DESIGN.md steps 1-6). Symbols follow the paper: p, m, K, |B| (batch_size), h.
+    """Static B3 mining (docs/architecture.md, "Mining"). Symbols follow the paper: p, m, K, |B| (batch_size), h.
 
     Stages (``b3stream.mining.pipeline``): embed -> rank -> partition -> schedule, each file to file under
     ``out``. See ``configs/mine_b3.yaml`` for a commented example.
@@ -100,6 +100,7 @@ class MineConfig:
     quality_sample: int | None = 2048  # queries scored for the Theorem-1 bound (None: all, 0: skip)
     quality_temperature: float = 0.02  # tau in exp(s / tau) for the bound (the paper trains at 0.02)
     version: int | None = None  # schedule version to write; None: next free
+    overwrite: bool = False  # allow an explicit version to replace an existing schedule file
 
 
 @dataclass

@@ -8,9 +8,10 @@ File layout (``vNNNNNN.b3s``, little-endian)::
     b"B3SCHED1\\n" | uint64 header length | header JSON | raw arrays
 
 The header lists each array's dtype, shape and byte offset, the metadata, and a SHA-256 over the metadata
-and the array bytes. Files are written under a temporary name and renamed into place, so a reader never
-sees a half-written schedule; a file whose checksum fails is rejected and :func:`latest_schedule` falls back
-to the newest good version. The content is a pure function of the inputs and the seed (byte-identical
+and the array bytes. Files are written under a temporary name and linked into place under a version number
+no other file has (:func:`publish_schedule`), so a reader never sees a half-written schedule and concurrent
+publishers never share a version; a file whose checksum fails is rejected and :func:`latest_schedule` falls
+back to the newest good version. The content is a pure function of the inputs and the seed (byte-identical
 reruns); wall-clock timings, which are not, go to a ``.json`` sidecar that :func:`load_schedule` merges into
 ``meta["timings"]``.
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import os
+import secrets
 import struct
 import warnings
 from collections.abc import Sequence
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_atomic, write_json
+from .files import write_json
 
 MAGIC = b"B3SCHED1\n"
 SUFFIX = ".b3s"
@@ -41,6 +44,10 @@ _VERSION_RE = re.compile(r"^v(\d{6})\.b3s$")
 
 class ScheduleError(ValueError):
     """A schedule file is corrupt, of another format, or does not fit the data it is used with."""
+
+
+class VersionExistsError(ScheduleError):
+    """An explicit schedule version is already taken and overwriting was not asked for."""
 
 
 class Ragged(Sequence):
@@ -225,21 +232,80 @@ def latest_schedule(folder: str | Path) -> Path | None:
     return None
 
 
-def publish_schedule(schedule: Schedule, folder: str | Path, version: int | None = None) -> Path:
-    """Write ``schedule`` as the next version (or ``version``) in ``folder``, atomically.
+def _claim(folder: Path, version: int, data: bytes, overwrite: bool) -> Path | None:
+    """Put ``data`` at ``folder/vNNNNNN.b3s``: the complete bytes go to a unique temporary file first, then
+    ``os.link`` gives them the final name, which fails if the name exists (atomic on POSIX, NFS included),
+    so two publishers can never both get the same version and a reader never sees a half-written file.
+    Returns None when the name is taken (and ``overwrite`` is off); the temporary file is always removed."""
+    path = version_path(folder, version)
+    # A name of our own (not mkstemp, whose 0600 mode the final file would keep: readers may be other users)
+    tmp = folder / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            # The old timings describe the old file: drop them before the new file takes the name, so a
+            # reader sees the new schedule with no timings for a moment rather than with wrong ones.
+            sidecar(path).unlink(missing_ok=True)
+            os.replace(tmp, path)
+            return path
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+        return path
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    The sidecar (timings, readable metadata) is written first, then the schedule is renamed into place:
-    whoever sees ``vN.b3s`` can rely on it being complete.
+
+def _remove_orphan_sidecars(folder: Path) -> None:
+    """Delete ``vN.json`` files whose ``vN.b3s`` does not exist. A sidecar is written only after its
+    schedule is in place (and removed before an overwrite), so one without a schedule is left over from a
+    crash or from an older writer that wrote the sidecar first and then failed; it would otherwise lend its
+    stale timings to whichever schedule takes that version next."""
+    for side in folder.glob("v??????.json"):
+        if _VERSION_RE.match(side.with_suffix(SUFFIX).name) and not side.with_suffix(SUFFIX).exists():
+            side.unlink(missing_ok=True)
+
+
+def publish_schedule(schedule: Schedule, folder: str | Path, version: int | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write ``schedule`` as the next free version (or as ``version``) in ``folder``, atomically.
+
+    The next free version is claimed with an exclusive create (:func:`_claim`): when several publishers
+    (``b3stream mine`` runs, the background miner) pick the same number, one gets it and the others retry
+    with the next, so every schedule gets its own version and none is lost. An explicit ``version`` that
+    exists is refused (:class:`VersionExistsError`) unless ``overwrite``: a checkpoint taken on that version
+    could no longer resume on it. The ``.json`` sidecar (timings, readable metadata) is written after the
+    schedule is in place, so a failed or refused publish leaves nothing behind; a reader may see a new
+    schedule without its timings for a moment (they are informational).
     """
+    if version is not None and (isinstance(version, bool) or not isinstance(version, (int, np.integer))
+                                or version < 0):
+        raise ScheduleError(f"schedule version must be a non-negative integer, got {version!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if version is None:
+    _remove_orphan_sidecars(folder)
+    explicit = version is not None
+    if not explicit:
         versions = list_versions(folder)
         version = versions[-1] + 1 if versions else 0
-    schedule.meta["version"] = int(version)
-    path = version_path(folder, version)
+    while True:
+        schedule.meta["version"] = int(version)  # part of the checksummed content: bytes per attempt
+        path = _claim(folder, int(version), schedule.to_bytes(), overwrite and explicit)
+        if path is not None:
+            break
+        if explicit:
+            raise VersionExistsError(f"{version_path(folder, version)} already exists; a run trained on it "
+                                     "could no longer resume on it. Pick another version, leave the version "
+                                     "out (next free one), or overwrite it explicitly (b3stream mine "
+                                     "--overwrite)")
+        versions = list_versions(folder)
+        version = max(int(version) + 1, versions[-1] + 1 if versions else 0)
     write_json(sidecar(path), {"meta": {k: v for k, v in schedule.meta.items() if k != "timings"},
                                "timings": schedule.meta.get("timings", {})})
-    write_atomic(path, schedule.to_bytes())
     schedule.path = path
     return path

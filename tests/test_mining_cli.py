@@ -14,6 +14,7 @@ from b3stream import load_schedule
 from b3stream.cli import main
 from b3stream.config import MineConfig
 from b3stream.data.manifest import Manifest
+from b3stream.mining.quality import batch_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--p", "2", "--m", "10", "--K", "4", "--batch-size", "16", "--h", "2", "--quiet"]
@@ -41,7 +42,18 @@ def test_mine_all_stages_end_to_end(toy_mined, capsys):
         ("b3pp", 2, 10, 4, 16, 2)
     assert meta["source_model"].startswith("all-MiniLM-L6-v2")
     assert sched.negatives.shape == (n, 2)
-    assert meta["quality"]["theorem1_bound"] > meta["quality"]["theorem1_floor"]
+    # the stored quality is that of this file's batches and negatives on these embeddings (not, say, of the
+    # batches before the hard negatives were attached), and it beats random batches of the same size
+    queries = np.load(out / "embeddings" / "queries.npy", mmap_mode="r")
+    positives = np.load(out / "embeddings" / "positives.npy", mmap_mode="r")
+    again = batch_quality(sched.ids, sched.offsets, queries, positives, meta["quality"]["K"],
+                          temperature=meta["quality"]["temperature"], negatives=sched.negatives, sample=None)
+    for key in ("theorem1_bound", "neg_sim_mean", "neg_sim_hardest_mean"):
+        assert meta["quality"][key] == pytest.approx(again[key], rel=1e-4), key
+    perm = np.random.default_rng(0).permutation(n)
+    rand = batch_quality(perm, np.append(np.arange(0, n, 16), n), queries, positives, meta["quality"]["K"],
+                         temperature=meta["quality"]["temperature"], sample=None)
+    assert meta["quality"]["theorem1_bound"] < rand["theorem1_bound"] - 1.0, (meta["quality"], rand)
     assert set(meta["timings"]) >= {"embed", "rank", "partition", "schedule", "quality"}
     emb = np.load(out / "embeddings" / "queries.npy", mmap_mode="r")
     assert emb.dtype == np.float16 and emb.shape == (n, 384)
@@ -57,8 +69,9 @@ def test_stages_one_by_one_and_byte_identical_reruns(toy_mined):
     for stage in ("rank", "partition"):
         assert main(["mine", stage, "--config", str(cfg), *SMALL]) == 0
     runs = []
-    for _ in range(2):
-        assert main(["mine", "schedule", "--config", str(cfg), "--strategy", "b3pp", "--version", "7", *SMALL]) == 0
+    for _ in range(2):  # the rerun replaces version 7, which needs --overwrite
+        assert main(["mine", "schedule", "--config", str(cfg), "--strategy", "b3pp", "--version", "7", "--overwrite",
+                     *SMALL]) == 0
         runs.append((out / "schedules" / "v000007.b3s").read_bytes())
     assert runs[0] == runs[1]
     assert main(["mine", "schedule", "--config", str(cfg), "--strategy", "b3pp", "--version", "8", "--seed", "1",

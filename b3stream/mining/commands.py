@@ -22,6 +22,7 @@ _FLAGS = {  # flag -> MineConfig key
     "data": "data", "split": "split", "out": "out", "strategy": "strategy", "p": "p", "m": "m", "K": "K",
     "batch_size": "batch_size", "h": "h", "seed": "seed", "query_embeddings": "query_embeddings",
     "positive_embeddings": "positive_embeddings", "index": "index", "edges": "edges", "version": "version",
+    "overwrite": "overwrite",
 }
 
 
@@ -50,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--index", default=None, choices=["auto", "flat", "ivf", "hnsw"])
     p.add_argument("--edges", default=None, choices=["mutual", "union"])
     p.add_argument("--version", type=int, default=None, help="schedule version to write (default: next)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="let --version replace an existing schedule (a run trained on it can then no longer "
+                        "resume on it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any other MineConfig field, e.g. --set per_task=false (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")

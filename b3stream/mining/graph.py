@@ -1,4 +1,4 @@
-"""Stage 3a, graph: the neighbour lists S -> a symmetric sparse graph in CSR form (B3 paper, section 3.2).
+"""Stage 3a, graph: the neighbour lists S -> a symmetric sparse graph in CSR form (B3 paper, section 3.1.1).
 
 Row ``i`` of ``S`` lists the examples whose positives rank ``[p, p+m)`` for query ``i``: each is a strong
 negative for ``i``. Seen as directed edges ``i -> S[i, c]``, they are made undirected for METIS, which

@@ -1,4 +1,4 @@
-"""Stage 3b, partition: METIS communities of exactly K examples (B3 paper, section 3.2).
+"""Stage 3b, partition: METIS communities of exactly K examples (B3 paper, section 3.1.1).
 
 METIS (through pymetis) cuts the graph of :mod:`b3stream.mining.graph` into ``ceil(n/K)`` parts while
 minimising the edges between parts, i.e. maximising the strong-negative pairs inside each community. METIS

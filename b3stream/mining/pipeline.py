@@ -28,7 +28,7 @@ from ..data.manifest import DataError, check_stamp
 from .artefacts import log, new_token, read_json, same_params, staged_arrays, write_json
 from .embed import FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings
 from .rank import FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, merge_threshold, rank, task_groups
-from ..schedule import Schedule, publish_schedule
+from ..schedule import Schedule, publish_schedule, version_path
 from .strategies import BatchInputs, BatchParams, get_strategy, make_batches
 
 PARTITION_FOLDER, PARTITION_RECORD = "partition", "partition.json"
@@ -201,9 +201,29 @@ def load_partition(cfg: MineConfig, expect: dict | None = None) -> tuple[np.ndar
     return np.load(folder / "communities.npy"), np.load(folder / "community_task.npy"), record
 
 
+def check_seed_and_version(cfg: MineConfig, stage: str = "schedule") -> None:
+    """Refuse, before any work, a negative seed or version and an explicit version that exists already
+    (unless ``cfg.overwrite``): numpy and METIS reject or reinterpret negative seeds deep inside a stage, a
+    negative version has no file name, and replacing a version under a run that trained on it would keep
+    that run from resuming on the schedule it used."""
+    if cfg.seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed}")
+    if cfg.version is not None and cfg.version < 0:
+        raise ConfigError(f"schedule version must be a non-negative integer, got {cfg.version}")
+    if stage in ("schedule", "all") and cfg.version is not None and not cfg.overwrite:
+        # the folder the schedule stage publishes into (a refresh run may point it elsewhere)
+        folder = Path(cfg.schedule_dir) if getattr(cfg, "schedule_dir", None) else out_dir(cfg, SCHEDULE_FOLDER)
+        path = version_path(folder, cfg.version)
+        if path.exists():
+            raise ConfigError(f"schedule version {cfg.version} exists already ({path}); a run trained on it could "
+                              "no longer resume on it. Leave --version out (next free version), pick another "
+                              "one, or pass --overwrite to replace it")
+
+
 def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
     """Stage 4 (:mod:`b3stream.mining.strategies`): artefacts -> a published, versioned schedule."""
     t0 = time.perf_counter()
+    check_seed_and_version(cfg)
     strategy = get_strategy(cfg.strategy)
     prm = BatchParams.from_config(cfg)
     strategy.check_params(prm)
@@ -218,8 +238,18 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
                             "batch's hard negatives; re-run `b3stream mine rank`")
     if "communities" in strategy.needs:
         communities, community_task, records["partition"] = load_partition(cfg, expect)
-        if "rank" in records and records["partition"]["params"].get("upstream") != records["rank"].get("token"):
-            raise ConfigError("the communities were built from older neighbour lists; re-run the partition stage")
+        # The communities must come from the neighbour lists now in OUT/rank, also for b3, which reads no S
+        # itself: after a rank re-run (other p, m, data or teacher) the old communities would be batched under
+        # the new lists' p and m (the metadata below reads them from the rank record).
+        current = records.get("rank") or read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD)
+        if current is None:
+            raise DataError(f"{out_dir(cfg, RANK_FOLDER)}: no neighbour lists ({RANK_RECORD}), so nothing shows "
+                            f"that the communities in {out_dir(cfg, PARTITION_FOLDER)} are current; re-run "
+                            "`b3stream mine rank` and `b3stream mine partition`")
+        if records["partition"]["params"].get("upstream") != current.get("token"):
+            raise ConfigError(f"the communities in {out_dir(cfg, PARTITION_FOLDER)} were built from other neighbour "
+                              f"lists than those now in {out_dir(cfg, RANK_FOLDER)} (the rank stage ran again "
+                              "since); re-run `b3stream mine partition`")
         if records["partition"]["params"].get("K") != cfg.K:
             raise ConfigError(f"the communities have K={records['partition']['params'].get('K')} but K={cfg.K} "
                               "was asked for; re-run the partition stage with this K")
@@ -265,7 +295,7 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
             seed=0, progress=progress)
         timings["quality"] = round(time.perf_counter() - t1, 3)
     schedule.meta["timings"] = timings
-    path = publish_schedule(schedule, out_dir(cfg, SCHEDULE_FOLDER), cfg.version)
+    path = publish_schedule(schedule, out_dir(cfg, SCHEDULE_FOLDER), cfg.version, overwrite=cfg.overwrite)
     q = schedule.meta.get("quality")
     log.info("schedule: %s, %d batches (%s)%s", path, len(batches), cfg.strategy,
              f"; Theorem-1 bound {q['theorem1_bound']:.3f}, in-batch negative similarity mean "
@@ -288,6 +318,7 @@ def _up_to_date(record_path: Path, params: dict, expect: dict | None) -> bool:
 def run_all(cfg: MineConfig, progress: bool = True) -> Path:
     """Every stage the strategy needs, skipping up-to-date ones; returns the schedule path."""
     get_strategy(cfg.strategy)  # unknown strategy: fail before any work
+    check_seed_and_version(cfg, "all")
     expect = expected_stamp(cfg)
     needs = NEEDS[cfg.strategy]
     if cfg.data is not None or cfg.query_embeddings or cfg.positive_embeddings:
@@ -319,6 +350,7 @@ STAGE_FUNCTIONS = {"embed": embed_stage, "rank": rank_stage, "partition": partit
 def run_stage(stage: str, cfg: MineConfig, progress: bool = True) -> Path:
     if stage not in STAGE_FUNCTIONS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_FUNCTIONS)}")
+    check_seed_and_version(cfg, stage)
     return STAGE_FUNCTIONS[stage](cfg, progress)
 
 

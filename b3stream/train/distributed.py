@@ -6,7 +6,7 @@
   fresh machine). We skip it: gloo does the collectives, and a step's all-reduces are tiny.
 - gloo on CPU, NCCL on GPUs.
 - At the end of a launched run, :func:`finish` destroys the process group and leaves with ``os._exit``:
-  gloo processes otherwise abort now and then at interpreter exit (NOTES-stack.md).
+  gloo processes otherwise abort now and then at interpreter exit (docs/architecture.md, "Stack notes").
 """
 
 from __future__ import annotations
