@@ -250,7 +250,7 @@ def apply_overrides(cfg: T, overrides: dict[str, Any] | list[str]) -> T:
         if parts[-1] not in node:
             raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}")
         node[parts[-1]] = value
-    return from_dict(type(cfg), data, where="overrides")
+    return validate(from_dict(type(cfg), data, where="overrides"))
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict | list | None = None) -> T:
@@ -265,7 +265,128 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict | 
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}
     cfg = from_dict(cls, data, where=str(path) if path else "config")
-    return apply_overrides(cfg, overrides) if overrides else cfg
+    # Validated once, after the overrides: an override may correct a value of the file.
+    return apply_overrides(cfg, overrides) if overrides else validate(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: values each of the right type but out of range, checked when the config is loaded so that
+# a bad value stops the command before any model loads or any output folder is made.
+# --------------------------------------------------------------------------------------------------
+
+
+def validate(cfg: T, prefix: str = "") -> T:
+    """Check ``cfg`` and its nested configs; raise :class:`ConfigError` naming the dotted key. Returns ``cfg``."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate(value, f"{prefix}{f.name}.")
+    check = _CHECKS.get(type(cfg))
+    if check is not None:
+        check(cfg, _Checker(cfg, prefix))
+    return cfg
+
+
+class _Checker:
+    def __init__(self, cfg: Any, prefix: str):
+        self.cfg, self.prefix = cfg, prefix
+
+    def fail(self, name: str, why: str) -> None:
+        raise ConfigError(f"{self.prefix}{name}: {why}, got {getattr(self.cfg, name)!r}")
+
+    def above(self, name: str, low: float, optional: bool = False) -> None:
+        value = getattr(self.cfg, name)
+        if value is None and optional:
+            return
+        if not value > low:  # also refuses NaN
+            self.fail(name, f"must be > {low}" + (" (or null)" if optional else ""))
+
+    def at_least(self, name: str, low: float, optional: bool = False) -> None:
+        value = getattr(self.cfg, name)
+        if value is None and optional:
+            return
+        if not value >= low:
+            self.fail(name, f"must be >= {low}" + (" (or null)" if optional else ""))
+
+    def one_of(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self.cfg, name) not in choices:
+            self.fail(name, f"must be one of {', '.join(choices)}")
+
+
+def _check_encoder(c: EncoderConfig, v: _Checker) -> None:
+    v.one_of("pooling", ("mean", "cls", "last"))
+    v.above("max_query_length", 0)
+    v.above("max_positive_length", 0)
+    if c.model is not None:
+        problem = _model_problem(c.model)
+        if problem:
+            raise ConfigError(f"{v.prefix}model: {problem}")
+
+
+def _check_lora(c: LoraConfig, v: _Checker) -> None:
+    if c.enabled:
+        v.above("r", 0)
+        v.above("alpha", 0)
+        if not 0 <= c.dropout < 1:
+            v.fail("dropout", "must be in [0, 1)")
+
+
+def _check_train(c: TrainConfig, v: _Checker) -> None:
+    v.above("temperature", 0)
+    v.at_least("lr", 0)
+    v.at_least("weight_decay", 0)
+    if not 0 <= c.warmup_ratio < 1:
+        v.fail("warmup_ratio", "must be in [0, 1) (a share of the training steps)")
+    v.above("epochs", 0)
+    v.above("max_steps", 0, optional=True)
+    v.above("grad_cache_chunk", 0, optional=True)
+    v.at_least("grad_clip", 0)
+    v.one_of("precision", ("auto", "fp32", "bf16", "fp16"))
+    v.at_least("num_workers", 0)
+    v.above("log_every", 0)
+    for name in ("eval_every", "save_every", "watch_schedule_every", "eval_max_queries"):
+        v.above(name, 0, optional=True)
+    v.above("eval_batch_size", 0)
+    v.above("keep_checkpoints", 0)
+
+
+_CHECKS = {EncoderConfig: _check_encoder, LoraConfig: _check_lora, TrainConfig: _check_train}
+
+
+def _model_problem(model: str) -> str | None:
+    """Why ``model`` cannot be loaded, or None. A folder must exist. A Hugging Face hub id ("org/name") is
+    accepted when it can be fetched: online, or offline (HF_HUB_OFFLINE, the b3stream default) when it is
+    in the local Hugging Face cache. Checked here, not when the model loads: that comes after the data,
+    the schedule and the run folder."""
+    import os
+    import re
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return None
+    from .encoder import resolve_model  # here: the encoder module imports this one
+
+    if resolve_model(model) != model:  # a name of the bundled model ("minilm")
+        return None
+    if path.exists():
+        return f"{model} is a file; give the model folder"
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", model) is not None and ".." not in model
+    offline = any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if hub_id and (not offline or _in_hub_cache(model)):
+        return None
+    return (f"model folder {model} does not exist"
+            + (" (nor is it a hub id in the local Hugging Face cache, and HF_HUB_OFFLINE is set)"
+               if hub_id else ""))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the hub library refuses is not in its cache either
+        return False
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:

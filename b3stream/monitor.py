@@ -26,7 +26,7 @@ class Monitor:
     """TensorBoard writer + progress bar + periodic console line (no-ops when ``enabled`` is False)."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, log_every: int = 10,
-                 enabled: bool = True):
+                 enabled: bool = True, progress: bool = True):
         self.enabled, self.log_every, self.total = enabled, max(1, log_every), total_steps
         self.writer = None
         self.bar = None
@@ -36,7 +36,7 @@ class Monitor:
 
         self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
         # A live bar only on a terminal; in log files the periodic lines say the same without the noise.
-        if sys.stderr.isatty():
+        if progress and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             file=sys.stderr, desc="train")
 

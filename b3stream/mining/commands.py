@@ -90,6 +90,10 @@ def run_mine(args) -> int:
 
     _setup_logging(args.quiet)
     cfg = config_from_args(args)
+    if args.quiet:
+        from ..encoder import quiet_model_loading
+
+        quiet_model_loading()
     out = run_stage(args.stage, cfg, progress=not args.quiet)
     print(out)
     if args.stage in ("schedule", "all") and not args.quiet:

@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="training YAML (TrainConfig)")
     p.add_argument("--deepspeed", default=None, help="ZeRO JSON (overrides the config's `deepspeed`)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (model loading, steps)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_args(argv)
@@ -40,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.overrides) + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
         cfg = load_config(TrainConfig, args.config, overrides)
+        if args.quiet:
+            from ..encoder import quiet_model_loading
+
+            quiet_model_loading()
         from .loop import train
 
-        train(cfg)
+        train(cfg, progress=not args.quiet)
     except (ConfigError, DataError, ScheduleError) as e:
         print(f"b3stream train: error: {e}", file=sys.stderr)
         code = 2

@@ -14,6 +14,8 @@ def register(sub) -> None:
     )
     p.add_argument("--config", required=True, help="training YAML (TrainConfig)")
     p.add_argument("--deepspeed", default=None, help="ZeRO JSON path or name in ds_configs/ (zero0..zero3)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (model loading, steps); the periodic step lines stay")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_steps=20")
     p.set_defaults(func=_run_train)
 
@@ -36,14 +38,19 @@ def register(sub) -> None:
 
 def _run_train(args) -> int:
     from ..config import TrainConfig, load_config
-    from .distributed import shutdown, single_process_env
-    from .loop import train
 
     overrides = list(args.overrides) + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
     cfg = load_config(TrainConfig, args.config, overrides)  # config errors before anything starts
+    from .distributed import shutdown, single_process_env  # these import torch and DeepSpeed: after the check
+    from .loop import train
+
+    if args.quiet:
+        from ..encoder import quiet_model_loading
+
+        quiet_model_loading()
     single_process_env()
     try:
-        summary = train(cfg)
+        summary = train(cfg, progress=not args.quiet)
     finally:
         shutdown()
     print(f"trained {summary['steps']} steps, {summary['examples_per_s'] or 0:.1f} examples/s; run in {cfg.out}")

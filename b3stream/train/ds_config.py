@@ -8,11 +8,16 @@ error rather than a silent second source of truth.
 |B| is the global batch: DeepSpeed's ``train_batch_size`` = |B|, one micro-batch of |B| / world per rank
 and no gradient accumulation (accumulating would shrink the in-batch negatives; GradCache is how a large
 |B| fits in memory instead).
+
+The finished dict is checked by DeepSpeed's own config parser (:func:`check_with_deepspeed`) before the model
+loads, so a misspelled key fails in a second with its name instead of as a traceback after loading.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import json
 import math
 from pathlib import Path
@@ -86,23 +91,165 @@ def build_ds_config(cfg: TrainConfig, path: Path, world_size: int, batch_size: i
         _fill(params, "lr", float(cfg.lr), "optimizer.params")
         _fill(params, "weight_decay", float(cfg.weight_decay), "optimizer.params")
     sched = ds.get("scheduler")
-    if sched is not None:
+    _scheduler_class(sched, path)
+    if sched is not None and sched.get("type") in ("WarmupLR", "WarmupDecayLR"):
         params = sched.setdefault("params", {})
-        # DeepSpeed's WarmupLR needs >= 1 warmup step (it uses at least 2); without warmup we start the
-        # ramp at the full rate, so it is flat, and the linear decay follows.
-        warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
-        _fill(params, "warmup_min_lr", 0.0 if cfg.warmup_ratio > 0 else float(cfg.lr), "scheduler.params")
+        # The rate of update k is the schedule's value at iteration k (start_lr_schedule moves DeepSpeed's
+        # schedule to iteration 1 before the first update): lr * k / W over W warmup updates, the peak lr
+        # at update W, then linear decay. total_num_steps is one past the last update so that it keeps a
+        # rate above 0. DeepSpeed warms up over at least 2 iterations; a warmup of 0 or 1 update is none:
+        # the ramp then starts at the full rate, so it is flat.
+        warmup = math.ceil(cfg.warmup_ratio * total_steps)
+        ramp = warmup >= 2
+        _fill(params, "warmup_min_lr", 0.0 if ramp else float(cfg.lr), "scheduler.params")
         _fill(params, "warmup_max_lr", float(cfg.lr), "scheduler.params")
-        _fill(params, "warmup_num_steps", warmup, "scheduler.params")
-        _fill(params, "total_num_steps", max(total_steps, warmup + 1), "scheduler.params")
+        _fill(params, "warmup_num_steps", warmup if ramp else 2, "scheduler.params")
+        if sched["type"] == "WarmupDecayLR":
+            _fill(params, "total_num_steps", max(total_steps, params["warmup_num_steps"]) + 1,
+                  "scheduler.params")
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{path}: no value to fill for \"auto\" at {', '.join(leftover)}")
+    check_with_deepspeed(ds, path)
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if cfg.grad_cache_chunk is not None and stage > 2:
         raise ConfigError("grad_cache_chunk works with ZeRO stages 0-2 (stage 3 re-gathers parameters per "
                           "recomputed chunk); use zero2 or drop grad_cache_chunk")
-    leftover = [k for k, v in _walk(ds) if v == "auto"]
-    if leftover:
-        raise ConfigError(f"{path}: no value to fill for \"auto\" at {', '.join(leftover)}")
     return ds
+
+
+def start_lr_schedule(scheduler) -> None:
+    """Put DeepSpeed's warmup schedule at the iteration of the next update; call after any resume.
+
+    WarmupLR / WarmupDecayLR give the first update the rate of iteration -1 (``warmup_min_lr``) and the
+    second the rate of iteration 0 (``warmup_min_lr`` again: the ramp is ``iteration / warmup``), so with
+    a ramp from 0 the first two updates did nothing. Starting at iteration 1 makes update k use iteration k
+    (:func:`build_ds_config` sets the parameters for that). On resume the checkpoint holds the iteration of
+    the next update; stepping to it again only re-applies its rate to the optimizer.
+    """
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    if isinstance(scheduler, WarmupLR):
+        scheduler.step(max(1, scheduler.last_batch_iteration))
+
+
+class _ReadKeys(dict):
+    """A dict that records which keys were looked up: the top-level keys DeepSpeed's parser reads."""
+
+    read: set
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def check_with_deepspeed(ds: dict, path: Path) -> None:
+    """Parse ``ds`` with DeepSpeed's ``DeepSpeedConfig``, as ``deepspeed.initialize`` will, and turn what it
+    rejects into a :class:`ConfigError` naming the key.
+
+    DeepSpeed's sections (``zero_optimization``, ``bf16``, ...) are pydantic models that forbid unknown keys,
+    so DeepSpeed's own field lists decide. DeepSpeed ignores an unknown top-level key, so a misspelled
+    section name (``zero_optimisation``) would silently train without it: a top-level key that its parser
+    never reads is an error here. The scheduler's parameters are checked against the scheduler class.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    probe = _ReadKeys(copy.deepcopy(ds))
+    probe.read = set()
+    # DeepSpeed checks train_batch_size against the world size of its own process group, which may not
+    # exist yet; without it, it derives the global batch from the micro batch (build_ds_config checked it).
+    probe.pop("train_batch_size", None)
+    try:
+        DeepSpeedConfig(probe)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_describe(e, ds)}") from None
+    except Exception as e:  # noqa: BLE001 - DeepSpeedConfigError, its assertions on batch sizes, ...
+        raise ConfigError(f"{path}: DeepSpeed rejects this config: {e}") from None
+    # The recorder only works if DeepSpeed read through it; it certainly reads the micro batch size.
+    if "train_micro_batch_size_per_gpu" in probe.read:
+        known = probe.read | {"train_batch_size"}
+        unknown = sorted(set(ds) - known)
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
+            raise ConfigError(f"{path}: unknown DeepSpeed key(s) "
+                              + ", ".join(f"{k!r}" + (f" (did you mean {hints[k][0]!r}?)" if hints[k] else "")
+                                          for k in unknown))
+    if "optimizer" not in ds:
+        raise ConfigError(f"{path}: no \"optimizer\" section; training needs one (the files in ds_configs/ "
+                          "use {\"type\": \"AdamW\", \"params\": {\"lr\": \"auto\", ...}})")
+    _check_scheduler(ds.get("scheduler"), path)
+
+
+def _check_scheduler(sched: dict | None, path: Path) -> None:
+    """The scheduler class DeepSpeed will build, and the parameters it takes (a misspelling is a TypeError
+    inside ``deepspeed.initialize`` otherwise)."""
+    if sched is None:
+        return
+    cls = _scheduler_class(sched, path)
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    allowed = sorted(set(parameters) - {"self", "optimizer"})
+    unknown = sorted(set(sched.get("params", {})) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(f'scheduler.params.{k}' for k in unknown)} for "
+                          f"{sched.get('type')}; it takes {', '.join(allowed)}")
+
+
+def _scheduler_class(sched: dict | None, path: Path):
+    """The class DeepSpeed builds for the "scheduler" section: its own, else one of torch's."""
+    if sched is None:
+        return None
+    from deepspeed.runtime import lr_schedules
+
+    name = sched.get("type")
+    cls = getattr(lr_schedules, str(name), None) or getattr(torch.optim.lr_scheduler, str(name), None)
+    if not inspect.isclass(cls):
+        raise ConfigError(f"{path}: scheduler.type {name!r} is neither a DeepSpeed nor a torch lr scheduler "
+                          "(ds_configs/ use \"WarmupDecayLR\")")
+    return cls
+
+
+def _describe(error, ds: dict) -> str:
+    """A pydantic error of a DeepSpeed section, with the dotted key it is about."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    models, todo = {}, [DeepSpeedConfigModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            models.setdefault(sub.__name__, sub)
+            todo.append(sub)
+    lines = []
+    for err in error.errors():
+        loc = [str(part) for part in err["loc"]]
+        # The section is the top-level key whose mapping holds this location.
+        sections = [k for k, v in ds.items() if isinstance(v, dict) and _holds(v, err["loc"])]
+        key = ".".join(sections[:1] + loc) if sections else f"{error.title}: {'.'.join(loc)}"
+        if err["type"] == "extra_forbidden":
+            model = models.get(error.title)
+            names = sorted(model.model_fields) if model is not None else []
+            close = difflib.get_close_matches(loc[-1], names, n=1)
+            lines.append(f"unknown DeepSpeed key {key}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _holds(node, loc) -> bool:
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _walk(node, prefix=""):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError, TrainConfig, dump_config
+from ..config import ConfigError, TrainConfig, dump_config, validate
 from ..data.manifest import DataError, Manifest
 from ..data.reader import ShardedDataset
 from ..encoder import Encoder
@@ -33,14 +33,16 @@ from ..schedule import ScheduleError, latest_schedule, load_schedule, version_pa
 from ..monitor import Monitor
 from .collate import step_loader
 from .distributed import DistInfo, barrier, init_distributed
-from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, zero_stage
+from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
 from .sampler import ScheduleSampler, schedule_batch_size, split_bounds
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the recipe; returns the run summary (also written to ``RUN/summary.json``)."""
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Run the recipe; returns the run summary (also written to ``RUN/summary.json``). ``progress``: the
+    live step bar on a terminal."""
+    validate(cfg)  # a config built in code gets the checks load_config makes
     dist = init_distributed()
     run = Path(cfg.out)
 
@@ -81,7 +83,9 @@ def train(cfg: TrainConfig) -> dict:
     step = 0
     if cfg.resume:
         step, sampler = _restore(engine, sampler, cfg, manifest, run / "checkpoints", dist)
-    monitor = Monitor(run, total_steps, start_step=step, log_every=cfg.log_every, enabled=dist.is_main)
+    start_lr_schedule(engine.lr_scheduler)  # else the first two updates get warmup_min_lr (0)
+    monitor = Monitor(run, total_steps, start_step=step, log_every=cfg.log_every, enabled=dist.is_main,
+                      progress=progress)
     monitor.write(_banner(cfg, dist, sampler, batch_size, total_steps, stage, precision, step))
 
     # -- 5. Zero-shot / resumed-model evaluation. ------------------------------------------------------

@@ -1,0 +1,218 @@
+"""Bad values are refused when the config is read, before any model loads or run folder appears; the lr
+schedule gives the first updates a rate above 0; ``--quiet`` silences the model-loading bar.
+
+The refusals go through the real commands (``b3stream train``, ``python -m b3stream.train``); the lr
+schedule through DeepSpeed's own scheduler class and one short real training run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+
+from b3stream.config import ConfigError, TrainConfig, apply_overrides, load_config
+from b3stream.train.ds_config import build_ds_config, resolve_ds_path, start_lr_schedule
+
+from ._train_util import random_schedule, run, write_config
+
+B3 = [sys.executable, "-m", "b3stream"]
+
+# key=value -> what the error must say (the key, with the allowed range)
+BAD_VALUES = {
+    "temperature=0": "temperature: must be > 0",
+    "lr=-0.001": "lr: must be >= 0",
+    "grad_cache_chunk=0": "grad_cache_chunk: must be > 0",
+    "num_workers=-1": "num_workers: must be >= 0",
+    "max_steps=0": "max_steps: must be > 0",
+    "epochs=0": "epochs: must be > 0",
+    "warmup_ratio=1.0": "warmup_ratio: must be in [0, 1)",
+    "warmup_ratio=-0.1": "warmup_ratio: must be in [0, 1)",
+    "student.model=/no/such/model": "student.model: model folder /no/such/model does not exist",
+}
+
+
+# -- the config checks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
+def test_out_of_range_values_are_named(override, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), [override])
+    assert BAD_VALUES[override] in str(e.value)
+    # The same from a YAML file, and an override may correct the file's value.
+    key, value = override.split("=", 1)
+    if "." not in key:
+        (tmp_path / "c.yaml").write_text(f"{key}: {value}\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(TrainConfig, tmp_path / "c.yaml")
+        assert BAD_VALUES[override] in str(e.value)
+        default = getattr(TrainConfig(), key)
+        load_config(TrainConfig, tmp_path / "c.yaml", [f"{key}={'null' if default is None else default}"])
+
+
+def test_model_folder_or_cached_hub_id(tmp_path, monkeypatch):
+    assert apply_overrides(TrainConfig(), [f"student.model={tmp_path}"]).student.model == str(tmp_path)
+    assert apply_overrides(TrainConfig(), ["student.model=minilm"]).student.model == "minilm"  # bundled
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="student.model: .*weights.bin is a file"):
+        apply_overrides(TrainConfig(), [f"student.model={tmp_path / 'weights.bin'}"])
+    # A hub id: offline (b3stream's default) it must be in the local cache, online it may be downloaded.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="student.model: model folder no-org/no-model does not exist"):
+        apply_overrides(TrainConfig(), ["student.model=no-org/no-model"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    apply_overrides(TrainConfig(), ["student.model=no-org/no-model"])
+
+
+def _ds_file(tmp_path, change) -> str:
+    ds = json.loads(resolve_ds_path("zero2").read_text())
+    change(ds)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ds: ds["zero_optimization"].update(stagee=2),
+     r"unknown DeepSpeed key zero_optimization.stagee \(did you mean 'stage'\?\)"),
+    (lambda ds: ds["fp16"].update(loss_scal=0), r"unknown DeepSpeed key fp16.loss_scal"),
+    (lambda ds: ds.update(zero_optimisation=ds.pop("zero_optimization")),
+     r"unknown DeepSpeed key\(s\) 'zero_optimisation' \(did you mean 'zero_optimization'\?\)"),
+    (lambda ds: ds["scheduler"]["params"].update(warmup_typ="linear"),
+     r"unknown key\(s\) scheduler.params.warmup_typ for WarmupDecayLR"),
+    (lambda ds: ds["scheduler"].update(type="WarmupDecay"), r"scheduler.type 'WarmupDecay' is neither"),
+    (lambda ds: ds["zero_optimization"].update(stage="two"), r"zero_optimization.stage: Input should be"),
+    (lambda ds: ds.pop("optimizer"), r'no "optimizer" section'),
+])
+def test_deepspeed_json_is_checked_by_deepspeed(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        build_ds_config(TrainConfig(), _ds_file(tmp_path, change), 1, 32, 100, "fp32")
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload"):  # the shipped files pass
+        build_ds_config(TrainConfig(), resolve_ds_path(name), 2, 32, 100, "fp32")
+
+
+# -- the same refusals through the commands: exit 2, the key named, no run folder, no model loaded -------
+
+
+@pytest.fixture(scope="module")
+def toy_schedule(toy_dataset, tmp_path_factory):
+    return random_schedule(toy_dataset, batch_size=8, K=2, folder=tmp_path_factory.mktemp("val") / "schedules")
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
+def test_train_command_refuses_bad_values(override, tmp_path, toy_dataset, toy_schedule):
+    cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
+                       out=str(tmp_path / "run"))
+    res = run([*B3, "train", "--config", str(cfg), override])
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert BAD_VALUES[override] in res.stderr
+    assert "Traceback" not in res.stderr and "Loading weights" not in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ds: ds.pop("optimizer"), 'no "optimizer" section'),
+    (lambda ds: ds["zero_optimization"].update(stagee=2), "unknown DeepSpeed key zero_optimization.stagee"),
+])
+def test_launcher_entry_refuses_a_bad_deepspeed_json(change, message, tmp_path, toy_dataset, toy_schedule):
+    cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
+                       out=str(tmp_path / "run"))
+    res = run([sys.executable, "-m", "b3stream.train", "--config", str(cfg),
+               "--deepspeed", _ds_file(tmp_path, change)])
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr and "Loading weights" not in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_launcher_entry_refuses_a_bad_value(tmp_path, toy_dataset, toy_schedule):
+    cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
+                       out=str(tmp_path / "run"))
+    res = run([sys.executable, "-m", "b3stream.train", "--config", str(cfg), "temperature=-1"])
+    assert res.returncode == 2 and "temperature: must be > 0" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+# -- the lr schedule ---------------------------------------------------------------------------------------
+
+
+def _rates(total: int, warmup_ratio: float, lr: float = 1e-3) -> list[float]:
+    """The rate each update uses, with DeepSpeed's own scheduler class in DeepSpeed's engine order
+    (update with the current rate, then step the scheduler)."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    ds = build_ds_config(TrainConfig(lr=lr, warmup_ratio=warmup_ratio), resolve_ds_path("zero0"), 1, 8, total,
+                         "fp32")
+    assert ds["scheduler"]["type"] == "WarmupDecayLR"
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=ds["optimizer"]["params"]["lr"])
+    sched = WarmupDecayLR(opt, **copy.deepcopy(ds["scheduler"]["params"]))
+    start_lr_schedule(sched)
+    rates = []
+    for _ in range(total):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return rates
+
+
+@pytest.mark.parametrize("total, ratio", [(3, 0.9), (10, 0.3), (100, 0.1), (7, 0.0), (20, 0.05), (1, 0.5)])
+def test_every_update_has_a_rate_and_warmup_rises_to_the_peak(total, ratio):
+    rates = _rates(total, ratio, lr=1e-3)
+    assert all(r > 0 for r in rates), rates
+    assert max(rates) == pytest.approx(1e-3)
+    warmup = int(torch.tensor(ratio * total).ceil())
+    if warmup >= 2:
+        assert rates[:warmup] == pytest.approx([1e-3 * k / warmup for k in range(1, warmup + 1)])
+    else:
+        assert rates[0] == pytest.approx(1e-3)  # no warmup: the first update at the full rate
+    peak = rates.index(max(rates))
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:]))  # then it decays
+
+
+def test_resume_reapplies_the_rate_of_the_next_update():
+    """After a resume the scheduler holds the iteration of the next update; starting it again must not
+    move it (only re-apply its rate)."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    ds = build_ds_config(TrainConfig(lr=1e-3, warmup_ratio=0.5), resolve_ds_path("zero0"), 1, 8, 10, "fp32")
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = WarmupDecayLR(opt, **ds["scheduler"]["params"])
+    start_lr_schedule(sched)
+    for _ in range(3):
+        sched.step()
+    state = sched.state_dict()
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    resumed = WarmupDecayLR(fresh, **ds["scheduler"]["params"])
+    resumed.load_state_dict(state)
+    start_lr_schedule(resumed)
+    assert resumed.last_batch_iteration == 4 and fresh.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_short_run_logs_rising_warmup_rates_and_quiet_hides_the_loading_bar(tmp_path, toy_dataset, toy_schedule):
+    """Three real updates with warmup over all three: TensorBoard's train/lr is lr/3, 2lr/3, lr."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
+                       out=str(tmp_path / "run"), max_steps=3, warmup_ratio=0.9, lr=3e-4)
+    res = run([*B3, "train", "--config", str(cfg), "--quiet"], threads=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Loading weights" not in res.stderr
+    assert "step 3/3" in res.stderr  # --quiet keeps the step lines
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    lr = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert sorted(lr) == [1, 2, 3]
+    assert 0 < lr[1] < lr[2] < lr[3]
+    assert [lr[1], lr[2], lr[3]] == pytest.approx([1e-4, 2e-4, 3e-4])
+
+
+def test_mine_quiet_hides_the_loading_bar(tmp_path, toy_dataset):
+    res = run([*B3, "mine", "embed", "--data", str(toy_dataset), "--out", str(tmp_path / "mine"), "--quiet"],
+              threads=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "mine" / "embeddings" / "queries.npy").is_file()
+    assert "Loading weights" not in res.stderr, res.stderr[-2000:]
