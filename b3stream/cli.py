@@ -181,8 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .mining.commands import register as register_mine
     from .train.commands import register as register_train
 
+    from .refresh import register as register_refresh
+
     register_mine(sub)
     register_train(sub)  # train, evaluate
+    register_refresh(sub)
     _add_inspect(sub)
     _add_demo(sub)
     return parser

@@ -68,6 +68,8 @@ class MineConfig:
     out: str = "runs/mine"
     # -- embed ------------------------------------------------------------------------------------
     teacher: EncoderConfig = field(default_factory=lambda: EncoderConfig(lora=LoraConfig(enabled=False)))
+    teacher_snapshot: str | None = None  # a student snapshot folder (refreshed mode): embed with it instead
+    device: str | None = None  # embedding device (cpu, cuda, cuda:1); None: the first GPU if any, else cpu
     embed_batch_size: int = 64
     embed_chunk: int = 2048  # rows embedded between two progress records (the resume granularity)
     query_embeddings: str | None = None  # bring-your-own teacher embeddings (N x d .npy)
@@ -75,6 +77,7 @@ class MineConfig:
     # -- rank -------------------------------------------------------------------------------------
     p: int = 30  # ranks skipped (likely false negatives)
     m: int = 100  # ranks kept after the skip: S = R[:, p:p+m]
+    task_params: dict[str, dict[str, int]] | None = None  # per-task p/m, e.g. {vqa: {p: 70}} (paper: VQA p=70)
     per_task: bool = True  # mine and batch each task separately (the paper mines each dataset apart)
     small_tasks: str = "error"  # error | merge: tasks of <= p+m examples are ranked and partitioned together
     index: str = "auto"  # auto | flat | ivf | hnsw
@@ -100,7 +103,33 @@ class MineConfig:
     quality_sample: int | None = 2048  # queries scored for the Theorem-1 bound (None: all, 0: skip)
     quality_temperature: float = 0.02  # tau in exp(s / tau) for the bound (the paper trains at 0.02)
     version: int | None = None  # schedule version to write; None: next free
+    schedule_dir: str | None = None  # where schedules are published; None: OUT/schedules
     overwrite: bool = False  # allow an explicit version to replace an existing schedule file
+
+
+def default_miner_threads() -> int:
+    """The background miner's CPU threads unless set: half the cores (at least one); the trainer keeps the rest."""
+    import os
+
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass
+class RefreshConfig:
+    """Refreshed mode (``mode: refreshed``): the trainer writes student snapshots, a background miner
+    (``b3stream refresh``) re-mines from them and publishes new schedule versions, the trainer hot-swaps."""
+
+    every_steps: int | None = None  # snapshot the student every N optimizer steps
+    every_epochs: int | None = None  # and/or at the end of every N-th epoch
+    spawn: bool = True  # the main rank starts the miner as a child process (false: run `b3stream refresh`)
+    model: str = "student"  # student | teacher: what the miner embeds with (teacher: for data that grows)
+    device: str | None = None  # the miner's device (cpu, cuda:1); None: a GPU if present, else cpu
+    threads: int | None = None  # the miner's CPU threads; None: half the cores (at least 1)
+    nice: int = 10  # the miner's niceness: it yields the CPU to the trainer
+    keep: int = 2  # snapshots kept on disk
+    poll_seconds: float = 2.0  # how often the miner looks for a new snapshot
+    max_restarts: int = 5  # a crashed spawned miner is restarted (with backoff) at most this many times
+    mine: dict[str, Any] = field(default_factory=dict)  # MineConfig overrides for the miner (index, teacher.model)
 
 
 @dataclass
@@ -115,6 +144,7 @@ class TrainConfig:
     student: EncoderConfig = field(default_factory=EncoderConfig)
     temperature: float = 0.02  # tau
     symmetric: bool = False  # also the positive -> query InfoNCE term
+    mask_duplicate_positives: bool = True  # a same-text positive under another id is not a negative
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
@@ -135,6 +165,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True  # continue from RUN/checkpoints when it holds one
     watch_schedule_every: int | None = None  # poll the schedule folder every N steps; swap to a newer version
+    mode: str = "static"  # static: the given schedule (paper) | refreshed: re-mined while training runs
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
     trace_ids: bool = False  # append every step's global batch ids to RUN/trace.jsonl
     export: bool = True
 
@@ -348,9 +380,26 @@ def _check_train(c: TrainConfig, v: _Checker) -> None:
         v.above(name, 0, optional=True)
     v.above("eval_batch_size", 0)
     v.above("keep_checkpoints", 0)
+    v.one_of("mode", ("static", "refreshed"))
+    if c.mode == "refreshed" and not (c.refresh.every_steps or c.refresh.every_epochs):
+        raise ConfigError(f"{v.prefix}mode: refreshed needs refresh.every_steps and/or refresh.every_epochs "
+                          "(when to snapshot the student for the miner)")
 
 
-_CHECKS = {EncoderConfig: _check_encoder, LoraConfig: _check_lora, TrainConfig: _check_train}
+def _check_refresh(c: RefreshConfig, v: _Checker) -> None:
+    v.above("every_steps", 0, optional=True)
+    v.above("every_epochs", 0, optional=True)
+    v.one_of("model", ("student", "teacher"))
+    v.above("threads", 0, optional=True)
+    v.above("keep", 0)
+    v.above("poll_seconds", 0)
+    v.at_least("max_restarts", 0)
+    if c.device is not None and not (c.device == "cpu" or c.device == "cuda" or c.device.startswith("cuda:")):
+        v.fail("device", "must be cpu, cuda or cuda:<index>")
+
+
+_CHECKS = {EncoderConfig: _check_encoder, LoraConfig: _check_lora, TrainConfig: _check_train,
+           RefreshConfig: _check_refresh}
 
 
 def _model_problem(model: str) -> str | None:

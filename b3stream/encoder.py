@@ -127,7 +127,10 @@ class Encoder(torch.nn.Module):
     def encode(self, texts: list[str], side: str = "query", batch_size: int = 64, progress: bool = False,
                desc: str | None = None) -> np.ndarray:
         """Embed texts (already prompted) -> float32 array (len(texts), d). Sorted by length for speed."""
-        was_training = self.model.training
+        # Restore each module's own mode afterwards: ``train(True)`` on the whole model would switch on
+        # dropout in modules that were deliberately in eval mode, so training would depend on whether an
+        # evaluation had run.
+        modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out: np.ndarray | None = None
@@ -142,12 +145,42 @@ class Encoder(torch.nn.Module):
             out[idx] = emb
             bar.update(len(idx))
         bar.close()
-        self.model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_digest(folder: str | Path, known: dict | None = None) -> tuple[str, dict]:
+    """SHA-256 over a model folder's weight files, and the per-file record ``{name: {bytes, mtime_ns,
+    sha256}}``. Files whose size and mtime match ``known`` (a previous record) are not re-read: hashing a
+    multi-GB model on every mining run would cost minutes, while an overwrite always changes the mtime."""
+    import hashlib
+
+    folder = Path(folder)
+    files: dict[str, dict] = {}
+    digest = hashlib.sha256()
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
+        if folder.is_dir() else []
+    for path in paths:
+        name = str(path.relative_to(folder))
+        st = path.stat()
+        entry = (known or {}).get(name)
+        if not entry or entry.get("bytes") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+            entry = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+        files[name] = entry
+        digest.update(f"{name}:{entry['sha256']};".encode())
+    return (digest.hexdigest() if files else f"unhashed:{folder}"), files
 
 
 def model_name(cfg: EncoderConfig) -> str:

@@ -76,6 +76,14 @@ class Monitor:
             f"{m.get('strategy', '?')}"
         )
 
+    def scalars(self, step: int, values: dict, group: str) -> None:
+        """Numbers of ``values`` under ``group/`` in TensorBoard (None values skipped)."""
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{group}/{key}", value, step)
+
     def eval(self, step: int, metrics: dict, split: str) -> None:
         if not self.enabled:
             return

@@ -175,30 +175,3 @@ def test_precision_on_cpu_is_fp32():
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(ConfigError, match="needs a GPU"):
         resolve_precision("bf16", torch.device("cpu"))
-
-
-def test_loop_hot_swaps_to_a_newer_schedule_version(tmp_path, code_dataset):
-    """The loop's schedule watch: a newer version in the folder is picked up and only the ids not yet
-    consumed this epoch are re-batched on it."""
-    from b3stream.data.manifest import Manifest
-    from b3stream.monitor import Monitor
-    from b3stream.train.distributed import DistInfo
-    from b3stream.train.loop import _maybe_swap
-
-    folder = tmp_path / "schedules"
-    random_schedule(code_dataset, batch_size=16, K=4, seed=0, folder=folder, version=0)
-    manifest = Manifest.load(code_dataset)
-    n = manifest.split("train").n
-    sampler = ScheduleSampler(load_schedule(folder), n)
-    for _ in range(5):
-        sampler.advance()
-    consumed = sampler.consumed()
-    cfg = TrainConfig(data=str(code_dataset), schedule=str(folder))
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
-    quiet = Monitor(tmp_path, 1, enabled=False)
-    assert not _maybe_swap(cfg, manifest, sampler, dist, quiet)  # nothing newer yet
-    random_schedule(code_dataset, batch_size=32, K=8, seed=1, folder=folder, version=1)
-    assert _maybe_swap(cfg, manifest, sampler, dist, quiet)
-    assert sampler.version == 1 and sampler.epoch == 0 and sampler.position == 0
-    rest = np.concatenate([s.ids for s in sampler])
-    assert np.array_equal(np.sort(np.concatenate([consumed, rest])), np.arange(n))

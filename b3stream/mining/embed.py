@@ -147,8 +147,10 @@ def expected_stamp(cfg: MineConfig) -> dict | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def embed_params(cfg: MineConfig) -> dict:
-    """What the embeddings depend on; a change means re-embedding."""
+def embed_params(cfg: MineConfig, known_files: dict | None = None) -> dict:
+    """What the embeddings depend on; a change means re-embedding. A model is identified by the SHA-256 of
+    its weight files, not by its path: a teacher folder overwritten in place is a new teacher.
+    ``known_files``: the per-file digests of the last record (reused for files of unchanged size and mtime)."""
     if cfg.query_embeddings or cfg.positive_embeddings:
         files = {}
         for side, path in (("queries", cfg.query_embeddings), ("positives", cfg.positive_embeddings)):
@@ -157,11 +159,19 @@ def embed_params(cfg: MineConfig) -> dict:
                            "bytes": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
         return {"source": "user", "files": files, "data": cfg.data and str(Path(cfg.data).resolve()),
                 "split": cfg.split, "keys": KEY_SCHEME}
-    from ..encoder import model_name, resolve_model
+    from ..encoder import model_name, resolve_model, weights_digest
 
-    t = cfg.teacher
-    name = model_name(t)
-    return {"source": "teacher", "model": name, "model_path": str(resolve_model(t.model)),
+    if cfg.teacher_snapshot:
+        from ..snapshot import Snapshot, read_snapshot
+
+        snap: Snapshot = read_snapshot(cfg.teacher_snapshot)
+        t = snap.encoder_config
+        source = {"source": "snapshot", "snapshot_weights": snap.weights_sha256, "kind": snap.meta["kind"]}
+    else:
+        t = cfg.teacher
+        source = {"source": "teacher"}
+    digest, files = weights_digest(resolve_model(t.model), known_files)
+    return {**source, "model": model_name(t), "weights_sha256": digest, "_weight_files": files,
             "pooling": t.pooling, "normalize": t.normalize, "max_query_length": t.max_query_length,
             "max_positive_length": t.max_positive_length, "keys": KEY_SCHEME}
 
@@ -187,8 +197,9 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     ds = ShardedDataset(cfg.data, cfg.split, manifest=manifest, verify=cfg.verify_data)
     stamp, n = ds.stamp, len(ds)
     folder = Path(cfg.out) / FOLDER
-    params = {**embed_params(cfg), "prompts": manifest.prompts}
     record = read_json(folder / RECORD)
+    params = {**embed_params(cfg, (record or {}).get("weight_files")), "prompts": manifest.prompts}
+    weight_files = params.pop("_weight_files")
     if record is not None and record.get("stamp") == stamp and same_params({**record, "complete": True}, params):
         if record.get("complete"):
             log.info("embed: %s is up to date (%d rows)", folder, n)
@@ -205,9 +216,16 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
 
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = Encoder(cfg.teacher, trainable=False, device=device,
-                      dtype=torch.float16 if device == "cuda" else None)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else None
+    if cfg.teacher_snapshot:
+        from ..snapshot import load_snapshot_encoder, read_snapshot
+
+        snapshot = read_snapshot(cfg.teacher_snapshot)
+        encoder = load_snapshot_encoder(snapshot, device=device, dtype=dtype)
+    else:
+        snapshot = None
+        encoder = Encoder(cfg.teacher, trainable=False, device=device, dtype=dtype)
     dim = encoder.dim
     mode = "r+" if start > 0 else "w+"
     qmm = np.lib.format.open_memmap(folder / "queries.npy", mode=mode, dtype=np.float16, shape=(n, dim))
@@ -220,7 +238,8 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     tasks = np.empty(n, dtype=np.int32)
     keys = np.empty(n, dtype=np.int64)
     record = {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": start, "complete": False,
-              "chunk": cfg.embed_chunk}
+              "chunk": cfg.embed_chunk, "weight_files": weight_files,
+              "source_step": snapshot.step if snapshot is not None else None}
     write_json(folder / RECORD, record)
     bar = progress_bar(total=n, initial=start, desc="embed", unit="pair", disable=not progress, file=sys.stderr)
     chunk: list[dict] = []
@@ -269,7 +288,7 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     _write_array(folder, "tasks.npy", tasks.astype(np.int32))
     _write_array(folder, KEYS_FILE, keys)
     record.update(complete=True, task_names=task_names, token=new_token(),
-                  source_model=params["model"])
+                  source_model=params["model"] if snapshot is None else f"student@step{snapshot.step}")
     write_json(folder / RECORD, record)
     log.info("embed: wrote %d x %d teacher embeddings to %s", n, dim, folder)
     return folder

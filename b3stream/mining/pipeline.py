@@ -87,8 +87,8 @@ def rank_stage(cfg: MineConfig, progress: bool = True) -> Path:
         put("scores.npy", scores.astype(np.float16))
         put(TOP_FILE, T.astype(np.int32))
     write_json(folder / RANK_RECORD, {
-        "stamp": emb.stamp, "params": rank_params(cfg, emb.record), "n": emb.n, "m": cfg.m, "info": info,
-        "top": {"file": TOP_FILE, "p": prm.p, "shape": list(T.shape)},
+        "stamp": emb.stamp, "params": rank_params(cfg, emb.record), "n": emb.n, "m": int(S.shape[1]),
+        "info": info, "top": {"file": TOP_FILE, "p": int(T.shape[1]), "shape": list(T.shape)},
         "token": new_token(), "seconds": round(time.perf_counter() - t0, 3),
         "source_model": emb.record.get("source_model"),
     })
@@ -112,9 +112,9 @@ def load_rank(cfg: MineConfig, expect: dict | None = None
     T = None
     if record.get("top") is not None:
         T = np.load(folder / TOP_FILE, mmap_mode="r")
-        if list(T.shape) != [record["n"], record["params"]["p"]]:
+        if list(T.shape) != [record["n"], record["top"]["p"]]:
             raise DataError(f"{folder}: top-p lists {T.shape} disagree with the record (n={record['n']}, "
-                            f"p={record['params']['p']})")
+                            f"p={record['top']['p']})")
     return S, scores, T, record
 
 
@@ -262,7 +262,8 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
     stamp = stamp or next((r["stamp"] for r in records.values()), None)
     n = len(tasks)
     inputs = BatchInputs(n=n, tasks=tasks, task_names=task_names, S=S, scores=scores, top=top,
-                         communities=communities, community_task=community_task)
+                         communities=communities, community_task=community_task,
+                         keys=emb.keys if emb is not None else None)
     batches, negatives, extra = make_batches(cfg.strategy, inputs, prm)
     uses_s, uses_k = bool(set(strategy.needs) & {"S", "communities"}), strategy.uses_communities
     # p, m, margin, edges describe the artefacts the batches came from, which may predate this config.
@@ -275,13 +276,17 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
         "h": cfg.h if negatives is not None else None, "per_task": cfg.per_task, "mix_tasks": cfg.mix_tasks,
         "edges": pp.get("edges") if uses_k else None, "rank_weights": pp.get("rank_weights") if uses_k else None,
         "data": stamp, "n": n, "num_batches": len(batches), "tasks": task_names,
-        "source_model": emb.record.get("source_model") if emb is not None else None, "source_step": None,
-        "margin": rp.get("margin") if uses_s else None, **extra,
+        "source_model": emb.record.get("source_model") if emb is not None else None, "source_step": emb.record.get("source_step") if emb is not None else None,
+        "margin": rp.get("margin") if uses_s else None,
+        "task_params": rp.get("task_params") if uses_s else None, **extra,
     }
     schedule = Schedule.from_batches(batches, meta, negatives)
     schedule.check_epoch(n)
     t_sched = time.perf_counter() - t0
     timings = {name: rec.get("seconds") for name, rec in records.items()}
+    if rank_rec and "rank" not in timings:  # b3 reads only the communities, but its cost includes ranking
+        timings["rank"] = rank_rec.get("seconds")
+    publish_to = Path(cfg.schedule_dir) if cfg.schedule_dir else out_dir(cfg, SCHEDULE_FOLDER)
     if emb is not None:
         timings["embed"] = emb.record.get("seconds")
     timings["schedule"] = round(t_sched, 3)
@@ -293,14 +298,37 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
             schedule.ids, schedule.offsets, emb.queries, emb.positives, K=cfg.K,
             temperature=cfg.quality_temperature, negatives=schedule.negatives, sample=cfg.quality_sample,
             seed=0, progress=progress)
+        # The schedule this one will replace, scored under the same (newer) embeddings: whether a refresh
+        # actually makes the upcoming batches harder for the model the embeddings came from.
+        previous = _previous_schedule(publish_to, stamp, below=cfg.version)
+        if previous is not None:
+            schedule.meta["quality_previous"] = {**batch_quality(
+                previous.ids, previous.offsets, emb.queries, emb.positives, K=cfg.K,
+                temperature=cfg.quality_temperature, negatives=previous.negatives, sample=cfg.quality_sample,
+                seed=0), "version": previous.version}
         timings["quality"] = round(time.perf_counter() - t1, 3)
     schedule.meta["timings"] = timings
-    path = publish_schedule(schedule, out_dir(cfg, SCHEDULE_FOLDER), cfg.version, overwrite=cfg.overwrite)
+    path = publish_schedule(schedule, publish_to, cfg.version, overwrite=cfg.overwrite)
     q = schedule.meta.get("quality")
     log.info("schedule: %s, %d batches (%s)%s", path, len(batches), cfg.strategy,
              f"; Theorem-1 bound {q['theorem1_bound']:.3f}, in-batch negative similarity mean "
              f"{q['neg_sim_mean']:.3f}, hardest {q['neg_sim_hardest_mean']:.3f}" if q else "")
     return path
+
+
+def _previous_schedule(folder: Path, stamp: dict | None, below: int | None = None) -> Schedule | None:
+    """The newest good schedule in ``folder`` for the same data (below version ``below`` when given: an
+    explicit version compares with what precedes it, so reruns stay byte-identical), if any."""
+    from ..schedule import ScheduleError, list_versions, load_schedule, version_path
+
+    for version in reversed(list_versions(folder)):
+        if below is not None and version >= below:
+            continue
+        try:
+            return load_schedule(version_path(folder, version), expect=stamp)
+        except (ScheduleError, OSError):
+            continue
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,13 +343,16 @@ def _up_to_date(record_path: Path, params: dict, expect: dict | None) -> bool:
     return expect is None or record.get("stamp", {}).get("fingerprint") == expect.get("fingerprint")
 
 
-def run_all(cfg: MineConfig, progress: bool = True) -> Path:
-    """Every stage the strategy needs, skipping up-to-date ones; returns the schedule path."""
+def run_all(cfg: MineConfig, progress: bool = True, on_stage=None) -> Path:
+    """Every stage the strategy needs, skipping up-to-date ones; returns the schedule path. ``on_stage(name)``
+    is called before each stage (the background miner reports where it is)."""
+    on_stage = on_stage or (lambda name: None)
     get_strategy(cfg.strategy)  # unknown strategy: fail before any work
     check_seed_and_version(cfg, "all")
     expect = expected_stamp(cfg)
     needs = NEEDS[cfg.strategy]
     if cfg.data is not None or cfg.query_embeddings or cfg.positive_embeddings:
+        on_stage("embed")
         embed_stage(cfg, progress)
     elif not (out_dir(cfg, EMBED_FOLDER) / "embeddings.json").is_file():
         raise ConfigError("give --data (a prepared dataset) or --query-embeddings/--positive-embeddings")
@@ -333,13 +364,16 @@ def run_all(cfg: MineConfig, progress: bool = True) -> Path:
                 rank_record.get("top") is not None:
             log.info("rank: up to date")
         else:
+            on_stage("rank")
             rank_stage(cfg, progress)
     if "partition" in needs:
         rank_record = read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
         if _up_to_date(out_dir(cfg, PARTITION_FOLDER) / PARTITION_RECORD, partition_params(cfg, rank_record), expect):
             log.info("partition: up to date")
         else:
+            on_stage("partition")
             partition_stage(cfg, progress)
+    on_stage("schedule")
     return schedule_stage(cfg, progress)
 
 

@@ -29,13 +29,16 @@ from ..data.manifest import DataError, Manifest
 from ..data.reader import ShardedDataset
 from ..encoder import Encoder
 from ..evaluate import RetrievalSet
-from ..schedule import ScheduleError, latest_schedule, load_schedule, version_path
+from ..schedule import load_schedule, version_path
+from ..snapshot import RunPaths
 from ..monitor import Monitor
 from .collate import step_loader
 from .distributed import DistInfo, barrier, init_distributed
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all
+from .hotswap import ScheduleWatcher
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
+from .refreshing import miner_process, prepare_run, snapshot, snapshot_due
 from .sampler import ScheduleSampler, schedule_batch_size, split_bounds
 
 
@@ -57,15 +60,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     ds_config = build_ds_config(cfg, resolve_ds_path(cfg.deepspeed), dist.world_size, batch_size, total_steps,
                                 precision)
     eval_set = _eval_set(cfg, manifest)
+    # Refreshed mode: the miner publishes into RUN/schedules (which starts with the given schedule); static
+    # mode may watch the given folder for versions published by hand (watch_schedule_every).
+    refreshed = cfg.mode == "refreshed"
+    paths = RunPaths(run)
+    watch_folder = paths.schedules if refreshed else (Path(cfg.schedule) if Path(cfg.schedule).is_dir() else None)
+    watch_every = cfg.watch_schedule_every or (1 if refreshed else None)
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run / "config.yaml")
+        if refreshed:
+            prepare_run(cfg, schedule, paths)
 
     # -- 2. Student: HF encoder + pooling (+ LoRA), wrapped so one forward embeds every side. ----------
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
     encoder = Encoder(cfg.student, trainable=True, dtype=torch.float32)  # DeepSpeed casts for bf16/fp16
     model = BatchEmbedder(encoder, chunk=cfg.grad_cache_chunk)
-    loss_fn = InfoNCE(temperature=cfg.temperature, symmetric=cfg.symmetric)
+    loss_fn = InfoNCE(temperature=cfg.temperature, symmetric=cfg.symmetric,
+                      mask_duplicates=cfg.mask_duplicate_positives)
 
     # -- 3. DeepSpeed engine: ZeRO stage, optimizer (AdamW) and warmup/decay schedule from the JSON. ---
     import deepspeed
@@ -82,86 +94,102 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     # -- 4. Resume: model, optimizer, lr schedule and sampler position from RUN/checkpoints. ----------
     step = 0
     if cfg.resume:
-        step, sampler = _restore(engine, sampler, cfg, manifest, run / "checkpoints", dist)
+        step, sampler = _restore(engine, sampler, cfg, manifest, run / "checkpoints", dist, watch_folder)
     start_lr_schedule(engine.lr_scheduler)  # else the first two updates get warmup_min_lr (0)
     monitor = Monitor(run, total_steps, start_step=step, log_every=cfg.log_every, enabled=dist.is_main,
                       progress=progress)
     monitor.write(_banner(cfg, dist, sampler, batch_size, total_steps, stage, precision, step))
+    watcher = ScheduleWatcher(watch_folder, manifest, dist, say=monitor.write) if watch_folder and watch_every \
+        else None
+    # A spawned miner (refreshed mode) runs while the block runs and is stopped however it ends.
+    with miner_process(cfg, paths, dist, monitor) as miner:
+        # -- 5. Zero-shot / resumed-model evaluation. --------------------------------------------------
+        evals = {}
+        if eval_set is not None and step == 0:
+            evals["before"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
 
-    # -- 5. Zero-shot / resumed-model evaluation. ------------------------------------------------------
-    evals = {}
-    if eval_set is not None and step == 0:
-        evals["before"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
-
-    # -- 6. The loop. -----------------------------------------------------------------------------------
-    tokenize = encoder.tokenize
-    throughput, step_times = [], []
-    while step < total_steps:
-        loader = step_loader(records, sampler, tokenize, cfg.num_workers)  # rest of this epoch's plan
-        t_ready = time.perf_counter()
-        for batch in loader:
-            if (batch.step.epoch, batch.step.index) != (sampler.epoch, sampler.position):
-                raise RuntimeError("data loader and sampler disagree on the step; this is a bug")
-            torch.manual_seed(_step_seed(cfg.seed, step, dist.rank))  # dropout replayable on resume
-            t_start = time.perf_counter()
-            features = {side: {k: v.to(dist.device) for k, v in f.items()} for side, f in batch.features.items()}
-            emb = engine(features)
-            out = loss_fn(emb["query"], emb["positive"], emb.get("negative"))
-            engine.backward(out.loss)
-            t_backward = _sync(dist)
-            grad_norm = _grad_norm(engine) if stage == 0 and precision == "fp32" else None
-            lr = engine.get_lr()[0]  # the rate this update uses
-            engine.step()
-            t_end = _sync(dist)
-            if cfg.trace_ids and dist.is_main:
-                _trace(run, step + 1, batch.step, sampler.global_batch(sampler.position))
-            sampler.advance()
-            step += 1
-
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            seconds = t_end - t_ready
-            throughput.append(out.batch_size / seconds)
-            step_times.append(seconds)
-            monitor.step(step, {
-                "loss": out.global_loss, "accuracy": out.accuracy, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "examples_per_s": out.batch_size / seconds, "time_data": t_start - t_ready,
-                "time_fwd_bwd": t_backward - t_start, "time_optimizer": t_end - t_backward,
-                "pos_sim": out.pos_sim, "hardest_neg_sim": out.hardest_neg_sim, "hard_negatives": out.negatives,
-                "epoch": batch.step.epoch, "schedule_version": batch.step.version,
-                "strategy": sampler.schedule.meta.get("strategy", "?"),
-            }, histograms={"pos_sim": out.pos_sims, "hardest_neg_sim": out.hardest_sims})
-            if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                evals[f"step{step}"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                _save(engine, sampler, step, cfg, run / "checkpoints", dist)
-            if step >= total_steps:
-                break
-            if cfg.watch_schedule_every and step % cfg.watch_schedule_every == 0 and \
-                    _maybe_swap(cfg, manifest, sampler, dist, monitor):
-                break  # the loader holds the old plan; start one on the new plan
+        # -- 6. The loop. -------------------------------------------------------------------------------
+        # from_pretrained leaves the backbone in eval mode while new LoRA modules start in train mode: set
+        # train mode explicitly, so every dropout is on in every run (with or without evaluations, resumed).
+        engine.module.train()
+        tokenize = encoder.tokenize
+        throughput, step_times = [], []
+        while step < total_steps:
+            loader = step_loader(records, sampler, tokenize, cfg.num_workers)  # rest of this epoch's plan
             t_ready = time.perf_counter()
-        del loader
+            for batch in loader:
+                if (batch.step.epoch, batch.step.index) != (sampler.epoch, sampler.position):
+                    raise RuntimeError("data loader and sampler disagree on the step; this is a bug")
+                torch.manual_seed(_step_seed(cfg.seed, step, dist.rank))  # dropout replayable on resume
+                t_start = time.perf_counter()
+                features = {side: {k: v.to(dist.device) for k, v in f.items()} for side, f in batch.features.items()}
+                emb = engine(features)
+                out = loss_fn(emb["query"], emb["positive"], emb.get("negative"), batch.keys["positive"],
+                              batch.keys.get("negative"))
+                engine.backward(out.loss)
+                t_backward = _sync(dist)
+                grad_norm = _grad_norm(engine) if stage == 0 and precision == "fp32" else None
+                lr = engine.get_lr()[0]  # the rate this update uses
+                engine.step()
+                t_end = _sync(dist)
+                if cfg.trace_ids:
+                    _trace(run, step + 1, batch.step, sampler.global_batch(sampler.position), out.global_loss, dist)
+                sampler.advance()
+                step += 1
 
-    # -- 7. Final checkpoint, evaluation, export. -------------------------------------------------------
-    _save(engine, sampler, step, cfg, run / "checkpoints", dist)
-    if eval_set is not None:
-        evals["after"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
-    exported = _export(engine, encoder, cfg, manifest, run / "export", dist, stage, precision) if cfg.export else {}
-    summary = {
-        "steps": step, "epoch": sampler.epoch, "batch_size": batch_size, "world_size": dist.world_size,
-        "zero_stage": stage, "precision": precision, "schedule_version": sampler.version,
-        "strategy": sampler.schedule.meta.get("strategy"),
-        "examples_per_s": float(np.median(throughput)) if throughput else None,
-        "steps_per_s": 1.0 / float(np.median(step_times)) if step_times else None,
-        "ranks_in_sync": _ranks_in_sync(engine, dist, stage), "eval": evals, "export": exported,
-    }
-    if dist.is_main:
-        (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    monitor.close()
-    barrier()
-    return summary
+                if grad_norm is None:
+                    grad_norm = engine.get_global_grad_norm()
+                seconds = t_end - t_ready
+                throughput.append(out.batch_size / seconds)
+                step_times.append(seconds)
+                monitor.step(step, {
+                    "loss": out.global_loss, "accuracy": out.accuracy, "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "examples_per_s": out.batch_size / seconds, "time_data": t_start - t_ready,
+                    "time_fwd_bwd": t_backward - t_start, "time_optimizer": t_end - t_backward,
+                    "pos_sim": out.pos_sim, "hardest_neg_sim": out.hardest_neg_sim, "hard_negatives": out.negatives,
+                    "epoch": batch.step.epoch, "schedule_version": batch.step.version,
+                    "staleness": _staleness(sampler.schedule, step), "strategy": sampler.schedule.meta.get("strategy", "?"),
+                }, histograms={"pos_sim": out.pos_sims, "hardest_neg_sim": out.hardest_sims})
+                if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                    evals[f"step{step}"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
+                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                    _save(engine, sampler, step, cfg, run / "checkpoints", dist)
+                if step >= total_steps:
+                    break
+                if refreshed and snapshot_due(cfg, step, sampler.epoch > batch.step.epoch, sampler.epoch):
+                    snapshot(engine, encoder, cfg, manifest, paths, step, sampler.epoch, stage, dist)
+                if miner is not None:
+                    miner.check()
+                if watcher is not None and step % watch_every == 0:
+                    new = watcher.check(sampler.version)
+                    if new is not None:
+                        _report_swap(monitor, step, sampler.schedule, new, len(sampler.history) + 1)
+                        sampler.swap(new, step=step)
+                        break  # the loader holds the old plan; start one on the new plan
+                t_ready = time.perf_counter()
+            del loader
+
+        # -- 7. Final checkpoint, evaluation, export. ---------------------------------------------------
+        _save(engine, sampler, step, cfg, run / "checkpoints", dist)
+        if eval_set is not None:
+            evals["after"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
+        exported = _export(engine, encoder, cfg, manifest, run / "export", dist, stage, precision) if cfg.export else {}
+        summary = {
+            "steps": step, "epoch": sampler.epoch, "batch_size": batch_size, "world_size": dist.world_size,
+            "zero_stage": stage, "precision": precision, "schedule_version": sampler.version,
+            "strategy": sampler.schedule.meta.get("strategy"),
+            "examples_per_s": float(np.median(throughput)) if throughput else None,
+            "steps_per_s": 1.0 / float(np.median(step_times)) if step_times else None,
+            "ranks_in_sync": _ranks_in_sync(engine, dist, stage), "eval": evals, "export": exported,
+            "mode": cfg.mode, "swaps": sampler.history,
+            "miner_restarts": miner.restarts if miner is not None else None,
+        }
+        if dist.is_main:
+            (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        monitor.close()
+        barrier()
+        return summary
 
 
 # ======================================================================================================
@@ -237,10 +265,13 @@ def _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step) -> dict:
     return metrics
 
 
-def _trace(run: Path, step: int, s, global_ids: np.ndarray) -> None:
-    with open(run / "trace.jsonl", "a") as f:
+def _trace(run: Path, step: int, s, global_ids: np.ndarray, loss: float, dist: DistInfo) -> None:
+    """One line per step: the global batch and its schedule version (rank 0: trace.jsonl, rank r:
+    trace.rank<r>.jsonl, so a test can check that every rank trained the same batches)."""
+    name = "trace.jsonl" if dist.is_main else f"trace.rank{dist.rank}.jsonl"
+    with open(run / name, "a") as f:
         f.write(json.dumps({"step": step, "epoch": s.epoch, "index": s.index, "version": s.version,
-                            "ids": [int(i) for i in global_ids]}) + "\n")
+                            "loss": loss, "ids": [int(i) for i in global_ids]}) + "\n")
 
 
 def _ranks_in_sync(engine, dist: DistInfo, stage: int) -> bool | None:
@@ -282,16 +313,16 @@ def _save(engine, sampler: ScheduleSampler, step: int, cfg: TrainConfig, folder:
 
 
 def _restore(engine, sampler: ScheduleSampler, cfg: TrainConfig, manifest: Manifest, folder: Path,
-             dist: DistInfo) -> tuple[int, ScheduleSampler]:
+             dist: DistInfo, schedules: Path | None) -> tuple[int, ScheduleSampler]:
     if not (folder / "latest").is_file():
         return 0, sampler
     path, client = engine.load_checkpoint(str(folder), load_module_strict=not cfg.student.lora.enabled)
     if path is None or not client:
         raise DataError(f"{folder}: could not load the latest checkpoint")
     state = client["sampler"]
-    if state["version"] != sampler.version and Path(cfg.schedule).is_dir():
+    if state["version"] != sampler.version and schedules is not None:
         # Continue on the exact schedule version the run was using, if it is still there.
-        saved = version_path(cfg.schedule, state["version"])
+        saved = version_path(schedules, state["version"])
         if saved.is_file():
             schedule = load_schedule(saved, expect=manifest.stamp("train"))
             sampler = ScheduleSampler(schedule, sampler.n, dist.rank, dist.world_size, seed=cfg.seed)
@@ -299,32 +330,38 @@ def _restore(engine, sampler: ScheduleSampler, cfg: TrainConfig, manifest: Manif
     return int(client["step"]), sampler
 
 
-def _maybe_swap(cfg: TrainConfig, manifest: Manifest, sampler: ScheduleSampler, dist: DistInfo,
-                monitor: Monitor) -> bool:
-    """Hot swap: rank 0 looks for a newer schedule version, every rank learns the answer at the same step
-    and re-batches the ids not yet consumed this epoch on it."""
-    import torch.distributed as tdist
+def _staleness(schedule, step: int) -> int | None:
+    """Steps between the student snapshot a schedule was mined from and now (None: not from a snapshot)."""
+    source = schedule.meta.get("source_step")
+    return None if source is None else step - int(source)
 
-    newest = -1
-    if dist.is_main and Path(cfg.schedule).is_dir():
-        path = latest_schedule(cfg.schedule)
-        if path is not None:
-            newest = int(path.stem[1:])
-    if dist.world_size > 1:
-        box = [newest]
-        tdist.broadcast_object_list(box, src=0)
-        newest = box[0]
-    if newest < 0 or newest == sampler.version:
-        return False
-    try:
-        schedule = load_schedule(version_path(cfg.schedule, newest), expect=manifest.stamp("train"))
-        sampler.swap(schedule)
-    except ScheduleError as e:  # keep training on the current schedule; every rank sees the same file
-        monitor.write(f"schedule v{newest} not used: {e}")
-        return False
-    monitor.write(f"swapped to schedule v{newest} ({schedule.meta.get('strategy', '?')}); "
-                  f"{sampler.steps_per_epoch} steps left in epoch {sampler.epoch}")
-    return True
+
+def _report_swap(monitor: Monitor, step: int, old, new, count: int) -> None:
+    """Console line + TensorBoard ``refresh/*`` scalars for a swap: the new version, how stale it is, the
+    miner's time per stage, and the Theorem-1 bound and in-batch similarity of the upcoming batches under the
+    snapshot student's embeddings, for the new schedule and for the one it replaces."""
+    meta = new.meta
+    q, q_old = meta.get("quality") or {}, meta.get("quality_previous") or {}
+    timings = {k: v for k, v in (meta.get("timings") or {}).items() if isinstance(v, (int, float))}
+    stale = _staleness(new, step)
+    values = {"schedule_version": new.version, "swaps": count, "staleness_steps": stale,
+              "bound_new": q.get("theorem1_bound"), "neg_sim_new": q.get("neg_sim_mean"),
+              "hardest_neg_sim_new": q.get("neg_sim_hardest_mean"),
+              **{f"miner_seconds_{k}": v for k, v in timings.items()}}
+    if q_old.get("version") == old.version:
+        values.update(bound_replaced=q_old.get("theorem1_bound"), neg_sim_replaced=q_old.get("neg_sim_mean"),
+                      hardest_neg_sim_replaced=q_old.get("neg_sim_hardest_mean"))
+    monitor.scalars(step, values, group="refresh")
+    line = (f"swapped to schedule v{new.version} ({meta.get('strategy', '?')}) at step {step}"
+            + (f", mined from the student of step {meta['source_step']} ({stale} steps ago)"
+               if stale is not None else "")
+            + ("; miner " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) if timings else ""))
+    if q:
+        line += f"; upcoming batches: bound {q['theorem1_bound']:.3f}, neg sim {q['neg_sim_mean']:.3f}"
+        if "bound_replaced" in values:
+            line += (f" (v{old.version} under the same embeddings: bound {values['bound_replaced']:.3f}, "
+                     f"neg sim {values['neg_sim_replaced']:.3f})")
+    monitor.write(line)
 
 
 # -- export ------------------------------------------------------------------------------------------------

@@ -13,9 +13,12 @@ each global batch:
 - **Exactly once per epoch**: an epoch plan is a permutation of the schedule's batches (seeded by
   ``(seed, epoch)``); the batches themselves are the miner's.
 - **Hot swap** (:meth:`ScheduleSampler.swap`): a new schedule version re-batches only the ids not yet
-  consumed in this epoch: its batches, in a seeded order, with consumed ids removed, are concatenated (so
-  community members stay adjacent) and cut into batches of its |B|. The epoch ends when every id has been
-  seen once, across any number of swaps.
+  consumed in this epoch, along the NEW schedule's communities: its batches are taken in a seeded order and
+  cut into their runs of K (a batch is laid out community by community); a community none of whose members
+  was consumed stays whole, the survivors of broken communities are pooled after all whole ones, and the
+  result is cut every |B| (a multiple of K, so whole communities stay in one batch). B3++ hard negatives
+  travel with their ids. The epoch ends when every id has been seen once, across any number of swaps; the
+  swaps are recorded in :attr:`ScheduleSampler.history`.
 - **Resumable**: :meth:`state_dict` holds the schedule version, epoch, position, swap count, the ids consumed
   this epoch and the seed; loading it rebuilds the identical plan (or, if that version is gone, swaps to the
   given schedule) so a resumed run trains the same remaining ids.
@@ -105,6 +108,7 @@ class ScheduleSampler:
         self.schedule, self.n, self.rank, self.world, self.seed = schedule, n, rank, world_size, seed
         self.epoch, self.position, self.swaps = 0, 0, 0
         self._before = np.empty(0, np.int64)  # ids consumed this epoch before the current plan
+        self.history: list[dict] = []  # every swap: {"epoch", "position", "step", "from", "to"}
         self._make_plan()
 
     # -- the plan ----------------------------------------------------------------------------------
@@ -117,10 +121,7 @@ class ScheduleSampler:
         rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(order) else \
             np.empty(0, np.int64)
         if len(self._before):
-            consumed = np.zeros(self.n, bool)
-            consumed[self._before] = True
-            rows = rows[~consumed[sched.ids[rows]]]
-            # Re-batch what is left: consecutive |B| of the survivors (community members stay adjacent).
+            rows = self._surviving_communities(rows, starts, stops)
             size = schedule_batch_size(sched)
             offsets = np.append(np.arange(0, len(rows), size), len(rows))
         else:
@@ -128,6 +129,24 @@ class ScheduleSampler:
         self._ids = sched.ids[rows]
         self._negs = None if sched.negatives is None else sched.negatives[rows]
         self._offsets = _merge_small(offsets.astype(np.int64), self.world)
+
+    def _surviving_communities(self, rows: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """Rows (in plan order) of the ids not consumed yet: whole communities first, then the survivors of
+        broken ones (module docstring)."""
+        K = int(self.schedule.meta.get("K") or 1)
+        consumed = np.zeros(self.n, bool)
+        consumed[self._before] = True
+        alive = ~consumed[self.schedule.ids[rows]]
+        # Community of each row: its batch and its position in the batch // K.
+        sizes = stops - starts
+        batch_of = np.repeat(np.arange(len(sizes)), sizes)
+        position = np.arange(len(rows)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        unit = batch_of * (int(sizes.max(initial=1)) // K + 1) + position // K
+        _, first, inverse, size = np.unique(unit, return_index=True, return_inverse=True, return_counts=True)
+        alive_per_unit = np.bincount(inverse, weights=alive, minlength=len(first))
+        whole = (alive_per_unit == size) & (size == K)
+        keep_whole = alive & whole[inverse]
+        return np.concatenate([rows[keep_whole], rows[alive & ~whole[inverse]]])
 
     @property
     def steps_per_epoch(self) -> int:
@@ -202,17 +221,20 @@ class ScheduleSampler:
         if self.steps_per_epoch == 0:  # nothing left: the swap came exactly at the end of an epoch
             self._next_epoch()
 
-    def swap(self, schedule: Schedule) -> None:
+    def swap(self, schedule: Schedule, step: int | None = None) -> None:
         """Continue the epoch on ``schedule`` (a newer version for the same data): only the ids not yet
-        consumed this epoch are re-batched, with the new schedule's communities."""
+        consumed this epoch are re-batched, with the new schedule's communities. ``step``: the global
+        training step, for the history."""
         check_schedule(schedule, self.n, self.world)
+        self.history.append({"epoch": self.epoch, "position": self.position, "step": step,
+                             "from": self.version, "to": schedule.version})
         self._continue_on(schedule, self.consumed(), self.swaps + 1)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"version": self.version, "epoch": self.epoch, "position": self.position, "swaps": self.swaps,
                 "seed": self.seed, "n": self.n, "world": self.world, "before": self._before.copy(),
-                "consumed": self.consumed()}
+                "consumed": self.consumed(), "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved position. If the saved schedule version is the one this sampler holds, the plan
@@ -224,6 +246,7 @@ class ScheduleSampler:
         # The world size may differ: the plan depends on schedule, seed and position (and on the world only
         # through the merge of a tail batch smaller than it); the slicing by rank is redone.
         self.epoch = int(state["epoch"])
+        self.history = list(state.get("history", []))
         consumed = np.asarray(state["consumed"], np.int64)
         if state["version"] == self.version:
             self.swaps = int(state["swaps"])
@@ -236,4 +259,6 @@ class ScheduleSampler:
                     "was the schedule file replaced?"
                 )
         else:  # the saved version is gone or superseded: continue the epoch on this one
+            self.history.append({"epoch": self.epoch, "position": int(state["position"]), "step": None,
+                                 "from": state["version"], "to": self.version})
             self._continue_on(self.schedule, consumed, int(state["swaps"]) + 1)

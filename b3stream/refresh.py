@@ -1,0 +1,194 @@
+"""Refreshed mode's background miner: student snapshots in, schedule versions out.
+
+    b3stream refresh --run RUN            # beside a running `b3stream train ... mode=refreshed refresh.spawn=false`
+    python -m b3stream refresh --run RUN  # what the trainer starts itself with refresh.spawn: true
+
+The miner waits for a new student snapshot in ``RUN/snapshots/`` (:mod:`b3stream.snapshot`), embeds the train
+split with it (``model: student``) or with the fixed teacher (``model: teacher``), then runs rank -> partition
+-> schedule with the same stage code and strategy as static mining (:func:`b3stream.mining.pipeline.run_all`),
+and publishes the next schedule version into ``RUN/schedules/``, where the trainer picks it up at a step
+boundary. It never blocks the trainer: they meet only through files, each written under a temporary name and
+renamed into place.
+
+Everything the miner needs is in the run folder, written by the trainer when it starts:
+
+    RUN/refresh/mine.yaml     the MineConfig: the running schedule's strategy and parameters + refresh.mine
+    RUN/refresh/refresh.json  the RefreshConfig (model, device, threads, niceness, poll interval)
+    RUN/refresh/mine/         the stage outputs (embeddings/, rank/, partition/), reused between refreshes
+    RUN/refresh/status.json   where the miner is: state (waiting, embed, rank, partition, schedule), snapshot
+    RUN/refresh/finished      written by the trainer at its end: a standalone miner exits when it appears
+
+Each refresh uses seed ``seed + snapshot step``, so even a teacher refresh (same embeddings) draws new
+communities and a new batch order. With ``strategy: gcbs`` and a snapshot every epoch this is GCBS as its paper
+describes it (re-embedded with the current model each epoch), except that training does not stop for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .config import MineConfig, RefreshConfig, default_miner_threads, from_dict, load_config
+from .files import read_json, write_json
+from .snapshot import RunPaths, Snapshot, latest_snapshot
+
+
+class Miner:
+    """One run's miner. ``model``, ``device``, ``threads``, ``nice``, ``poll`` default to RUN's refresh.json."""
+
+    def __init__(self, run: str | Path, model: str | None = None, device: str | None = None,
+                 poll: float | None = None, parent_pid: int | None = None, progress: bool = False):
+        self.run = Path(run)
+        self.paths = RunPaths(self.run)
+        if not self.paths.mine_config.is_file():
+            raise FileNotFoundError(f"{self.paths.mine_config}: no miner configuration; is {run} the folder of a "
+                                    "run started with mode=refreshed?")
+        settings = from_dict(RefreshConfig, read_json(self.paths.refresh_config) or {},
+                             where=str(self.paths.refresh_config))
+        self.model = model or settings.model
+        if self.model not in ("student", "teacher"):
+            raise ValueError(f"model must be student or teacher, got {self.model!r}")
+        self.device = device or settings.device
+        self.poll = poll if poll is not None else settings.poll_seconds
+        self.parent_pid = parent_pid
+        self.progress = progress
+        self.status: dict = {"pid": os.getpid(), "state": "starting", "refreshes": 0}
+
+    # -- status and stop conditions ---------------------------------------------------------------
+    def _report(self, **fields) -> None:
+        self.status.update(fields, updated=time.time())
+        write_json(self.paths.status, self.status)
+
+    def should_stop(self) -> bool:
+        """The run finished, or the trainer that spawned us is gone (a crash must not orphan a miner)."""
+        if self.paths.finished.exists():
+            return True
+        if self.parent_pid is not None:
+            try:
+                os.kill(self.parent_pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        return False
+
+    def _stage(self, name: str) -> None:
+        if self.should_stop():
+            raise SystemExit(0)  # between stages: stage outputs are complete or absent, never partial
+        self._report(state=name)
+
+    # -- one refresh ------------------------------------------------------------------------------
+    def config_for(self, snapshot: Snapshot) -> MineConfig:
+        cfg = load_config(MineConfig, self.paths.mine_config)
+        return dataclasses.replace(
+            cfg, out=str(self.paths.refresh / "mine"), schedule_dir=str(self.paths.schedules), version=None,
+            seed=cfg.seed + snapshot.step, device=self.device,
+            teacher_snapshot=str(snapshot.path) if self.model == "student" else None)
+
+    def refresh(self, snapshot: Snapshot) -> Path:
+        """Mine from ``snapshot`` and publish the next schedule version; returns its path."""
+        from .mining.pipeline import run_all
+
+        t0 = time.perf_counter()
+        self._report(state="embed", snapshot_step=snapshot.step)
+        path = run_all(self.config_for(snapshot), progress=self.progress, on_stage=self._stage)
+        self._report(state="waiting", last_published=str(path), last_snapshot_step=snapshot.step,
+                     refreshes=self.status["refreshes"] + 1, last_seconds=round(time.perf_counter() - t0, 3))
+        return path
+
+    def _published_steps(self) -> set[int]:
+        """Snapshot steps already mined into a published schedule (a restarted miner does not redo them)."""
+        from .schedule import list_versions, sidecar, version_path
+
+        steps = set()
+        for v in list_versions(self.paths.schedules):
+            meta = (read_json(sidecar(version_path(self.paths.schedules, v))) or {}).get("meta", {})
+            if meta.get("source_step") is not None:
+                steps.add(int(meta["source_step"]))
+        return steps
+
+    def serve(self, once: bool = False) -> int:
+        """Refresh on every new snapshot until the run finishes (or after one refresh with ``once``)."""
+        done = self._published_steps()
+        last = max(done) if done else -1
+        self._report(state="waiting")
+        try:
+            return self._serve(last, once)
+        finally:
+            self._report(state="stopped")
+
+    def _serve(self, last: int, once: bool) -> int:
+        while not self.should_stop():
+            snapshot = latest_snapshot(self.run)
+            if snapshot is not None and snapshot.step > last:
+                try:
+                    self.refresh(snapshot)
+                except FileNotFoundError as e:  # the trainer pruned the snapshot while we read it: next one
+                    print(f"b3stream refresh: snapshot step {snapshot.step} vanished ({e}); waiting for the next",
+                          file=sys.stderr, flush=True)
+                last = snapshot.step
+                if once:
+                    return 0
+                continue
+            time.sleep(self.poll)
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "refresh", help="the background miner of refreshed mode (re-mines from student snapshots)",
+        description="Watch RUN/snapshots for new student snapshots; re-embed, rank, partition and publish the next "
+                    "schedule version into RUN/schedules for the running trainer. Settings come from "
+                    "RUN/refresh/ (written by the trainer); flags override them.")
+    p.add_argument("--run", required=True, help="the training run folder (the trainer's `out`)")
+    p.add_argument("--model", choices=["student", "teacher"], default=None, help="embed with (default: refresh.model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: refresh.device, else a GPU if any)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: refresh.threads, else half)")
+    p.add_argument("--nice", type=int, default=None, help="niceness increment (default: refresh.nice)")
+    p.add_argument("--poll", type=float, default=None, help="seconds between looks for a new snapshot")
+    p.add_argument("--once", action="store_true", help="one refresh from the newest snapshot, then exit")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_refresh)
+
+
+def run_refresh(args) -> int:
+    import logging
+
+    settings = read_json(RunPaths(Path(args.run)).refresh_config) or {}
+    threads = args.threads or settings.get("threads") or default_miner_threads()
+    nice = args.nice if args.nice is not None else settings.get("nice", 10)
+    if nice:
+        os.nice(nice)
+    import torch
+
+    torch.set_num_threads(threads)
+    logger = logging.getLogger("b3stream.mining")
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[miner] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        miner = Miner(args.run, model=args.model, device=args.device, poll=args.poll, parent_pid=args.parent_pid,
+                      progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as e:
+        from .config import ConfigError
+
+        raise ConfigError(str(e)) from None
+    # The trainer stops a spawned miner with SIGTERM: leave through SystemExit so the status says so.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"b3stream refresh: watching {miner.run / 'snapshots'} (model {miner.model}, {threads} thread(s), "
+          f"device {miner.device or 'auto'}, pid {os.getpid()})", file=sys.stderr, flush=True)
+    return miner.serve(once=args.once)

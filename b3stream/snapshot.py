@@ -1,0 +1,207 @@
+"""Student snapshots: what the trainer hands the background miner in refreshed mode.
+
+The trainer and the miner meet only through files: snapshots one way (trainer -> miner), schedules the other
+(:mod:`b3stream.schedule`). A snapshot is everything a miner needs to embed the data with the student as it
+was at one training step::
+
+    RUN/snapshots/step-0000120/
+        snapshot.json         step, epoch, the student's EncoderConfig, the data stamp, kind, weights sha256
+        adapter/              LoRA / DoRA students: the PEFT adapter (save_pretrained; a few MB)
+        model.safetensors     full fine-tuning: every weight of the backbone
+
+A snapshot is written under a temporary name and renamed into place, so a folder named ``step-*`` is always
+complete; a reader that finds one without a valid ``snapshot.json`` ignores it. Only the newest ``keep``
+snapshots are kept. The weights' SHA-256 is what the miner's embed stage keys "up to date" on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import EncoderConfig, LoraConfig, from_dict
+from .files import read_json, write_json
+
+FOLDER = "snapshots"
+META = "snapshot.json"
+_NAME = re.compile(r"^step-(\d{7,})$")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files through which a refreshed-mode trainer and its miner meet, under the run folder ``RUN``:
+    snapshots one way, schedules the other, and the miner's settings and status."""
+
+    run: Path
+
+    @property
+    def snapshots(self) -> Path:
+        return self.run / FOLDER
+
+    @property
+    def schedules(self) -> Path:  # every schedule version of the run: the initial one and the refreshed ones
+        return self.run / "schedules"
+
+    @property
+    def refresh(self) -> Path:
+        return self.run / "refresh"
+
+    @property
+    def mine_config(self) -> Path:  # the miner's MineConfig (YAML)
+        return self.refresh / "mine.yaml"
+
+    @property
+    def refresh_config(self) -> Path:  # the RefreshConfig (JSON)
+        return self.refresh / "refresh.json"
+
+    @property
+    def status(self) -> Path:  # where the miner is (JSON)
+        return self.refresh / "status.json"
+
+    @property
+    def finished(self) -> Path:  # written by the trainer at its end: miners exit
+        return self.refresh / "finished"
+
+    @property
+    def log(self) -> Path:  # a spawned miner's stdout and stderr
+        return self.refresh / "miner.log"
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    step: int
+    meta: dict
+
+    @property
+    def encoder_config(self) -> EncoderConfig:
+        return from_dict(EncoderConfig, self.meta["encoder"], where=f"{self.path / META}: encoder")
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.meta["weights_sha256"]
+
+
+def snapshot_folder(run: str | Path) -> Path:
+    return RunPaths(Path(run)).snapshots
+
+
+def list_snapshots(run: str | Path) -> list[Snapshot]:
+    """Complete snapshots of ``run``, oldest first."""
+    folder = snapshot_folder(run)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        m = _NAME.match(path.name)
+        meta = read_json(path / META) if m else None
+        if meta is not None and meta.get("step") == int(m.group(1)):
+            found.append(Snapshot(path=path, step=int(m.group(1)), meta=meta))
+    return sorted(found, key=lambda s: s.step)
+
+
+def read_snapshot(path: str | Path) -> Snapshot:
+    """The snapshot in folder ``path``; ValueError when it is not a complete snapshot."""
+    path = Path(path)
+    m = _NAME.match(path.name)
+    meta = read_json(path / META)
+    if m is None or meta is None or meta.get("step") != int(m.group(1)):
+        raise ValueError(f"{path}: not a complete student snapshot (step-NNNNNNN/ with {META})")
+    return Snapshot(path=path, step=int(m.group(1)), meta=meta)
+
+
+def latest_snapshot(run: str | Path) -> Snapshot | None:
+    found = list_snapshots(run)
+    return found[-1] if found else None
+
+
+def _sha256_files(folder: Path) -> str:
+    """One digest over every weight file in ``folder`` (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")):
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_cfg: EncoderConfig, stamp: dict,
+                   epoch: int = 0, keep: int = 2) -> Path:
+    """Write the student's weights at ``step`` (call on one process, with full weights at hand: under
+    ZeRO-3 inside ``GatheredParameters``) and prune all but the newest ``keep`` snapshots."""
+    folder = snapshot_folder(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:07d}"
+    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if is_lora(model):
+            model.save_pretrained(str(tmp / "adapter"))
+            kind = "lora"
+        else:
+            from safetensors.torch import save_model
+
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+            kind = "full"
+        write_json(tmp / META, {
+            "step": int(step), "epoch": int(epoch), "kind": kind, "data": stamp, "created": time.time(),
+            "encoder": dataclasses.asdict(encoder_cfg), "weights_sha256": _sha256_files(tmp),
+        })
+        if final.exists():  # a resumed run re-reaching a step it snapshotted before
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_snapshots(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def load_snapshot_encoder(snapshot: Snapshot, device: str | torch.device | None = None,
+                          dtype: torch.dtype | None = None):
+    """The student of ``snapshot`` as a frozen :class:`b3stream.encoder.Encoder` in eval mode."""
+    from .encoder import Encoder
+
+    cfg = snapshot.encoder_config
+    if snapshot.meta["kind"] == "lora":
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        encoder = Encoder(cfg, trainable=True, dtype=torch.float32)
+        weights = load_file(str(snapshot.path / "adapter" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(encoder.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{snapshot.path}: adapter does not fit the model ({result.unexpected_keys[:3]} ...)")
+    else:
+        from safetensors.torch import load_model
+
+        encoder = Encoder(dataclasses.replace(cfg, lora=LoraConfig(enabled=False)), trainable=False,
+                          dtype=torch.float32)
+        load_model(encoder.model, str(snapshot.path / "model.safetensors"))
+    encoder.model.requires_grad_(False)
+    encoder.model.eval()
+    if dtype is not None:
+        encoder.to(dtype)
+    if device is not None:
+        encoder.to(device)
+    return encoder
+

@@ -1,0 +1,173 @@
+"""The trainer's side of refreshed mode: the run folder the miner reads, student snapshots, the spawned miner.
+
+The trainer never imports the miner: it writes what the miner needs into the run folder
+(:class:`b3stream.snapshot.RunPaths`) and starts it as a command (``python -m b3stream refresh``). The miner
+publishes schedule versions into ``RUN/schedules``, which the loop watches (:mod:`b3stream.train.hotswap`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+from ..config import MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config, from_dict
+from ..data.manifest import Manifest
+from ..files import write_atomic, write_json
+from ..schedule import Schedule, sidecar, version_path
+from ..snapshot import RunPaths, write_snapshot
+from .distributed import DistInfo, barrier
+from .sampler import schedule_batch_size
+
+# Schedule metadata that is also a MineConfig field: the miner mines as the running schedule was mined.
+_FROM_META = ("strategy", "seed", "per_task", "mix_tasks", "p", "m", "K", "h", "edges", "rank_weights", "margin",
+              "task_params")
+
+
+def miner_config(cfg: TrainConfig, schedule: Schedule) -> MineConfig:
+    """The MineConfig the miner uses: the running schedule's strategy and parameters, the student's base
+    model as the teacher (for ``refresh.model: teacher``), then ``refresh.mine`` overrides."""
+    meta = schedule.meta
+    student = cfg.student
+    values = {key: meta[key] for key in _FROM_META if meta.get(key) is not None}
+    values.update(
+        data=cfg.data, split="train", verify_data=cfg.verify_data, batch_size=schedule_batch_size(schedule),
+        # Tasks too small to rank alone are pooled rather than stopping the miner mid-run.
+        small_tasks="merge",
+        teacher=dataclasses.asdict(dataclasses.replace(student, lora=dataclasses.replace(student.lora, enabled=False))),
+    )
+    mine = from_dict(MineConfig, values, where="refresh (from the schedule's metadata)")
+    return apply_overrides(mine, {f"{k}": v for k, v in cfg.refresh.mine.items()}) if cfg.refresh.mine else mine
+
+
+def prepare_run(cfg: TrainConfig, schedule: Schedule, paths: RunPaths) -> None:
+    """Main rank, before training: the run's schedule folder holds the starting schedule, and the miner's
+    settings are written. A run resumed in refreshed mode keeps the versions it has."""
+    paths.schedules.mkdir(parents=True, exist_ok=True)
+    paths.refresh.mkdir(parents=True, exist_ok=True)
+    if schedule.path is not None and schedule.path.parent.resolve() != paths.schedules.resolve():
+        target = version_path(paths.schedules, schedule.version or 0)
+        if not target.exists():
+            if schedule.path and sidecar(schedule.path).is_file():
+                write_atomic(sidecar(target), sidecar(schedule.path).read_bytes())
+            write_atomic(target, schedule.path.read_bytes())
+    dump_config(miner_config(cfg, schedule), paths.mine_config)
+    write_json(paths.refresh_config, dataclasses.asdict(cfg.refresh))
+    paths.finished.unlink(missing_ok=True)
+
+
+def snapshot_due(cfg: TrainConfig, step: int, epoch_ended: bool, epoch: int) -> bool:
+    r = cfg.refresh
+    return bool((r.every_steps and step % r.every_steps == 0)
+                or (r.every_epochs and epoch_ended and epoch % r.every_epochs == 0))
+
+
+def snapshot(engine, encoder, cfg: TrainConfig, manifest: Manifest, paths: RunPaths, step: int, epoch: int,
+             stage: int, dist: DistInfo) -> None:
+    """Every rank calls this at the same step; rank 0 writes the snapshot (under ZeRO-3 the sharded weights
+    are gathered first: every rank takes part in the gather)."""
+    def write():
+        write_snapshot(paths.run, step, encoder.model, cfg.student, manifest.stamp("train"), epoch=epoch,
+                       keep=cfg.refresh.keep)
+
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if dist.is_main:
+                write()
+    elif dist.is_main:
+        write()
+    barrier()
+
+
+class MinerProcess:
+    """A spawned ``python -m b3stream refresh`` child of the main rank, restarted with backoff when it dies.
+
+    :meth:`check` is non-blocking and is called at step boundaries; the child also exits by itself when the
+    trainer is gone (it watches its parent's pid) or the run has finished.
+    """
+
+    def __init__(self, paths: RunPaths, cfg: TrainConfig, say=print):
+        self.paths, self.cfg, self.say = paths, cfg.refresh, say
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.restart_at: float | None = None
+        self.gave_up = False
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "b3stream", "refresh", "--run", str(self.paths.run), "--quiet",
+                "--threads", str(self.cfg.threads or default_miner_threads()), "--parent-pid", str(os.getpid())]
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        threads = self.cfg.threads or default_miner_threads()
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)  # the miner is no member of the training process group
+        log = open(self.paths.log, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.restart_at = None
+
+    def check(self) -> None:
+        """Restart a miner that died, after 2, 4, 8 ... (at most 60) seconds; never blocks."""
+        if self.proc is None or self.gave_up:
+            return
+        code = self.proc.poll()
+        if code is None:
+            return
+        now = time.monotonic()
+        if self.restart_at is None:
+            if self.restarts >= self.cfg.max_restarts:
+                self.gave_up = True
+                self.say(f"miner exited with code {code} {self.restarts} times; not restarting it (training goes "
+                         f"on with schedule versions published so far; see {self.paths.log})")
+                return
+            delay = min(60.0, 2.0 ** (self.restarts + 1))
+            self.say(f"miner exited with code {code}; restarting it in {delay:.0f} s (see {self.paths.log})")
+            self.restart_at = now + delay
+        elif now >= self.restart_at:
+            self.restarts += 1
+            self.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Mark the run finished and end the miner (SIGTERM, then SIGKILL)."""
+        self.paths.finished.touch()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+
+@contextmanager
+def miner_process(cfg: TrainConfig, paths: RunPaths, dist: DistInfo, monitor):
+    """While the block runs: in refreshed mode with ``refresh.spawn``, a miner child of the main rank (yielded;
+    None otherwise). However the block ends, the run is marked finished and the miner stopped."""
+    refreshed = cfg.mode == "refreshed"
+    miner = MinerProcess(paths, cfg, say=monitor.write) if refreshed and cfg.refresh.spawn and dist.is_main else None
+    if miner is not None:
+        miner.start()
+        monitor.write(f"refreshed mode: miner started (pid {miner.proc.pid}, log {paths.log}); a snapshot every "
+                      f"{cfg.refresh.every_steps or '-'} steps / {cfg.refresh.every_epochs or '-'} epochs")
+    elif refreshed and dist.is_main:
+        monitor.write(f"refreshed mode: start the miner with `b3stream refresh --run {paths.run}`")
+    try:
+        yield miner
+    finally:
+        if miner is not None:
+            miner.stop()
+        elif refreshed and dist.is_main:
+            paths.finished.touch()

@@ -1,0 +1,270 @@
+"""Refreshed mode end to end: a real DeepSpeed trainer, a real separate miner process (`b3stream refresh`)
+embedding with the student's snapshots, real FAISS / METIS, hot swaps; and the pieces on their own
+(snapshots, the schedule watcher, the embed stage keyed on the weights).
+
+The runs are small (about 360 code-search pairs, |B| = 8, K = 4, MiniLM with short texts) so that a refresh
+takes seconds on two cores; trainer and miner share those cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from b3stream.config import EncoderConfig, LoraConfig, MineConfig
+from b3stream.data.manifest import Manifest
+from b3stream.schedule import list_versions, load_schedule, publish_schedule, version_path
+from b3stream.snapshot import RunPaths, latest_snapshot, list_snapshots, load_snapshot_encoder, write_snapshot
+from b3stream.train.distributed import DistInfo, free_port
+
+from ._train_util import env, read_trace, run, torchrun, write_config
+
+B3 = [sys.executable, "-m", "b3stream"]
+STUDENT = {"max_query_length": 32, "max_positive_length": 48, "lora": {"r": 4, "alpha": 8}}
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory):
+    """~360 training pairs and a static b3 schedule mined with the bundled MiniLM teacher."""
+    from b3stream.data.prepare import prepare_codesearch
+    from b3stream.mining.pipeline import run_all
+
+    root = tmp_path_factory.mktemp("refresh")
+    data = root / "data"
+    prepare_codesearch(str(data), packages=["stdlib"], max_pairs=400, samples_per_shard=200, progress=False)
+    teacher = EncoderConfig(max_query_length=32, max_positive_length=48, lora=LoraConfig(enabled=False))
+    sched = run_all(MineConfig(data=str(data), out=str(root / "mine"), teacher=teacher, strategy="b3", p=2, m=20,
+                               K=4, batch_size=8, per_task=False), progress=False)
+    return {"root": root, "data": data, "schedule": sched}
+
+
+def refreshed_config(mined, name: str, **extra) -> Path:
+    values = dict(data=str(mined["data"]), schedule=str(mined["schedule"]), out=str(mined["root"] / name),
+                  student=STUDENT, trace_ids=True, seed=1, mode="refreshed",
+                  refresh={"every_steps": 6, "poll_seconds": 0.3, "keep": 100})
+    values.update(extra)
+    return write_config(mined["root"] / f"{name}.yaml", **values)
+
+
+def assert_exactly_once_per_epoch(trace: list[dict], n: int) -> None:
+    for epoch in sorted({t["epoch"] for t in trace}):
+        ids = [i for t in trace if t["epoch"] == epoch for i in t["ids"]]
+        full = epoch < max(t["epoch"] for t in trace) or len(ids) == n
+        assert len(ids) == len(set(ids)), f"an id twice in epoch {epoch}"
+        if full:
+            assert sorted(ids) == list(range(n)), f"epoch {epoch} does not cover every id once"
+
+
+@pytest.fixture(scope="module")
+def refreshed_run(mined):
+    cfg = refreshed_config(mined, "run", epochs=2)
+    res = run([*B3, "train", "--config", str(cfg)], threads=1, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = mined["root"] / "run"
+    return {"res": res, "out": out, "summary": json.loads((out / "summary.json").read_text())}
+
+
+def test_refreshed_run_swaps_mid_epoch_and_trains_each_id_once(mined, refreshed_run):
+    out, summary = refreshed_run["out"], refreshed_run["summary"]
+    n = Manifest.load(mined["data"]).split("train").n
+    swaps = summary["swaps"]
+    assert len([s for s in swaps if s["position"] > 0]) >= 2, swaps  # mid-epoch
+    assert [s["to"] for s in swaps] == sorted(s["to"] for s in swaps)  # only ever newer versions
+    trace = read_trace(out)
+    assert_exactly_once_per_epoch(trace, n)
+    # The trace's versions change exactly at the recorded swaps.
+    for s in swaps:
+        assert trace[s["step"]]["version"] == s["to"] and trace[s["step"] - 1]["version"] == s["from"]
+    # Every published version verifies and came from a snapshot of this run.
+    versions = list_versions(out / "schedules")
+    assert len(versions) >= 3
+    for v in versions[1:]:
+        meta = load_schedule(version_path(out / "schedules", v)).meta
+        assert meta["source_step"] % 6 == 0 and meta["strategy"] == "b3" and meta["K"] == 4
+        assert meta["quality"]["theorem1_bound"] > 0 and meta["quality_previous"]["version"] == v - 1
+        assert {"embed", "rank", "partition", "schedule"} <= set(meta["timings"])
+    stderr = refreshed_run["res"].stderr
+    assert "swapped to schedule v1" in stderr and "under the same embeddings" in stderr
+    status = json.loads((out / "refresh" / "status.json").read_text())
+    assert status["state"] == "stopped" and status["refreshes"] >= 2
+
+
+def test_the_refreshed_schedule_comes_from_the_student_snapshot(mined, refreshed_run):
+    """The miner's refresh from a snapshot (the code the spawned miner ran, here called directly on the
+    finished run): its embeddings are the snapshot student's own embeddings of the data, not the teacher's,
+    and its schedule differs from the static one."""
+    from b3stream.data.reader import ShardedDataset
+    from b3stream.encoder import Encoder
+    from b3stream.mining.embed import load_embeddings
+    from b3stream.refresh import Miner
+
+    out = refreshed_run["out"]
+    RunPaths(out).finished.unlink()
+    snap = latest_snapshot(out)
+    path = Miner(out).refresh(snap)
+    emb = load_embeddings(out / "refresh" / "mine")
+    assert emb.record["source_step"] == snap.step
+    assert emb.record["params"]["snapshot_weights"] == snap.weights_sha256
+    ds = ShardedDataset(mined["data"], "train")
+    texts = [ds.manifest.prompted(ds[i], "positive") for i in range(12)]
+    student = load_snapshot_encoder(snap).encode(texts, "positive")
+    teacher = Encoder(EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=False)})).encode(texts, "positive")
+    stored = np.asarray(emb.positives[:12], dtype=np.float32)
+    off_student, off_teacher = np.abs(stored - student).max(), np.abs(stored - teacher).max()
+    assert off_student < 1e-3  # float16 storage
+    assert off_teacher > 3e-3 and off_student < off_teacher / 3  # training moved them from the teacher's
+    refreshed = load_schedule(path)
+    assert refreshed.meta["source_step"] == snap.step
+    assert not np.array_equal(load_schedule(mined["schedule"]).ids, refreshed.ids)
+
+
+def test_two_ranks_swap_at_the_same_step(mined):
+    cfg = refreshed_config(mined, "run2", epochs=1, deepspeed="zero2", refresh={"every_steps": 4, "poll_seconds": 0.3})
+    res = torchrun(2, ["-m", "b3stream.train", "--config", str(cfg)], free_port(), timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = mined["root"] / "run2"
+    rank0, rank1 = read_trace(out), [json.loads(line) for line in (out / "trace.rank1.jsonl").read_text().splitlines()]
+    assert [(t["step"], t["version"], t["ids"]) for t in rank0] == [(t["step"], t["version"], t["ids"]) for t in rank1]
+    assert len({t["version"] for t in rank0}) >= 2, "no swap happened"
+    assert_exactly_once_per_epoch(rank0, Manifest.load(mined["data"]).split("train").n)
+    assert json.loads((out / "summary.json").read_text())["ranks_in_sync"] is True
+
+
+def test_a_killed_miner_comes_back_and_training_never_fails(mined):
+    """SIGKILL the spawned miner twice while it embeds: training goes on, the miner is restarted, later
+    publishes, and no partial schedule is ever read."""
+    cfg = refreshed_config(mined, "killed", epochs=2, refresh={"every_steps": 5, "poll_seconds": 0.2})
+    out = mined["root"] / "killed"
+    status_file = RunPaths(out).status
+    proc = subprocess.Popen([*B3, "train", "--config", str(cfg)], env=env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    killed: list[int] = []
+    deadline = time.time() + 400
+    try:
+        while len(killed) < 2 and proc.poll() is None and time.time() < deadline:
+            try:
+                status = json.loads(status_file.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                status = {}
+            pid = status.get("pid")
+            if status.get("state") == "embed" and pid and pid not in killed:
+                time.sleep(1.0 + len(killed))  # into the embedding, at a different point each time
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(killed) == 2, "the miner was not seen embedding twice"
+    assert proc.returncode == 0, stderr[-4000:]
+    assert stderr.count("miner exited with code -9; restarting it") == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["miner_restarts"] == 2
+    assert summary["swaps"], "the restarted miner never published"
+    for v in list_versions(out / "schedules"):
+        load_schedule(version_path(out / "schedules", v))  # verifies the checksum
+    assert not list((out / "schedules").glob(".*tmp*"))
+    assert_exactly_once_per_epoch(read_trace(out), Manifest.load(mined["data"]).split("train").n)
+
+
+# -- the pieces -------------------------------------------------------------------------------------------
+
+
+def test_watcher_takes_only_strictly_newer_good_versions(tmp_path, code_dataset):
+    from b3stream.train.hotswap import ScheduleWatcher
+
+    from ._train_util import random_schedule
+
+    folder = tmp_path / "schedules"
+    manifest = Manifest.load(code_dataset)
+    for v in (0, 1):
+        random_schedule(code_dataset, batch_size=16, K=4, seed=v, folder=folder, version=v)
+    said = []
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    watcher = ScheduleWatcher(folder, manifest, dist, say=said.append)
+    assert watcher.check(1) is None  # nothing newer than v1
+    assert watcher.check(0).version == 1
+    # A newer version whose file is corrupt (same size, one byte flipped) and a half-written temp file.
+    good = random_schedule(code_dataset, batch_size=16, K=4, seed=2, folder=folder, version=2)
+    data = bytearray(good.read_bytes())
+    data[-5] ^= 0xFF
+    good.write_bytes(bytes(data))
+    (folder / ".v000003.b3s.tmp-123").write_bytes(bytes(data[: len(data) // 2]))
+    assert watcher.check(1) is None  # neither the corrupt v2, nor back to v0
+    assert said and "v2 not used" in said[0] and "checksum" in said[0]
+    assert watcher.check(1) is None and len(said) == 1  # not re-read every step
+    random_schedule(code_dataset, batch_size=16, K=4, seed=3, folder=folder, version=3)
+    assert watcher.check(1).version == 3
+    # A newer schedule for other data is refused too.
+    other = load_schedule(version_path(folder, 3))
+    other.meta["data"] = {**other.meta["data"], "fingerprint": "0" * 64}
+    publish_schedule(other, folder, 4)
+    assert watcher.check(3) is None and "v4 not used" in said[-1]
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_snapshot_round_trip(tmp_path, lora):
+    """A snapshot loads back into an encoder that embeds exactly like the student that wrote it; old
+    snapshots are pruned; a half-written one is invisible."""
+    from b3stream.encoder import Encoder
+
+    cfg = EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=lora, r=4, alpha=8)})
+    torch.manual_seed(0)
+    student = Encoder(cfg, trainable=True)
+    with torch.no_grad():
+        for p in student.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    texts = ["open a file and read its lines", "def read(path):\n    return open(path).read()"]
+    (tmp_path / "snapshots").mkdir()
+    (tmp_path / "snapshots" / ".step-0000009.tmp-1").mkdir()  # a writer that died
+    for step in (3, 6, 9):
+        write_snapshot(tmp_path, step, student.model, cfg, {"n": 1}, keep=2)
+    assert [s.step for s in list_snapshots(tmp_path)] == [6, 9]
+    snap = latest_snapshot(tmp_path)
+    assert snap.meta["kind"] == ("lora" if lora else "full")
+    if lora:
+        assert sum(f.stat().st_size for f in (snap.path / "adapter").iterdir()) < 2_000_000
+    np.testing.assert_allclose(load_snapshot_encoder(snap).encode(texts, "positive"),
+                               student.encode(texts, "positive"), atol=1e-5)
+
+
+def test_embed_stage_keys_on_the_weights_not_the_path(tmp_path, toy_dataset):
+    """A teacher folder overwritten in place is a new teacher: its embeddings are recomputed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from b3stream.encoder import default_model_path
+    from b3stream.mining.embed import load_embeddings
+    from b3stream.mining.pipeline import embed_stage
+
+    model = tmp_path / "teacher"
+    shutil.copytree(default_model_path(), model)
+    cfg = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"),
+                     teacher=EncoderConfig(model=str(model), max_query_length=16, max_positive_length=16,
+                                           lora=LoraConfig(enabled=False)))
+    embed_stage(cfg, progress=False)
+    first = load_embeddings(tmp_path / "mine")
+    token, before = first.record["token"], np.asarray(first.positives[:8], dtype=np.float32)
+    embed_stage(cfg, progress=False)
+    assert load_embeddings(tmp_path / "mine").record["token"] == token  # unchanged weights: reused
+    weights = load_file(str(model / "model.safetensors"))
+    for name in weights:
+        if name.endswith("encoder.layer.5.output.dense.weight"):
+            weights[name] = weights[name] * 1.5
+    save_file(weights, str(model / "model.safetensors"))
+    embed_stage(cfg, progress=False)
+    second = load_embeddings(tmp_path / "mine")
+    assert second.record["token"] != token
+    assert np.abs(np.asarray(second.positives[:8], dtype=np.float32) - before).max() > 1e-3
