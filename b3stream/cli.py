@@ -158,6 +158,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--steps", type=int, default=60, help="training steps")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-queries", type=int, default=1000, help="held-out queries to evaluate on")
+    p.add_argument("--refresh", action="store_true",
+                   help="train in refreshed mode: a background miner re-mines the schedule from student snapshots")
     p.set_defaults(func=_run_demo)
 
 

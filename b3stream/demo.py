@@ -4,6 +4,8 @@
 2. mine     - the bundled all-MiniLM-L6-v2 as teacher; a random and a B3 schedule side by side, with the
               batch-quality numbers of each (Theorem 1 bound, in-batch negative similarity);
 3. train    - a LoRA student on the B3 schedule through a real DeepSpeed engine (ZeRO-0, one process);
+              with ``--refresh`` in refreshed mode: a background miner re-mines the schedule from snapshots
+              of the student every quarter of the run and the trainer hot-swaps to each new version;
 4. evaluate - held-out nDCG@10 / MRR@10 / Recall before and after.
 
 Each stage's output stays under ``--out`` and is reused when it is already there, so a second run skips
@@ -15,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import EncoderConfig, LoraConfig, MineConfig, TrainConfig
+from .config import EncoderConfig, LoraConfig, MineConfig, RefreshConfig, TrainConfig
 
 
 def _say(msg: str) -> None:
@@ -53,7 +55,10 @@ def run_demo(args) -> int:
         print(f"{strategy:>7}: {path}")
         print_quality(load_schedule(path).meta.get("quality"))
 
-    _say(f"3/4 train: LoRA student on the b3 schedule for {args.steps} steps (DeepSpeed ZeRO-0)")
+    refresh_every = max(5, args.steps // 4)
+    _say(f"3/4 train: LoRA student on the b3 schedule for {args.steps} steps (DeepSpeed ZeRO-0)"
+         + (f", refreshed mode: a student snapshot every {refresh_every} steps re-mined by a background miner"
+            if args.refresh else ""))
     from .train.distributed import shutdown, single_process_env
     from .train.loop import train
 
@@ -62,6 +67,8 @@ def run_demo(args) -> int:
         student=EncoderConfig(max_query_length=64, max_positive_length=128), max_steps=args.steps,
         lr=args.lr, log_every=5, eval_every=None, eval_max_queries=args.eval_queries, save_every=None,
         resume=False, deepspeed="zero0",
+        mode="refreshed" if args.refresh else "static",
+        refresh=RefreshConfig(every_steps=refresh_every, poll_seconds=1.0),
     )
     single_process_env()
     try:
@@ -75,6 +82,9 @@ def run_demo(args) -> int:
     for name in ("before", "after"):
         if name in result["eval"]:
             print(f"{name:>7}: {format_metrics(result['eval'][name])}")
+    if args.refresh:
+        print(f"\nrefreshed mode: {len(result['swaps'])} hot swap(s): "
+              + ", ".join(f"v{s['from']}->v{s['to']} at step {s['step']}" for s in result["swaps"]))
     print(f"\ntrained {result['steps']} steps at {result['examples_per_s'] or 0:.1f} examples/s; "
           f"demo took {time.perf_counter() - t0:.0f} s")
     print(f"TensorBoard: tensorboard --logdir {out / 'train' / 'tb'}")

@@ -1,6 +1,7 @@
 """Refreshed mode's background miner: student snapshots in, schedule versions out.
 
     b3stream refresh --run RUN            # beside a running `b3stream train ... mode=refreshed refresh.spawn=false`
+    torchrun --nproc_per_node 4 -m b3stream refresh RUN   # the embedding split over 4 processes / GPUs
     python -m b3stream refresh --run RUN  # what the trainer starts itself with refresh.spawn: true
 
 The miner waits for a new student snapshot in ``RUN/snapshots/`` (:mod:`b3stream.snapshot`), embeds the train
@@ -36,6 +37,8 @@ from pathlib import Path
 from .config import MineConfig, RefreshConfig, default_miner_threads, from_dict, load_config
 from .files import read_json, write_json
 from .snapshot import RunPaths, Snapshot, latest_snapshot
+
+STOP = -1  # announced to the other processes under a launcher: no more snapshots
 
 
 class Miner:
@@ -92,8 +95,10 @@ class Miner:
 
     def refresh(self, snapshot: Snapshot) -> Path:
         """Mine from ``snapshot`` and publish the next schedule version; returns its path."""
+        from .dist import broadcast_int
         from .mining.pipeline import run_all
 
+        broadcast_int(snapshot.step)  # under a launcher: the other processes embed their share of it
         t0 = time.perf_counter()
         self._report(state="embed", snapshot_step=snapshot.step)
         path = run_all(self.config_for(snapshot), progress=self.progress, on_stage=self._stage)
@@ -121,6 +126,21 @@ class Miner:
             return self._serve(last, once)
         finally:
             self._report(state="stopped")
+            from .dist import broadcast_int, world
+
+            if world()[1] > 1:
+                broadcast_int(STOP)
+
+    def follow(self) -> int:
+        """A process other than rank 0 under a launcher: embed a share of each snapshot rank 0 announces."""
+        from .dist import broadcast_int
+        from .mining.pipeline import embed_stage
+        from .snapshot import read_snapshot
+
+        while (step := broadcast_int(STOP)) != STOP:
+            snapshot = read_snapshot(self.paths.snapshots / f"step-{step:07d}")
+            embed_stage(self.config_for(snapshot), progress=False)
+        return 0
 
     def _serve(self, last: int, once: bool) -> int:
         while not self.should_stop():
@@ -150,7 +170,9 @@ def register(sub) -> None:
         description="Watch RUN/snapshots for new student snapshots; re-embed, rank, partition and publish the next "
                     "schedule version into RUN/schedules for the running trainer. Settings come from "
                     "RUN/refresh/ (written by the trainer); flags override them.")
-    p.add_argument("--run", required=True, help="the training run folder (the trainer's `out`)")
+    p.add_argument("run_folder", nargs="?", metavar="RUN", help="the training run folder (the trainer's `out`)")
+    p.add_argument("--run", default=None, help="the same, as an option (not under torchrun: it takes --run as "
+                                               "its own --run-path)")
     p.add_argument("--model", choices=["student", "teacher"], default=None, help="embed with (default: refresh.model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: refresh.device, else a GPU if any)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: refresh.threads, else half)")
@@ -165,6 +187,11 @@ def register(sub) -> None:
 def run_refresh(args) -> int:
     import logging
 
+    from .config import ConfigError
+
+    if bool(args.run) == bool(args.run_folder):
+        raise ConfigError("give the run folder once: `b3stream refresh RUN` or `b3stream refresh --run RUN`")
+    args.run = args.run or args.run_folder
     settings = read_json(RunPaths(Path(args.run)).refresh_config) or {}
     threads = args.threads or settings.get("threads") or default_miner_threads()
     nice = args.nice if args.nice is not None else settings.get("nice", 10)
@@ -180,6 +207,8 @@ def run_refresh(args) -> int:
         handler.setFormatter(logging.Formatter("[miner] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+    from .dist import init_from_launcher, leave
+
     try:
         miner = Miner(args.run, model=args.model, device=args.device, poll=args.poll, parent_pid=args.parent_pid,
                       progress=not args.quiet)
@@ -187,8 +216,17 @@ def run_refresh(args) -> int:
         from .config import ConfigError
 
         raise ConfigError(str(e)) from None
+    rank, size = init_from_launcher()  # torchrun --nproc_per_node N: each refresh's embedding split N ways
+    if rank != 0:
+        try:
+            return miner.follow()
+        finally:
+            leave()
     # The trainer stops a spawned miner with SIGTERM: leave through SystemExit so the status says so.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"b3stream refresh: watching {miner.run / 'snapshots'} (model {miner.model}, {threads} thread(s), "
           f"device {miner.device or 'auto'}, pid {os.getpid()})", file=sys.stderr, flush=True)
-    return miner.serve(once=args.once)
+    try:
+        return miner.serve(once=args.once)
+    finally:
+        leave()

@@ -268,3 +268,54 @@ def test_embed_stage_keys_on_the_weights_not_the_path(tmp_path, toy_dataset):
     second = load_embeddings(tmp_path / "mine")
     assert second.record["token"] != token
     assert np.abs(np.asarray(second.positives[:8], dtype=np.float32) - before).max() > 1e-3
+
+
+def test_two_process_miner_embeds_like_the_snapshot(mined, refreshed_run, tmp_path):
+    """`torchrun --nproc_per_node 2 -m b3stream refresh --once`: the two processes each embed half of the
+    split with a new snapshot, rank 0 publishes; the embeddings equal the snapshot model's own."""
+    from b3stream.data.reader import ShardedDataset
+    from b3stream.encoder import Encoder
+    from b3stream.mining.embed import load_embeddings
+
+    out = refreshed_run["out"]
+    RunPaths(out).finished.unlink(missing_ok=True)
+    cfg = EncoderConfig(**{**STUDENT, "lora": LoraConfig(r=4, alpha=8)})
+    torch.manual_seed(7)
+    student = Encoder(cfg, trainable=True)
+    with torch.no_grad():
+        for p in student.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    before = max(list_versions(out / "schedules"))
+    snap = write_snapshot(out, 9999, student.model, cfg, Manifest.load(mined["data"]).stamp("train"), keep=100)
+    res = torchrun(2, ["-m", "b3stream", "refresh", str(out), "--once", "--quiet", "--nice", "0"],
+                   free_port(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert max(list_versions(out / "schedules")) == before + 1
+    emb = load_embeddings(out / "refresh" / "mine")
+    assert emb.record["processes"] == 2 and emb.record["source_step"] == 9999
+    ds = ShardedDataset(mined["data"], "train")
+    rows = [0, 1, emb.n // 2 - 1, emb.n // 2, emb.n - 1]  # both processes' shares and their seam
+    texts = [ds.manifest.prompted(ds[i], "positive") for i in rows]
+    expected = load_snapshot_encoder(latest_snapshot(out)).encode(texts, "positive")
+    np.testing.assert_allclose(np.asarray(emb.positives[rows], dtype=np.float32), expected, atol=1e-3)
+    assert snap.name == "step-0009999"
+
+
+def test_mine_embed_on_two_processes_equals_one(mined, tmp_path):
+    """`torchrun --nproc_per_node 2 -m b3stream mine embed` writes the embeddings one process writes."""
+    args = ["mine", "embed", "--data", str(mined["data"]), "--set", "teacher.max_positive_length=48",
+            "--set", "teacher.max_query_length=32", "--quiet"]
+    one = run([*B3, *args, "--out", str(tmp_path / "one")], threads=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(2, ["-m", "b3stream", *args, "--out", str(tmp_path / "two")], free_port(), timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for name in ("queries", "positives", "positive_keys", "tasks"):
+        a = np.load(tmp_path / "one" / "embeddings" / f"{name}.npy").astype(np.float64)
+        b = np.load(tmp_path / "two" / "embeddings" / f"{name}.npy").astype(np.float64)
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)  # float16: padding may move the last bit
+    record = json.loads((tmp_path / "two" / "embeddings" / "embeddings.json").read_text())
+    assert record["complete"] and record["processes"] == 2
+    refused = torchrun(2, ["-m", "b3stream", "mine", "rank", "--data", str(mined["data"]), "--out",
+                           str(tmp_path / "two")], free_port(), timeout=120)
+    assert refused.returncode != 0 and "only the embed stage runs on several processes" in refused.stderr

@@ -86,6 +86,7 @@ def config_from_args(args):
 
 
 def run_mine(args) -> int:
+    from ..config import ConfigError
     from .pipeline import run_stage
 
     _setup_logging(args.quiet)
@@ -94,7 +95,21 @@ def run_mine(args) -> int:
         from ..encoder import quiet_model_loading
 
         quiet_model_loading()
-    out = run_stage(args.stage, cfg, progress=not args.quiet)
+    from ..dist import init_from_launcher, leave
+
+    rank, size = init_from_launcher()  # torchrun --nproc_per_node N: the embedding is split N ways
+    try:
+        if size > 1 and args.stage not in ("embed", "all"):
+            raise ConfigError(f"only the embed stage runs on several processes; run `b3stream mine {args.stage}` "
+                              "without a launcher")
+        if rank != 0:  # the other processes embed their share; rank 0 runs the stages
+            from .pipeline import embed_stage
+
+            embed_stage(cfg, progress=False)
+            return 0
+        out = run_stage(args.stage, cfg, progress=not args.quiet)
+    finally:
+        leave()
     print(out)
     if args.stage in ("schedule", "all") and not args.quiet:
         from ..schedule import load_schedule

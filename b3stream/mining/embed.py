@@ -23,6 +23,7 @@ fingerprint is a SHA-256 of the two arrays.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -188,8 +189,15 @@ def embed(cfg: MineConfig, progress: bool = True) -> Path:
 
 
 def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
+    """Embed the split with the teacher (or a student snapshot). Under a launcher (``torchrun
+    --nproc_per_node N``, process group joined by the caller) each process embeds a contiguous share of the
+    rows into the same memory-mapped files and rank 0 writes the rest; an interrupted multi-process run
+    starts over (the single-process run resumes at its last recorded chunk)."""
     from ..data.reader import ShardedDataset
+    from ..dist import barrier, split_bounds, world
     from ..encoder import Encoder
+
+    rank, size = world()
 
     if cfg.embed_chunk < 1 or cfg.embed_batch_size < 1:
         raise ConfigError("embed_chunk and embed_batch_size must be positive")
@@ -200,23 +208,27 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     record = read_json(folder / RECORD)
     params = {**embed_params(cfg, (record or {}).get("weight_files")), "prompts": manifest.prompts}
     weight_files = params.pop("_weight_files")
-    if record is not None and record.get("stamp") == stamp and same_params({**record, "complete": True}, params):
-        if record.get("complete"):
-            log.info("embed: %s is up to date (%d rows)", folder, n)
-            return folder
+    same = record is not None and record.get("stamp") == stamp and same_params({**record, "complete": True}, params)
+    if same and record.get("complete"):
+        log.info("embed: %s is up to date (%d rows)", folder, n)
+        return folder
+    barrier()  # every rank has read the old record before rank 0 replaces it
+    start = 0
+    if same and size == 1:
         start = int(record.get("rows_done", 0))
         if not ((folder / "queries.npy").is_file() and (folder / "positives.npy").is_file()):
             start = 0
         log.info("embed: resuming at row %d of %d", start, n)
-    else:
-        start = 0
-        if folder.exists():
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    elif rank == 0 and folder.exists():
+        shutil.rmtree(folder)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
 
     import torch
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and size > 1:  # one GPU per process under a launcher
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     dtype = torch.float16 if device.startswith("cuda") else None
     if cfg.teacher_snapshot:
         from ..snapshot import load_snapshot_encoder, read_snapshot
@@ -227,21 +239,28 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
         snapshot = None
         encoder = Encoder(cfg.teacher, trainable=False, device=device, dtype=dtype)
     dim = encoder.dim
-    mode = "r+" if start > 0 else "w+"
-    qmm = np.lib.format.open_memmap(folder / "queries.npy", mode=mode, dtype=np.float16, shape=(n, dim))
-    pmm = np.lib.format.open_memmap(folder / "positives.npy", mode=mode, dtype=np.float16, shape=(n, dim))
+    record = {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": start, "complete": False,
+              "chunk": cfg.embed_chunk, "weight_files": weight_files,
+              "source_step": snapshot.step if snapshot is not None else None, "processes": size}
+    if rank == 0:  # creates the files; the other processes open them once they exist
+        mode = "r+" if start > 0 else "w+"
+        qmm = np.lib.format.open_memmap(folder / "queries.npy", mode=mode, dtype=np.float16, shape=(n, dim))
+        pmm = np.lib.format.open_memmap(folder / "positives.npy", mode=mode, dtype=np.float16, shape=(n, dim))
+        write_json(folder / RECORD, record)
+    barrier()
+    if rank != 0:
+        qmm = np.lib.format.open_memmap(folder / "queries.npy", mode="r+")
+        pmm = np.lib.format.open_memmap(folder / "positives.npy", mode="r+")
     if qmm.shape != (n, dim) or pmm.shape != (n, dim):
         raise DataError(f"{folder}: existing embedding files have the wrong shape; delete the folder")
+    share_lo, share_hi = split_bounds(n, size, rank)
 
     task_names: list[str] = []
     task_index: dict[str, int] = {}
     tasks = np.empty(n, dtype=np.int32)
     keys = np.empty(n, dtype=np.int64)
-    record = {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": start, "complete": False,
-              "chunk": cfg.embed_chunk, "weight_files": weight_files,
-              "source_step": snapshot.step if snapshot is not None else None}
-    write_json(folder / RECORD, record)
-    bar = progress_bar(total=n, initial=start, desc="embed", unit="pair", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=share_hi - share_lo, initial=max(0, start - share_lo), desc="embed", unit="pair",
+                       disable=not progress or rank != 0, file=sys.stderr)
     chunk: list[dict] = []
 
     def flush_chunk(rows: list[dict]) -> None:
@@ -257,8 +276,9 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
         # Flush before recording progress: the record must never claim rows that are not on disk.
         qmm.flush()
         pmm.flush()
-        record["rows_done"] = hi
-        write_json(folder / RECORD, record)
+        if size == 1:  # several processes fill the rows out of order: no resume point to record
+            record["rows_done"] = hi
+            write_json(folder / RECORD, record)
         bar.update(hi - lo)
 
     expected = 0
@@ -273,8 +293,8 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
             task_names.append(task)
         tasks[i] = task_index[task]
         keys[i] = content_key(manifest.prompted(rec, "positive"))
-        if i < start:
-            continue  # already embedded by an interrupted run
+        if i < start or not share_lo <= i < share_hi:
+            continue  # already embedded by an interrupted run, or another process's share
         chunk.append(rec)
         if len(chunk) >= cfg.embed_chunk:
             flush_chunk(chunk)
@@ -285,9 +305,12 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     if expected != n:
         raise DataError(f"{cfg.data}: split {cfg.split!r} streamed {expected} records, manifest says {n}")
     del qmm, pmm
+    barrier()  # every share is on disk
+    if rank != 0:
+        return folder
     _write_array(folder, "tasks.npy", tasks.astype(np.int32))
     _write_array(folder, KEYS_FILE, keys)
-    record.update(complete=True, task_names=task_names, token=new_token(),
+    record.update(complete=True, rows_done=n, task_names=task_names, token=new_token(),
                   source_model=params["model"] if snapshot is None else f"student@step{snapshot.step}")
     write_json(folder / RECORD, record)
     log.info("embed: wrote %d x %d teacher embeddings to %s", n, dim, folder)

@@ -62,7 +62,9 @@ def embed_stage(cfg: MineConfig, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     folder = embed(cfg, progress=progress)
     record = read_json(folder / "embeddings.json")
-    if record is not None and "seconds" not in record:
+    from ..dist import world
+
+    if record is not None and "seconds" not in record and world()[0] == 0:
         record["seconds"] = round(time.perf_counter() - t0, 3)
         write_json(folder / "embeddings.json", record)
     return folder

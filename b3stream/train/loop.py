@@ -70,7 +70,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         run.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run / "config.yaml")
         if refreshed:
-            prepare_run(cfg, schedule, paths)
+            prepare_run(cfg, schedule, paths, fresh=not (cfg.resume and (run / "checkpoints" / "latest").is_file()))
 
     # -- 2. Student: HF encoder + pooling (+ LoRA), wrapped so one forward embeds every side. ----------
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
@@ -240,7 +240,7 @@ def _eval_set(cfg: TrainConfig, manifest: Manifest) -> RetrievalSet | None:
         raise ConfigError(f"eval_split {cfg.eval_split!r} is not in {cfg.data} (splits: {sorted(manifest.splits)}); "
                           "set eval_split: null to train without evaluation")
     # Seed 0, not cfg.seed: runs with different seeds (and `b3stream evaluate`) score the same queries.
-    return RetrievalSet(cfg.data, cfg.eval_split, cfg.eval_max_queries, seed=0)
+    return RetrievalSet(cfg.data, cfg.eval_split, cfg.eval_max_queries, seed=0, corpus=cfg.eval_corpus)
 
 
 def _encode_shared(encoder: Encoder, texts: list[str], side: str, cfg: TrainConfig, dist: DistInfo,

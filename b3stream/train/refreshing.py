@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 
-from ..config import MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config, from_dict
+from ..config import ConfigError, MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config, from_dict
 from ..data.manifest import Manifest
 from ..files import write_atomic, write_json
 from ..schedule import Schedule, sidecar, version_path
@@ -44,9 +45,16 @@ def miner_config(cfg: TrainConfig, schedule: Schedule) -> MineConfig:
     return apply_overrides(mine, {f"{k}": v for k, v in cfg.refresh.mine.items()}) if cfg.refresh.mine else mine
 
 
-def prepare_run(cfg: TrainConfig, schedule: Schedule, paths: RunPaths) -> None:
+def prepare_run(cfg: TrainConfig, schedule: Schedule, paths: RunPaths, fresh: bool) -> None:
     """Main rank, before training: the run's schedule folder holds the starting schedule, and the miner's
-    settings are written. A run resumed in refreshed mode keeps the versions it has."""
+    settings are written. A resumed run keeps the versions and snapshots it has; a ``fresh`` start drops
+    those of an earlier run in the same folder (their versions would look newer than the starting one)."""
+    if fresh:
+        for folder in (paths.schedules, paths.snapshots):
+            if folder.is_dir() and schedule.path is not None and folder.resolve() == schedule.path.parent.resolve():
+                raise ConfigError(f"schedule {schedule.path} lies inside the run's own {folder}: give the "
+                                  "schedule from the mining folder, or resume the run")
+            shutil.rmtree(folder, ignore_errors=True)
     paths.schedules.mkdir(parents=True, exist_ok=True)
     paths.refresh.mkdir(parents=True, exist_ok=True)
     if schedule.path is not None and schedule.path.parent.resolve() != paths.schedules.resolve():

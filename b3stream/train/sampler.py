@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..dist import split_bounds  # noqa: F401  (re-exported for the loop)
 from ..schedule import Schedule, ScheduleError
 
 
@@ -48,13 +49,6 @@ class Step:
     negative_ids: np.ndarray  # this rank's share of the batch's hard-negative pool (may be empty)
     global_size: int  # |B| of this step
     version: int | None  # schedule version the batch came from
-
-
-def split_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
-    """Contiguous share of ``n`` rows for ``rank``; shares differ by at most one row."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def schedule_batch_size(schedule: Schedule) -> int:
