@@ -4,9 +4,8 @@ the new schedule's communities, exactly once per epoch, the swap history."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from b3stream.schedule import Schedule, publish_schedule
+from b3stream.schedule import Schedule
 from b3stream.train.sampler import ScheduleSampler
 
 

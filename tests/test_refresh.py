@@ -55,6 +55,20 @@ def refreshed_config(mined, name: str, **extra) -> Path:
     return write_config(mined["root"] / f"{name}.yaml", **values)
 
 
+def perturbed_student(lora: bool, seed: int):
+    """(config, Encoder) of a student whose trainable weights moved away from the bundled model's."""
+    from b3stream.encoder import Encoder
+
+    cfg = EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=lora, r=4, alpha=8)})
+    torch.manual_seed(seed)
+    student = Encoder(cfg, trainable=True)
+    with torch.no_grad():
+        for p in student.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return cfg, student
+
+
 def assert_exactly_once_per_epoch(trace: list[dict], n: int) -> None:
     for epoch in sorted({t["epoch"] for t in trace}):
         ids = [i for t in trace if t["epoch"] == epoch for i in t["ids"]]
@@ -216,15 +230,7 @@ def test_watcher_takes_only_strictly_newer_good_versions(tmp_path, code_dataset)
 def test_snapshot_round_trip(tmp_path, lora):
     """A snapshot loads back into an encoder that embeds exactly like the student that wrote it; old
     snapshots are pruned; a half-written one is invisible."""
-    from b3stream.encoder import Encoder
-
-    cfg = EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=lora, r=4, alpha=8)})
-    torch.manual_seed(0)
-    student = Encoder(cfg, trainable=True)
-    with torch.no_grad():
-        for p in student.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    cfg, student = perturbed_student(lora, seed=0)
     texts = ["open a file and read its lines", "def read(path):\n    return open(path).read()"]
     (tmp_path / "snapshots").mkdir()
     (tmp_path / "snapshots" / ".step-0000009.tmp-1").mkdir()  # a writer that died
@@ -274,18 +280,11 @@ def test_two_process_miner_embeds_like_the_snapshot(mined, refreshed_run, tmp_pa
     """`torchrun --nproc_per_node 2 -m b3stream refresh --once`: the two processes each embed half of the
     split with a new snapshot, rank 0 publishes; the embeddings equal the snapshot model's own."""
     from b3stream.data.reader import ShardedDataset
-    from b3stream.encoder import Encoder
     from b3stream.mining.embed import load_embeddings
 
     out = refreshed_run["out"]
     RunPaths(out).finished.unlink(missing_ok=True)
-    cfg = EncoderConfig(**{**STUDENT, "lora": LoraConfig(r=4, alpha=8)})
-    torch.manual_seed(7)
-    student = Encoder(cfg, trainable=True)
-    with torch.no_grad():
-        for p in student.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    cfg, student = perturbed_student(lora=True, seed=7)
     before = max(list_versions(out / "schedules"))
     snap = write_snapshot(out, 9999, student.model, cfg, Manifest.load(mined["data"]).stamp("train"), keep=100)
     res = torchrun(2, ["-m", "b3stream", "refresh", str(out), "--once", "--quiet", "--nice", "0"],

@@ -5,14 +5,14 @@ For a batch ``B`` the rows ``S[i]`` of its members are pooled into one *unified*
     Pr(j) proportional to  #{ (i, c) : i in B, S[i, c] = j },     j not in X(B),
     X(B) = B  union  { T[i, c] : i in B },
 
-so an example that many members rank among their strong negatives is the most likely pick. Excluded are
-the members (they are in-batch negatives already), every member's top-p ranks ``T[i]`` (likely false
-negatives of ``i``: paraphrases, duplicates) and every id whose positive text equals a member's (same
-content key, :mod:`b3stream.data.dedup`: a correct answer under another id). ``T[i]`` never entered ``S[i]``, but it can enter *another*
-member's row ``S[k]``, and since the trainer shares the ``h * |B|`` negatives with every query of the global
-batch, a ``j`` in ``T[i]`` drawn through ``S[k]`` would be a negative for ``i`` after all; hence the union.
-``h * |B|`` *distinct* ids are drawn without replacement and reshaped to ``(|B|, h)``, row ``i`` aligned with
-the batch's ``i``-th id; the row assignment only decides whose text carries which negative.
+so an example that many members rank among their strong negatives is the most likely pick. Excluded are the
+members (they are in-batch negatives already), every member's top-p ranks ``T[i]`` (likely false negatives of
+``i``: paraphrases, duplicates) and every id whose positive text equals a member's (same content key,
+:mod:`b3stream.data.dedup`: a correct answer under another id). ``T[i]`` never entered ``S[i]``, but it can
+enter *another* member's row ``S[k]``, and since the trainer shares the ``h * |B|`` negatives with every query
+of the global batch, a ``j`` in ``T[i]`` drawn through ``S[k]`` would be a negative for ``i`` after all; hence
+the union. ``h * |B|`` *distinct* ids are drawn without replacement and reshaped to ``(|B|, h)``, row ``i``
+aligned with the batch's ``i``-th id; the row assignment only decides whose text carries which negative.
 
 Drawing without replacement with probabilities proportional to counts is done with the Gumbel-top-k trick
 (the k largest of ``log count_j + Gumbel noise`` are a weighted sample without replacement), vectorised over

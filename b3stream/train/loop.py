@@ -149,7 +149,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     "time_fwd_bwd": t_backward - t_start, "time_optimizer": t_end - t_backward,
                     "pos_sim": out.pos_sim, "hardest_neg_sim": out.hardest_neg_sim, "hard_negatives": out.negatives,
                     "epoch": batch.step.epoch, "schedule_version": batch.step.version,
-                    "staleness": _staleness(sampler.schedule, step), "strategy": sampler.schedule.meta.get("strategy", "?"),
+                    "staleness": _staleness(sampler.schedule, step),
+                    "strategy": sampler.schedule.meta.get("strategy", "?"),
                 }, histograms={"pos_sim": out.pos_sims, "hardest_neg_sim": out.hardest_sims})
                 if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                     evals[f"step{step}"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)

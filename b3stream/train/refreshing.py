@@ -16,7 +16,8 @@ import sys
 import time
 from contextlib import contextmanager
 
-from ..config import ConfigError, MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config, from_dict
+from ..config import (ConfigError, MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config,
+                      from_dict)
 from ..data.manifest import Manifest
 from ..files import write_atomic, write_json
 from ..schedule import Schedule, sidecar, version_path
