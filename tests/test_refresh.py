@@ -318,3 +318,24 @@ def test_mine_embed_on_two_processes_equals_one(mined, tmp_path):
     refused = torchrun(2, ["-m", "b3stream", "mine", "rank", "--data", str(mined["data"]), "--out",
                            str(tmp_path / "two")], free_port(), timeout=120)
     assert refused.returncode != 0 and "only the embed stage runs on several processes" in refused.stderr
+
+
+def test_a_resumed_refreshed_run_continues_the_epoch_on_its_swapped_schedule(mined):
+    """Stop a refreshed run after its first swaps, resume it: the resumed run starts on the schedule
+    version it had swapped to, keeps the swap history, restarts the miner, and the epoch still trains
+    every id exactly once."""
+    cfg = refreshed_config(mined, "resumed", epochs=2, refresh={"every_steps": 4, "poll_seconds": 0.3})
+    out = mined["root"] / "resumed"
+    first = run([*B3, "train", "--config", str(cfg), "max_steps=50"], threads=1, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((out / "summary.json").read_text())
+    assert before["swaps"], "no swap in the first 50 steps"
+    second = run([*B3, "train", "--config", str(cfg)], threads=1, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = json.loads((out / "summary.json").read_text())
+    assert "resuming at step 50" in second.stderr and "miner started" in second.stderr
+    assert after["swaps"][: len(before["swaps"])] == before["swaps"]
+    trace = read_trace(out)
+    assert [t["step"] for t in trace] == list(range(1, len(trace) + 1))
+    assert trace[50]["version"] >= before["schedule_version"]
+    assert_exactly_once_per_epoch(trace, Manifest.load(mined["data"]).split("train").n)
