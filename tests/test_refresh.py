@@ -339,3 +339,15 @@ def test_a_resumed_refreshed_run_continues_the_epoch_on_its_swapped_schedule(min
     assert [t["step"] for t in trace] == list(range(1, len(trace) + 1))
     assert trace[50]["version"] >= before["schedule_version"]
     assert_exactly_once_per_epoch(trace, Manifest.load(mined["data"]).split("train").n)
+
+
+def test_refreshed_mode_refuses_bad_settings_before_anything_is_written(mined):
+    cfg = refreshed_config(mined, "bad")
+    for override, named in (("refresh.mine={strategi: b3}", "strategi"), ("refresh.every_steps=0", "every_steps"),
+                            ("refresh.model=oracle", "refresh.model"), ("mode=sometimes", "mode")):
+        res = run([*B3, "train", "--config", str(cfg), override], threads=1, timeout=120)
+        assert res.returncode == 2, (override, res.stderr[-2000:])
+        assert named in res.stderr and "Traceback" not in res.stderr
+        assert not (mined["root"] / "bad").exists()
+    res = run([*B3, "refresh", str(mined["root"] / "nowhere")], threads=1, timeout=120)
+    assert res.returncode == 2 and "no miner configuration" in res.stderr

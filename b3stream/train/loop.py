@@ -38,7 +38,7 @@ from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, star
 from .export import export_all
 from .hotswap import ScheduleWatcher
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
-from .refreshing import miner_process, prepare_run, snapshot, snapshot_due
+from .refreshing import miner_config, miner_process, prepare_run, snapshot, snapshot_due
 from .sampler import ScheduleSampler, schedule_batch_size, split_bounds
 
 
@@ -66,11 +66,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     paths = RunPaths(run)
     watch_folder = paths.schedules if refreshed else (Path(cfg.schedule) if Path(cfg.schedule).is_dir() else None)
     watch_every = cfg.watch_schedule_every or (1 if refreshed else None)
+    mine_cfg = miner_config(cfg, schedule) if refreshed else None  # refresh.mine checked before any output
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run / "config.yaml")
         if refreshed:
-            prepare_run(cfg, schedule, paths, fresh=not (cfg.resume and (run / "checkpoints" / "latest").is_file()))
+            prepare_run(cfg, schedule, mine_cfg, paths,
+                        fresh=not (cfg.resume and (run / "checkpoints" / "latest").is_file()))
 
     # -- 2. Student: HF encoder + pooling (+ LoRA), wrapped so one forward embeds every side. ----------
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank

@@ -46,7 +46,7 @@ def miner_config(cfg: TrainConfig, schedule: Schedule) -> MineConfig:
     return apply_overrides(mine, {f"{k}": v for k, v in cfg.refresh.mine.items()}) if cfg.refresh.mine else mine
 
 
-def prepare_run(cfg: TrainConfig, schedule: Schedule, paths: RunPaths, fresh: bool) -> None:
+def prepare_run(cfg: TrainConfig, schedule: Schedule, mine: MineConfig, paths: RunPaths, fresh: bool) -> None:
     """Main rank, before training: the run's schedule folder holds the starting schedule, and the miner's
     settings are written. A resumed run keeps the versions and snapshots it has; a ``fresh`` start drops
     those of an earlier run in the same folder (their versions would look newer than the starting one)."""
@@ -64,7 +64,7 @@ def prepare_run(cfg: TrainConfig, schedule: Schedule, paths: RunPaths, fresh: bo
             if schedule.path and sidecar(schedule.path).is_file():
                 write_atomic(sidecar(target), sidecar(schedule.path).read_bytes())
             write_atomic(target, schedule.path.read_bytes())
-    dump_config(miner_config(cfg, schedule), paths.mine_config)
+    dump_config(mine, paths.mine_config)
     write_json(paths.refresh_config, dataclasses.asdict(cfg.refresh))
     paths.finished.unlink(missing_ok=True)
 
