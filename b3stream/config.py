@@ -160,6 +160,7 @@ class TrainConfig:
     eval_every: int | None = None  # also evaluated before training and at the end when eval_split is set
     eval_split: str | None = "test"  # None: no evaluation
     eval_max_queries: int | None = 1000
+    eval_corpus: str = "split"  # split: the split's positives | all: every split's (train ones as distractors)
     eval_batch_size: int = 64
     save_every: int | None = None  # a checkpoint is always written at the end
     keep_checkpoints: int = 2
@@ -379,6 +380,7 @@ def _check_train(c: TrainConfig, v: _Checker) -> None:
     for name in ("eval_every", "save_every", "watch_schedule_every", "eval_max_queries"):
         v.above(name, 0, optional=True)
     v.above("eval_batch_size", 0)
+    v.one_of("eval_corpus", ("split", "all"))
     v.above("keep_checkpoints", 0)
     v.one_of("mode", ("static", "refreshed"))
     if c.mode == "refreshed" and not (c.refresh.every_steps or c.refresh.every_epochs):

@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.set_defaults(func=_run_train)
 
     e = sub.add_parser("evaluate", help="retrieval metrics of a model on a dataset's held-out split",
-                       description="nDCG@10, MRR@10, Recall@1/@10 (FAISS, exact) of MODEL on the split's "
-                                   "positives. MODEL: a sentence-transformers export, a merged HF folder, or "
+                       description="nDCG@10, MRR@10, Recall@1/@10 (exact search) of MODEL on the split's "
+                                   "queries against its positives (--corpus split) or every split's "
+                                   "positives (--corpus all). MODEL: a sentence-transformers export, a merged HF folder, or "
                                    "omitted for the bundled all-MiniLM-L6-v2 (the zero-shot baseline).")
     e.add_argument("--model", default=None,
                    help="model folder: RUN/export, its sentence-transformers/ or merged/ (default: bundled MiniLM)")
@@ -32,6 +33,12 @@ def register(sub) -> None:
     e.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
                    help="override pooling (read from a sentence-transformers folder otherwise)")
     e.add_argument("--max-length", type=int, default=None, help="token limit for queries and documents")
+    e.add_argument("--corpus", default="split", choices=["split", "all"],
+                   help="search the split's own positives (split) or the positives of every split, the "
+                        "training positives acting as distractors (all: a harder, larger corpus)")
+    e.add_argument("--per-query", default=None, metavar="FILE",
+                   help="write one JSON line per query (its text, the rank of its positive, its metrics) to "
+                        "compare two models pairwise")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     e.set_defaults(func=_run_evaluate)
 
@@ -65,7 +72,7 @@ def _run_evaluate(args) -> int:
     from ..evaluate import evaluate_path, format_metrics
 
     metrics = evaluate_path(args.model, args.data, args.split, args.max_queries, args.batch_size, args.pooling,
-                            args.max_length)
+                            args.max_length, corpus=args.corpus, per_query=args.per_query)
     print(f"{args.model or 'bundled all-MiniLM-L6-v2'} on {args.data}/{args.split}: {format_metrics(metrics)}")
     if args.json:
         with open(args.json, "w") as f:

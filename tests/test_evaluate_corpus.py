@@ -1,0 +1,96 @@
+"""The harder evaluation: ``--corpus all`` (every split's positives as the corpus) and per-query ranks."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from b3stream.config import ConfigError, TrainConfig, load_config
+from b3stream.data.manifest import Manifest
+from b3stream.data.reader import ShardedDataset
+from b3stream.evaluate import METRICS, RetrievalSet, read_per_query, search
+
+from ._train_util import run
+
+
+def _positives(data, split: str) -> set[str]:
+    manifest = Manifest.load(data)
+    return {manifest.prompted(rec, "positive") for rec in ShardedDataset(data, split, manifest=manifest)}
+
+
+def test_all_corpus_holds_every_split_and_keeps_relevance(code_dataset):
+    own = RetrievalSet(code_dataset, "test", corpus="split")
+    every = RetrievalSet(code_dataset, "test", corpus="all")
+    assert every.queries == own.queries  # same queries, only the corpus grows
+    assert set(every.corpus) == _positives(code_dataset, "train") | _positives(code_dataset, "validation") \
+        | _positives(code_dataset, "test")
+    assert len(every.corpus) > 3 * len(own.corpus)
+    assert _positives(code_dataset, "train") <= set(every.corpus)  # train positives are the distractors
+    # relevance is by text: each query's relevant documents are the same texts in both corpora
+    for q, a, b in zip(own.queries, own.relevant, every.relevant):
+        assert {own.corpus[i] for i in a} == {every.corpus[i] for i in b}, q
+    # one corpus list for every split, so one embedding of it serves the validation and test sets
+    assert RetrievalSet(code_dataset, "validation", corpus="all").corpus == every.corpus
+
+
+def test_bad_corpus_and_split_are_clear_errors(code_dataset):
+    with pytest.raises(ConfigError, match="corpus must be one of split, all"):
+        RetrievalSet(code_dataset, "test", corpus="everything")
+    with pytest.raises(Exception, match="no split 'dev'"):
+        RetrievalSet(code_dataset, "dev", corpus="all")
+    with pytest.raises(ConfigError, match="eval_corpus: must be one of split, all"):
+        load_config(TrainConfig, overrides=["eval_corpus=train"])
+    assert load_config(TrainConfig, overrides=["eval_corpus=all"]).eval_corpus == "all"
+
+
+def test_search_ranks_agree_with_a_full_sort():
+    rng = np.random.default_rng(1)
+    corpus = rng.normal(size=(300, 16)).astype(np.float32)
+    queries = rng.normal(size=(40, 16)).astype(np.float32)
+    order = np.argsort(-(queries @ corpus.T), axis=1)
+    # half the queries' positives inside the top 10, half anywhere; one query with three
+    relevant = [{int(order[i, rng.integers(0, 12)])} if i % 2 else {int(rng.integers(0, 300))} for i in range(40)]
+    relevant[0] |= {int(order[0, 40]), int(order[0, 3])}
+    ids, ranks = search(queries, corpus, k=10, relevant=relevant, block=7)  # blocks that do not divide 40
+    assert np.array_equal(ids, order[:, :10])
+    expected = [1 + min(int(np.flatnonzero(order[i] == d)[0]) for d in rel) for i, rel in enumerate(relevant)]
+    assert ranks.tolist() == expected
+    assert (ranks > 10).any() and (ranks <= 10).any()  # both branches of the rank are exercised
+
+
+def test_per_query_file_matches_the_metrics(code_dataset, tmp_path):
+    es = RetrievalSet(code_dataset, "test", max_queries=60, corpus="all")
+    rng = np.random.default_rng(0)
+    corpus = rng.normal(size=(len(es.corpus), 8)).astype(np.float32)
+    # queries near their positive, with noise so that some land outside the top 10
+    queries = np.stack([corpus[min(r)] for r in es.relevant]) + rng.normal(scale=2.0, size=(len(es.queries), 8))
+    out = tmp_path / "pq.jsonl"
+    metrics = es.score(queries.astype(np.float32), corpus, per_query=out)
+    rows = read_per_query(out)
+    assert [r["query"] for r in rows] == es.queries
+    for name in METRICS:
+        assert np.mean([r[name] for r in rows]) == pytest.approx(metrics[name])
+    for r in rows:  # a single relevant document: MRR@10 and Recall@1 follow from the rank alone
+        assert r["mrr@10"] == pytest.approx(1 / r["rank"] if r["rank"] <= 10 else 0.0)
+        assert r["recall@1"] == float(r["rank"] == 1)
+    assert 0 < metrics["mrr@10"] < 1 and any(r["rank"] > 10 for r in rows)
+    assert metrics["corpus"] == len(es.corpus) and metrics["corpus_mode"] == "all"
+
+
+def test_evaluate_command_all_corpus_per_query(code_dataset, tmp_path):
+    pq, js = tmp_path / "ranks.jsonl", tmp_path / "m.json"
+    res = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--max-queries", "20",
+               "--max-length", "32", "--corpus", "all", "--per-query", str(pq), "--json", str(js)],
+              threads=2, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads(js.read_text())
+    assert metrics["corpus_mode"] == "all" and metrics["corpus"] > 1000 and "corpus: all" in res.stdout
+    rows = read_per_query(pq)
+    assert len(rows) == 20
+    assert np.mean([r["ndcg@10"] for r in rows]) == pytest.approx(metrics["ndcg@10"])
+    bad = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--corpus", "train"],
+              threads=1, timeout=120)
+    assert bad.returncode != 0 and "--corpus" in bad.stderr and "invalid choice" in bad.stderr
