@@ -13,7 +13,11 @@ Index choice (``index``): ``flat`` is exact; ``ivf`` (IVFFlat, ``ivf_nlist`` lis
 and ``hnsw`` (HNSW-flat, ``hnsw_m`` links, ``hnsw_ef_search``) are approximate; ``auto`` takes flat up to
 ``exact_threshold`` positives per task and IVF above. For an approximate index the recall@(p+m+1) against
 exact search is measured on ``recall_sample`` queries and logged and recorded. When FAISS sees a GPU, flat
-and IVF indexes are moved onto it (HNSW has no GPU version and stays on the CPU).
+and IVF indexes are moved onto it (HNSW has no GPU version and stays on the CPU). ``torch`` is exact search
+as a chunked torch matmul + top-k (:class:`TorchIndex`, on the GPU when torch sees one): the same results as
+``flat`` (scores to float rounding, ids but for the order of equal scores). On a machine where torch sees a
+GPU but FAISS has no GPU build (the faiss-cpu wheel), ``auto`` and ``flat`` use it, so mining never ranks on
+the CPU beside an idle GPU; an explicit ``ivf`` or ``hnsw`` is kept as asked.
 
 Per task (``per_task``, the default) each task is ranked against its own positives only, as the paper mines
 each dataset separately; local row numbers are mapped back to global ids. ``p + m`` must be below every
@@ -61,7 +65,7 @@ from .embed import Embeddings, check_vectors
 
 FOLDER = "rank"
 RECORD = "rank.json"
-INDEXES = ("auto", "flat", "ivf", "hnsw")
+INDEXES = ("auto", "flat", "ivf", "hnsw", "torch")
 
 
 @dataclass
@@ -176,10 +180,95 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def choose_index(n: int, prm: RankParams) -> str:
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_index(n: int, prm: RankParams, cuda: bool | None = None, faiss_gpu: bool | None = None) -> str:
+    """The index for ``n`` positives. ``cuda``: torch sees a GPU; ``faiss_gpu``: FAISS does (both detected
+    when None). With a GPU that FAISS cannot use, exact torch search on the GPU replaces ``auto`` and ``flat``:
+    exact costs O(n) per query, but on the GPU that beats IVF on the CPU, and its recall is 1."""
+    if prm.index in ("auto", "flat"):
+        cuda = torch_cuda_available() if cuda is None else cuda
+        if cuda and not (gpu_available() if faiss_gpu is None else faiss_gpu):
+            return "torch"
     if prm.index != "auto":
         return prm.index
     return "flat" if n <= prm.exact_threshold else "ivf"
+
+
+class TorchIndex:
+    """Exact inner-product top-k with torch, FAISS's ``search(queries, k) -> (D, I)`` interface.
+
+    ``base`` is copied once to ``device`` (default: the GPU when torch sees one) as float32, unless it would
+    take more than ``max_device_bytes`` there; then it stays in (pinned) host memory and goes over block by
+    block. Queries run in blocks of ``qblock`` rows against base blocks of ``chunk`` rows, merged top-k by
+    top-k, so no (queries x n) matrix is ever built. Scores are float32 inner products, as IndexFlatIP's.
+    """
+
+    def __init__(self, base: np.ndarray, device=None, chunk: int = 65536, qblock: int = 4096,
+                 max_device_bytes: int | None = None):
+        import torch
+
+        self.device = torch.device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.chunk, self.qblock = chunk, qblock
+        self.ntotal, self.d = base.shape
+        host = torch.from_numpy(np.ascontiguousarray(base, dtype=np.float32))
+        if self.device.type == "cuda":
+            if max_device_bytes is None:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                max_device_bytes = int(free * 0.5)
+            if host.numel() * 4 <= max_device_bytes:
+                self.base, self.resident = host.to(self.device), True
+            else:
+                self.base, self.resident = host.pin_memory(), False
+        else:
+            self.base, self.resident = host, True
+
+    def _blocks(self):
+        for lo in range(0, self.ntotal, self.chunk):
+            block = self.base[lo : lo + self.chunk]
+            yield lo, block if self.resident else block.to(self.device, non_blocking=True)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        D = np.empty((len(q), k), dtype=np.float32)
+        I = np.empty((len(q), k), dtype=np.int64)
+        with torch.no_grad():
+            for a in range(0, len(q), self.qblock):
+                block = q[a : a + self.qblock].to(self.device, non_blocking=True)
+                d, i = topk_blocks(block, self._blocks(), k)
+                D[a : a + len(block)] = d.cpu().numpy()
+                I[a : a + len(block)] = i.cpu().numpy()
+        return D, I
+
+
+def topk_blocks(q, blocks, k: int, exclude=None):
+    """Exact top-``k`` of ``q @ base.T`` over ``blocks`` of base rows ``(lo, tensor)``, merged block by block:
+    (scores, ids), -inf / -1 where the base has fewer than ``k`` rows. ``exclude[r]``: a base row query r
+    skips (-1: none)."""
+    import torch
+
+    nq = q.shape[0]
+    best_d = torch.full((nq, k), -torch.inf, device=q.device)
+    best_i = torch.full((nq, k), -1, dtype=torch.int64, device=q.device)
+    for lo, block in blocks:
+        hi = lo + block.shape[0]
+        sims = q @ block.T
+        if exclude is not None:
+            inside = torch.nonzero((exclude >= lo) & (exclude < hi)).flatten()
+            sims[inside, exclude[inside] - lo] = -torch.inf
+        local = sims.topk(min(k, sims.shape[1]), dim=1)  # this block's best, then merge with the best so far
+        d = torch.cat([best_d, local.values], dim=1)
+        i = torch.cat([best_i, local.indices + lo], dim=1)
+        top = d.topk(k, dim=1)
+        best_d, best_i = top.values, torch.gather(i, 1, top.indices)
+    return best_d, best_i
 
 
 def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536, k: int | None = None):
@@ -188,10 +277,14 @@ def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536
     Returns (index, desc, keep): ``keep`` holds objects FAISS does not own (quantizer, GPU resources) and
     must live as long as the index.
     """
-    faiss = _faiss()
     n, d = base.shape
     desc: dict = {"kind": kind}
     keep: list = []
+    if kind == "torch":
+        index = TorchIndex(base)
+        desc["device"] = "gpu" if index.device.type == "cuda" else "cpu"
+        return index, desc, keep
+    faiss = _faiss()
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
@@ -261,20 +354,15 @@ def exact_search(queries: np.ndarray, base: np.ndarray, k: int, exclude: np.ndar
     bar = progress_bar(total=len(base), desc=desc, unit="row", disable=not progress, file=sys.stderr)
     for lo in range(0, len(base), chunk):
         block = torch.from_numpy(np.ascontiguousarray(base[lo : lo + chunk], dtype=np.float32))
-        hi = lo + block.shape[0]
         for a in range(0, nq, qblock):
-            sims = q[a : a + qblock] @ block.T
-            if ex is not None:
-                e = ex[a : a + qblock]
-                inside = torch.nonzero((e >= lo) & (e < hi)).flatten()
-                sims[inside, e[inside] - lo] = -torch.inf
-            local = sims.topk(min(k, sims.shape[1]), dim=1)  # this block's best, then merge with the best so far
-            d = torch.cat([best_d[a : a + qblock], local.values], dim=1)
-            i = torch.cat([best_i[a : a + qblock], local.indices + lo], dim=1)
-            top = d.topk(k, dim=1)
+            # This block's best merged with the best so far (the carried top-k counts as block "-inf").
+            d, i = topk_blocks(q[a : a + qblock], [(lo, block)], k, None if ex is None else ex[a : a + qblock])
+            both_d = torch.cat([best_d[a : a + qblock], d], dim=1)
+            both_i = torch.cat([best_i[a : a + qblock], i], dim=1)
+            top = both_d.topk(k, dim=1)
             best_d[a : a + qblock] = top.values
-            best_i[a : a + qblock] = torch.gather(i, 1, top.indices)
-        bar.update(hi - lo)
+            best_i[a : a + qblock] = torch.gather(both_i, 1, top.indices)
+        bar.update(block.shape[0])
     bar.close()
     return best_d.numpy(), best_i.numpy()
 
@@ -350,7 +438,7 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
             pos_scores = (q * np.asarray(positives[start : start + len(I)], dtype=np.float32)).sum(1)
         S[rows], scores[rows], T[rows] = select_ranks(I, D, rows, prm.p, prm.m, prm.margin, pos_scores, keys)
     desc["search_s"] = round(time.perf_counter() - t1, 3)
-    if kind != "flat" and prm.recall_sample > 0:
+    if kind not in ("flat", "torch") and prm.recall_sample > 0:  # torch is exact: recall 1
         rng = np.random.default_rng(prm.seed)
         sample = np.sort(rng.choice(n, size=min(n, prm.recall_sample), replace=False))
         q = np.asarray(queries[sample])

@@ -30,6 +30,12 @@ class LocalBatch:
     features: dict[str, dict[str, torch.Tensor]]  # side -> tokenizer output
     keys: dict[str, torch.Tensor]  # "positive"/"negative" -> int64 content keys of those texts
 
+    def pin_memory(self) -> "LocalBatch":
+        """Page-locked token tensors (DataLoader ``pin_memory``): their copy to the GPU can then be
+        asynchronous, where a copy from pageable memory makes the host wait for the GPU's queue."""
+        self.features = {side: {k: v.pin_memory() for k, v in f.items()} for side, f in self.features.items()}
+        return self
+
 
 class StepData(Dataset):
     """Step index of the sampler's current plan -> this rank's tokenised batch."""
@@ -69,5 +75,5 @@ def step_loader(records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tok
     """
     data = StepData(records, sampler, tokenize)
     return DataLoader(data, batch_size=None, sampler=range(sampler.position, sampler.steps_per_epoch),
-                      num_workers=num_workers, collate_fn=_as_is,
+                      num_workers=num_workers, collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)

@@ -124,7 +124,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     raise RuntimeError("data loader and sampler disagree on the step; this is a bug")
                 torch.manual_seed(_step_seed(cfg.seed, step, dist.rank))  # dropout replayable on resume
                 t_start = time.perf_counter()
-                features = {side: {k: v.to(dist.device) for k, v in f.items()} for side, f in batch.features.items()}
+                # Pinned by the loader on CUDA, so the copy does not wait for the previous step's kernels.
+                features = {side: {k: v.to(dist.device, non_blocking=True) for k, v in f.items()}
+                            for side, f in batch.features.items()}
                 emb = engine(features)
                 out = loss_fn(emb["query"], emb["positive"], emb.get("negative"), batch.keys["positive"],
                               batch.keys.get("negative"))
