@@ -34,9 +34,11 @@ spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 "$PY" -m pip install -q -e "$spec" "torch==$before"
 if [[ " ${extras[*]-} " == *" gpu "* ]]; then
-  # faiss-cpu and faiss-gpu both provide the `faiss` module; keep only the GPU build.
+  # faiss-cpu and faiss-gpu both provide the `faiss` module; keep only the GPU build. Removing faiss-cpu
+  # deletes files the two share, so the GPU package is reinstalled (its CUDA 12 runtime wheels came with the
+  # extra). Without a GPU FAISS build, mining still ranks on the GPU (rank.py's torch index).
   "$PY" -m pip uninstall -q -y faiss-cpu || true
-  "$PY" -m pip install -q --force-reinstall --no-deps faiss-gpu-cu12
+  "$PY" -m pip install -q --force-reinstall --no-deps "faiss-gpu>=1.15"
 fi
 
 after=$("$PY" -c 'import torch; print(torch.__version__)')
