@@ -80,7 +80,7 @@ class MineConfig:
     task_params: dict[str, dict[str, int]] | None = None  # per-task p/m, e.g. {vqa: {p: 70}} (paper: VQA p=70)
     per_task: bool = True  # mine and batch each task separately (the paper mines each dataset apart)
     small_tasks: str = "error"  # error | merge: tasks of <= p+m examples are ranked and partitioned together
-    index: str = "auto"  # auto | flat | ivf | hnsw
+    index: str = "auto"  # auto | flat | ivf | hnsw | torch (exact, on a GPU that FAISS cannot use)
     exact_threshold: int = 50_000  # auto: exact search up to this many positives per task, IVF above
     ivf_nlist: int | None = None  # None: about 4 * sqrt(n) inverted lists
     ivf_nprobe: int = 32

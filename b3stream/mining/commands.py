@@ -48,7 +48,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--query-embeddings", default=None, help="your own query embeddings (N x d .npy)")
     p.add_argument("--positive-embeddings", default=None, help="your own positive embeddings (N x d .npy)")
-    p.add_argument("--index", default=None, choices=["auto", "flat", "ivf", "hnsw"])
+    p.add_argument("--index", default=None, choices=["auto", "flat", "ivf", "hnsw", "torch"],
+                   help="auto: exact up to exact_threshold, IVF above; torch: exact matmul + top-k (GPU if any)")
     p.add_argument("--edges", default=None, choices=["mutual", "union"])
     p.add_argument("--version", type=int, default=None, help="schedule version to write (default: next)")
     p.add_argument("--overwrite", action="store_true", default=None,
