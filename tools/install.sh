@@ -4,6 +4,7 @@
 #   bash tools/install.sh          # the package and its runtime stack
 #   bash tools/install.sh --test   # ... plus the test extras (pytest, pyarrow, psutil)
 #   bash tools/install.sh --gpu    # ... with faiss-gpu instead of faiss-cpu (CUDA machines)
+#   bash tools/install.sh --bench  # ... plus matplotlib for tools/bench_quality.py's plot
 #
 # torch is installed first and pinned, so that resolving the rest never swaps a CPU build for a
 # multi-GB CUDA one. On a CPU-only box without a local CPU wheel, point pip at PyTorch's CPU index:
@@ -18,7 +19,8 @@ for arg in "$@"; do
   case "$arg" in
     --test) extras+=(test) ;;
     --gpu) extras+=(gpu) ;;
-    *) echo "usage: bash tools/install.sh [--test] [--gpu]" >&2; exit 2 ;;
+    --bench) extras+=(bench) ;;
+    *) echo "usage: bash tools/install.sh [--test] [--gpu] [--bench]" >&2; exit 2 ;;
   esac
 done
 

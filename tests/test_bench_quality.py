@@ -1,0 +1,73 @@
+"""tools/bench_quality.py: the statistics and the grid it reports (the training runs themselves are the
+real CLI, exercised by the train tests and by `python tools/bench_quality.py --quick`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "tools" / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_bootstrap_finds_a_real_shift_and_not_a_null_one(bench):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(size=400)
+    better = np.clip(base + rng.normal(0.05, 0.05, size=400), 0, 1)
+    d, lo, hi = bench.paired_bootstrap(better, base, reps=2000)
+    assert lo > 0 and lo < d < hi
+    same = base[rng.permutation(400)]  # the same values, unpaired: no systematic difference
+    d0, lo0, hi0 = bench.paired_bootstrap(base, base, reps=500)
+    assert d0 == lo0 == hi0 == 0.0
+    d1, lo1, hi1 = bench.paired_bootstrap(same, base, reps=2000)
+    assert lo1 < 0 < hi1
+    # pairing matters: the shift is small next to the spread between queries, and the paired interval
+    # still excludes zero while the two systems' own intervals overlap
+    lo_a, hi_a = bench.bootstrap_mean(better, reps=2000)
+    lo_b, hi_b = bench.bootstrap_mean(base, reps=2000)
+    assert lo_a < hi_b
+
+
+def test_per_query_matrix_refuses_unpaired_files(bench, tmp_path):
+    for name, queries in (("a", ["q1", "q2"]), ("b", ["q2", "q1"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "test.jsonl").write_text(
+            "".join(json.dumps({"query": q, "rank": 1, "ndcg@10": 1.0}) + "\n" for q in queries))
+    assert bench.per_query_matrix([tmp_path / "a", tmp_path / "a"], "test", "ndcg@10").shape == (2, 2)
+    with pytest.raises(RuntimeError, match="cannot be paired"):
+        bench.per_query_matrix([tmp_path / "a", tmp_path / "b"], "test", "ndcg@10")
+
+
+def test_grid_arguments(bench, capsys):
+    args = bench._parse_args(["--grid", "random,b3,b3pp:32:0,1,2", "--grid", "random,b3:16,64:0"])
+    assert args.blocks == [(["random", "b3", "b3pp"], [32], [0, 1, 2]), (["random", "b3"], [16, 64], [0])]
+    assert bench._parse_args(["--quick"]).blocks == [(["random", "b3"], [16], [0, 1])]
+    for bad, why in ((["--grid", "b3,b3pp:32:0"], "every block must include random"),
+                     (["--grid", "random,b4:32:0"], "unknown arm 'b4'"),
+                     (["--grid", "random:32"], "expected ARMS:BATCHES:SEEDS"),
+                     (["--grid", "random,b3@big:32:0"], "unknown arm 'b3@big'")):
+        with pytest.raises(SystemExit):
+            bench._parse_args(bad)
+        assert why in capsys.readouterr().err
+
+
+def test_cache_keys_share_random_runs_across_mining_knobs(bench):
+    r = bench.Recipe()
+    other = bench.Recipe(p=10, K=16, h=4, teacher="/models/all-mpnet-base-v2")
+    assert r.key("random") == other.key("random") and r.key("random+compute") == r.key("random")
+    assert r.key("b3") != other.key("b3") and r.key("b3") == bench.Recipe(h=4).key("b3")  # h is b3pp's only
+    assert r.key("b3pp") != bench.Recipe(h=4).key("b3pp")
+    assert r.key("b3-refreshed") != r.key("b3")

@@ -1,0 +1,636 @@
+"""Quality benchmark of batch strategies: does B3 batch mining beat random batches on held-out retrieval?
+
+B3 ("Breaking the Batch Barrier of Contrastive Learning via Smart Batch Mining", 2025) reports, in its
+Fig. 2, large gains over random batches at small batch sizes. This script measures the same question on
+the code-search pairs with the project's own pipeline, so every number comes from the code users run:
+
+    prepare (jsonl of a seeded sample of code-search pairs) -> mine one schedule per strategy, |B| and seed
+    -> `b3stream train` (one process, one epoch) -> exact retrieval of the held-out validation and test
+    queries against the positives of every split (`--corpus all`), with per-query ranks.
+
+Arms: the strategies ``random``, ``task``, ``gcbs``, ``b3``, ``b3pp`` and ``b3-refreshed`` (b3 with
+``mode: refreshed``: a background miner re-mines from student snapshots while training runs), and two cost
+baselines: ``random`` itself (same steps) and ``random+compute`` (random given the teacher pass's measured
+time as extra steps). Each cell is trained with several seeds (the schedule seed and the training seed both);
+for every strategy minus random the script reports the mean, the spread over seeds and a paired bootstrap
+95% interval over queries (each query's metric averaged over seeds, queries resampled).
+
+Hyper-parameters (lr, temperature, p, m, K, h) are chosen with ``--tune`` on the validation split only, one
+knob at a time around a starting point; the grid and the choice are written to the JSON. Test metrics are
+never used for a choice.
+
+Outputs: ``--json`` (every run: config, schedule meta, metrics, timings; the tuning grid; the summary
+table) and ``--plot`` (nDCG@10 against |B|, one line per arm, bootstrap bands). Every cell is cached
+under ``--work`` (schedule, run folder, metrics), so an interrupted run resumes where it stopped.
+
+    python tools/bench_quality.py --quick                     # a few minutes: CI-sized check of the machinery
+    python tools/bench_quality.py                             # the full grid (hours on 2 CPU cores; see docs)
+    python tools/bench_quality.py --device cuda               # the same on a GPU machine
+    python tools/bench_quality.py --batch-sizes 32 --arms random,b3,b3pp --seeds 0,1,2   # a reduced grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from b3stream.evaluate import RetrievalSet, read_per_query  # noqa: E402
+
+STRATEGY_OF = {"random": "random", "task": "task", "gcbs": "gcbs", "b3": "b3", "b3pp": "b3pp",
+               "b3-refreshed": "b3", "random+compute": "random"}
+ARMS = tuple(STRATEGY_OF)  # an arm may name another teacher: "b3@mpnet" (--teacher mpnet=PATH)
+MINED = ("gcbs", "b3", "b3pp")  # strategies that read the teacher's ranking
+SPLITS = ("validation", "test")
+
+
+def base_arm(arm: str) -> str:
+    return arm.split("@")[0]
+
+
+def arm_order(arm: str) -> tuple:
+    return ARMS.index(base_arm(arm)), arm
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Recipe:
+    """What every arm shares (student, lengths, optimisation) and the mining knobs b3 / b3pp / gcbs use."""
+
+    lr: float = 2e-4
+    temperature: float = 0.05
+    lora: bool = True  # False: full fine-tuning
+    lora_r: int = 8
+    query_length: int = 24
+    positive_length: int = 48
+    p: int = 3
+    m: int = 30
+    K: int = 8
+    h: int = 2
+    teacher: str | None = None  # None: the bundled MiniLM (the student's own starting point)
+    refresh_every: int = 20  # b3-refreshed: snapshot the student every N steps
+    epochs: int = 1
+
+    def key(self, arm: str | None = None) -> str:
+        """Cache key of a cell: the training knobs, plus the mining knobs only for the arms that use them
+        (so random batches are trained once, whatever p, m, K, h or teacher the mined arms try)."""
+        out = (f"lr{self.lr:g}-t{self.temperature:g}-{'lora' if self.lora else 'full'}{self.lora_r}-"
+               f"L{self.query_length}x{self.positive_length}" + (f"-ep{self.epochs}" if self.epochs != 1 else ""))
+        strategy = STRATEGY_OF[base_arm(arm)] if arm else "b3pp"
+        if strategy in MINED:
+            t = "minilm" if self.teacher is None else Path(self.teacher).name
+            out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}" if strategy != "gcbs" else "") + \
+                (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}"
+        if arm and base_arm(arm) == "b3-refreshed":
+            out += f"-every{self.refresh_every}"
+        return out
+
+
+def _parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(REPO / "runs" / "bench-quality"), help="cache folder (resumable)")
+    ap.add_argument("--json", default=None, help="results JSON (default: WORK/quality.json)")
+    ap.add_argument("--plot", default=None, help="PNG plot (default: WORK/quality.png)")
+    ap.add_argument("--quick", action="store_true", help="tiny data, |B| 16, 2 seeds, random and b3: a machinery check")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per process (OMP_NUM_THREADS)")
+    ap.add_argument("--pairs", type=int, default=3000, help="code-search pairs sampled for the dataset")
+    ap.add_argument("--held-out", type=float, default=0.15, help="share of pairs in each of validation, test")
+    ap.add_argument("--batch-sizes", default="16,32,64")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--grid", action="append", default=None, metavar="ARMS:BATCHES:SEEDS",
+                    help="a block of cells, e.g. random,b3,b3pp:32:0,1,2 (repeatable; replaces --arms, "
+                         "--batch-sizes and --seeds)")
+    ap.add_argument("--teacher", action="append", default=[], metavar="NAME=PATH",
+                    help="another teacher (a sentence-transformers / HF folder) for arms written ARM@NAME")
+    ap.add_argument("--tune", action="store_true", help="tune lr, temperature, p, m, K, h on validation first")
+    ap.add_argument("--full-finetune", action="store_true", help="full fine-tuning instead of LoRA")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the cells of the grid already in --work, skip the others")
+    for name, tp in (("lr", float), ("temperature", float), ("p", int), ("m", int), ("K", int), ("h", int),
+                     ("query-length", int), ("positive-length", int), ("refresh-every", int), ("epochs", int)):
+        ap.add_argument(f"--{name}", type=tp, default=None, help="recipe override")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.pairs, args.batch_sizes, args.seeds = min(args.pairs, 500), "16", "0,1"
+        if args.arms == ",".join(ARMS):
+            args.arms = "random,b3"
+    args.teachers = {}
+    for item in args.teacher:
+        name, _, path = item.partition("=")
+        if not path or not Path(path).is_dir():
+            ap.error(f"--teacher {item!r}: expected NAME=PATH to a model folder")
+        args.teachers[name] = path
+    blocks = args.grid or [f"{args.arms}:{args.batch_sizes}:{args.seeds}"]
+    args.blocks = []
+    for block in blocks:
+        try:
+            arms, batches, seeds = block.split(":")
+            block_ = ([a for a in arms.split(",") if a], [int(b) for b in batches.split(",")],
+                      [int(x) for x in seeds.split(",")])
+        except ValueError:
+            ap.error(f"--grid {block!r}: expected ARMS:BATCHES:SEEDS, e.g. random,b3:32:0,1,2")
+        for arm in block_[0]:
+            base, _, teacher = arm.partition("@")
+            if base not in ARMS or (teacher and teacher not in args.teachers):
+                ap.error(f"unknown arm {arm!r}; known: {', '.join(ARMS)}, optionally @NAME of a --teacher")
+            if teacher and STRATEGY_OF[base] not in MINED:
+                ap.error(f"arm {arm!r}: only mined strategies ({', '.join(MINED)}) use a teacher")
+        if "random" not in block_[0]:
+            ap.error(f"--grid {block!r}: every block must include random (the other arms are compared with it)")
+        args.blocks.append(block_)
+    work = Path(args.work)
+    args.json = Path(args.json or work / "quality.json")
+    args.plot = Path(args.plot or work / "quality.png")
+    return args
+
+
+def _recipe(args) -> Recipe:
+    r = Recipe(lora=not args.full_finetune)
+    if args.quick:
+        r.query_length, r.positive_length = 16, 32
+    for name in ("lr", "temperature", "p", "m", "K", "h", "query_length", "positive_length", "refresh_every",
+                 "epochs"):
+        if getattr(args, name) is not None:
+            setattr(r, name, getattr(args, name))
+    return r
+
+
+def _env(args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def _cli(args, *argv: str, log: Path) -> float:
+    """Run `b3stream ARGV` (the real command) with the benchmark's environment; returns its wall time."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        res = subprocess.run([sys.executable, "-m", "b3stream", *argv], cwd=REPO, env=_env(args), stdout=f,
+                             stderr=subprocess.STDOUT)
+    if res.returncode != 0:
+        raise RuntimeError(f"b3stream {' '.join(argv[:3])} ... failed ({res.returncode}); see {log}:\n"
+                           + log.read_text()[-3000:])
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Data: a seeded sample of the code-search pairs, prepared through `b3stream prepare jsonl`
+# --------------------------------------------------------------------------------------------------
+
+
+def dataset(args, work: Path) -> Path:
+    """A random sample (not the first N, which would be a handful of packages) of the installed packages'
+    docstring -> code pairs, split by package so held-out queries come from unseen packages."""
+    out = work / f"data-{args.pairs}-{args.held_out:g}"
+    if (out / "manifest.json").is_file():
+        return out
+    from b3stream.data.codesearch import iter_codesearch_pairs
+
+    pairs = list(iter_codesearch_pairs(progress=False))
+    keep = np.sort(np.random.default_rng(0).choice(len(pairs), min(args.pairs, len(pairs)), replace=False))
+    src = work / f"pairs-{args.pairs}.jsonl"
+    src.write_text("".join(json.dumps({k: pairs[i][k] for k in ("query", "positive", "task", "group")}) + "\n"
+                           for i in keep))
+    _cli(args, "prepare", "jsonl", str(src), "--out", str(out), "--query-field", "query", "--positive-field",
+         "positive", "--task-field", "task", "--group-field", "group", "--test-fraction", str(args.held_out),
+         "--validation-fraction", str(args.held_out), "--quiet", log=work / "prepare.log")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Mining: one schedule per (strategy, |B|, seed, recipe); the teacher pass is shared and timed
+# --------------------------------------------------------------------------------------------------
+
+
+def mine(args, data: Path, work: Path, recipe: Recipe, strategy: str, batch: int, seed: int) -> tuple[Path, dict]:
+    """The schedule for one cell (cached) and its timings. The mining folder is per (teacher, p, m, K), and
+    its embeddings are copied from the teacher's first folder, so the teacher runs once per dataset."""
+    from b3stream.config import MineConfig, apply_overrides
+    from b3stream.mining.pipeline import run_all
+    from b3stream.schedule import load_schedule
+
+    teacher = "minilm" if recipe.teacher is None else Path(recipe.teacher).name
+    sched_dir = work / "schedules" / f"{strategy}-B{batch}-s{seed}-{recipe.key(strategy)}"
+    path = sched_dir / "v000000.b3s"
+    if path.is_file():
+        return path, load_schedule(path).meta
+    base = work / "mine" / teacher / "embed-only"
+    folder = work / "mine" / teacher / f"p{recipe.p}-m{recipe.m}-K{recipe.K}"
+    if (base / "embeddings" / "embeddings.json").is_file() and not (folder / "embeddings").is_dir():
+        shutil.copytree(base / "embeddings", folder / "embeddings")
+    # random and task batches need only the embeddings (for their batch-quality figures)
+    cfg = MineConfig(data=str(data), out=str(base if strategy in ("random", "task") else folder))
+    cfg = apply_overrides(cfg, {
+        "teacher.max_query_length": recipe.query_length, "teacher.max_positive_length": recipe.positive_length,
+        "teacher.model": recipe.teacher, "p": recipe.p, "m": recipe.m, "K": min(recipe.K, batch),
+        "batch_size": batch, "h": recipe.h, "seed": seed, "strategy": strategy, "small_tasks": "merge",
+        "quality_temperature": recipe.temperature, "schedule_dir": str(sched_dir), "version": 0,
+        "device": args.device, "quality_sample": 1024})
+    run_all(cfg, progress=False)
+    if not (base / "embeddings" / "embeddings.json").is_file():
+        shutil.copytree(Path(cfg.out) / "embeddings", base / "embeddings", dirs_exist_ok=True)
+    return path, load_schedule(path).meta
+
+
+def batch_stats(work: Path, schedule: Path) -> dict:
+    """How hard the schedule's in-batch negatives are under the bundled MiniLM teacher's embeddings (the same
+    yardstick for every arm): mean negative similarity, and the share of negatives the teacher scores above
+    the query's own positive - hard negatives, or false negatives (another function that answers the
+    docstring as well), which InfoNCE then pushes away from the query."""
+    from b3stream.schedule import load_schedule
+
+    emb = work / "mine" / "minilm" / "embed-only" / "embeddings"
+    if not (emb / "queries.npy").is_file():
+        return {}
+    q = np.load(emb / "queries.npy").astype(np.float32)
+    pos = np.load(emb / "positives.npy").astype(np.float32)
+    s = load_schedule(schedule)
+    sims, above = [], []
+    for b in range(len(s.offsets) - 1):
+        ids = np.asarray(s.ids[s.offsets[b]:s.offsets[b + 1]])
+        scores = q[ids] @ pos[ids].T
+        own = np.diag(scores).copy()
+        np.fill_diagonal(scores, np.nan)
+        if len(ids) > 1:
+            sims.append(np.nanmean(scores, axis=1))
+            above.append(np.nanmean(scores > own[:, None], axis=1) * len(ids) / (len(ids) - 1))
+    return {"neg_sim_mean": float(np.concatenate(sims).mean()),
+            "neg_above_positive_share": float(np.concatenate(above).mean())}
+
+
+def teacher_seconds(work: Path, recipe: Recipe) -> float | None:
+    """Wall time of the teacher pass over the training split, as its stage record measured it."""
+    teacher = "minilm" if recipe.teacher is None else Path(recipe.teacher).name
+    rec = work / "mine" / teacher / "embed-only" / "embeddings" / "embeddings.json"
+    if not rec.is_file():
+        return None
+    d = json.loads(rec.read_text())
+    return d.get("seconds") or (d.get("timings") or {}).get("total")
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Training: `b3stream train` on the schedule, one epoch (or a step budget), no in-run evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int, arm: str,
+          max_steps: int | None = None) -> dict:
+    """Train one cell (cached by its summary.json); returns the run summary plus its wall time."""
+    done = run / "bench.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    shutil.rmtree(run, ignore_errors=True)  # a half-finished run restarts cleanly
+    run.mkdir(parents=True)
+    overrides = [
+        f"data={data}", f"schedule={schedule}", f"out={run}", f"seed={seed}", f"lr={recipe.lr}",
+        f"temperature={recipe.temperature}", f"student.max_query_length={recipe.query_length}",
+        f"student.max_positive_length={recipe.positive_length}", f"student.lora.enabled={str(recipe.lora).lower()}",
+        f"student.lora.r={recipe.lora_r}", f"student.lora.alpha={2 * recipe.lora_r}", "eval_split=null",
+        f"epochs={recipe.epochs}", "num_workers=0", "log_every=20", "save_every=null", "keep_checkpoints=1",
+        "resume=false", "verify_data=false", "deepspeed=zero0",
+    ]
+    if max_steps is not None:
+        overrides.append(f"max_steps={max_steps}")
+    if arm == "b3-refreshed":
+        overrides += ["mode=refreshed", f"refresh.every_steps={recipe.refresh_every}", "refresh.keep=1",
+                      f"refresh.device={args.device}", "refresh.poll_seconds=0.5",
+                      f"refresh.threads={max(1, args.threads // 2)}", "refresh.mine={quality_sample: 512}"]
+    config = run / "bench-train.yaml"
+    config.write_text("")  # every value comes from the overrides; the file documents nothing else
+    seconds = _cli(args, "train", "--config", str(config), "--quiet", *overrides, log=run / "train.log")
+    summary = json.loads((run / "summary.json").read_text())
+    out = {"summary": summary, "train_seconds": seconds, "overrides": overrides,
+           "refreshes": _refreshes(run) if arm == "b3-refreshed" else None}
+    done.write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def _refreshes(run: Path) -> list[dict]:
+    """Each schedule the background miner published in this run: version, source step, its mining time."""
+    out = []
+    for side in sorted((run / "schedules").glob("v*.json")):
+        meta = json.loads(side.read_text())
+        m = meta.get("meta", meta)
+        out.append({"version": side.stem, "source_step": m.get("source_step"), "timings": m.get("timings"),
+                    "theorem1_bound": (m.get("quality") or {}).get("theorem1_bound")})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Evaluation: exact search over every split's positives, per-query ranks for the paired statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(args, data: Path, model: str | None, folder: Path, recipe: Recipe) -> dict:
+    """Validation and test metrics of ``model`` (an export folder; None: the zero-shot MiniLM) with
+    ``--corpus all``; the corpus is embedded once and shared by both splits."""
+    done = folder / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    import torch
+
+    from b3stream.evaluate import encoder_config_for, evaluate_encoder
+    from b3stream.encoder import Encoder
+
+    torch.set_num_threads(args.threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    if model and (Path(model) / "sentence-transformers" / "modules.json").is_file():
+        model = str(Path(model) / "sentence-transformers")
+    cfg = encoder_config_for(model)
+    cfg.max_query_length, cfg.max_positive_length = recipe.query_length, recipe.positive_length
+    encoder = Encoder(cfg, trainable=False, device=args.device if args.device == "cpu" else "cuda")
+    sets = {s: RetrievalSet(data, s, corpus="all") for s in SPLITS}
+    t0 = time.perf_counter()
+    corpus = encoder.encode(sets["test"].corpus, "positive", batch_size=128)
+    out = {}
+    for s, es in sets.items():
+        out[s] = evaluate_encoder(encoder, data, s, eval_set=es, corpus_emb=corpus, per_query=folder / f"{s}.jsonl",
+                                  batch_size=128)
+    out["eval_seconds"] = time.perf_counter() - t0
+    done.write_text(json.dumps(out, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Statistics: mean and spread over seeds, paired bootstrap over queries
+# --------------------------------------------------------------------------------------------------
+
+
+def per_query_matrix(folders: list[Path], split: str, metric: str) -> np.ndarray:
+    """(seeds, queries) of one metric; every file must list the same queries in the same order."""
+    rows = [read_per_query(f / f"{split}.jsonl") for f in folders]
+    queries = [r["query"] for r in rows[0]]
+    for other in rows[1:]:
+        if [r["query"] for r in other] != queries:
+            raise RuntimeError("per-query files disagree on the queries; they cannot be paired")
+    return np.array([[r[metric] for r in rs] for rs in rows])
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over queries and its 95% percentile interval, resampling queries with replacement
+    (Koehn 2004, "Statistical significance tests for machine translation evaluation"; the same pairing as
+    in retrieval: both systems scored on the same resampled queries). a, b: per-query values."""
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(reps, len(diff)))
+    means = diff[idx].mean(axis=1)
+    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def bootstrap_mean(a: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = a[rng.integers(0, len(a), size=(reps, len(a)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarise(cells: dict, args) -> list[dict]:
+    """One row per (arm, |B|, split, metric): mean over seeds, seed spread, and vs random the paired
+    difference with its bootstrap interval (per-query values averaged over seeds first)."""
+    rows = []
+    for (arm, batch), runs in sorted(cells.items(), key=lambda kv: (kv[0][1], arm_order(kv[0][0]))):
+        base = cells.get(("random", batch))
+        for split in SPLITS:
+            for metric in ("ndcg@10", "mrr@10", "recall@1"):
+                per_seed = [r["metrics"][split][metric] for r in runs]
+                a = per_query_matrix([Path(r["eval_dir"]) for r in runs], split, metric).mean(axis=0)
+                spread = float(np.std(per_seed, ddof=1)) if len(runs) > 1 else 0.0
+                row = {"arm": arm, "batch_size": batch, "split": split, "metric": metric, "seeds": len(runs),
+                       "mean": float(np.mean(per_seed)), "std": spread, "per_seed": per_seed,
+                       "ci": bootstrap_mean(a, args.bootstrap)}
+                paired = [r for r in (base or []) if r["seed"] in {c["seed"] for c in runs}]  # same seeds
+                if paired and arm != "random":
+                    b = per_query_matrix([Path(r["eval_dir"]) for r in paired], split, metric).mean(axis=0)
+                    d, lo, hi = paired_bootstrap(a, b, args.bootstrap)
+                    row["vs_random"] = {"diff": d, "ci": [lo, hi], "seeds": sorted(r["seed"] for r in paired)}
+                rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. The grid
+# --------------------------------------------------------------------------------------------------
+
+
+def is_cached(args, work: Path, recipe: Recipe, arm: str, batch: int, seed: int) -> bool:
+    if "@" in arm:
+        recipe = dataclasses.replace(recipe, teacher=args.teachers[arm.partition("@")[2]])
+    return (work / "eval" / f"{base_arm(arm)}-B{batch}-s{seed}-{recipe.key(arm)}" / "metrics.json").is_file()
+
+
+def run_cell(args, data, work, recipe, arm, batch, seed, extra_steps: int | None = None) -> dict:
+    strategy = STRATEGY_OF[base_arm(arm)]
+    if "@" in arm:
+        recipe = dataclasses.replace(recipe, teacher=args.teachers[arm.partition("@")[2]])
+    t0 = time.perf_counter()
+    schedule, meta = mine(args, data, work, recipe, strategy, batch, seed)
+    mine_seconds = time.perf_counter() - t0
+    name = f"{base_arm(arm)}-B{batch}-s{seed}-{recipe.key(arm)}"
+    run = work / "runs" / name
+    steps = None
+    if extra_steps is not None:
+        steps = int(meta["num_batches"]) + extra_steps
+    trained = train(args, data, schedule, run, recipe, seed, base_arm(arm), max_steps=steps)
+    metrics = evaluate(args, data, str(run / "export"), work / "eval" / name, recipe)
+    print(f"  {arm:15s} |B|={batch:3d} seed {seed}: val nDCG@10 {metrics['validation']['ndcg@10']:.4f}  "
+          f"test nDCG@10 {metrics['test']['ndcg@10']:.4f}  ({trained['train_seconds']:.0f} s train)", flush=True)
+    return {"arm": arm, "strategy": strategy, "batch_size": batch, "seed": seed, "recipe": dataclasses.asdict(recipe),
+            "schedule": str(schedule), "schedule_meta": meta, "mine_seconds_this_cell": mine_seconds,
+            "train": trained, "metrics": metrics, "eval_dir": str(work / "eval" / name), "max_steps": steps,
+            "batch_stats": batch_stats(work, schedule)}
+
+
+def compute_matched(args, data, work, recipe: Recipe, cells: dict, batch: int, seed: int) -> dict:
+    """Random batches given the teacher pass's cost as extra steps: the teacher's measured wall time over
+    the training split, times the steps per second random training measured here (same machine, same
+    load). The FLOP estimate is recorded beside it: the teacher embeds N queries and N positives (2N
+    forwards), a step runs forward + backward (about 3 forwards) over |B| queries and |B| positives, so the
+    pass is worth about N / (3 |B|) steps for a teacher the size of the student."""
+    rnd = next(c for c in cells[("random", batch)] if c["seed"] == seed)
+    secs = teacher_seconds(work, recipe)
+    per_s = rnd["train"]["summary"].get("steps_per_s")
+    n = int(rnd["schedule_meta"]["n"])
+    extra = max(1, round(secs * per_s)) if secs and per_s else max(1, round(n / (3 * batch)))
+    cell = run_cell(args, data, work, recipe, "random+compute", batch, seed, extra_steps=extra)
+    cell.update(extra_steps=extra, teacher_seconds=secs, flop_estimate_steps=n / (3 * batch))
+    return cell
+
+
+def tune(args, data, work, recipe: Recipe) -> tuple[Recipe, list[dict]]:
+    """Coordinate search on validation nDCG@10 at |B| = 32 (or the first batch size), seed 0: lr and
+    temperature on random batches (so the baseline gets the same care), then p, m, K, h on b3 / b3pp."""
+    sizes = sorted({b for _, batches, _ in args.blocks for b in batches})
+    batch = 32 if 32 in sizes else sizes[0]
+    grid = [("random", "lr", [1e-4, 2e-4, 5e-4]), ("random", "temperature", [0.02, 0.05, 0.1]),
+            ("b3", "p", [0, 3, 10]), ("b3", "m", [10, 30, 60]), ("b3", "K", [4, 8, 16]), ("b3pp", "h", [1, 2, 4])]
+    trials = []
+    for arm, knob, values in grid:
+        scores = {}
+        for v in values:
+            r = dataclasses.replace(recipe, **{knob: v})
+            if knob == "K" and v > batch:
+                continue
+            cell = run_cell(args, data, work, r, arm, batch, 0)
+            scores[v] = cell["metrics"]["validation"]["ndcg@10"]
+            trials.append({"arm": arm, "knob": knob, "value": v, "recipe": dataclasses.asdict(r),
+                           "validation_ndcg@10": scores[v]})
+        best = max(scores, key=scores.get)
+        print(f"tune {knob}: {scores} -> {best}", flush=True)
+        recipe = dataclasses.replace(recipe, **{knob: best})
+    return recipe, trials
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Left: test nDCG@10 against |B| per arm, bands = bootstrap 95% interval of the mean over queries.
+    Right: the same minus random, bands = the paired bootstrap interval (the comparison that matters: the
+    queries' own spread cancels). An arm run at one |B| only is a point with an error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    arms = sorted({r["arm"] for r in rows}, key=arm_order)
+    sizes = sorted({r["batch_size"] for r in rows})
+    for i, arm in enumerate(arms):
+        mine = sorted((r for r in rows if r["arm"] == arm and r["split"] == "test" and r["metric"] == "ndcg@10"),
+                      key=lambda r: r["batch_size"])
+        if not mine:
+            continue
+        x = np.array([r["batch_size"] for r in mine], dtype=float) * (1 + 0.012 * (i - len(arms) / 2))  # no overlap
+        for ax, y, lo, hi in (
+                (axes[0], [r["mean"] for r in mine], [r["ci"][0] for r in mine], [r["ci"][1] for r in mine]),
+                (axes[1], *([r["vs_random"]["diff"] if "vs_random" in r else 0.0 for r in mine],
+                            [r["vs_random"]["ci"][0] if "vs_random" in r else 0.0 for r in mine],
+                            [r["vs_random"]["ci"][1] if "vs_random" in r else 0.0 for r in mine]))):
+            y, lo, hi = 100 * np.array(y), 100 * np.array(lo), 100 * np.array(hi)
+            if len(x) > 1:
+                line, = ax.plot(x, y, marker="o", label=arm)
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12 if ax is axes[0] else 0.2)
+            else:
+                ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=arm, linestyle="none")
+    axes[1].axhline(0, color="black", linewidth=0.8)
+    for ax, label in ((axes[0], "test nDCG@10 (corpus: every split)"), (axes[1], "test nDCG@10 minus random (points)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes)
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("batch size |B|")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("mean over seeds, band: bootstrap 95% over queries", fontsize=9)
+    axes[1].set_title("paired difference, band: paired bootstrap 95% over queries", fontsize=9)
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data = dataset(args, work)
+    recipe = _recipe(args)
+    manifest = json.loads((data / "manifest.json").read_text())
+    print(f"data {data}: " + ", ".join(f"{k} {v['n']}" for k, v in manifest["splits"].items()), flush=True)
+
+    zero = evaluate(args, data, None, work / "eval" / f"zero-shot-L{recipe.query_length}x{recipe.positive_length}",
+                    recipe)
+    print(f"zero-shot: val nDCG@10 {zero['validation']['ndcg@10']:.4f} test {zero['test']['ndcg@10']:.4f} "
+          f"({zero['test']['corpus']} documents)", flush=True)
+    # How good is each teacher on this data (the same exact search, zero-shot)?
+    teacher_zero = {name: evaluate(args, data, path, work / "eval" / f"teacher-{name}-L{recipe.query_length}x"
+                                   f"{recipe.positive_length}", recipe) for name, path in args.teachers.items()}
+    for name, m in teacher_zero.items():
+        print(f"teacher {name} zero-shot: val nDCG@10 {m['validation']['ndcg@10']:.4f} test {m['test']['ndcg@10']:.4f}",
+              flush=True)
+
+    trials = []
+    if args.tune:
+        recipe, trials = tune(args, data, work, recipe)
+    print(f"recipe: {recipe.key()}", flush=True)
+
+    runs, cells = [], {}
+    for arms, batches, seeds in args.blocks:
+        for batch in batches:
+            for seed in seeds:
+                for arm in [a for a in arms if a != "random+compute"]:
+                    if any(c["seed"] == seed for c in cells.get((arm, batch), [])):
+                        continue  # listed by an earlier block
+                    if args.report_only and not is_cached(args, work, recipe, arm, batch, seed):
+                        continue
+                    cell = run_cell(args, data, work, recipe, arm, batch, seed)
+                    runs.append(cell)
+                    cells.setdefault((arm, batch), []).append(cell)
+                if "random+compute" in arms and not any(c["seed"] == seed
+                                                        for c in cells.get(("random+compute", batch), [])) \
+                        and not (args.report_only and not is_cached(args, work, recipe, "random+compute", batch, seed)):
+                    cell = compute_matched(args, data, work, recipe, cells, batch, seed)
+                    runs.append(cell)
+                    cells.setdefault(("random+compute", batch), []).append(cell)
+
+    rows = summarise(cells, args)
+    conditions = (f"{platform.node()}: {os.cpu_count()} CPUs, device {args.device}, threads {args.threads}; "
+                  "CPU timings are upper bounds when other jobs share the cores")
+    result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "conditions": conditions, "dataset": {k: v["n"] for k, v in manifest["splits"].items()},
+              "recipe": dataclasses.asdict(recipe), "tuning": trials, "zero_shot": zero,
+              "teacher_zero_shot": teacher_zero, "teacher_seconds": teacher_seconds(work, recipe),
+              "runs": runs, "table": rows, "seconds": time.perf_counter() - t_start}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1, default=str))
+    title = (f"code-search, {manifest['splits']['test']['n']} test queries vs {zero['test']['corpus']} documents, "
+             f"seeds {sorted({c['seed'] for c in runs})} (fewer where the table says so)\n{recipe.key()}")
+    plot(rows, args.plot, title)
+    print(markdown_table(rows, zero), flush=True)
+    print(f"wrote {args.json} and {args.plot} in {result['seconds'] / 60:.1f} min", flush=True)
+    return 0
+
+
+def markdown_table(rows: list[dict], zero: dict) -> str:
+    """nDCG@10 / MRR@10 / Recall@1 on test (mean ± seed std) and nDCG@10 vs random with its interval."""
+    out = ["| arm | \\|B\\| | seeds | test nDCG@10 (± seed sd) | test MRR@10 | test R@1 | "
+           "Δ nDCG@10 vs random [paired 95% CI] | val nDCG@10 |",
+           "|---|---|---|---|---|---|---|---|"]
+    z = zero["test"]
+    out.append(f"| zero-shot | - | - | {100 * z['ndcg@10']:.2f} | {100 * z['mrr@10']:.2f} | {100 * z['recall@1']:.2f} | "
+               f"| {100 * zero['validation']['ndcg@10']:.2f} |")
+    index = {(r["arm"], r["batch_size"], r["split"], r["metric"]): r for r in rows}
+    for (arm, batch, split, metric), r in index.items():
+        if split != "test" or metric != "ndcg@10":
+            continue
+        mrr, r1 = index[(arm, batch, "test", "mrr@10")], index[(arm, batch, "test", "recall@1")]
+        val = index[(arm, batch, "validation", "ndcg@10")]
+        vs = r.get("vs_random")
+        delta = f"{100 * vs['diff']:+.2f} [{100 * vs['ci'][0]:+.2f}, {100 * vs['ci'][1]:+.2f}]" if vs else ""
+        sd = f" ± {100 * r['std']:.2f}" if r["seeds"] > 1 else ""
+        out.append(f"| {arm} | {batch} | {r['seeds']} | {100 * r['mean']:.2f}{sd} | {100 * mrr['mean']:.2f} | "
+                   f"{100 * r1['mean']:.2f} | {delta} | {100 * val['mean']:.2f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
