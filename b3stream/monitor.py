@@ -52,9 +52,7 @@ class Monitor:
         """Record step ``step`` (1-based count of optimizer steps done). ``m`` holds the scalars."""
         if not self.enabled:
             return
-        for key, value in m.items():
-            if isinstance(value, (int, float)) and value is not None and not isinstance(value, bool):
-                self.writer.add_scalar(f"train/{key}", value, step)
+        self.scalars(step, m, group="train")
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(f"loss {m.get('loss', 0):.3f} {m.get('examples_per_s', 0):.0f} ex/s",

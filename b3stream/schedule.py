@@ -220,16 +220,31 @@ def list_versions(folder: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_RE.match(p.name)))
 
 
+def newest_schedule(folder: str | Path, expect: dict | None = None, above: int | None = None,
+                    below: int | None = None, skip=(), on_reject=None) -> Schedule | None:
+    """The newest schedule in ``folder`` that loads (checksum, and the data stamp ``expect`` when given),
+    with a version in (``above``, ``below``) and not in ``skip``; None if there is none. ``on_reject(version,
+    error)`` hears of every newer file that did not load."""
+    for version in reversed(list_versions(folder)):
+        if above is not None and version <= above:
+            break
+        if (below is not None and version >= below) or version in skip:
+            continue
+        try:
+            return load_schedule(version_path(folder, version), expect=expect)
+        except (ScheduleError, OSError) as e:
+            if on_reject is not None:
+                on_reject(version, e)
+    return None
+
+
 def latest_schedule(folder: str | Path) -> Path | None:
     """The newest schedule in ``folder`` that verifies; corrupt newer ones are skipped with a warning."""
-    for version in reversed(list_versions(folder)):
-        path = version_path(folder, version)
-        try:
-            _parse(path.read_bytes(), str(path))
-            return path
-        except (ScheduleError, OSError) as e:
-            warnings.warn(f"skipping schedule {path}: {e}", stacklevel=2)
-    return None
+    def warn(version, error):
+        warnings.warn(f"skipping schedule {version_path(folder, version)}: {error}", stacklevel=3)
+
+    found = newest_schedule(folder, on_reject=warn)
+    return found.path if found is not None else None
 
 
 def _claim(folder: Path, version: int, data: bytes, overwrite: bool) -> Path | None:

@@ -17,7 +17,6 @@ snapshots are kept. The weights' SHA-256 is what the miner's embed stage keys "u
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .config import EncoderConfig, LoraConfig, from_dict
+from .encoder import Encoder, weights_digest
 from .files import read_json, write_json
 
 FOLDER = "snapshots"
@@ -123,17 +123,6 @@ def latest_snapshot(run: str | Path) -> Snapshot | None:
     return found[-1] if found else None
 
 
-def _sha256_files(folder: Path) -> str:
-    """One digest over every weight file in ``folder`` (names and bytes, in name order)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")):
-        digest.update(str(path.relative_to(folder)).encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def is_lora(model: torch.nn.Module) -> bool:
     try:
         from peft import PeftModel
@@ -163,7 +152,7 @@ def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_c
             kind = "full"
         write_json(tmp / META, {
             "step": int(step), "epoch": int(epoch), "kind": kind, "data": stamp, "created": time.time(),
-            "encoder": dataclasses.asdict(encoder_cfg), "weights_sha256": _sha256_files(tmp),
+            "encoder": dataclasses.asdict(encoder_cfg), "weights_sha256": weights_digest(tmp)[0],
         })
         if final.exists():  # a resumed run re-reaching a step it snapshotted before
             shutil.rmtree(final)
@@ -179,8 +168,6 @@ def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_c
 def load_snapshot_encoder(snapshot: Snapshot, device: str | torch.device | None = None,
                           dtype: torch.dtype | None = None):
     """The student of ``snapshot`` as a frozen :class:`b3stream.encoder.Encoder` in eval mode."""
-    from .encoder import Encoder
-
     cfg = snapshot.encoder_config
     if snapshot.meta["kind"] == "lora":
         from peft import set_peft_model_state_dict

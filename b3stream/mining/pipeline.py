@@ -322,16 +322,9 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
 def _previous_schedule(folder: Path, stamp: dict | None, below: int | None = None) -> Schedule | None:
     """The newest good schedule in ``folder`` for the same data (below version ``below`` when given: an
     explicit version compares with what precedes it, so reruns stay byte-identical), if any."""
-    from ..schedule import ScheduleError, list_versions, load_schedule, version_path
+    from ..schedule import newest_schedule
 
-    for version in reversed(list_versions(folder)):
-        if below is not None and version >= below:
-            continue
-        try:
-            return load_schedule(version_path(folder, version), expect=stamp)
-        except (ScheduleError, OSError):
-            continue
-    return None
+    return newest_schedule(folder, expect=stamp, below=below)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..data.manifest import Manifest
-from ..schedule import Schedule, ScheduleError, list_versions, load_schedule, version_path
+from ..schedule import Schedule, ScheduleError, load_schedule, newest_schedule, version_path
 from .distributed import DistInfo
 
 
@@ -25,20 +25,9 @@ class ScheduleWatcher:
         self.folder, self.manifest, self.dist, self.say = Path(folder), manifest, dist, say
         self.rejected: set[int] = set()
 
-    def _newest_good(self, current: int) -> int:
-        """Rank 0: the newest loadable version above ``current`` (-1: none)."""
-        for version in reversed(list_versions(self.folder)):
-            if version <= current:
-                break
-            if version in self.rejected:
-                continue
-            try:
-                load_schedule(version_path(self.folder, version), expect=self.manifest.stamp("train"))
-                return version
-            except (ScheduleError, OSError) as e:  # never read again; training goes on on what it has
-                self.rejected.add(version)
-                self.say(f"schedule v{version} not used: {e}")
-        return -1
+    def _reject(self, version: int, error: Exception) -> None:
+        self.rejected.add(version)  # never read again; training goes on on what it has
+        self.say(f"schedule v{version} not used: {error}")
 
     def _agree(self, value: int, op) -> int:
         if self.dist.world_size == 1:
@@ -56,15 +45,18 @@ class ScheduleWatcher:
     def check(self, current: int | None) -> Schedule | None:
         """A newer schedule every rank has loaded, or None. Collective: call on every rank at the same step."""
         current = -1 if current is None else int(current)
-        newest = self._newest_good(current) if self.dist.is_main else -1
-        newest = self._agree(newest, "broadcast")
+        stamp = self.manifest.stamp("train")
+        schedule = newest_schedule(self.folder, expect=stamp, above=current, skip=self.rejected,
+                                   on_reject=self._reject) if self.dist.is_main else None
+        newest = self._agree(schedule.version if schedule is not None else -1, "broadcast")
         if newest <= current:
             return None
-        try:
-            schedule = load_schedule(version_path(self.folder, newest), expect=self.manifest.stamp("train"))
-            ok = 1
-        except (ScheduleError, OSError):  # removed or altered between rank 0's look and ours
-            schedule, ok = None, 0
+        ok = 1
+        if not self.dist.is_main:  # rank 0 has it loaded already
+            try:
+                schedule = load_schedule(version_path(self.folder, newest), expect=stamp)
+            except (ScheduleError, OSError):  # removed or altered between rank 0's look and ours
+                schedule, ok = None, 0
         if self._agree(ok, "min") == 0:
             self.rejected.add(newest)
             return None

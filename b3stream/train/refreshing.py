@@ -61,7 +61,7 @@ def prepare_run(cfg: TrainConfig, schedule: Schedule, mine: MineConfig, paths: R
     if schedule.path is not None and schedule.path.parent.resolve() != paths.schedules.resolve():
         target = version_path(paths.schedules, schedule.version or 0)
         if not target.exists():
-            if schedule.path and sidecar(schedule.path).is_file():
+            if sidecar(schedule.path).is_file():
                 write_atomic(sidecar(target), sidecar(schedule.path).read_bytes())
             write_atomic(target, schedule.path.read_bytes())
     dump_config(mine, paths.mine_config)
