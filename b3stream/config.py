@@ -151,6 +151,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # wins over epochs when set
     grad_cache_chunk: int | None = None  # None: no GradCache; else sub-batch size for cached embedding
+    fuse_sides: bool | str = "auto"  # one padded forward for all sides (auto: on CUDA, without GradCache)
     grad_clip: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     deepspeed: str | None = None  # ZeRO JSON path or name in ds_configs/ ("zero2"); None: zero0
@@ -373,6 +374,8 @@ def _check_train(c: TrainConfig, v: _Checker) -> None:
     v.above("epochs", 0)
     v.above("max_steps", 0, optional=True)
     v.above("grad_cache_chunk", 0, optional=True)
+    if not (c.fuse_sides == "auto" or isinstance(c.fuse_sides, bool)):
+        v.fail("fuse_sides", "must be auto, true or false")
     v.at_least("grad_clip", 0)
     v.one_of("precision", ("auto", "fp32", "bf16", "fp16"))
     v.at_least("num_workers", 0)

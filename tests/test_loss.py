@@ -108,8 +108,8 @@ def lora_encoder():
     return enc
 
 
-def lora_grads(enc, chunk, train_mode, seed=0, hard=True):
-    model = BatchEmbedder(enc, chunk=chunk)
+def lora_grads(enc, chunk, train_mode, seed=0, hard=True, fuse_sides=False):
+    model = BatchEmbedder(enc, chunk=chunk, fuse_sides=fuse_sides, pad_id=enc.tokenizer.pad_token_id)
     model.train(train_mode)
     model.zero_grad(set_to_none=True)
     batch = {"query": dict(enc.tokenize(TEXTS_Q, "query")), "positive": dict(enc.tokenize(TEXTS_D, "positive"))}
@@ -120,6 +120,20 @@ def lora_grads(enc, chunk, train_mode, seed=0, hard=True):
     out = InfoNCE(0.02, symmetric=True)(emb["query"], emb["positive"], emb.get("negative"))
     out.loss.backward()
     return out.global_loss, {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_one_padded_forward_for_all_sides_equals_one_forward_per_side(lora_encoder, hard):
+    """fuse_sides pads the shorter side to the longer one and runs one forward: the padding is masked, so
+    the loss and every gradient are those of a forward per side."""
+    loss_sides, per_side = lora_grads(lora_encoder, None, train_mode=False, hard=hard)
+    loss_fused, fused = lora_grads(lora_encoder, None, train_mode=False, hard=hard, fuse_sides=True)
+    assert loss_fused == pytest.approx(loss_sides, rel=1e-5)
+    for name in per_side:
+        torch.testing.assert_close(fused[name], per_side[name], rtol=1e-4, atol=1e-6, msg=name)
+    # and the widths really differ, so the padding path ran
+    q, d = lora_encoder.tokenize(TEXTS_Q, "query"), lora_encoder.tokenize(TEXTS_D, "positive")
+    assert q["input_ids"].shape[1] != d["input_ids"].shape[1]
 
 
 @pytest.mark.parametrize("chunk", [3, 4, 100])

@@ -32,3 +32,53 @@ def test_loss_statistics_are_lazy_and_match_their_definition():
     assert out.accuracy == pytest.approx(float((pos > hardest).float().mean()))
     torch.testing.assert_close(out.pos_sims, pos)
     torch.testing.assert_close(out.hardest_sims, hardest)
+
+
+def test_monitor_reads_tensors_only_when_a_line_is_due_and_loses_no_step(tmp_path):
+    """Tensor values wait in the monitor until a console line is due; then every buffered step reaches
+    TensorBoard with its own value, and close() writes the rest."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from b3stream.monitor import Monitor
+
+    mon = Monitor(tmp_path, total_steps=7, log_every=3, progress=False)
+    for step in range(1, 6):
+        m = {"loss": torch.tensor(float(step)), "grad_norm": torch.tensor(10.0 * step), "lr": 0.1,
+             "examples_per_s": None}
+        mon.step(step, m)
+        # steps 1-2 and 4-5 are buffered as tensors; step 3 flushed 1-3 into numbers
+        assert len(mon._pending) == step % 3
+        if step == 3:
+            assert isinstance(m["loss"], float) and m["loss"] == 3.0
+    mon.close()  # steps 4 and 5 were never due: close() writes them
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    losses = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert losses == [(s, float(s)) for s in range(1, 6)]
+    assert [e.value for e in acc.Scalars("train/grad_norm")] == [10.0 * s for s in range(1, 6)]
+    assert "train/examples_per_s" not in acc.Tags()["scalars"]  # None is skipped, not written as 0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_host_side_token_extents_trim_like_the_mask(side):
+    """GradCache chunks cut their padding from host-side extents exactly where the mask says, for right
+    padding (trimmed) and left padding (nothing to trim on the right)."""
+    from b3stream.train.collate import token_extents
+    from b3stream.train.loss import _trim
+
+    lengths = torch.tensor([3, 7, 2, 5, 1, 4])
+    width = 9
+    cols = torch.arange(width)
+    mask = (cols[None, :] < lengths[:, None]) if side == "right" else (cols[None, :] >= width - lengths[:, None])
+    mask = mask.long()
+    features = {"input_ids": torch.randint(1, 100, mask.shape) * mask, "attention_mask": mask}
+    ext = token_extents(mask)
+    assert ext.tolist() == (lengths.tolist() if side == "right" else [width] * 6)
+    for rows in (slice(0, 3), slice(3, 6), slice(4, 5)):
+        part = {k: v[rows] for k, v in features.items()}
+        by_mask, by_host = _trim(part), _trim(part, ext[rows])
+        assert by_mask.keys() == by_host.keys()
+        for k in by_mask:
+            assert torch.equal(by_mask[k], by_host[k])
+        expected = int(lengths[rows].max()) if side == "right" else width
+        assert by_host["attention_mask"].shape[1] == expected

@@ -131,6 +131,23 @@ def test_evaluate_command_on_the_export(resumed_run):
 # -- refusals, before any training ----------------------------------------------------------------------
 
 
+def test_one_fused_forward_trains_the_same_batches(resumed_run):
+    """fuse_sides (the GPU default) through the real engine on CPU: the same batches as the run with a
+    forward per side and the same loss up to dropout noise (the masks differ; tau = 1 keeps that small)."""
+    root = resumed_run["root"]
+    losses = {}
+    for fuse in ("true", "false"):
+        cfg = write_config(root / f"fuse-{fuse}.yaml", data=str(resumed_run["data"]),
+                           schedule=str(resumed_run["schedule"]), out=str(root / f"fuse-{fuse}"),
+                           student=STUDENT, max_steps=1, trace_ids=True, seed=3, eval_split=None,
+                           temperature=1.0, export=False, fuse_sides=fuse == "true")
+        res = run([*B3, "train", "--config", str(cfg)], threads=2)
+        assert res.returncode == 0, res.stderr[-3000:]
+        losses[fuse] = read_trace(root / f"fuse-{fuse}")
+    assert [t["ids"] for t in losses["true"]] == [t["ids"] for t in losses["false"]]
+    assert losses["true"][0]["loss"] == pytest.approx(losses["false"][0]["loss"], rel=0.05)
+
+
 def test_unknown_config_key_is_refused(tmp_path, code_dataset):
     cfg = write_config(tmp_path / "bad.yaml", data=str(code_dataset), schedule="x", learning_rate=1e-4)
     res = run([*B3, "train", "--config", str(cfg)])

@@ -26,6 +26,7 @@ BAD_VALUES = {
     "temperature=0": "temperature: must be > 0",
     "lr=-0.001": "lr: must be >= 0",
     "grad_cache_chunk=0": "grad_cache_chunk: must be > 0",
+    "fuse_sides=sometimes": "fuse_sides: must be auto, true or false",
     "num_workers=-1": "num_workers: must be >= 0",
     "max_steps=0": "max_steps: must be > 0",
     "epochs=0": "epochs: must be > 0",
@@ -216,3 +217,18 @@ def test_mine_quiet_hides_the_loading_bar(tmp_path, toy_dataset):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "mine" / "embeddings" / "queries.npy").is_file()
     assert "Loading weights" not in res.stderr, res.stderr[-2000:]
+
+
+def test_fused_adamw_on_cuda_only_and_an_explicit_choice_wins(tmp_path):
+    """On CUDA the torch AdamW gets fused=True (one kernel for all tensors); on CPU nothing changes; a
+    "fused" written in the JSON is kept either way."""
+    cfg = TrainConfig()
+    on_gpu = build_ds_config(cfg, resolve_ds_path("zero2"), 1, 32, 100, "bf16", "cuda")
+    assert on_gpu["optimizer"]["params"]["fused"] is True
+    on_cpu = build_ds_config(cfg, resolve_ds_path("zero2"), 1, 32, 100, "fp32", "cpu")
+    assert "fused" not in on_cpu["optimizer"]["params"]
+    raw = json.loads(resolve_ds_path("zero2").read_text())
+    raw["optimizer"]["params"]["fused"] = False
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(raw))
+    assert build_ds_config(cfg, path, 1, 32, 100, "bf16", "cuda")["optimizer"]["params"]["fused"] is False

@@ -12,7 +12,9 @@ What runs, each part in a fresh process (so that peak memory is that part's own)
    (data / forward+backward / optimizer) and examples/s are the trainer's own TensorBoard scalars, the first
    ``warmup`` steps dropped. ``wall_examples_per_s`` is |B| x steps over the wall time between the end of the
    warm-up and the end of the last step (TensorBoard event times): it also counts what the per-step split
-   does not (the monitor, the sampler, the loader hand-off).
+   does not (the monitor, the sampler, the loader hand-off). On CUDA the trainer waits for the GPU only on
+   its logging steps, so ``--log-every 1`` (the default: a split for every step) costs a sync per step;
+   ``--log-every 10`` times the loop as users run it, with examples/s per window of 10 steps.
 2. **st**: a plain sentence-transformers loop on the same batches (the ids the trainer trained on, from its
    trace), the same model and LoRA adapter, the same max lengths: ``MultipleNegativesRankingLoss``
    (``CachedMultipleNegativesRankingLoss`` with ``--grad-cache``, mini-batch = the chunk) with
@@ -252,11 +254,13 @@ def trainer_figures(result: dict, warmup: int, batch_size: int) -> dict:
     def timed(name: str) -> list[float]:
         return [v for step, v, _ in s.get(name, []) if step > warmup]
 
-    # Every step logs its examples/s (a cheap scalar), so its event times mark the step ends.
+    # examples/s is logged on every step whose clock is exact (each step on CPU; on CUDA each step that
+    # waited for the GPU, i.e. every log_every-th and the last), so its event times mark true step ends.
     ends = {step: wall for step, _, wall in s.get("examples_per_s", [])}
     last = max(ends) if ends else 0
-    wall = (batch_size * (last - warmup) / (ends[last] - ends[warmup])
-            if warmup in ends and last > warmup and ends[last] > ends[warmup] else None)
+    start = min((step for step in ends if step >= warmup), default=None)
+    wall = (batch_size * (last - start) / (ends[last] - ends[start])
+            if start is not None and last > start and ends[last] > ends[start] else None)
     out = {"examples_per_s": _median(timed("examples_per_s")), "wall_examples_per_s": wall,
            "step_s": None, "data_s": _median(timed("time_data")), "fwd_bwd_s": _median(timed("time_fwd_bwd")),
            "optimizer_s": _median(timed("time_optimizer")), "steps_timed": len(timed("examples_per_s")),

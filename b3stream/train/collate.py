@@ -29,11 +29,15 @@ class LocalBatch:
     step: Step
     features: dict[str, dict[str, torch.Tensor]]  # side -> tokenizer output
     keys: dict[str, torch.Tensor]  # "positive"/"negative" -> int64 content keys of those texts
+    # side -> per row, one past its last real token (right padding: its length; left padding: the width),
+    # kept on the host so GradCache cuts padding per chunk without reading the GPU
+    extents: dict[str, torch.Tensor] | None = None
 
     def pin_memory(self) -> "LocalBatch":
-        """Page-locked token tensors (DataLoader ``pin_memory``): their copy to the GPU can then be
+        """Page-locked token tensors and keys (DataLoader ``pin_memory``): their copy to the GPU can then be
         asynchronous, where a copy from pageable memory makes the host wait for the GPU's queue."""
         self.features = {side: {k: v.pin_memory() for k, v in f.items()} for side, f in self.features.items()}
+        self.keys = {side: v.pin_memory() for side, v in self.keys.items()}
         return self
 
 
@@ -60,7 +64,15 @@ class StepData(Dataset):
                                     if negs else {"input_ids": torch.zeros(0, 0, dtype=torch.long),
                                                   "attention_mask": torch.zeros(0, 0, dtype=torch.long)})
             keys["negative"] = torch.from_numpy(content_keys(negs))
-        return LocalBatch(step=step, features=features, keys=keys)
+        return LocalBatch(step=step, features=features, keys=keys,
+                          extents={side: token_extents(f["attention_mask"]) for side, f in features.items()})
+
+
+def token_extents(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of an attention mask, one past the position of its last real token."""
+    if mask.shape[1] == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.long)
+    return mask.shape[1] - mask.flip(1).ne(0).int().argmax(1)
 
 
 def _as_is(item):

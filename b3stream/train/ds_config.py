@@ -66,8 +66,9 @@ def _fill(node: dict, key: str, value, where: str) -> None:
 
 
 def build_ds_config(cfg: TrainConfig, path: Path, world_size: int, batch_size: int, total_steps: int,
-                    precision: str) -> dict:
-    """The DeepSpeed config for this run (see the module docstring)."""
+                    precision: str, device_type: str = "cpu") -> dict:
+    """The DeepSpeed config for this run (see the module docstring). ``device_type``: where the optimizer
+    runs ("cuda" turns on torch's fused AdamW unless the JSON says otherwise)."""
     try:
         raw = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
@@ -90,6 +91,10 @@ def build_ds_config(cfg: TrainConfig, path: Path, world_size: int, batch_size: i
         params = opt.setdefault("params", {})
         _fill(params, "lr", float(cfg.lr), "optimizer.params")
         _fill(params, "weight_decay", float(cfg.weight_decay), "optimizer.params")
+        # torch's AdamW (torch_adam) updates every tensor in one fused kernel on CUDA instead of a few
+        # kernels per tensor; DeepSpeed passes the flag through. An explicit "fused" in the JSON wins.
+        if device_type == "cuda" and params.get("torch_adam") and "fused" not in params:
+            params["fused"] = True
     sched = ds.get("scheduler")
     _scheduler_class(sched, path)
     if sched is not None and sched.get("type") in ("WarmupLR", "WarmupDecayLR"):

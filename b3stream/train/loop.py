@@ -58,7 +58,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * sampler.steps_per_epoch
     precision = resolve_precision(cfg.precision, dist.device)
     ds_config = build_ds_config(cfg, resolve_ds_path(cfg.deepspeed), dist.world_size, batch_size, total_steps,
-                                precision)
+                                precision, dist.device.type)
     eval_set = _eval_set(cfg, manifest)
     # Refreshed mode: the miner publishes into RUN/schedules (which starts with the given schedule); static
     # mode may watch the given folder for versions published by hand (watch_schedule_every).
@@ -77,7 +77,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     # -- 2. Student: HF encoder + pooling (+ LoRA), wrapped so one forward embeds every side. ----------
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
     encoder = Encoder(cfg.student, trainable=True, dtype=torch.float32)  # DeepSpeed casts for bf16/fp16
-    model = BatchEmbedder(encoder, chunk=cfg.grad_cache_chunk)
+    fuse = dist.device.type == "cuda" if cfg.fuse_sides == "auto" else cfg.fuse_sides
+    model = BatchEmbedder(encoder, chunk=cfg.grad_cache_chunk, fuse_sides=fuse,
+                          pad_id=encoder.tokenizer.pad_token_id or 0)
     loss_fn = InfoNCE(temperature=cfg.temperature, symmetric=cfg.symmetric,
                       mask_duplicates=cfg.mask_duplicate_positives)
 
@@ -115,27 +117,34 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         # train mode explicitly, so every dropout is on in every run (with or without evaluations, resumed).
         engine.module.train()
         tokenize = encoder.tokenize
+        # On CUDA the host runs ahead of the GPU; only steps that log wait for it (``_sync``), and their
+        # examples/s covers every step since the last such wait. On CPU every step's clock is exact.
+        every_step_exact = dist.device.type != "cuda"
         throughput, step_times = [], []
+        window_examples, window_seconds, window_steps = 0, 0.0, 0
         while step < total_steps:
             loader = step_loader(records, sampler, tokenize, cfg.num_workers)  # rest of this epoch's plan
             t_ready = time.perf_counter()
             for batch in loader:
                 if (batch.step.epoch, batch.step.index) != (sampler.epoch, sampler.position):
                     raise RuntimeError("data loader and sampler disagree on the step; this is a bug")
+                exact = every_step_exact or monitor.due(step + 1)
+                t_fetched = time.perf_counter()
+                t_start = _sync(dist) if exact else t_fetched  # the split excludes earlier steps' GPU work
                 torch.manual_seed(_step_seed(cfg.seed, step, dist.rank))  # dropout replayable on resume
-                t_start = time.perf_counter()
                 # Pinned by the loader on CUDA, so the copy does not wait for the previous step's kernels.
                 features = {side: {k: v.to(dist.device, non_blocking=True) for k, v in f.items()}
                             for side, f in batch.features.items()}
-                emb = engine(features)
-                out = loss_fn(emb["query"], emb["positive"], emb.get("negative"), batch.keys["positive"],
-                              batch.keys.get("negative"))
+                keys = {side: v.to(dist.device, non_blocking=True) for side, v in batch.keys.items()}
+                emb = engine(features, batch.extents)
+                out = loss_fn(emb["query"], emb["positive"], emb.get("negative"), keys["positive"],
+                              keys.get("negative"))
                 engine.backward(out.loss)
-                t_backward = _sync(dist)
+                t_backward = _sync(dist) if exact else None
                 grad_norm = _grad_norm(engine) if stage == 0 and precision == "fp32" else None
                 lr = engine.get_lr()[0]  # the rate this update uses
                 engine.step()
-                t_end = _sync(dist)
+                t_end = _sync(dist) if exact else time.perf_counter()
                 if cfg.trace_ids:
                     _trace(run, step + 1, batch.step, sampler.global_batch(sampler.position), out.global_loss, dist)
                 sampler.advance()
@@ -143,15 +152,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
                 if grad_norm is None:
                     grad_norm = engine.get_global_grad_norm()
-                seconds = t_end - t_ready
-                throughput.append(out.batch_size / seconds)
-                step_times.append(seconds)
+                window_examples += out.batch_size
+                window_seconds += t_end - t_ready
+                window_steps += 1
+                rate = None
+                if exact:
+                    rate = window_examples / window_seconds
+                    throughput.append(rate)
+                    step_times.append(window_seconds / window_steps)
+                    window_examples, window_seconds, window_steps = 0, 0.0, 0
+                stats = out.stats  # [loss, pos, hardest, accuracy]: device tensors, read when the monitor logs
                 monitor.step(step, {
-                    "loss": out.global_loss, "accuracy": out.accuracy, "lr": lr,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "examples_per_s": out.batch_size / seconds, "time_data": t_start - t_ready,
-                    "time_fwd_bwd": t_backward - t_start, "time_optimizer": t_end - t_backward,
-                    "pos_sim": out.pos_sim, "hardest_neg_sim": out.hardest_neg_sim, "hard_negatives": out.negatives,
+                    "loss": stats[0], "accuracy": stats[3], "lr": lr, "grad_norm": grad_norm,
+                    "examples_per_s": rate, "time_data": t_fetched - t_ready if exact else None,
+                    "time_fwd_bwd": t_backward - t_start if exact else None,
+                    "time_optimizer": t_end - t_backward if exact else None,
+                    "pos_sim": stats[1], "hardest_neg_sim": stats[2], "hard_negatives": out.negatives,
                     "epoch": batch.step.epoch, "schedule_version": batch.step.version,
                     "staleness": _staleness(sampler.schedule, step),
                     "strategy": sampler.schedule.meta.get("strategy", "?"),
@@ -232,10 +248,11 @@ def _sync(dist: DistInfo) -> float:
     return time.perf_counter()
 
 
-def _grad_norm(engine) -> float:
-    """Pre-clipping gradient norm for ZeRO-0 fp32, where DeepSpeed does not record one."""
-    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+def _grad_norm(engine) -> torch.Tensor | float:
+    """Pre-clipping gradient norm for ZeRO-0 fp32, where DeepSpeed does not record one. A device tensor
+    (one fused norm over all gradients, no host wait); the monitor reads it when it logs."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else 0.0
 
 
 def _eval_set(cfg: TrainConfig, manifest: Manifest) -> RetrievalSet | None:

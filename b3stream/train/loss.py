@@ -300,12 +300,21 @@ def bound_cpu_heap(threshold: int | None = None) -> bool:
     return _HEAP_BOUND
 
 
-def _trim(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop all-padding columns on the right (a chunk of short texts needs fewer positions)."""
+def _trim(features: dict[str, torch.Tensor], extents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Drop all-padding columns on the right (a chunk of short texts needs fewer positions). ``extents``:
+    per row, one past its last real token, on the host (``collate.token_extents``), so that finding the
+    cut does not wait for the GPU; without them the mask is read."""
     mask = features["attention_mask"]
-    if mask.shape[1] == 0 or not bool(mask[:, -1].eq(0).all()):
+    if mask.shape[1] == 0:
         return features
-    keep = int(mask.sum(0).nonzero().max()) + 1
+    if extents is not None:
+        keep = int(extents.max())
+    elif not bool(mask[:, -1].eq(0).all()):
+        return features
+    else:
+        keep = int(mask.sum(0).nonzero().max()) + 1
+    if keep >= mask.shape[1]:
+        return features
     return {k: v[:, :keep] for k, v in features.items()}
 
 
@@ -317,19 +326,29 @@ class BatchEmbedder(torch.nn.Module):
     under non-reentrant activation checkpointing (GradCache, see the module docstring); dropout masks are
     replayed exactly when a chunk is recomputed (the checkpoint restores the RNG state).
 
+    With ``fuse_sides`` (and no chunking) all sides go through the encoder as ONE batch, each padded on
+    the right to the longest side's width: half the kernel launches of a forward per side, which is what
+    a small model on a GPU is bound by; on a CPU the extra padding of the shorter side costs more than
+    the launches save. Padding is masked, so the embeddings are those of the separate forwards.
+
     Args:
         encoder: a :class:`b3stream.encoder.Encoder` (its ``forward(input_ids, attention_mask)``).
         chunk: GradCache sub-batch size; None embeds each side in one pass.
+        fuse_sides: one padded forward for all sides (ignored with ``chunk``).
+        pad_id: the token id that pads ``input_ids`` when sides are fused (masked: any id works).
     """
 
-    def __init__(self, encoder: torch.nn.Module, chunk: int | None = None):
+    def __init__(self, encoder: torch.nn.Module, chunk: int | None = None, fuse_sides: bool = False,
+                 pad_id: int = 0):
         super().__init__()
         if chunk is not None and chunk < 1:
             raise ValueError(f"grad_cache_chunk must be >= 1, got {chunk}")
         self.encoder = encoder
         self.chunk = chunk
+        self.fuse_sides = fuse_sides and chunk is None
+        self.pad_id = pad_id
 
-    def _embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _embed(self, features: dict[str, torch.Tensor], extents: torch.Tensor | None = None) -> torch.Tensor:
         n = features["input_ids"].shape[0]
         if self.chunk is None or not torch.is_grad_enabled():
             return self.encoder(**features)
@@ -339,11 +358,16 @@ class BatchEmbedder(torch.nn.Module):
             return checkpoint(self.encoder, **features, use_reentrant=False)
         parts = []
         for start in range(0, n, self.chunk):
-            part = _trim({k: v[start : start + self.chunk] for k, v in features.items()})
+            rows = slice(start, start + self.chunk)
+            part = _trim({k: v[rows] for k, v in features.items()}, None if extents is None else extents[rows])
             parts.append(checkpoint(self.encoder, **part, use_reentrant=False))
         return torch.cat(parts)
 
-    def forward(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, dict[str, torch.Tensor]],
+                extents: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``extents``: optional host-side token extents per side (``LocalBatch.extents``)."""
+        if self.fuse_sides:
+            return self._fused(batch)
         out = {}
         for side in SIDES:
             features = batch.get(side)
@@ -353,5 +377,19 @@ class BatchEmbedder(torch.nn.Module):
                 ref = next(self.encoder.parameters())
                 out[side] = torch.zeros(0, self.encoder.dim, dtype=ref.dtype, device=ref.device)
                 continue
-            out[side] = self._embed(features)
+            out[side] = self._embed(features, None if extents is None else extents.get(side))
         return out
+
+    def _fused(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        sides = [side for side in SIDES if side in batch]
+        rows = [batch[side]["input_ids"].shape[0] for side in sides]
+        width = max(batch[side]["input_ids"].shape[1] for side in sides)
+        keys = batch[sides[0]].keys()
+        joined = {}
+        for key in keys:
+            fill = self.pad_id if key == "input_ids" else 0
+            parts = [torch.nn.functional.pad(batch[side][key], (0, width - batch[side][key].shape[1]), value=fill)
+                     for side in sides if batch[side][key].shape[0]]
+            joined[key] = torch.cat(parts)
+        emb = self.encoder(**joined)
+        return dict(zip(sides, emb.split(rows)))
