@@ -63,8 +63,7 @@ def test_monitor_reads_tensors_only_when_a_line_is_due_and_loses_no_step(tmp_pat
 def test_host_side_token_extents_trim_like_the_mask(side):
     """GradCache chunks cut their padding from host-side extents exactly where the mask says, for right
     padding (trimmed) and left padding (nothing to trim on the right)."""
-    from b3stream.train.collate import token_extents
-    from b3stream.train.loss import _trim
+    from b3stream.train.loss import _trim, token_extents
 
     lengths = torch.tensor([3, 7, 2, 5, 1, 4])
     width = 9

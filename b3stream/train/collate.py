@@ -16,6 +16,7 @@ from ..data.dedup import content_keys
 from ..data.manifest import Manifest
 from ..data.reader import ShardedDataset
 from ..encoder import Tokenize
+from .loss import token_extents
 from .sampler import ScheduleSampler, Step
 
 
@@ -66,13 +67,6 @@ class StepData(Dataset):
             keys["negative"] = torch.from_numpy(content_keys(negs))
         return LocalBatch(step=step, features=features, keys=keys,
                           extents={side: token_extents(f["attention_mask"]) for side, f in features.items()})
-
-
-def token_extents(mask: torch.Tensor) -> torch.Tensor:
-    """Per row of an attention mask, one past the position of its last real token."""
-    if mask.shape[1] == 0:
-        return torch.zeros(mask.shape[0], dtype=torch.long)
-    return mask.shape[1] - mask.flip(1).ne(0).int().argmax(1)
 
 
 def _as_is(item):

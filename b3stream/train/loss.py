@@ -300,19 +300,22 @@ def bound_cpu_heap(threshold: int | None = None) -> bool:
     return _HEAP_BOUND
 
 
+def token_extents(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of an attention mask, one past the position of its last real token (right padding: the
+    row's length; left padding: the width)."""
+    if mask.shape[1] == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+    return mask.shape[1] - mask.flip(1).ne(0).int().argmax(1)
+
+
 def _trim(features: dict[str, torch.Tensor], extents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Drop all-padding columns on the right (a chunk of short texts needs fewer positions). ``extents``:
-    per row, one past its last real token, on the host (``collate.token_extents``), so that finding the
-    cut does not wait for the GPU; without them the mask is read."""
+    the rows' :func:`token_extents`, computed on the host by the data loader so that finding the cut does
+    not wait for the GPU; without them they are read from the mask."""
     mask = features["attention_mask"]
     if mask.shape[1] == 0:
         return features
-    if extents is not None:
-        keep = int(extents.max())
-    elif not bool(mask[:, -1].eq(0).all()):
-        return features
-    else:
-        keep = int(mask.sum(0).nonzero().max()) + 1
+    keep = int((token_extents(mask) if extents is None else extents).max())
     if keep >= mask.shape[1]:
         return features
     return {k: v[:, :keep] for k, v in features.items()}
