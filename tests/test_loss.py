@@ -131,6 +131,14 @@ def test_one_padded_forward_for_all_sides_equals_one_forward_per_side(lora_encod
     assert loss_fused == pytest.approx(loss_sides, rel=1e-5)
     for name in per_side:
         torch.testing.assert_close(fused[name], per_side[name], rtol=1e-4, atol=1e-6, msg=name)
+    # an empty side shaped as the data loader makes it (no token_type_ids) gets its 0 rows
+    model = BatchEmbedder(lora_encoder, fuse_sides=True, pad_id=lora_encoder.tokenizer.pad_token_id)
+    model.eval()
+    empty = {"input_ids": torch.zeros(0, 0, dtype=torch.long), "attention_mask": torch.zeros(0, 0, dtype=torch.long)}
+    with torch.no_grad():
+        emb = model({"query": dict(lora_encoder.tokenize(TEXTS_Q, "query")),
+                     "positive": dict(lora_encoder.tokenize(TEXTS_D, "positive")), "negative": empty})
+    assert emb["negative"].shape == (0, lora_encoder.dim) and emb["query"].shape[0] == len(TEXTS_Q)
     # and the widths really differ, so the padding path ran
     q, d = lora_encoder.tokenize(TEXTS_Q, "query"), lora_encoder.tokenize(TEXTS_D, "positive")
     assert q["input_ids"].shape[1] != d["input_ids"].shape[1]

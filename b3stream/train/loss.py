@@ -386,13 +386,14 @@ class BatchEmbedder(torch.nn.Module):
     def _fused(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         sides = [side for side in SIDES if side in batch]
         rows = [batch[side]["input_ids"].shape[0] for side in sides]
-        width = max(batch[side]["input_ids"].shape[1] for side in sides)
-        keys = batch[sides[0]].keys()
+        # An empty side (a rank's share of few hard negatives) may lack keys the tokenizer adds elsewhere
+        # (token_type_ids): only sides with rows are joined; split() still hands it its 0 rows.
+        full = [side for side, n in zip(sides, rows) if n]
+        width = max(batch[side]["input_ids"].shape[1] for side in full)
         joined = {}
-        for key in keys:
+        for key in batch[full[0]]:
             fill = self.pad_id if key == "input_ids" else 0
-            parts = [torch.nn.functional.pad(batch[side][key], (0, width - batch[side][key].shape[1]), value=fill)
-                     for side in sides if batch[side][key].shape[0]]
-            joined[key] = torch.cat(parts)
+            joined[key] = torch.cat([torch.nn.functional.pad(batch[side][key], (0, width - batch[side][key].shape[1]),
+                                                             value=fill) for side in full])
         emb = self.encoder(**joined)
         return dict(zip(sides, emb.split(rows)))
