@@ -161,13 +161,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     throughput.append(rate)
                     step_times.append(window_seconds / window_steps)
                     window_examples, window_seconds, window_steps = 0, 0.0, 0
-                stats = out.stats  # [loss, pos, hardest, accuracy]: device tensors, read when the monitor logs
                 monitor.step(step, {
-                    "loss": stats[0], "accuracy": stats[3], "lr": lr, "grad_norm": grad_norm,
+                    **out.device_stats(), "lr": lr, "grad_norm": grad_norm,  # tensors: read when it logs
                     "examples_per_s": rate, "time_data": t_fetched - t_ready if exact else None,
                     "time_fwd_bwd": t_backward - t_start if exact else None,
-                    "time_optimizer": t_end - t_backward if exact else None,
-                    "pos_sim": stats[1], "hardest_neg_sim": stats[2], "hard_negatives": out.negatives,
+                    "time_optimizer": t_end - t_backward if exact else None, "hard_negatives": out.negatives,
                     "epoch": batch.step.epoch, "schedule_version": batch.step.version,
                     "staleness": _staleness(sampler.schedule, step),
                     "strategy": sampler.schedule.meta.get("strategy", "?"),

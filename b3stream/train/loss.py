@@ -165,6 +165,12 @@ class LossOutput:
     hardest_sims: torch.Tensor | None = None  # this rank's most similar negative per query
     _floats: list[float] | None = field(default=None, repr=False)
 
+    STATS = ("loss", "pos_sim", "hardest_neg_sim", "accuracy")  # the rows of ``stats``, in order
+
+    def device_stats(self) -> dict[str, torch.Tensor]:
+        """The four statistics by name as 0-d views of ``stats``: nothing is copied to the host."""
+        return dict(zip(self.STATS, self.stats.unbind()))
+
     def floats(self) -> list[float]:
         """The four statistics as Python floats (one device-to-host copy, then cached)."""
         if self._floats is None:
