@@ -130,3 +130,22 @@ def test_short_communities_and_tails_close_the_epoch():
         s.check_epoch(203)
         sizes = np.diff(s.offsets)
         assert np.all(sizes[:-1] == 32) and sizes[-1] == 203 % 32
+
+
+def test_b3pp_fill_up_stays_in_the_batch_task_only_when_tasks_are_mined_apart():
+    # no neighbour lists at all: every hard negative comes from the uniform fill-up; each community (and so
+    # each batch, |B| = K) holds one task's ids
+    n, K = 256, 32
+    tasks = (np.arange(n) >= n // 2).astype(np.int32)
+    inp = BatchInputs(n=n, tasks=tasks, task_names=["a", "b"], S=np.full((n, 4), -1, np.int32),
+                      scores=np.zeros((n, 4), np.float16), top=np.full((n, 1), -1, np.int32),
+                      communities=np.arange(n, dtype=np.int32).reshape(-1, K))
+    for per_task in (True, False):
+        # mined apart, communities carry their task; mined together, the partition's task is -1 (all)
+        ctask = np.repeat([0, 1], n // (2 * K)) if per_task else np.full(n // K, -1)
+        s = schedule(replace(inp, community_task=ctask.astype(np.int32)), "b3pp", batch_size=K, K=K,
+                     per_task=per_task)
+        crossed = [np.any(tasks[negs] != tasks[b[0]]) for b, negs in zip(s.batches, s.hard_negatives)]
+        # apart, a task's S rows hold only that task and so does the fill-up; together, any id may be drawn
+        assert all(len(np.unique(tasks[b])) == 1 for b in s.batches)
+        assert not any(crossed) if per_task else all(crossed)

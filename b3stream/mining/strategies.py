@@ -214,13 +214,14 @@ class B3ppBatches(B3Batches):
     def batches(self, inp, prm):
         batches, _ = super().batches(inp, prm)
         _, neg_rng = rngs(prm.seed)
+        # the uniform fill-up stays inside the batch's tasks when tasks are mined apart (their S rows do too)
         by_task = {inp.task_names.index(name): ids
                    for name, ids in task_groups(inp.tasks, inp.task_names, True)} \
-            if len(inp.task_names) > 1 else None
+            if len(inp.task_names) > 1 and prm.per_task and not prm.mix_tasks else None
         negatives = []
         for b in batches:
             pool = None
-            if by_task is not None and not prm.mix_tasks:
+            if by_task is not None:
                 present = np.unique(inp.tasks[b])
                 pool = by_task[int(present[0])] if len(present) == 1 else \
                     np.sort(np.concatenate([by_task[int(t)] for t in present]))
