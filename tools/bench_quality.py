@@ -86,6 +86,7 @@ class Recipe:
     teacher: str | None = None  # None: the bundled MiniLM (the student's own starting point)
     refresh_every: int = 20  # b3-refreshed: snapshot the student every N steps
     epochs: int = 1
+    per_task: bool = True  # False: rank and partition all tasks together (MineConfig per_task)
 
     def key(self, arm: str | None = None) -> str:
         """Cache key of a cell: the training knobs, plus the mining knobs only for the arms that use them
@@ -96,7 +97,7 @@ class Recipe:
         if strategy in MINED:
             t = "minilm" if self.teacher is None else Path(self.teacher).name
             out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}" if strategy != "gcbs" else "") + \
-                (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}"
+                (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}" + ("" if self.per_task else "-global")
         if arm and base_arm(arm) == "b3-refreshed":
             out += f"-every{self.refresh_every}"
         return out
@@ -129,6 +130,9 @@ def _parse_args(argv=None):
     for name, tp in (("lr", float), ("temperature", float), ("p", int), ("m", int), ("K", int), ("h", int),
                      ("query-length", int), ("positive-length", int), ("refresh-every", int), ("epochs", int)):
         ap.add_argument(f"--{name}", type=tp, default=None, help="recipe override")
+    ap.add_argument("--mine-globally", action="store_true",
+                    help="rank and batch every task together (MineConfig per_task: false); the code-search "
+                         "'tasks' are packages, and per task a package's ids can only be each other's negatives")
     args = ap.parse_args(argv)
     if args.quick:
         args.pairs, args.batch_sizes, args.seeds = min(args.pairs, 500), "16", "0,1"
@@ -172,6 +176,7 @@ def _recipe(args) -> Recipe:
                  "epochs"):
         if getattr(args, name) is not None:
             setattr(r, name, getattr(args, name))
+    r.per_task = not args.mine_globally
     return r
 
 
@@ -237,7 +242,7 @@ def mine(args, data: Path, work: Path, recipe: Recipe, strategy: str, batch: int
     if path.is_file():
         return path, load_schedule(path).meta
     base = work / "mine" / teacher / "embed-only"
-    folder = work / "mine" / teacher / f"p{recipe.p}-m{recipe.m}-K{recipe.K}"
+    folder = work / "mine" / teacher / (f"p{recipe.p}-m{recipe.m}-K{recipe.K}" + ("" if recipe.per_task else "-global"))
     if (base / "embeddings" / "embeddings.json").is_file() and not (folder / "embeddings").is_dir():
         shutil.copytree(base / "embeddings", folder / "embeddings")
     # random and task batches need only the embeddings (for their batch-quality figures)
@@ -246,6 +251,7 @@ def mine(args, data: Path, work: Path, recipe: Recipe, strategy: str, batch: int
         "teacher.max_query_length": recipe.query_length, "teacher.max_positive_length": recipe.positive_length,
         "teacher.model": recipe.teacher, "p": recipe.p, "m": recipe.m, "K": min(recipe.K, batch),
         "batch_size": batch, "h": recipe.h, "seed": seed, "strategy": strategy, "small_tasks": "merge",
+        "per_task": recipe.per_task,
         "quality_temperature": recipe.temperature, "schedule_dir": str(sched_dir), "version": 0,
         "device": args.device, "quality_sample": 1024})
     run_all(cfg, progress=False)
