@@ -71,6 +71,21 @@ def test_partition_is_deterministic_and_handles_edgeless_graphs():
     check_communities(comm, 50, 8)
 
 
+def test_the_seed_changes_the_communities_and_each_seed_is_a_valid_partition():
+    q, p, _ = clustered(1200, clusters=30, seed=6)
+    S, _, _, _ = rank_group(q, p, RankParams(p=1, m=15, index="flat"))
+    g = build_graph(S, "mutual")
+    comms = {}
+    for seed in (0, 1, 2):
+        comm, stats = partition(g, 16, seed=seed)
+        check_communities(comm, 1200, 16)
+        assert stats["internal_edge_fraction"] > 0.5
+        comms[seed] = {tuple(sorted(c)) for c in comm.tolist()}
+    # pymetis ignores Options(seed=...); the seeded relabelling must still give other communities
+    assert comms[0] != comms[1] and comms[1] != comms[2]
+    assert np.array_equal(partition(g, 16, seed=1)[0], partition(g, 16, seed=1)[0])
+
+
 def test_global_ids_are_mapped_back():
     q, p, _ = clustered(100, seed=4)
     S, _, _, _ = rank_group(q, p, RankParams(p=1, m=10, index="flat"))

@@ -41,7 +41,12 @@ from .graph import Graph
 
 
 def metis_parts(graph: Graph, nparts: int, seed: int = 0, ufactor: int = 30) -> np.ndarray:
-    """METIS k-way labels in ``[0, nparts)`` (int64). Trivial graphs skip METIS."""
+    """METIS k-way labels in ``[0, nparts)`` (int64). Trivial graphs skip METIS.
+
+    ``seed`` != 0 runs METIS on a seeded relabelling of the vertices: pymetis (2025.2) accepts
+    ``Options(seed=...)`` but the partition does not change with it, while METIS's coarsening does depend
+    on the vertex order. So each schedule seed gets its own communities; seed 0 keeps the natural order.
+    """
     n = graph.n
     if nparts <= 1 or n == 0:
         return np.zeros(n, dtype=np.int64)
@@ -49,12 +54,26 @@ def metis_parts(graph: Graph, nparts: int, seed: int = 0, ufactor: int = 30) -> 
         return np.arange(n, dtype=np.int64) * nparts // n
     import pymetis
 
+    xadj, adjncy, eweights, order = graph.xadj, graph.adjncy, graph.eweights, None
+    if seed:
+        order = np.random.default_rng(seed).permutation(n)  # new vertex i is old vertex order[i]
+        new_of = np.empty(n, dtype=np.int64)
+        new_of[order] = np.arange(n, dtype=np.int64)
+        starts, lens = graph.xadj[order], np.diff(graph.xadj)[order]
+        xadj = np.concatenate([[0], np.cumsum(lens)]).astype(graph.xadj.dtype)
+        pos = np.arange(xadj[-1], dtype=np.int64) - np.repeat(xadj[:-1] - starts, lens)  # old CSR positions
+        adjncy = new_of[graph.adjncy[pos]]
+        eweights = None if graph.eweights is None else graph.eweights[pos]
+        del pos, starts, lens
     options = pymetis.Options(seed=int(seed), ufactor=int(ufactor))
-    result = pymetis.part_graph(
-        nparts, adjacency=pymetis.CSRAdjacency(graph.xadj, graph.adjncy),
-        eweights=graph.eweights, options=options,
-    )
-    return np.asarray(result.vertex_part, dtype=np.int64)
+    result = pymetis.part_graph(nparts, adjacency=pymetis.CSRAdjacency(xadj, adjncy), eweights=eweights,
+                                options=options)
+    labels = np.asarray(result.vertex_part, dtype=np.int64)
+    if order is None:
+        return labels
+    out = np.empty(n, dtype=np.int64)
+    out[order] = labels
+    return out
 
 
 def _row_entries(graph: Graph, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
