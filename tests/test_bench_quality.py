@@ -71,7 +71,8 @@ def test_cache_keys_share_random_runs_across_mining_knobs(bench):
     assert r.key("b3") != other.key("b3") and r.key("b3") == bench.Recipe(h=4).key("b3")  # h is b3pp's only
     assert r.key("b3pp") != bench.Recipe(h=4).key("b3pp")
     assert r.key("b3-refreshed") != r.key("b3")
-    together = bench.Recipe(per_task=False)  # --mine-globally: mined arms get their own cells, random does not
-    assert together.key("random") == r.key("random") and together.key("task") == r.key("task")
-    assert together.key("b3") != r.key("b3") and together.key("gcbs") != r.key("gcbs")
-    assert bench._recipe(bench._parse_args(["--mine-globally"])).per_task is False
+    apart = bench.Recipe(per_task=True)  # --mine-per-task: mined arms get their own cells, random does not
+    assert apart.key("random") == r.key("random") and apart.key("task") == r.key("task")
+    assert apart.key("b3") != r.key("b3") and apart.key("gcbs") != r.key("gcbs")
+    assert bench._recipe(bench._parse_args(["--mine-per-task"])).per_task is True
+    assert bench._recipe(bench._parse_args([])).per_task is False
