@@ -46,6 +46,7 @@ def metis_parts(graph: Graph, nparts: int, seed: int = 0, ufactor: int = 30) -> 
     ``seed`` != 0 runs METIS on a seeded relabelling of the vertices: pymetis (2025.2) accepts
     ``Options(seed=...)`` but the partition does not change with it, while METIS's coarsening does depend
     on the vertex order. So each schedule seed gets its own communities; seed 0 keeps the natural order.
+    The relabelled copy holds one more CSR (about 16 bytes per directed edge) while METIS runs.
     """
     n = graph.n
     if nparts <= 1 or n == 0:
@@ -61,7 +62,8 @@ def metis_parts(graph: Graph, nparts: int, seed: int = 0, ufactor: int = 30) -> 
         new_of[order] = np.arange(n, dtype=np.int64)
         starts, lens = graph.xadj[order], np.diff(graph.xadj)[order]
         xadj = np.concatenate([[0], np.cumsum(lens)]).astype(graph.xadj.dtype)
-        pos = np.arange(xadj[-1], dtype=np.int64) - np.repeat(xadj[:-1] - starts, lens)  # old CSR positions
+        # old CSR position of each new entry (as _row_entries, without its per-entry owner array)
+        pos = np.arange(xadj[-1], dtype=np.int64) - np.repeat(xadj[:-1] - starts, lens)
         adjncy = new_of[graph.adjncy[pos]]
         eweights = None if graph.eweights is None else graph.eweights[pos]
         del pos, starts, lens
