@@ -91,6 +91,11 @@ class Recipe:
     # (docs/quality.md, round 3: b3 +2.2 nDCG@10 over random mined together, +1.3 mined per package)
     per_task: bool = False
 
+    @property
+    def scope(self) -> str:
+        """Name suffix of what packages-together mining produces (cache cells and mining folders)."""
+        return "" if self.per_task else "-global"
+
     def key(self, arm: str | None = None) -> str:
         """Cache key of a cell: the training knobs, plus the mining knobs only for the arms that use them
         (so random batches are trained once, whatever p, m, K, h or teacher the mined arms try)."""
@@ -100,7 +105,7 @@ class Recipe:
         if strategy in MINED:
             t = "minilm" if self.teacher is None else Path(self.teacher).name
             out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}" if strategy != "gcbs" else "") + \
-                (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}" + ("" if self.per_task else "-global")
+                (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}{self.scope}"
         if arm and base_arm(arm) == "b3-refreshed":
             out += f"-every{self.refresh_every}"
         return out
@@ -245,7 +250,7 @@ def mine(args, data: Path, work: Path, recipe: Recipe, strategy: str, batch: int
     if path.is_file():
         return path, load_schedule(path).meta
     base = work / "mine" / teacher / "embed-only"
-    folder = work / "mine" / teacher / (f"p{recipe.p}-m{recipe.m}-K{recipe.K}" + ("" if recipe.per_task else "-global"))
+    folder = work / "mine" / teacher / f"p{recipe.p}-m{recipe.m}-K{recipe.K}{recipe.scope}"
     if (base / "embeddings" / "embeddings.json").is_file() and not (folder / "embeddings").is_dir():
         shutil.copytree(base / "embeddings", folder / "embeddings")
     # random and task batches need only the embeddings (for their batch-quality figures)
