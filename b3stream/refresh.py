@@ -19,6 +19,10 @@ Everything the miner needs is in the run folder, written by the trainer when it 
     RUN/refresh/status.json   where the miner is: state (waiting, embed, rank, partition, schedule), snapshot
     RUN/refresh/finished      written by the trainer at its end: a standalone miner exits when it appears
 
+The ids the trainer has already trained on in the snapshot's epoch (``trained.npy`` in the snapshot) are
+partitioned apart from the rest (MineConfig ``trained_ids``): after the swap the trainer skips them, and the
+rest of the epoch is then made of whole communities instead of fragments of them.
+
 Each refresh uses seed ``seed + snapshot step``, so even a teacher refresh (same embeddings) draws new
 communities and a new batch order. With ``strategy: gcbs`` and a snapshot every epoch this is GCBS as its paper
 describes it (re-embedded with the current model each epoch), except that training does not stop for it.
@@ -91,7 +95,8 @@ class Miner:
         return dataclasses.replace(
             cfg, out=str(self.paths.refresh / "mine"), schedule_dir=str(self.paths.schedules), version=None,
             seed=cfg.seed + snapshot.step, device=self.device,
-            teacher_snapshot=str(snapshot.path) if self.model == "student" else None)
+            teacher_snapshot=str(snapshot.path) if self.model == "student" else None,
+            trained_ids=str(snapshot.trained_ids) if snapshot.trained_ids else None)
 
     def refresh(self, snapshot: Snapshot) -> Path:
         """Mine from ``snapshot`` and publish the next schedule version; returns its path."""

@@ -8,6 +8,7 @@ was at one training step::
         snapshot.json         step, epoch, the student's EncoderConfig, the data stamp, kind, weights sha256
         adapter/              LoRA / DoRA students: the PEFT adapter (save_pretrained; a few MB)
         model.safetensors     full fine-tuning: every weight of the backbone
+        trained.npy           the ids trained so far in the current epoch (the miner partitions them apart)
 
 A snapshot is written under a temporary name and renamed into place, so a folder named ``step-*`` is always
 complete; a reader that finds one without a valid ``snapshot.json`` ignores it. Only the newest ``keep``
@@ -32,6 +33,7 @@ from .files import read_json, write_json
 
 FOLDER = "snapshots"
 META = "snapshot.json"
+TRAINED = "trained.npy"
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 
@@ -89,6 +91,12 @@ class Snapshot:
     def weights_sha256(self) -> str:
         return self.meta["weights_sha256"]
 
+    @property
+    def trained_ids(self) -> Path | None:
+        """The ids trained in the snapshot's epoch before it (``trained.npy``), if the trainer wrote them."""
+        path = self.path / TRAINED
+        return path if path.is_file() else None
+
 
 def snapshot_folder(run: str | Path) -> Path:
     return RunPaths(Path(run)).snapshots
@@ -132,9 +140,10 @@ def is_lora(model: torch.nn.Module) -> bool:
 
 
 def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_cfg: EncoderConfig, stamp: dict,
-                   epoch: int = 0, keep: int = 2) -> Path:
+                   epoch: int = 0, keep: int = 2, trained=None) -> Path:
     """Write the student's weights at ``step`` (call on one process, with full weights at hand: under
-    ZeRO-3 inside ``GatheredParameters``) and prune all but the newest ``keep`` snapshots."""
+    ZeRO-3 inside ``GatheredParameters``) and prune all but the newest ``keep`` snapshots. ``trained``: the
+    ids trained so far in this epoch (none at an epoch's start)."""
     folder = snapshot_folder(run)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:07d}"
@@ -150,6 +159,10 @@ def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_c
 
             save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
             kind = "full"
+        if trained is not None and len(trained):
+            import numpy as np
+
+            np.save(tmp / TRAINED, np.asarray(trained, dtype=np.int64))
         write_json(tmp / META, {
             "step": int(step), "epoch": int(epoch), "kind": kind, "data": stamp, "created": time.time(),
             "encoder": dataclasses.asdict(encoder_cfg), "weights_sha256": weights_digest(tmp)[0],

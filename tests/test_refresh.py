@@ -144,6 +144,53 @@ def test_the_refreshed_schedule_comes_from_the_student_snapshot(mined, refreshed
     assert not np.array_equal(load_schedule(mined["schedule"]).ids, refreshed.ids)
 
 
+def test_the_ids_trained_before_a_snapshot_get_communities_of_their_own(mined, refreshed_run):
+    """A mid-epoch snapshot carries the ids trained so far in its epoch, and the schedule mined from it never
+    mixes them with untrained ids in one community: after the swap the trainer skips the trained ids, so the
+    rest of the epoch meets whole communities instead of fragments."""
+    out = refreshed_run["out"]
+    trace = read_trace(out)
+    checked = 0
+    for v in list_versions(out / "schedules")[1:]:
+        sched = load_schedule(version_path(out / "schedules", v))
+        step = sched.meta["source_step"]
+        snap = out / "snapshots" / f"step-{step:07d}"
+        epoch = json.loads((snap / "snapshot.json").read_text())["epoch"]
+        before = [i for t in trace[:step] if t["epoch"] == epoch for i in t["ids"]]
+        if not before:  # a snapshot at an epoch's start: nothing trained yet, nothing written
+            assert not (snap / "trained.npy").exists()
+            continue
+        assert sorted(np.load(snap / "trained.npy").tolist()) == sorted(before)
+        trained = np.zeros(len(sched.ids), bool)
+        trained[before] = True
+        K = sched.meta["K"]
+        offsets = sched.offsets
+        for b in range(len(offsets) - 3):  # the last batches are the tail, where short communities sit
+            batch = sched.ids[offsets[b]:offsets[b + 1]]
+            for run in batch.reshape(-1, K):
+                assert trained[run].all() or not trained[run].any(), (v, b, run, trained[run])
+        part = json.loads((out / "refresh" / "mine" / "partition" / "partition.json").read_text())
+        checked += 1
+    assert checked >= 1
+    assert any(name.endswith("(trained)") for name in part["groups"])  # the newest refresh had trained ids
+
+
+def test_trained_ids_from_another_dataset_are_refused(tmp_path):
+    from b3stream.data.manifest import DataError
+    from b3stream.mining.pipeline import load_trained_ids, split_trained
+
+    path = tmp_path / "trained.npy"
+    np.save(path, np.array([3, 99]))
+    with pytest.raises(DataError, match="outside 0..9"):
+        load_trained_ids(str(path), 10)
+    np.save(path, np.array([1.5]))
+    with pytest.raises(DataError, match="integer"):
+        load_trained_ids(str(path), 10)
+    np.save(path, np.array([1, 4]))
+    groups = split_trained([("all", np.arange(6))], load_trained_ids(str(path), 10))
+    assert [(label, ids.tolist()) for label, _, ids in groups] == [("all", [0, 2, 3, 5]), ("all (trained)", [1, 4])]
+
+
 def test_two_ranks_swap_at_the_same_step(mined):
     cfg = refreshed_config(mined, "run2", epochs=2, deepspeed="zero2", refresh={"every_steps": 4})
     res = torchrun(2, ["-m", "b3stream.train", "--config", str(cfg)], free_port(), timeout=600)

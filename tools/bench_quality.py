@@ -107,7 +107,9 @@ class Recipe:
             out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}" if strategy != "gcbs" else "") + \
                 (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}{self.scope}"
         if arm and base_arm(arm) == "b3-refreshed":
-            out += f"-every{self.refresh_every}"
+            # "-whole": the miner partitions the ids trained before a snapshot apart (whole communities after
+            # a swap); round 3's refreshed cells, mined before that, keep their old keys
+            out += f"-every{self.refresh_every}-whole"
         return out
 
 

@@ -141,7 +141,47 @@ def _tasks(cfg: MineConfig, n: int | None = None) -> tuple[np.ndarray, list[str]
 
 def partition_params(cfg: MineConfig, rank_record: dict) -> dict:
     return {"K": cfg.K, "edges": cfg.edges, "rank_weights": cfg.rank_weights, "seed": cfg.seed,
-            "metis_ufactor": cfg.metis_ufactor, "per_task": cfg.per_task, "upstream": rank_record.get("token")}
+            "metis_ufactor": cfg.metis_ufactor, "per_task": cfg.per_task, "upstream": rank_record.get("token"),
+            **({"trained_ids": _file_digest(cfg.trained_ids)} if cfg.trained_ids else {})}
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_trained_ids(path: str | None, N: int) -> np.ndarray | None:
+    """The ids already trained this epoch (``trained_ids``) as a boolean mask over ``0..N-1``; None without."""
+    if not path:
+        return None
+    ids = np.load(path)
+    if ids.ndim != 1 or (len(ids) and not np.issubdtype(ids.dtype, np.integer)):
+        raise DataError(f"{path}: trained_ids must be a 1-D integer array of example ids, got {ids.dtype} {ids.shape}")
+    if len(ids) and (ids.min() < 0 or ids.max() >= N):
+        raise DataError(f"{path}: trained_ids holds ids outside 0..{N - 1} (from another dataset?)")
+    mask = np.zeros(N, bool)
+    mask[ids] = True
+    return mask
+
+
+def split_trained(groups: list[tuple[str, np.ndarray]], trained: np.ndarray | None) -> list[tuple[str, str, np.ndarray]]:
+    """``(record name, task name, ids)`` per partition: each group's untrained ids apart from its trained ones.
+
+    Refreshed mode swaps schedules mid-epoch, and the trainer then skips the ids it has already trained on.
+    A community mixing trained and untrained ids would reach it as a fragment (with K = |B|, fragments of
+    several communities share a batch, i.e. a smaller effective K), so the untrained ids get communities of
+    their own and the trained ones (skipped anyway) are partitioned apart."""
+    if trained is None:
+        return [(name, name, ids) for name, ids in groups]
+    out = []
+    for name, ids in groups:
+        done = trained[ids]
+        out += [(label, name, part) for label, part in ((name, ids[~done]), (f"{name} (trained)", ids[done]))
+                if len(part)]
+    return out
 
 
 def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
@@ -161,10 +201,11 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
     rp = rank_record.get("params", {})
     groups = task_groups(tasks, task_names, cfg.per_task,
                          merge_threshold(rp.get("small_tasks", "error"), rp.get("p", cfg.p), rp.get("m", cfg.m)))
+    groups = split_trained(groups, load_trained_ids(cfg.trained_ids, N))
     folder = out_dir(cfg, PARTITION_FOLDER)
     all_comm, all_task, info = [], [], {}
-    for name, ids in progress_bar(groups, desc="partition", unit="task", disable=not progress or len(groups) < 2,
-                                  file=sys.stderr):
+    for label, name, ids in progress_bar(groups, desc="partition", unit="task",
+                                         disable=not progress or len(groups) < 2, file=sys.stderr):
         t1 = time.perf_counter()
         local = subgraph_rows(S, ids, N)
         graph = build_graph(local, edges=cfg.edges, rank_weights=cfg.rank_weights)
@@ -173,12 +214,12 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
         comm, stats = partition(graph, cfg.K, seed=cfg.seed, ufactor=cfg.metis_ufactor, ids=ids)
         stats.update(graph.stats, graph_s=round(t_graph, 3))
         del graph
-        info[name] = stats
+        info[label] = stats
         all_comm.append(comm)
         # communities of merged small tasks (or of everything) are batched as one group: task index -1
         all_task.append(np.full(len(comm), task_names.index(name) if name in task_names else -1, dtype=np.int32))
         log.info("partition %s: %d nodes, %d edges (%s), %d communities of K=%d, %.0f%% of edges inside, "
-                 "%d repair moves", name, stats["n"], stats["edges"], cfg.edges, stats["communities"],
+                 "%d repair moves", label, stats["n"], stats["edges"], cfg.edges, stats["communities"],
                  cfg.K, 100 * stats.get("internal_edge_fraction", 0), stats.get("evicted", 0))
     communities = np.concatenate(all_comm) if all_comm else np.zeros((0, cfg.K), np.int32)
     community_task = np.concatenate(all_task) if all_task else np.zeros(0, np.int32)

@@ -177,7 +177,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 if step >= total_steps:
                     break
                 if refreshed and snapshot_due(cfg, step, sampler.epoch > batch.step.epoch, sampler.epoch):
-                    snapshot(engine, encoder, cfg, manifest, paths, step, sampler.epoch, stage, dist)
+                    snapshot(engine, encoder, cfg, manifest, paths, step, sampler.epoch, stage, dist,
+                             trained=sampler.consumed())
                 if miner is not None:
                     miner.check()
                 if watcher is not None and step % watch_every == 0:

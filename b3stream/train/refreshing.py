@@ -76,12 +76,12 @@ def snapshot_due(cfg: TrainConfig, step: int, epoch_ended: bool, epoch: int) -> 
 
 
 def snapshot(engine, encoder, cfg: TrainConfig, manifest: Manifest, paths: RunPaths, step: int, epoch: int,
-             stage: int, dist: DistInfo) -> None:
+             stage: int, dist: DistInfo, trained=None) -> None:
     """Every rank calls this at the same step; rank 0 writes the snapshot (under ZeRO-3 the sharded weights
-    are gathered first: every rank takes part in the gather)."""
+    are gathered first: every rank takes part in the gather). ``trained``: the ids trained this epoch."""
     def write():
         write_snapshot(paths.run, step, encoder.model, cfg.student, manifest.stamp("train"), epoch=epoch,
-                       keep=cfg.refresh.keep)
+                       keep=cfg.refresh.keep, trained=trained)
 
     if stage == 3:
         import deepspeed
