@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import EncoderConfig, LoraConfig, from_dict
@@ -160,8 +161,6 @@ def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_c
             save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
             kind = "full"
         if trained is not None and len(trained):
-            import numpy as np
-
             np.save(tmp / TRAINED, np.asarray(trained, dtype=np.int64))
         write_json(tmp / META, {
             "step": int(step), "epoch": int(epoch), "kind": kind, "data": stamp, "created": time.time(),

@@ -24,7 +24,7 @@ import numpy as np
 from ..progress import progress_bar
 
 from ..config import ConfigError, MineConfig
-from ..data.manifest import DataError, check_stamp
+from ..data.manifest import DataError, check_stamp, sha256_file
 from .artefacts import log, new_token, read_json, same_params, staged_arrays, write_json
 from .embed import FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings
 from .rank import FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, merge_threshold, rank, task_groups
@@ -142,15 +142,7 @@ def _tasks(cfg: MineConfig, n: int | None = None) -> tuple[np.ndarray, list[str]
 def partition_params(cfg: MineConfig, rank_record: dict) -> dict:
     return {"K": cfg.K, "edges": cfg.edges, "rank_weights": cfg.rank_weights, "seed": cfg.seed,
             "metis_ufactor": cfg.metis_ufactor, "per_task": cfg.per_task, "upstream": rank_record.get("token"),
-            **({"trained_ids": _file_digest(cfg.trained_ids)} if cfg.trained_ids else {})}
-
-
-def _file_digest(path: str | None) -> str | None:
-    if not path:
-        return None
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+            **({"trained_ids": sha256_file(cfg.trained_ids)[:16]} if cfg.trained_ids else {})}
 
 
 def load_trained_ids(path: str | None, N: int) -> np.ndarray | None:
