@@ -129,3 +129,21 @@ def test_gpu_extra_takes_the_maintained_faiss_gpu_wheels():
     assert "1.15.1" in extra[0].specifier and "1.14.3" not in extra[0].specifier
     script = (root / "tools" / "install.sh").read_text()
     assert "faiss-gpu-cu12" not in script and '--no-deps "faiss-gpu>=1.15"' in script
+
+
+def test_without_faiss_a_gpu_box_ranks_with_torch_and_a_faiss_index_names_the_missing_package(monkeypatch):
+    # A GPU machine without a FAISS build for its CUDA: ``auto`` must still rank (torch on the GPU), and an
+    # index that only FAISS provides must say what to install rather than fail with a bare ImportError.
+    import sys
+
+    from b3stream.mining.rank import build_index, faiss_installed, gpu_available
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    assert not faiss_installed() and not gpu_available()
+    assert choose_index(50, RankParams(), cuda=True) == "torch"
+    base = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)  # unit rows: each row's best match is itself
+    with pytest.raises(ConfigError, match="faiss-cpu"):
+        build_index(base, "flat", RankParams())
+    index, desc, _ = build_index(base, "torch", RankParams())
+    assert desc["kind"] == "torch" and index.search(base[:3], 2)[1][:, 0].tolist() == [0, 1, 2]

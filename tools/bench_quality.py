@@ -123,6 +123,10 @@ def _parse_args(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per process (OMP_NUM_THREADS)")
     ap.add_argument("--pairs", type=int, default=3000, help="code-search pairs sampled for the dataset")
+    ap.add_argument("--pairs-file", default=None,
+                    help="JSONL of pairs (query, positive, task, group) to sample from instead of scanning the "
+                         "installed packages: another machine's packages give other pairs, so a GPU box gets "
+                         "this machine's sample (a file of exactly --pairs rows is used whole, in order)")
     ap.add_argument("--held-out", type=float, default=0.15, help="share of pairs in each of validation, test")
     ap.add_argument("--batch-sizes", default="16,32,64")
     ap.add_argument("--seeds", default="0,1,2")
@@ -221,9 +225,13 @@ def dataset(args, work: Path) -> Path:
     out = work / f"data-{args.pairs}-{args.held_out:g}"
     if (out / "manifest.json").is_file():
         return out
-    from b3stream.data.codesearch import iter_codesearch_pairs
+    if args.pairs_file:
+        with open(args.pairs_file, encoding="utf-8") as f:
+            pairs = [json.loads(line) for line in f if line.strip()]
+    else:
+        from b3stream.data.codesearch import iter_codesearch_pairs
 
-    pairs = list(iter_codesearch_pairs(progress=False))
+        pairs = list(iter_codesearch_pairs(progress=False))
     keep = np.sort(np.random.default_rng(0).choice(len(pairs), min(args.pairs, len(pairs)), replace=False))
     src = work / f"pairs-{args.pairs}.jsonl"
     src.write_text("".join(json.dumps({k: pairs[i][k] for k in ("query", "positive", "task", "group")}) + "\n"

@@ -170,12 +170,28 @@ def merge_threshold(small_tasks: str, p: int, m: int) -> int:
 
 
 def _faiss():
-    import faiss
-
+    try:
+        import faiss
+    except ImportError as e:
+        raise ConfigError(
+            "this index needs FAISS, which is not installed: pip install faiss-cpu (or faiss-gpu on a CUDA "
+            "machine), or set index: torch for exact search with torch") from e
     return faiss
 
 
+def faiss_installed() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def gpu_available() -> bool:
+    """FAISS is installed and sees a GPU. Without FAISS on a CUDA machine ``auto``/``flat`` use the torch
+    index (exact search on the GPU), so a GPU box needs no FAISS build matching its CUDA."""
+    if not faiss_installed():
+        return False
     faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
