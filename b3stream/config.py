@@ -131,6 +131,11 @@ class RefreshConfig:
     keep: int = 2  # snapshots kept on disk
     poll_seconds: float = 2.0  # how often the miner looks for a new snapshot
     max_restarts: int = 5  # a crashed spawned miner is restarted (with backoff) at most this many times
+    # Bounded staleness: the schedule mined from the snapshot of step s is in use by step s + max_lag_steps,
+    # the trainer waiting there for the miner if it must (0: synchronous; None: never wait). Without it a
+    # trainer faster than its miner (a GPU, a short epoch) can finish before any refresh lands.
+    max_lag_steps: int | None = None
+    wait_timeout: float = 1800.0  # seconds one such wait may last; then training goes on with what it has
     mine: dict[str, Any] = field(default_factory=dict)  # MineConfig overrides for the miner (index, teacher.model)
 
 
@@ -401,6 +406,8 @@ def _check_refresh(c: RefreshConfig, v: _Checker) -> None:
     v.above("keep", 0)
     v.above("poll_seconds", 0)
     v.at_least("max_restarts", 0)
+    v.at_least("max_lag_steps", 0, optional=True)
+    v.above("wait_timeout", 0)
     if c.device is not None and not (c.device == "cpu" or c.device == "cuda" or c.device.startswith("cuda:")):
         v.fail("device", "must be cpu, cuda or cuda:<index>")
 

@@ -71,8 +71,38 @@ def test_cache_keys_share_random_runs_across_mining_knobs(bench):
     assert r.key("b3") != other.key("b3") and r.key("b3") == bench.Recipe(h=4).key("b3")  # h is b3pp's only
     assert r.key("b3pp") != bench.Recipe(h=4).key("b3pp")
     assert r.key("b3-refreshed") != r.key("b3")
+    lagged = bench.Recipe(refresh_lag=0)  # a synchronous refreshed arm is another cell; the others are not
+    assert lagged.key("b3-refreshed") != r.key("b3-refreshed") and lagged.key("b3") == r.key("b3")
     apart = bench.Recipe(per_task=True)  # --mine-per-task: mined arms get their own cells, random does not
     assert apart.key("random") == r.key("random") and apart.key("task") == r.key("task")
     assert apart.key("b3") != r.key("b3") and apart.key("gcbs") != r.key("gcbs")
     assert bench._recipe(bench._parse_args(["--mine-per-task"])).per_task is True
     assert bench._recipe(bench._parse_args([])).per_task is False
+
+
+def test_parallel_runner_merges_finished_cells_once_and_leaves_weights_behind(bench, tmp_path):
+    path = REPO / "tools" / "bench_quality_parallel.py"
+    spec = importlib.util.spec_from_file_location("bench_quality_parallel", path)
+    par = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(par)
+    args = par.parse(["--work", "w", "--out", "o", "--block", "6000=random,b3:16,32:0,1",
+                      "--pairs-file", "6000=p.jsonl", "--", "--full-finetune", "--K", "32"])
+    assert args.blocks == [(6000, "random,b3", [16, 32], [0, 1])] and args.recipe == ["--full-finetune", "--K", "32"]
+    assert "--pairs-file" in par.common(args, 6000, tmp_path) and "--pairs-file" not in par.common(args, 500, tmp_path)
+    workers = []
+    for i, cells in enumerate((["random-B16", "b3-B16"], ["random-B16", "b3-B32"])):
+        w = tmp_path / f"w{i}"
+        for cell in cells:
+            (w / "eval" / cell).mkdir(parents=True)
+            (w / "eval" / cell / "metrics.json").write_text(str(i))
+            (w / "runs" / cell / "export").mkdir(parents=True)
+            (w / "runs" / cell / "export" / "model.safetensors").write_text("weights")
+            (w / "runs" / cell / "bench.json").write_text(str(i))
+        (w / "runs" / f"unfinished{i}").mkdir()  # stopped at the deadline: no bench.json
+        workers.append(w)
+    into = tmp_path / "merged"
+    par.merge(workers, into)
+    assert sorted(p.name for p in (into / "eval").iterdir()) == ["b3-B16", "b3-B32", "random-B16"]
+    assert (into / "eval" / "random-B16" / "metrics.json").read_text() == "0"  # the first worker's copy
+    assert sorted(p.name for p in (into / "runs").iterdir()) == ["b3-B16", "b3-B32", "random-B16"]
+    assert not list(into.rglob("*.safetensors"))

@@ -394,10 +394,39 @@ def test_a_resumed_refreshed_run_continues_the_epoch_on_its_swapped_schedule(min
 def test_refreshed_mode_refuses_bad_settings_before_anything_is_written(mined):
     cfg = refreshed_config(mined, "bad")
     for override, named in (("refresh.mine={strategi: b3}", "strategi"), ("refresh.every_steps=0", "every_steps"),
-                            ("refresh.model=oracle", "refresh.model"), ("mode=sometimes", "mode")):
+                            ("refresh.model=oracle", "refresh.model"), ("mode=sometimes", "mode"),
+                            ("refresh.max_lag_steps=-1", "max_lag_steps")):
         res = run([*B3, "train", "--config", str(cfg), override], threads=1, timeout=120)
         assert res.returncode == 2, (override, res.stderr[-2000:])
         assert named in res.stderr and "Traceback" not in res.stderr
         assert not (mined["root"] / "bad").exists()
     res = run([*B3, "refresh", str(mined["root"] / "nowhere")], threads=1, timeout=120)
     assert res.returncode == 2 and "no miner configuration" in res.stderr
+
+
+def test_max_lag_zero_trains_every_refresh_from_the_step_of_its_snapshot(mined):
+    """refresh.max_lag_steps = 0 (synchronous): the trainer waits at each snapshot until the schedule mined
+    from it is published, so every swap happens at its snapshot's own step, whatever the miner's speed; the
+    ids are still trained exactly once."""
+    cfg = refreshed_config(mined, "sync", epochs=1, refresh={"every_steps": 10, "max_lag_steps": 0})
+    res = run([*B3, "train", "--config", str(cfg)], threads=1, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = mined["root"] / "sync"
+    summary = json.loads((out / "summary.json").read_text())
+    n = Manifest.load(mined["data"]).split("train").n
+    snapshots = list(range(10, summary["steps"], 10))  # no snapshot at the last step: training has ended
+    swaps = summary["swaps"]
+    assert [s["step"] for s in swaps] == snapshots, swaps
+    for s in swaps:
+        meta = load_schedule(version_path(out / "schedules", s["to"])).meta
+        assert meta["source_step"] == s["step"]
+    assert summary["refresh_wait_seconds"] > 0 and "waiting for the schedule mined from the snapshot" in res.stderr
+    assert_exactly_once_per_epoch(read_trace(out), n)
+
+
+def test_refresh_due_bounds_the_lag():
+    from b3stream.train.hotswap import refresh_due
+
+    assert refresh_due([10, 20], 25, None) is None  # unbounded: never wait
+    assert refresh_due([10, 20], 20, 0) == 20 and refresh_due([10, 20], 19, 0) == 10
+    assert refresh_due([10, 20], 14, 5) is None and refresh_due([10, 20], 15, 5) == 10

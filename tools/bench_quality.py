@@ -85,6 +85,9 @@ class Recipe:
     h: int = 2
     teacher: str | None = None  # None: the bundled MiniLM (the student's own starting point)
     refresh_every: int = 20  # b3-refreshed: snapshot the student every N steps
+    # b3-refreshed: refresh.max_lag_steps (None: asynchronous; 0: the trainer waits for each snapshot's schedule,
+    # needed where training outruns the miner, e.g. a GPU, on which an epoch can end before any refresh lands)
+    refresh_lag: int | None = None
     epochs: int = 1
     # rank and partition all tasks together (MineConfig per_task: false): the code-search "tasks" are packages
     # of one docstring -> code task; mined apart, a package's ids could only be each other's negatives
@@ -110,6 +113,8 @@ class Recipe:
             # "-whole": the miner partitions the ids trained before a snapshot apart (whole communities after
             # a swap); round 3's refreshed cells, mined before that, keep their old keys
             out += f"-every{self.refresh_every}-whole"
+            if self.refresh_lag is not None:
+                out += f"-lag{self.refresh_lag}"
         return out
 
 
@@ -142,8 +147,12 @@ def _parse_args(argv=None):
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: report the cells of the grid already in --work, skip the others")
     for name, tp in (("lr", float), ("temperature", float), ("p", int), ("m", int), ("K", int), ("h", int),
-                     ("query-length", int), ("positive-length", int), ("refresh-every", int), ("epochs", int)):
+                     ("query-length", int), ("positive-length", int), ("refresh-every", int), ("refresh-lag", int),
+                     ("epochs", int)):
         ap.add_argument(f"--{name}", type=tp, default=None, help="recipe override")
+    ap.add_argument("--conditions", default=None,
+                    help="the machine the cells were trained on, for the JSON (default: this machine); for a "
+                         "--report-only of cells trained elsewhere")
     ap.add_argument("--mine-per-task", action="store_true",
                     help="rank and batch each task (here: package) apart, MineConfig per_task: true, as rounds 1 "
                          "and 2 did; the default mines all packages together")
@@ -187,7 +196,7 @@ def _recipe(args) -> Recipe:
     if args.quick:
         r.query_length, r.positive_length = 16, 32
     for name in ("lr", "temperature", "p", "m", "K", "h", "query_length", "positive_length", "refresh_every",
-                 "epochs"):
+                 "refresh_lag", "epochs"):
         if getattr(args, name) is not None:
             setattr(r, name, getattr(args, name))
     r.per_task = args.mine_per_task
@@ -341,6 +350,8 @@ def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int
         overrides += ["mode=refreshed", f"refresh.every_steps={recipe.refresh_every}", "refresh.keep=1",
                       f"refresh.device={args.device}", "refresh.poll_seconds=0.5",
                       f"refresh.threads={max(1, args.threads // 2)}", "refresh.mine={quality_sample: 512}"]
+        if recipe.refresh_lag is not None:
+            overrides.append(f"refresh.max_lag_steps={recipe.refresh_lag}")
     config = run / "bench-train.yaml"
     config.write_text("")  # every value comes from the overrides; the file documents nothing else
     seconds = _cli(args, "train", "--config", str(config), "--quiet", *overrides, log=run / "train.log")
@@ -617,8 +628,8 @@ def main(argv=None) -> int:
                     cells.setdefault(("random+compute", batch), []).append(cell)
 
     rows = summarise(cells, args)
-    conditions = (f"{platform.node()}: {os.cpu_count()} CPUs, device {args.device}, threads {args.threads}; "
-                  "CPU timings are upper bounds when other jobs share the cores")
+    conditions = args.conditions or (f"{platform.node()}: {os.cpu_count()} CPUs, device {args.device}, threads "
+                                     f"{args.threads}; CPU timings are upper bounds when other jobs share the cores")
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "conditions": conditions, "dataset": {k: v["n"] for k, v in manifest["splits"].items()},
               "recipe": dataclasses.asdict(recipe), "tuning": trials, "zero_shot": zero,

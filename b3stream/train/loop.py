@@ -36,7 +36,7 @@ from .collate import step_loader
 from .distributed import DistInfo, barrier, init_distributed
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all
-from .hotswap import ScheduleWatcher
+from .hotswap import ScheduleWatcher, refresh_due, source_step, wait_for_refresh
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
 from .refreshing import miner_config, miner_process, prepare_run, snapshot, snapshot_due
 from .sampler import ScheduleSampler, schedule_batch_size, split_bounds
@@ -105,6 +105,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     monitor.write(_banner(cfg, dist, sampler, batch_size, total_steps, stage, precision, step))
     watcher = ScheduleWatcher(watch_folder, manifest, dist, say=monitor.write) if watch_folder and watch_every \
         else None
+    snapshots, refresh_wait = [], 0.0  # steps of this process's snapshots; seconds waited for their schedules
     # A spawned miner (refreshed mode) runs while the block runs and is stopped however it ends.
     with miner_process(cfg, paths, dist, monitor) as miner:
         # -- 5. Zero-shot / resumed-model evaluation. --------------------------------------------------
@@ -179,10 +180,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 if refreshed and snapshot_due(cfg, step, sampler.epoch > batch.step.epoch, sampler.epoch):
                     snapshot(engine, encoder, cfg, manifest, paths, step, sampler.epoch, stage, dist,
                              trained=sampler.consumed())
+                    snapshots.append(step)
                 if miner is not None:
                     miner.check()
                 if watcher is not None and step % watch_every == 0:
                     new = watcher.check(sampler.version)
+                    need = refresh_due(snapshots, step, cfg.refresh.max_lag_steps) if refreshed else None
+                    if need is not None and source_step(new or sampler.schedule) < need:
+                        new, waited = wait_for_refresh(watcher, sampler.version, new, need, cfg.refresh.poll_seconds,
+                                                       cfg.refresh.wait_timeout, miner=miner, say=monitor.write)
+                        refresh_wait += waited
+                        monitor.scalars(step, {"wait_seconds": waited}, group="refresh")
+                        snapshots = [s for s in snapshots if s > need]  # a wait that gave up is not repeated
                     if new is not None:
                         _report_swap(monitor, step, sampler.schedule, new, len(sampler.history) + 1)
                         sampler.swap(new, step=step)
@@ -202,7 +211,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             "examples_per_s": float(np.median(throughput)) if throughput else None,
             "steps_per_s": 1.0 / float(np.median(step_times)) if step_times else None,
             "ranks_in_sync": _ranks_in_sync(engine, dist, stage), "eval": evals, "export": exported,
-            "mode": cfg.mode, "swaps": sampler.history,
+            "mode": cfg.mode, "swaps": sampler.history, "refresh_wait_seconds": refresh_wait if refreshed else None,
             "miner_restarts": miner.restarts if miner is not None else None,
         }
         if dist.is_main:
