@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     miner.check()
                 if watcher is not None and step % watch_every == 0:
                     new = watcher.check(sampler.version)
-                    need = refresh_due(snapshots, step, cfg.refresh.max_lag_steps) if refreshed else None
+                    need = refresh_due(snapshots, step, cfg.refresh.max_lag_steps)  # snapshots: refreshed only
                     if need is not None and source_step(new or sampler.schedule) < need:
                         new, waited = wait_for_refresh(watcher, sampler.version, new, need, cfg.refresh.poll_seconds,
                                                        cfg.refresh.wait_timeout, miner=miner, say=monitor.write)
@@ -362,8 +362,8 @@ def _restore(engine, sampler: ScheduleSampler, cfg: TrainConfig, manifest: Manif
 
 def _staleness(schedule, step: int) -> int | None:
     """Steps between the student snapshot a schedule was mined from and now (None: not from a snapshot)."""
-    source = schedule.meta.get("source_step")
-    return None if source is None else step - int(source)
+    source = source_step(schedule)
+    return None if source < 0 else step - source
 
 
 def _report_swap(monitor: Monitor, step: int, old, new, count: int) -> None:
