@@ -94,7 +94,8 @@ class MineConfig:
     rank_weights: bool = False  # weight edges by rank (closer ranks weigh more) for METIS
     metis_ufactor: int = 30  # METIS load imbalance in 1/1000 (30: parts up to 3% over K before repair)
     trained_ids: str | None = None  # .npy of ids already trained this epoch (refreshed mode sets it from the
-    #   snapshot): they are partitioned apart from the rest, so the rest's communities reach the trainer whole
+    #   snapshot): they are ranked and partitioned apart from the rest, so the rest's communities reach the
+    #   trainer whole and are cut from full neighbour lists
     # -- schedule ---------------------------------------------------------------------------------
     strategy: str = "b3"  # random | task | gcbs | b3 | b3pp
     batch_size: int = 1024  # |B|, global batch

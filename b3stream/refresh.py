@@ -20,8 +20,9 @@ Everything the miner needs is in the run folder, written by the trainer when it 
     RUN/refresh/finished      written by the trainer at its end: a standalone miner exits when it appears
 
 The ids the trainer has already trained on in the snapshot's epoch (``trained.npy`` in the snapshot) are
-partitioned apart from the rest (MineConfig ``trained_ids``): after the swap the trainer skips them, and the
-rest of the epoch is then made of whole communities instead of fragments of them.
+ranked and partitioned apart from the rest (MineConfig ``trained_ids``): after the swap the trainer skips
+them, so the rest of the epoch is made of whole communities mined from full neighbour lists of the ids still
+to come, instead of fragments of communities or a graph thinned by edges to ids already trained.
 
 Each refresh uses seed ``seed + snapshot step``, so even a teacher refresh (same embeddings) draws new
 communities and a new batch order. With ``strategy: gcbs`` and a snapshot every epoch this is GCBS as its paper

@@ -8,7 +8,7 @@ was at one training step::
         snapshot.json         step, epoch, the student's EncoderConfig, the data stamp, kind, weights sha256
         adapter/              LoRA / DoRA students: the PEFT adapter (save_pretrained; a few MB)
         model.safetensors     full fine-tuning: every weight of the backbone
-        trained.npy           the ids trained so far in the current epoch (the miner partitions them apart)
+        trained.npy           the ids trained so far in the current epoch (the miner mines them apart)
 
 A snapshot is written under a temporary name and renamed into place, so a folder named ``step-*`` is always
 complete; a reader that finds one without a valid ``snapshot.json`` ignores it. Only the newest ``keep``

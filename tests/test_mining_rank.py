@@ -87,6 +87,25 @@ def test_per_task_neighbours_stay_in_task_with_global_ids():
     assert (emb.tasks[S_all] != emb.tasks[:, None]).any()
 
 
+def test_trained_ids_are_ranked_apart_from_the_rest():
+    """Refreshed mode's mid-epoch snapshot: an untrained query's ranks [p, p+m) come from the untrained
+    positives only, so its neighbour list stays full (ranked among all ids, the entries pointing at trained
+    ids would be lost to the partition); a part too small for p + m gets padded rows, not an error."""
+    emb = embeddings(n=600, tasks=1)
+    trained = np.zeros(600, bool)
+    trained[np.random.default_rng(0).choice(600, 360, replace=False)] = True
+    S, _, T, info = rank(emb, RankParams(p=2, m=10, index="flat"), progress=False, trained=trained)
+    assert set(info["groups"]) == {"t0", "t0 (trained)"}
+    assert np.all(S >= 0) and np.all(T >= 0)
+    assert np.all(trained[S] == trained[:, None]) and np.all(trained[T] == trained[:, None])
+    before, _, _, _ = rank(emb, RankParams(p=2, m=10, index="flat"), progress=False)
+    assert (trained[before[~trained]]).mean() > 0.3  # what ranking among all ids would have spent on them
+    few = np.ones(600, bool)
+    few[:8] = False  # 8 untrained ids: 7 candidates each, fewer than p + m
+    S, _, _, _ = rank(emb, RankParams(p=2, m=10, index="flat"), progress=False, trained=few)
+    assert np.all((S[:8] >= 0).sum(1) == 5) and np.all(S[:8][S[:8] >= 0] < 8)
+
+
 def test_p_plus_m_must_fit_in_every_task():
     emb = embeddings(n=300, tasks=3)  # 100 per task
     with pytest.raises(ConfigError, match=r"task 't0' has only 100 examples"):

@@ -173,11 +173,24 @@ def test_the_ids_trained_before_a_snapshot_get_communities_of_their_own(mined, r
     assert checked >= 1
     part = json.loads((out / "refresh" / "mine" / "partition" / "partition.json").read_text())
     assert any(name.endswith("(trained)") for name in part["groups"])  # the newest refresh had trained ids
+    # ... and ranked them apart: the neighbour lists of the ids still to come point only at each other
+    from b3stream.data.manifest import sha256_file
+
+    rank_record = json.loads((out / "refresh" / "mine" / "rank" / "rank.json").read_text())
+    assert any(name.endswith("(trained)") for name in rank_record["info"]["groups"])
+    source = [f for f in (out / "snapshots").glob("step-*/trained.npy")
+              if sha256_file(f)[:16] == rank_record["params"]["trained_ids"]]
+    S = np.load(out / "refresh" / "mine" / "rank" / "S.npy")
+    trained = np.zeros(len(S), bool)
+    trained[np.load(source[0])] = True
+    rows = S[~trained]
+    assert (rows >= 0).any() and not trained[rows[rows >= 0]].any()
 
 
 def test_trained_ids_from_another_dataset_are_refused(tmp_path):
     from b3stream.data.manifest import DataError
-    from b3stream.mining.pipeline import load_trained_ids, split_trained
+    from b3stream.mining.pipeline import load_trained_ids
+    from b3stream.mining.rank import split_trained
 
     path = tmp_path / "trained.npy"
     np.save(path, np.array([3, 99]))

@@ -110,9 +110,10 @@ class Recipe:
             out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}" if strategy != "gcbs" else "") + \
                 (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}{self.scope}"
         if arm and base_arm(arm) == "b3-refreshed":
-            # "-whole": the miner partitions the ids trained before a snapshot apart (whole communities after
-            # a swap); round 3's refreshed cells, mined before that, keep their old keys
-            out += f"-every{self.refresh_every}-whole"
+            # "-apart": the miner ranks and partitions the ids trained before a snapshot apart (whole communities
+            # from full neighbour lists after a swap); the cells of rounds 3-5, mined before that, keep their old
+            # keys ("-whole": partitioned apart only; no suffix: neither)
+            out += f"-every{self.refresh_every}-apart"
             if self.refresh_lag is not None:
                 out += f"-lag{self.refresh_lag}"
         return out

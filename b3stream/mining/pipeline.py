@@ -27,7 +27,8 @@ from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, check_stamp, sha256_file
 from .artefacts import log, new_token, read_json, same_params, staged_arrays, write_json
 from .embed import FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings
-from .rank import FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, merge_threshold, rank, task_groups
+from .rank import (FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, merge_threshold, rank,
+                   split_trained, task_groups)
 from ..schedule import Schedule, publish_schedule, version_path
 from .strategies import BatchInputs, BatchParams, get_strategy, make_batches
 
@@ -73,7 +74,8 @@ def embed_stage(cfg: MineConfig, progress: bool = True) -> Path:
 def rank_params(cfg: MineConfig, emb_record: dict) -> dict:
     prm = asdict(RankParams.from_config(cfg))
     prm.pop("query_chunk")
-    return {**prm, "upstream": emb_record.get("token")}
+    return {**prm, "upstream": emb_record.get("token"),
+            **({"trained_ids": sha256_file(cfg.trained_ids)[:16]} if cfg.trained_ids else {})}
 
 
 def rank_stage(cfg: MineConfig, progress: bool = True) -> Path:
@@ -82,7 +84,8 @@ def rank_stage(cfg: MineConfig, progress: bool = True) -> Path:
     emb = _embeddings(cfg)
     prm = RankParams.from_config(cfg)
     folder = out_dir(cfg, RANK_FOLDER)
-    S, scores, T, info = rank(emb, prm, progress=progress)  # validates before anything is written
+    trained = load_trained_ids(cfg.trained_ids, emb.n)
+    S, scores, T, info = rank(emb, prm, progress=progress, trained=trained)  # validates before writing
     (folder / RANK_RECORD).unlink(missing_ok=True)
     with staged_arrays(folder) as put:
         put("S.npy", S.astype(np.int32))
@@ -157,23 +160,6 @@ def load_trained_ids(path: str | None, N: int) -> np.ndarray | None:
     mask = np.zeros(N, bool)
     mask[ids] = True
     return mask
-
-
-def split_trained(groups: list[tuple[str, np.ndarray]], trained: np.ndarray | None) -> list[tuple[str, str, np.ndarray]]:
-    """``(record name, task name, ids)`` per partition: each group's untrained ids apart from its trained ones.
-
-    Refreshed mode swaps schedules mid-epoch, and the trainer then skips the ids it has already trained on.
-    A community mixing trained and untrained ids would reach it as a fragment (with K = |B|, fragments of
-    several communities share a batch, i.e. a smaller effective K), so the untrained ids get communities of
-    their own and the trained ones (skipped anyway) are partitioned apart."""
-    if trained is None:
-        return [(name, name, ids) for name, ids in groups]
-    out = []
-    for name, ids in groups:
-        done = trained[ids]
-        out += [(label, name, part) for label, part in ((name, ids[~done]), (f"{name} (trained)", ids[done]))
-                if len(part)]
-    return out
 
 
 def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:

@@ -157,6 +157,27 @@ def check_sizes(groups: list[tuple[str, np.ndarray]], prm: RankParams) -> None:
             )
 
 
+def split_trained(groups: list[tuple[str, np.ndarray]], trained: np.ndarray | None
+                  ) -> list[tuple[str, str, np.ndarray]]:
+    """``(record name, task name, ids)`` per group mined apart: each group's untrained ids apart from its
+    trained ones (``trained``: a boolean mask over all ids, or None: the groups as they are).
+
+    Refreshed mode swaps schedules mid-epoch, and the trainer then skips the ids it has already trained on
+    (exactly once per epoch). Both the ranking and the partition keep the untrained ids to themselves:
+    ranked among all ids, an untrained query's ranks ``[p, p+m)`` would be spent partly on trained ids the
+    graph then drops, leaving a sparse graph and loose communities for the rest of the epoch; partitioned with
+    them, a community would reach the trainer as a fragment (with K = |B|, fragments of several communities
+    share a batch, i.e. a smaller effective K). The trained ids (skipped anyway) are mined apart likewise."""
+    if trained is None:
+        return [(name, name, ids) for name, ids in groups]
+    out = []
+    for name, ids in groups:
+        done = trained[ids]
+        out += [(label, name, part) for label, part in ((name, ids[~done]), (f"{name} (trained)", ids[done]))
+                if len(part)]
+    return out
+
+
 def merge_threshold(small_tasks: str, p: int, m: int) -> int:
     """Task size below which ``small_tasks: merge`` pools a task with the other small ones."""
     if small_tasks not in ("error", "merge"):
@@ -471,10 +492,12 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
     return S, scores, T, desc
 
 
-def rank(emb: Embeddings, prm: RankParams, progress: bool = True
+def rank(emb: Embeddings, prm: RankParams, progress: bool = True, trained: np.ndarray | None = None
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """(S, scores, T, info) for all of ``emb``: S (int32, N x m), its scores (float16) and the skipped top-p
-    T (int32, N x p), global ids, -1 padded."""
+    T (int32, N x p), global ids, -1 padded. ``trained`` (a boolean mask over the ids, refreshed mode's
+    mid-epoch snapshots): the untrained ids are ranked among themselves (:func:`split_trained`); a part
+    with ``p + m`` or fewer other ids gets short, padded rows rather than an error."""
     prm.check()
     groups = task_groups(emb.tasks, emb.task_names, prm.per_task, merge_threshold(prm.small_tasks, prm.p, prm.m))
     unknown = sorted(set(prm.task_params or {}) - {name for name, _ in groups})
@@ -491,17 +514,17 @@ def rank(emb: Embeddings, prm: RankParams, progress: bool = True
     scores = np.zeros((N, width_m), dtype=np.float16)
     T = np.full((N, width_p), -1, dtype=np.int32)
     info = {"groups": {}}
-    for name, ids in groups:
+    for label, name, ids in split_trained(groups, trained):
         whole = len(ids) == N
         q = emb.queries if whole else emb.queries[ids]
         p = emb.positives if whole else emb.positives[ids]
         gprm = prm.for_group(name)
-        s_local, sc, t_local, desc = rank_group(q, p, gprm, progress=progress, name=name,
+        s_local, sc, t_local, desc = rank_group(q, p, gprm, progress=progress, name=label,
                                                   keys=None if emb.keys is None else emb.keys[ids])
         S[ids, : gprm.m] = np.where(s_local >= 0, ids[np.maximum(s_local, 0)], -1)
         T[ids, : gprm.p] = np.where(t_local >= 0, ids[np.maximum(t_local, 0)], -1)
         scores[ids, : gprm.m] = sc.astype(np.float16)
         desc.update(p=gprm.p, m=gprm.m)
-        info["groups"][name] = desc
+        info["groups"][label] = desc
     info["padded_rows"] = int((S[:, -1] < 0).sum())
     return S, scores, T, info
