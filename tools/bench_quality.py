@@ -11,7 +11,9 @@ the code-search pairs with the project's own pipeline, so every number comes fro
 Arms: the strategies ``random``, ``task``, ``gcbs``, ``b3``, ``b3pp`` and ``b3-refreshed`` (b3 with
 ``mode: refreshed``: a background miner re-mines from student snapshots while training runs), and two cost
 baselines: ``random`` itself (same steps) and ``random+compute`` (random given the teacher pass's measured
-time as extra steps). Each cell is trained with several seeds (the schedule seed and the training seed both);
+time as extra steps). A schedule is one epoch of batches, and a static run repeats its batches (in a new
+order) every epoch; for recipes of several epochs ``random-redrawn`` draws new random batches at every
+epoch start (refreshed mode's miner with the random strategy and a new seed; the trainer waits for it). Each cell is trained with several seeds (the schedule seed and the training seed both);
 for every strategy minus random the script reports the mean, the spread over seeds and a paired bootstrap
 95% interval over queries (each query's metric averaged over seeds, queries resampled).
 
@@ -50,8 +52,9 @@ sys.path.insert(0, str(REPO))
 from b3stream.evaluate import RetrievalSet, read_per_query  # noqa: E402
 
 STRATEGY_OF = {"random": "random", "task": "task", "gcbs": "gcbs", "b3": "b3", "b3pp": "b3pp",
-               "b3-refreshed": "b3", "random+compute": "random"}
+               "b3-refreshed": "b3", "random+compute": "random", "random-redrawn": "random"}
 ARMS = tuple(STRATEGY_OF)  # an arm may name another teacher: "b3@mpnet" (--teacher mpnet=PATH)
+DEFAULT_ARMS = tuple(a for a in ARMS if a != "random-redrawn")  # that one differs from random only over epochs
 MINED = ("gcbs", "b3", "b3pp")  # strategies that read the teacher's ranking
 SPLITS = ("validation", "test")
 
@@ -136,7 +139,7 @@ def _parse_args(argv=None):
     ap.add_argument("--held-out", type=float, default=0.15, help="share of pairs in each of validation, test")
     ap.add_argument("--batch-sizes", default="16,32,64")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS))
     ap.add_argument("--grid", action="append", default=None, metavar="ARMS:BATCHES:SEEDS",
                     help="a block of cells, e.g. random,b3,b3pp:32:0,1,2 (repeatable; replaces --arms, "
                          "--batch-sizes and --seeds)")
@@ -160,7 +163,7 @@ def _parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.pairs, args.batch_sizes, args.seeds = min(args.pairs, 500), "16", "0,1"
-        if args.arms == ",".join(ARMS):
+        if args.arms == ",".join(DEFAULT_ARMS):
             args.arms = "random,b3"
     args.teachers = {}
     for item in args.teacher:
@@ -183,6 +186,8 @@ def _parse_args(argv=None):
                 ap.error(f"unknown arm {arm!r}; known: {', '.join(ARMS)}, optionally @NAME of a --teacher")
             if teacher and STRATEGY_OF[base] not in MINED:
                 ap.error(f"arm {arm!r}: only mined strategies ({', '.join(MINED)}) use a teacher")
+        if "random-redrawn" in block_[0] and (args.epochs or 1) < 2:
+            ap.error("arm random-redrawn draws new batches at every epoch start: it needs --epochs 2 or more")
         if "random" not in block_[0]:
             ap.error(f"--grid {block!r}: every block must include random (the other arms are compared with it)")
         args.blocks.append(block_)
@@ -347,18 +352,21 @@ def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int
     ]
     if max_steps is not None:
         overrides.append(f"max_steps={max_steps}")
-    if arm == "b3-refreshed":
-        overrides += ["mode=refreshed", f"refresh.every_steps={recipe.refresh_every}", "refresh.keep=1",
-                      f"refresh.device={args.device}", "refresh.poll_seconds=0.5",
+    if arm in ("b3-refreshed", "random-redrawn"):
+        overrides += ["mode=refreshed", "refresh.keep=1", f"refresh.device={args.device}", "refresh.poll_seconds=0.5",
                       f"refresh.threads={max(1, args.threads // 2)}", "refresh.mine={quality_sample: 512}"]
+    if arm == "b3-refreshed":
+        overrides.append(f"refresh.every_steps={recipe.refresh_every}")
         if recipe.refresh_lag is not None:
             overrides.append(f"refresh.max_lag_steps={recipe.refresh_lag}")
+    if arm == "random-redrawn":  # new random batches (seed + step) for every epoch, before it starts
+        overrides += ["refresh.every_epochs=1", "refresh.model=teacher", "refresh.max_lag_steps=0"]
     config = run / "bench-train.yaml"
     config.write_text("")  # every value comes from the overrides; the file documents nothing else
     seconds = _cli(args, "train", "--config", str(config), "--quiet", *overrides, log=run / "train.log")
     summary = json.loads((run / "summary.json").read_text())
     out = {"summary": summary, "train_seconds": seconds, "overrides": overrides,
-           "refreshes": _refreshes(run) if arm == "b3-refreshed" else None}
+           "refreshes": _refreshes(run) if arm in ("b3-refreshed", "random-redrawn") else None}
     done.write_text(json.dumps(out, indent=2, default=str))
     return out
 
