@@ -55,10 +55,14 @@ def test_grid_arguments(bench, capsys):
     args = bench._parse_args(["--grid", "random,b3,b3pp:32:0,1,2", "--grid", "random,b3:16,64:0"])
     assert args.blocks == [(["random", "b3", "b3pp"], [32], [0, 1, 2]), (["random", "b3"], [16, 64], [0])]
     assert bench._parse_args(["--quick"]).blocks == [(["random", "b3"], [16], [0, 1])]
+    assert "random-redrawn" not in bench._parse_args([]).blocks[0][0]  # it differs from random only over epochs
+    assert bench._parse_args(["--epochs", "2", "--grid", "random,random-redrawn:32:0"]).blocks[0][0][1] == \
+        "random-redrawn"
     for bad, why in ((["--grid", "b3,b3pp:32:0"], "every block must include random"),
                      (["--grid", "random,b4:32:0"], "unknown arm 'b4'"),
                      (["--grid", "random:32"], "expected ARMS:BATCHES:SEEDS"),
-                     (["--grid", "random,b3@big:32:0"], "unknown arm 'b3@big'")):
+                     (["--grid", "random,b3@big:32:0"], "unknown arm 'b3@big'"),
+                     (["--grid", "random,random-redrawn:32:0"], "needs --epochs 2 or more")):
         with pytest.raises(SystemExit):
             bench._parse_args(bad)
         assert why in capsys.readouterr().err
