@@ -33,3 +33,19 @@ def test_types_are_checked():
         apply_overrides(MineConfig(), ["p"])
     cfg = apply_overrides(TrainConfig(), {"student.lora.target_modules": "query,value", "max_steps": "null"})
     assert cfg.student.lora.target_modules == ["query", "value"] and cfg.max_steps is None
+
+
+def test_every_shipped_config_loads_and_the_recipe_pair_agrees():
+    """configs/*.yaml are what the README tells users to run: each must load into its config class, and the
+    measured recipe's mining and training halves must describe the same student (token lengths, |B|)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    loaded = {f.name: load_config(MineConfig if f.name.startswith("mine") else TrainConfig, f)
+              for f in sorted(root.glob("*.yaml"))}
+    assert len(loaded) >= 8
+    mine, train = loaded["mine_code_recipe.yaml"], loaded["train_code_recipe.yaml"]
+    assert (mine.teacher.max_query_length, mine.teacher.max_positive_length) == \
+        (train.student.max_query_length, train.student.max_positive_length)
+    assert mine.K == mine.batch_size == 32 and not mine.per_task and not train.student.lora.enabled
+    assert train.schedule.startswith(mine.out)
