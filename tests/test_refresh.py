@@ -187,6 +187,19 @@ def test_the_ids_trained_before_a_snapshot_get_communities_of_their_own(mined, r
     assert (rows >= 0).any() and not trained[rows[rows >= 0]].any()
 
 
+def test_batch_hardness_replays_the_batches_a_refreshed_run_trained(refreshed_run):
+    """tools/batch_hardness.py rebuilds a run's batches from its schedules, seed and recorded swaps; it must
+    reproduce the trainer's own trace, swaps and epochs included."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import batch_hardness
+
+    out = refreshed_run["out"]
+    trace = read_trace(out)
+    replay = batch_hardness.trained_batches(out)
+    assert len(replay) == len(trace) and len(refreshed_run["summary"]["swaps"]) >= 2
+    assert all(sorted(b.tolist()) == sorted(t["ids"]) for b, t in zip(replay, trace))
+
+
 def test_trained_ids_from_another_dataset_are_refused(tmp_path):
     from b3stream.data.manifest import DataError
     from b3stream.mining.pipeline import load_trained_ids
