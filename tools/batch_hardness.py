@@ -65,6 +65,10 @@ def main(argv=None) -> int:
     ap.add_argument("--embeddings", type=Path, required=True, help="folder with queries.npy and positives.npy")
     ap.add_argument("--segments", default=None, help="step boundaries, e.g. 0,45,90,131 (default: thirds)")
     args = ap.parse_args(argv)
+    record = args.embeddings / "embeddings.json"
+    if record.is_file() and json.loads(record.read_text()).get("complete") is False:
+        raise SystemExit(f"{args.embeddings}: the embed stage did not finish there (a miner stopped mid-pass); "
+                         "its arrays are partly empty")
     q = np.load(args.embeddings / "queries.npy").astype(np.float32)
     p = np.load(args.embeddings / "positives.npy").astype(np.float32)
     for run in args.runs:
