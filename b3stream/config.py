@@ -108,6 +108,8 @@ class MineConfig:
     version: int | None = None  # schedule version to write; None: next free
     schedule_dir: str | None = None  # where schedules are published; None: OUT/schedules
     overwrite: bool = False  # allow an explicit version to replace an existing schedule file
+    source_step: int | None = None  # refreshed mode: the training step of the snapshot this schedule answers,
+    #   recorded in its metadata also when the miner embeds with the teacher (the embeddings then carry none)
 
 
 def default_miner_threads() -> int:

@@ -95,7 +95,7 @@ class Miner:
         cfg = load_config(MineConfig, self.paths.mine_config)
         return dataclasses.replace(
             cfg, out=str(self.paths.refresh / "mine"), schedule_dir=str(self.paths.schedules), version=None,
-            seed=cfg.seed + snapshot.step, device=self.device,
+            seed=cfg.seed + snapshot.step, device=self.device, source_step=snapshot.step,
             teacher_snapshot=str(snapshot.path) if self.model == "student" else None,
             trained_ids=str(snapshot.trained_ids) if snapshot.trained_ids else None)
 

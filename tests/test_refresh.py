@@ -430,14 +430,17 @@ def test_refreshed_mode_refuses_bad_settings_before_anything_is_written(mined):
     assert res.returncode == 2 and "no miner configuration" in res.stderr
 
 
-def test_max_lag_zero_trains_every_refresh_from_the_step_of_its_snapshot(mined):
+@pytest.mark.parametrize("model", ["student", "teacher"])
+def test_max_lag_zero_trains_every_refresh_from_the_step_of_its_snapshot(mined, model):
     """refresh.max_lag_steps = 0 (synchronous): the trainer waits at each snapshot until the schedule mined
     from it is published, so every swap happens at its snapshot's own step, whatever the miner's speed; the
-    ids are still trained exactly once."""
-    cfg = refreshed_config(mined, "sync", epochs=1, refresh={"every_steps": 10, "max_lag_steps": 0})
+    ids are still trained exactly once. With ``refresh.model: teacher`` the embeddings carry no snapshot step,
+    and the schedule must still say which snapshot it answers (else the trainer waits until its timeout)."""
+    cfg = refreshed_config(mined, f"sync-{model}", epochs=1,
+                           refresh={"every_steps": 10, "max_lag_steps": 0, "model": model, "wait_timeout": 300})
     res = run([*B3, "train", "--config", str(cfg)], threads=1, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
-    out = mined["root"] / "sync"
+    out = mined["root"] / f"sync-{model}"
     summary = json.loads((out / "summary.json").read_text())
     n = Manifest.load(mined["data"]).split("train").n
     snapshots = list(range(10, summary["steps"], 10))  # no snapshot at the last step: training has ended
@@ -446,7 +449,8 @@ def test_max_lag_zero_trains_every_refresh_from_the_step_of_its_snapshot(mined):
     for s in swaps:
         meta = load_schedule(version_path(out / "schedules", s["to"])).meta
         assert meta["source_step"] == s["step"]
-    assert summary["refresh_wait_seconds"] > 0 and "waiting for the schedule mined from the snapshot" in res.stderr
+        assert meta["source_model"].startswith("student@" if model == "student" else "all-MiniLM")
+    assert summary["refresh_wait_seconds"] > 0 and summary["refresh_wait_seconds"] < 250 and "waiting for the schedule mined from the snapshot" in res.stderr
     assert_exactly_once_per_epoch(read_trace(out), n)
 
 

@@ -298,7 +298,8 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
         "edges": pp.get("edges") if uses_k else None, "rank_weights": pp.get("rank_weights") if uses_k else None,
         "data": stamp, "n": n, "num_batches": len(batches), "tasks": task_names,
         "source_model": emb.record.get("source_model") if emb is not None else None,
-        "source_step": emb.record.get("source_step") if emb is not None else None,
+        "source_step": cfg.source_step if cfg.source_step is not None else
+        (emb.record.get("source_step") if emb is not None else None),
         "margin": rp.get("margin") if uses_s else None,
         "task_params": rp.get("task_params") if uses_s else None, **extra,
     }

@@ -67,7 +67,8 @@ class ScheduleWatcher:
 
 
 def source_step(schedule: Schedule | None) -> int:
-    """The step of the student snapshot a schedule was mined from; -1 for a teacher-mined one."""
+    """The step of the snapshot a refreshed schedule answers (mined from that student, or with the teacher
+    under ``refresh.model: teacher``); -1 for a schedule mined before training."""
     source = schedule.meta.get("source_step") if schedule is not None else None
     return -1 if source is None else int(source)
 

@@ -361,7 +361,7 @@ def _restore(engine, sampler: ScheduleSampler, cfg: TrainConfig, manifest: Manif
 
 
 def _staleness(schedule, step: int) -> int | None:
-    """Steps between the student snapshot a schedule was mined from and now (None: not from a snapshot)."""
+    """Steps between the snapshot a schedule answers and now (None: mined before training)."""
     source = source_step(schedule)
     return None if source < 0 else step - source
 
@@ -383,8 +383,8 @@ def _report_swap(monitor: Monitor, step: int, old, new, count: int) -> None:
                       hardest_neg_sim_replaced=q_old.get("neg_sim_hardest_mean"))
     monitor.scalars(step, values, group="refresh")
     line = (f"swapped to schedule v{new.version} ({meta.get('strategy', '?')}) at step {step}"
-            + (f", mined from the student of step {meta['source_step']} ({stale} steps ago)"
-               if stale is not None else "")
+            + (f", mined for the snapshot of step {meta['source_step']} ({stale} steps ago) with "
+               f"{meta.get('source_model') or '?'}" if stale is not None else "")
             + ("; miner " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) if timings else ""))
     if q:
         line += f"; upcoming batches: bound {q['theorem1_bound']:.3f}, neg sim {q['neg_sim_mean']:.3f}"
