@@ -62,7 +62,8 @@ def test_grid_arguments(bench, capsys):
                      (["--grid", "random,b4:32:0"], "unknown arm 'b4'"),
                      (["--grid", "random:32"], "expected ARMS:BATCHES:SEEDS"),
                      (["--grid", "random,b3@big:32:0"], "unknown arm 'b3@big'"),
-                     (["--grid", "random,random-redrawn:32:0"], "needs --epochs 2 or more")):
+                     (["--grid", "random,random-redrawn:32:0"], "needs --epochs 2 or more"),
+                     (["--grid", "random,b3:32:0", "--compare", "b3:b3pp"], "two arms of the grid")):
         with pytest.raises(SystemExit):
             bench._parse_args(bad)
         assert why in capsys.readouterr().err

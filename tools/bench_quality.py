@@ -157,6 +157,9 @@ def _parse_args(argv=None):
     ap.add_argument("--conditions", default=None,
                     help="the machine the cells were trained on, for the JSON (default: this machine); for a "
                          "--report-only of cells trained elsewhere")
+    ap.add_argument("--compare", action="append", default=[], metavar="ARM_A:ARM_B",
+                    help="also report ARM_A - ARM_B (paired over queries, on the seeds both have) at every |B| "
+                         "where both ran, e.g. b3-refreshed:b3 or b3:random-redrawn (repeatable)")
     ap.add_argument("--mine-per-task", action="store_true",
                     help="rank and batch each task (here: package) apart, MineConfig per_task: true, as rounds 1 "
                          "and 2 did; the default mines all packages together")
@@ -188,9 +191,14 @@ def _parse_args(argv=None):
                 ap.error(f"arm {arm!r}: only mined strategies ({', '.join(MINED)}) use a teacher")
         if "random-redrawn" in block_[0] and (args.epochs or 1) < 2:
             ap.error("arm random-redrawn draws new batches at every epoch start: it needs --epochs 2 or more")
-        if "random" not in block_[0]:
+        if "random" not in block_[0]:  # (--compare may name another baseline besides)
             ap.error(f"--grid {block!r}: every block must include random (the other arms are compared with it)")
         args.blocks.append(block_)
+    listed = {arm for arms, _, _ in args.blocks for arm in arms}
+    for spec in args.compare:
+        a, _, b = spec.partition(":")
+        if not a or not b or a not in listed or b not in listed:
+            ap.error(f"--compare {spec!r}: expected ARM_A:ARM_B, two arms of the grid ({', '.join(sorted(listed))})")
     work = Path(args.work)
     args.json = Path(args.json or work / "quality.json")
     args.plot = Path(args.plot or work / "quality.png")
@@ -472,6 +480,30 @@ def summarise(cells: dict, args) -> list[dict]:
     return rows
 
 
+def compare(cells: dict, args) -> list[dict]:
+    """``--compare A:B``: A - B on nDCG@10 per split, paired over queries on the seeds both arms have."""
+    out = []
+    for spec in args.compare:
+        a, _, b = spec.partition(":")
+        for batch in sorted({k[1] for k in cells}):
+            ra, rb = cells.get((a, batch), []), cells.get((b, batch), [])
+            seeds = sorted({r["seed"] for r in ra} & {r["seed"] for r in rb})
+            if not seeds:
+                continue
+            row = {"a": a, "b": b, "batch_size": batch, "seeds": seeds}
+            for split in SPLITS:
+                m = [per_query_matrix([Path(r["eval_dir"]) for r in sorted(runs, key=lambda r: r["seed"])
+                                       if r["seed"] in seeds], split, "ndcg@10").mean(axis=0) for runs in (ra, rb)]
+                d, lo, hi = paired_bootstrap(m[0], m[1], args.bootstrap)
+                row[split] = {"diff": d, "ci": [lo, hi]}
+            out.append(row)
+            print(f"{a} - {b} |B|={batch} seeds {seeds}: test nDCG@10 {100 * row['test']['diff']:+.2f} "
+                  f"[{100 * row['test']['ci'][0]:+.2f}, {100 * row['test']['ci'][1]:+.2f}], validation "
+                  f"{100 * row['validation']['diff']:+.2f} [{100 * row['validation']['ci'][0]:+.2f}, "
+                  f"{100 * row['validation']['ci'][1]:+.2f}]", flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. The grid
 # --------------------------------------------------------------------------------------------------
@@ -637,13 +669,14 @@ def main(argv=None) -> int:
                     cells.setdefault(("random+compute", batch), []).append(cell)
 
     rows = summarise(cells, args)
+    comparisons = compare(cells, args)
     conditions = args.conditions or (f"{platform.node()}: {os.cpu_count()} CPUs, device {args.device}, threads "
                                      f"{args.threads}; CPU timings are upper bounds when other jobs share the cores")
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "conditions": conditions, "dataset": {k: v["n"] for k, v in manifest["splits"].items()},
               "recipe": dataclasses.asdict(recipe), "tuning": trials, "zero_shot": zero,
               "teacher_zero_shot": teacher_zero, "teacher_seconds": teacher_seconds(work, recipe),
-              "runs": runs, "table": rows, "seconds": time.perf_counter() - t_start}
+              "runs": runs, "table": rows, "comparisons": comparisons, "seconds": time.perf_counter() - t_start}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1, default=str))
     title = (f"code-search, {manifest['splits']['test']['n']} test queries vs {zero['test']['corpus']} documents, "
