@@ -34,6 +34,10 @@ Per-task ``p`` and ``m`` (``task_params: {task: {p: .., m: ..}}``): the paper sk
 retrieval and p = 70 for VQA. ``S`` is as wide as the largest ``m`` and ``T`` as the largest ``p``; narrower
 tasks are padded with ``-1``. A merged group of small tasks uses the global ``p`` and ``m``.
 
+Refreshed mode (MineConfig ``trained_ids``): at a mid-epoch snapshot the ids already trained in the epoch
+are ranked apart from the ids still to come (:func:`split_trained`), so each of those gets its ranks
+``[p, p+m)`` among the ids it can still share a batch with.
+
 Margin filter (optional, NV-Retriever's "TopK-PercPos"): a candidate scoring above ``margin`` times the
 query's own positive score is dropped as a probable false negative.
 
