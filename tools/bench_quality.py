@@ -473,8 +473,11 @@ def summarise(cells: dict, args) -> list[dict]:
                        "ci": bootstrap_mean(a, args.bootstrap)}
                 paired = [r for r in (base or []) if r["seed"] in {c["seed"] for c in runs}]  # same seeds
                 if paired and arm != "random":
+                    shared = {r["seed"] for r in paired}  # both sides on the seeds both have
+                    a_shared = per_query_matrix([Path(r["eval_dir"]) for r in runs if r["seed"] in shared],
+                                                split, metric).mean(axis=0)
                     b = per_query_matrix([Path(r["eval_dir"]) for r in paired], split, metric).mean(axis=0)
-                    d, lo, hi = paired_bootstrap(a, b, args.bootstrap)
+                    d, lo, hi = paired_bootstrap(a_shared, b, args.bootstrap)
                     row["vs_random"] = {"diff": d, "ci": [lo, hi], "seeds": sorted(r["seed"] for r in paired)}
                 rows.append(row)
     return rows
