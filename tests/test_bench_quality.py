@@ -111,3 +111,26 @@ def test_parallel_runner_merges_finished_cells_once_and_leaves_weights_behind(be
     assert (into / "eval" / "random-B16" / "metrics.json").read_text() == "0"  # the first worker's copy
     assert sorted(p.name for p in (into / "runs").iterdir()) == ["b3-B16", "b3-B32", "random-B16"]
     assert not list(into.rglob("*.safetensors"))
+
+
+def test_differences_pair_both_sides_on_shared_seeds(bench, tmp_path):
+    """An arm with a seed random lacks: its difference to random (and --compare's) uses only the seeds both
+    have, on both sides; the arm's own mean still uses all of its seeds."""
+    def cell(name, seed, value):
+        folder = tmp_path / name
+        folder.mkdir()
+        for split in bench.SPLITS:
+            (folder / f"{split}.jsonl").write_text("".join(
+                json.dumps({"query": f"q{i}", "rank": 1, **{m: value for m in ("ndcg@10", "mrr@10", "recall@1")}})
+                + "\n" for i in range(50)))
+        metrics = {split: {m: value for m in ("ndcg@10", "mrr@10", "recall@1")} for split in bench.SPLITS}
+        return {"arm": name.split("-")[0], "seed": seed, "eval_dir": str(folder), "metrics": metrics}
+
+    cells = {("random", 32): [cell("random-0", 0, 0.5)],
+             ("b3", 32): [cell("b3-0", 0, 0.6), cell("b3-1", 1, 0.9)]}
+    args = bench._parse_args(["--grid", "random,b3:32:0,1", "--compare", "b3:random", "--bootstrap", "200"])
+    row = next(r for r in bench.summarise(cells, args)
+               if r["arm"] == "b3" and r["split"] == "test" and r["metric"] == "ndcg@10")
+    assert row["mean"] == pytest.approx(0.75) and row["vs_random"]["seeds"] == [0]
+    assert row["vs_random"]["diff"] == pytest.approx(0.1)  # seed 0 against seed 0, not (0.6 + 0.9) / 2 - 0.5
+    assert bench.compare(cells, args)[0]["test"]["diff"] == pytest.approx(0.1)
