@@ -450,7 +450,8 @@ def test_max_lag_zero_trains_every_refresh_from_the_step_of_its_snapshot(mined, 
         meta = load_schedule(version_path(out / "schedules", s["to"])).meta
         assert meta["source_step"] == s["step"]
         assert meta["source_model"].startswith("student@" if model == "student" else "all-MiniLM")
-    assert summary["refresh_wait_seconds"] > 0 and summary["refresh_wait_seconds"] < 250 and "waiting for the schedule mined from the snapshot" in res.stderr
+    assert 0 < summary["refresh_wait_seconds"] < 250  # never the 300 s timeout
+    assert "waiting for the schedule mined from the snapshot" in res.stderr
     assert_exactly_once_per_epoch(read_trace(out), n)
 
 

@@ -13,8 +13,9 @@ Arms: the strategies ``random``, ``task``, ``gcbs``, ``b3``, ``b3pp`` and ``b3-r
 baselines: ``random`` itself (same steps) and ``random+compute`` (random given the teacher pass's measured
 time as extra steps). A schedule is one epoch of batches, and a static run repeats its batches (in a new
 order) every epoch; for recipes of several epochs ``random-redrawn`` draws new random batches at every
-epoch start (refreshed mode's miner with the random strategy and a new seed; the trainer waits for it). Each cell is trained with several seeds (the schedule seed and the training seed both);
-for every strategy minus random the script reports the mean, the spread over seeds and a paired bootstrap
+epoch start (refreshed mode's miner with the random strategy and a new seed; the trainer waits for it).
+Each cell is trained with several seeds (the schedule seed and the training seed both); for every strategy
+minus random the script reports the mean, the spread over seeds and a paired bootstrap
 95% interval over queries (each query's metric averaged over seeds, queries resampled).
 
 Hyper-parameters (lr, temperature, p, m, K, h) are chosen with ``--tune`` on the validation split only, one
