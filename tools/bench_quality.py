@@ -55,6 +55,7 @@ from b3stream.evaluate import RetrievalSet, read_per_query  # noqa: E402
 STRATEGY_OF = {"random": "random", "task": "task", "gcbs": "gcbs", "b3": "b3", "b3pp": "b3pp",
                "b3-refreshed": "b3", "random+compute": "random", "random-redrawn": "random"}
 ARMS = tuple(STRATEGY_OF)  # an arm may name another teacher: "b3@mpnet" (--teacher mpnet=PATH)
+REFRESHED_ARMS = ("b3-refreshed", "random-redrawn")  # trained in refreshed mode, with a miner beside them
 DEFAULT_ARMS = tuple(a for a in ARMS if a != "random-redrawn")  # that one differs from random only over epochs
 MINED = ("gcbs", "b3", "b3pp")  # strategies that read the teacher's ranking
 SPLITS = ("validation", "test")
@@ -361,7 +362,7 @@ def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int
     ]
     if max_steps is not None:
         overrides.append(f"max_steps={max_steps}")
-    if arm in ("b3-refreshed", "random-redrawn"):
+    if arm in REFRESHED_ARMS:
         overrides += ["mode=refreshed", "refresh.keep=1", f"refresh.device={args.device}", "refresh.poll_seconds=0.5",
                       f"refresh.threads={max(1, args.threads // 2)}", "refresh.mine={quality_sample: 512}"]
     if arm == "b3-refreshed":
@@ -375,7 +376,7 @@ def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int
     seconds = _cli(args, "train", "--config", str(config), "--quiet", *overrides, log=run / "train.log")
     summary = json.loads((run / "summary.json").read_text())
     out = {"summary": summary, "train_seconds": seconds, "overrides": overrides,
-           "refreshes": _refreshes(run) if arm in ("b3-refreshed", "random-redrawn") else None}
+           "refreshes": _refreshes(run) if arm in REFRESHED_ARMS else None}
     done.write_text(json.dumps(out, indent=2, default=str))
     return out
 
@@ -472,16 +473,24 @@ def summarise(cells: dict, args) -> list[dict]:
                 row = {"arm": arm, "batch_size": batch, "split": split, "metric": metric, "seeds": len(runs),
                        "mean": float(np.mean(per_seed)), "std": spread, "per_seed": per_seed,
                        "ci": bootstrap_mean(a, args.bootstrap)}
-                paired = [r for r in (base or []) if r["seed"] in {c["seed"] for c in runs}]  # same seeds
-                if paired and arm != "random":
-                    shared = {r["seed"] for r in paired}  # both sides on the seeds both have
-                    a_shared = per_query_matrix([Path(r["eval_dir"]) for r in runs if r["seed"] in shared],
-                                                split, metric).mean(axis=0)
-                    b = per_query_matrix([Path(r["eval_dir"]) for r in paired], split, metric).mean(axis=0)
-                    d, lo, hi = paired_bootstrap(a_shared, b, args.bootstrap)
-                    row["vs_random"] = {"diff": d, "ci": [lo, hi], "seeds": sorted(r["seed"] for r in paired)}
+                if base and arm != "random":
+                    diff = paired_difference(runs, base, split, metric, args.bootstrap)
+                    if diff is not None:
+                        row["vs_random"] = diff
                 rows.append(row)
     return rows
+
+
+def paired_difference(runs_a: list[dict], runs_b: list[dict], split: str, metric: str, reps: int) -> dict | None:
+    """A - B over queries with its paired bootstrap interval, both sides on the seeds both have (each query's
+    metric averaged over those seeds); None when they share no seed."""
+    seeds = sorted({r["seed"] for r in runs_a} & {r["seed"] for r in runs_b})
+    if not seeds:
+        return None
+    a, b = (per_query_matrix([Path(r["eval_dir"]) for r in runs if r["seed"] in seeds], split, metric).mean(axis=0)
+            for runs in (runs_a, runs_b))
+    d, lo, hi = paired_bootstrap(a, b, reps)
+    return {"diff": d, "ci": [lo, hi], "seeds": seeds}
 
 
 def compare(cells: dict, args) -> list[dict]:
@@ -490,18 +499,14 @@ def compare(cells: dict, args) -> list[dict]:
     for spec in args.compare:
         a, _, b = spec.partition(":")
         for batch in sorted({k[1] for k in cells}):
-            ra, rb = cells.get((a, batch), []), cells.get((b, batch), [])
-            seeds = sorted({r["seed"] for r in ra} & {r["seed"] for r in rb})
-            if not seeds:
+            diffs = {split: paired_difference(cells.get((a, batch), []), cells.get((b, batch), []), split,
+                                              "ndcg@10", args.bootstrap) for split in SPLITS}
+            if diffs["test"] is None:
                 continue
-            row = {"a": a, "b": b, "batch_size": batch, "seeds": seeds}
-            for split in SPLITS:
-                m = [per_query_matrix([Path(r["eval_dir"]) for r in sorted(runs, key=lambda r: r["seed"])
-                                       if r["seed"] in seeds], split, "ndcg@10").mean(axis=0) for runs in (ra, rb)]
-                d, lo, hi = paired_bootstrap(m[0], m[1], args.bootstrap)
-                row[split] = {"diff": d, "ci": [lo, hi]}
+            row = {"a": a, "b": b, "batch_size": batch, "seeds": diffs["test"]["seeds"],
+                   **{split: {"diff": d["diff"], "ci": d["ci"]} for split, d in diffs.items()}}
             out.append(row)
-            print(f"{a} - {b} |B|={batch} seeds {seeds}: test nDCG@10 {100 * row['test']['diff']:+.2f} "
+            print(f"{a} - {b} |B|={batch} seeds {row['seeds']}: test nDCG@10 {100 * row['test']['diff']:+.2f} "
                   f"[{100 * row['test']['ci'][0]:+.2f}, {100 * row['test']['ci'][1]:+.2f}], validation "
                   f"{100 * row['validation']['diff']:+.2f} [{100 * row['validation']['ci'][0]:+.2f}, "
                   f"{100 * row['validation']['ci'][1]:+.2f}]", flush=True)
