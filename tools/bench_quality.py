@@ -94,6 +94,9 @@ class Recipe:
     # needed where training outruns the miner, e.g. a GPU, on which an epoch can end before any refresh lands)
     refresh_lag: int | None = None
     epochs: int = 1
+    # also the positive -> query InfoNCE term (TrainConfig symmetric): in a community batch the in-batch queries
+    # are as mutually related as the positives, so that direction has hard negatives too
+    symmetric: bool = False
     # rank and partition all tasks together (MineConfig per_task: false): the code-search "tasks" are packages
     # of one docstring -> code task; mined apart, a package's ids could only be each other's negatives
     # (docs/quality.md, round 3: b3 +2.2 nDCG@10 over random mined together, +1.3 mined per package)
@@ -108,7 +111,7 @@ class Recipe:
         """Cache key of a cell: the training knobs, plus the mining knobs only for the arms that use them
         (so random batches are trained once, whatever p, m, K, h or teacher the mined arms try)."""
         out = (f"lr{self.lr:g}-t{self.temperature:g}-{'lora' if self.lora else 'full'}{self.lora_r}-"
-               f"L{self.query_length}x{self.positive_length}" + (f"-ep{self.epochs}" if self.epochs != 1 else ""))
+               f"L{self.query_length}x{self.positive_length}" + (f"-ep{self.epochs}" if self.epochs != 1 else "") + ("-sym" if self.symmetric else ""))
         strategy = STRATEGY_OF[base_arm(arm)] if arm else "b3pp"
         if strategy in MINED:
             t = "minilm" if self.teacher is None else Path(self.teacher).name
@@ -165,6 +168,8 @@ def _parse_args(argv=None):
     ap.add_argument("--mine-per-task", action="store_true",
                     help="rank and batch each task (here: package) apart, MineConfig per_task: true, as rounds 1 "
                          "and 2 did; the default mines all packages together")
+    ap.add_argument("--symmetric", action="store_true",
+                    help="train with the symmetric InfoNCE (also positive -> query, in-batch queries as negatives)")
     args = ap.parse_args(argv)
     if args.quick:
         args.pairs, args.batch_sizes, args.seeds = min(args.pairs, 500), "16", "0,1"
@@ -216,6 +221,7 @@ def _recipe(args) -> Recipe:
         if getattr(args, name) is not None:
             setattr(r, name, getattr(args, name))
     r.per_task = args.mine_per_task
+    r.symmetric = args.symmetric
     return r
 
 
@@ -354,7 +360,8 @@ def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int
     run.mkdir(parents=True)
     overrides = [
         f"data={data}", f"schedule={schedule}", f"out={run}", f"seed={seed}", f"lr={recipe.lr}",
-        f"temperature={recipe.temperature}", f"student.max_query_length={recipe.query_length}",
+        f"temperature={recipe.temperature}", f"symmetric={str(recipe.symmetric).lower()}",
+        f"student.max_query_length={recipe.query_length}",
         f"student.max_positive_length={recipe.positive_length}", f"student.lora.enabled={str(recipe.lora).lower()}",
         f"student.lora.r={recipe.lora_r}", f"student.lora.alpha={2 * recipe.lora_r}", "eval_split=null",
         f"epochs={recipe.epochs}", "num_workers=0", "log_every=20", "save_every=null", "keep_checkpoints=1",
