@@ -97,10 +97,19 @@ class Recipe:
     # also the positive -> query InfoNCE term (TrainConfig symmetric): in a community batch the in-batch queries
     # are as mutually related as the positives, so that direction has hard negatives too
     symmetric: bool = False
+    # the B3 graph (MineConfig edges, rank_weights): "mutual" keeps {i, j} only when each is in the other's ranks
+    # [p, p+m); "union" when either is
+    edges: str = "mutual"
+    rank_weights: bool = False
     # rank and partition all tasks together (MineConfig per_task: false): the code-search "tasks" are packages
     # of one docstring -> code task; mined apart, a package's ids could only be each other's negatives
     # (docs/quality.md, round 3: b3 +2.2 nDCG@10 over random mined together, +1.3 mined per package)
     per_task: bool = False
+
+    @property
+    def graph(self) -> str:
+        """Name suffix of a non-default B3 graph (cache cells of b3 / b3pp and their mining folders)."""
+        return ("" if self.edges == "mutual" else f"-{self.edges}") + ("-rw" if self.rank_weights else "")
 
     @property
     def scope(self) -> str:
@@ -115,7 +124,7 @@ class Recipe:
         strategy = STRATEGY_OF[base_arm(arm)] if arm else "b3pp"
         if strategy in MINED:
             t = "minilm" if self.teacher is None else Path(self.teacher).name
-            out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}" if strategy != "gcbs" else "") + \
+            out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}{self.graph}" if strategy != "gcbs" else "") + \
                 (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}{self.scope}"
         if arm and base_arm(arm) == "b3-refreshed":
             # "-apart": the miner ranks and partitions the ids trained before a snapshot apart (whole communities
@@ -170,6 +179,9 @@ def _parse_args(argv=None):
                          "and 2 did; the default mines all packages together")
     ap.add_argument("--symmetric", action="store_true",
                     help="train with the symmetric InfoNCE (also positive -> query, in-batch queries as negatives)")
+    ap.add_argument("--edges", default="mutual", choices=["mutual", "union"],
+                    help="the B3 graph's edges (MineConfig edges): mutual ranks only, or either direction")
+    ap.add_argument("--rank-weights", action="store_true", help="weight the B3 graph's edges by rank for METIS")
     args = ap.parse_args(argv)
     if args.quick:
         args.pairs, args.batch_sizes, args.seeds = min(args.pairs, 500), "16", "0,1"
@@ -222,6 +234,7 @@ def _recipe(args) -> Recipe:
             setattr(r, name, getattr(args, name))
     r.per_task = args.mine_per_task
     r.symmetric = args.symmetric
+    r.edges, r.rank_weights = args.edges, args.rank_weights
     return r
 
 
@@ -291,7 +304,7 @@ def mine(args, data: Path, work: Path, recipe: Recipe, strategy: str, batch: int
     if path.is_file():
         return path, load_schedule(path).meta
     base = work / "mine" / teacher / "embed-only"
-    folder = work / "mine" / teacher / f"p{recipe.p}-m{recipe.m}-K{recipe.K}{recipe.scope}"
+    folder = work / "mine" / teacher / f"p{recipe.p}-m{recipe.m}-K{recipe.K}{recipe.graph}{recipe.scope}"
     if (base / "embeddings" / "embeddings.json").is_file() and not (folder / "embeddings").is_dir():
         shutil.copytree(base / "embeddings", folder / "embeddings")
     # random and task batches need only the embeddings (for their batch-quality figures)
@@ -300,7 +313,7 @@ def mine(args, data: Path, work: Path, recipe: Recipe, strategy: str, batch: int
         "teacher.max_query_length": recipe.query_length, "teacher.max_positive_length": recipe.positive_length,
         "teacher.model": recipe.teacher, "p": recipe.p, "m": recipe.m, "K": min(recipe.K, batch),
         "batch_size": batch, "h": recipe.h, "seed": seed, "strategy": strategy, "small_tasks": "merge",
-        "per_task": recipe.per_task,
+        "per_task": recipe.per_task, "edges": recipe.edges, "rank_weights": recipe.rank_weights,
         "quality_temperature": recipe.temperature, "schedule_dir": str(sched_dir), "version": 0,
         "device": args.device, "quality_sample": 1024})
     run_all(cfg, progress=False)
