@@ -83,6 +83,13 @@ def test_cache_keys_share_random_runs_across_mining_knobs(bench):
     assert apart.key("b3") != r.key("b3") and apart.key("gcbs") != r.key("gcbs")
     assert bench._recipe(bench._parse_args(["--mine-per-task"])).per_task is True
     assert bench._recipe(bench._parse_args([])).per_task is False
+    # the B3 graph only changes b3 / b3pp cells; the symmetric loss changes every cell
+    union = bench._recipe(bench._parse_args(["--edges", "union", "--rank-weights"]))
+    assert (union.edges, union.rank_weights) == ("union", True)
+    assert union.key("b3") != r.key("b3") and union.key("b3pp") != r.key("b3pp")
+    assert union.key("random") == r.key("random") and union.key("gcbs") == r.key("gcbs")
+    sym = bench._recipe(bench._parse_args(["--symmetric"]))
+    assert sym.symmetric and all(sym.key(a) != r.key(a) for a in ("random", "task", "b3", "b3-refreshed"))
 
 
 def test_parallel_runner_merges_finished_cells_once_and_leaves_weights_behind(bench, tmp_path):
