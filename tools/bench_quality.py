@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from b3stream.evaluate import RetrievalSet, read_per_query  # noqa: E402
+from b3stream.mining.graph import EDGES  # noqa: E402
 
 STRATEGY_OF = {"random": "random", "task": "task", "gcbs": "gcbs", "b3": "b3", "b3pp": "b3pp",
                "b3-refreshed": "b3", "random+compute": "random", "random-redrawn": "random"}
@@ -120,7 +121,8 @@ class Recipe:
         """Cache key of a cell: the training knobs, plus the mining knobs only for the arms that use them
         (so random batches are trained once, whatever p, m, K, h or teacher the mined arms try)."""
         out = (f"lr{self.lr:g}-t{self.temperature:g}-{'lora' if self.lora else 'full'}{self.lora_r}-"
-               f"L{self.query_length}x{self.positive_length}" + (f"-ep{self.epochs}" if self.epochs != 1 else "") + ("-sym" if self.symmetric else ""))
+               f"L{self.query_length}x{self.positive_length}" + (f"-ep{self.epochs}" if self.epochs != 1 else "") +
+               ("-sym" if self.symmetric else ""))
         strategy = STRATEGY_OF[base_arm(arm)] if arm else "b3pp"
         if strategy in MINED:
             t = "minilm" if self.teacher is None else Path(self.teacher).name
@@ -179,7 +181,7 @@ def _parse_args(argv=None):
                          "and 2 did; the default mines all packages together")
     ap.add_argument("--symmetric", action="store_true",
                     help="train with the symmetric InfoNCE (also positive -> query, in-batch queries as negatives)")
-    ap.add_argument("--edges", default="mutual", choices=["mutual", "union"],
+    ap.add_argument("--edges", default="mutual", choices=EDGES,
                     help="the B3 graph's edges (MineConfig edges): mutual ranks only, or either direction")
     ap.add_argument("--rank-weights", action="store_true", help="weight the B3 graph's edges by rank for METIS")
     args = ap.parse_args(argv)
@@ -232,9 +234,7 @@ def _recipe(args) -> Recipe:
                  "refresh_lag", "epochs"):
         if getattr(args, name) is not None:
             setattr(r, name, getattr(args, name))
-    r.per_task = args.mine_per_task
-    r.symmetric = args.symmetric
-    r.edges, r.rank_weights = args.edges, args.rank_weights
+    r.per_task, r.symmetric, r.edges, r.rank_weights = args.mine_per_task, args.symmetric, args.edges, args.rank_weights
     return r
 
 
