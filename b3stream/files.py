@@ -2,19 +2,88 @@
 
 A reader sees the old file or the whole new one, never a half-written one: data goes to a temporary name in
 the same folder, is flushed to disk, then renamed into place (``os.replace`` is atomic on POSIX).
+
+Every temporary name says who writes it: ``.NAME.tmp-PID@HOST`` (``.NAME.tmp-PID-TOKEN@HOST`` where one
+process writes several at once). A writer killed with SIGKILL cannot remove its temporary file, so the next
+writer of the same folder does (:func:`sweep_temps`): one whose process no longer runs on this host, or,
+for another host sharing the folder (a miner on another node), one untouched for a day. A live writer's
+file is never removed, and nothing that is not named like this is touched.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
 
+HOST = socket.gethostname().replace("/", "_").replace("@", "_")
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-[0-9a-f]+)?@(?P<host>[^@/]+)$")
+FOREIGN_TMP_AGE = 24 * 3600.0  # seconds after which another host's temporary file counts as abandoned
 
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+def tmp_name(path: Path, token: str | None = None) -> Path:
+    """The temporary name under which this process writes ``path`` (``token``: one of several at once)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{'-' + token if token else ''}@{HOST}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a process of another user counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temps(folder: str | Path, names=None) -> list[Path]:
+    """Temporary files and folders in ``folder`` left by writers that are gone (see the module doc);
+    ``names``: only those that stand for one of these final names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        m = _TMP.match(path.name)
+        if m is None or (names is not None and m["name"] not in names):
+            continue
+        if m["host"] == HOST:
+            stale = not pid_alive(int(m["pid"]))
+        else:
+            try:
+                stale = time.time() - path.lstat().st_mtime > FOREIGN_TMP_AGE
+            except FileNotFoundError:
+                continue
+        if stale:
+            found.append(path)
+    return sorted(found)
+
+
+def sweep_temps(folder: str | Path, names=None) -> list[Path]:
+    """Remove what :func:`stale_temps` finds; returns the paths removed."""
+    removed = []
+    for path in stale_temps(folder, names):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def remove_outputs(folder: str | Path, names) -> None:
+    """Delete the files ``names`` in ``folder`` (a stage's own outputs), and nothing else there."""
+    for name in names:
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

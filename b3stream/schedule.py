@@ -8,7 +8,10 @@ File layout (``vNNNNNN.b3s``, little-endian)::
     b"B3SCHED1\\n" | uint64 header length | header JSON | raw arrays
 
 The header lists each array's dtype, shape and byte offset, the metadata, and a SHA-256 over the metadata
-and the array bytes. Files are written under a temporary name and linked into place under a version number
+and the array bytes. A reader checks the header against this layout before it reads any array (bounded
+length and nesting, known arrays of int64 with consistent shapes and byte ranges, usable metadata types)
+and the ids against the data stamp's ``n``: whatever the bytes, a bad file is a :class:`ScheduleError`
+naming it, never another exception. Files are written under a temporary name and linked into place under a version number
 no other file has (:func:`publish_schedule`), so a reader never sees a half-written schedule and concurrent
 publishers never share a version; a file whose checksum fails is rejected and :func:`latest_schedule` falls
 back to the newest good version. The content is a pure function of the inputs and the seed (byte-identical
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_json
+from .files import sweep_temps, tmp_name, write_json
 
 MAGIC = b"B3SCHED1\n"
 SUFFIX = ".b3s"
@@ -113,13 +116,18 @@ class Schedule:
         return self.meta.get("version")
 
     def check_epoch(self, n: int) -> None:
-        """Every id in 0..n-1 appears exactly once (the exactly-once-per-epoch contract)."""
-        if len(self.ids) != n or np.any(np.bincount(self.ids, minlength=n) != 1):
-            counts = np.bincount(self.ids, minlength=n)
-            raise ScheduleError(
-                f"schedule does not hold each of {n} ids exactly once: {int((counts == 0).sum())} missing, "
-                f"{int((counts > 1).sum())} repeated"
-            )
+        """Every id in 0..n-1 appears exactly once (the exactly-once-per-epoch contract). Ids outside that
+        range are reported as such first: counting them would fail (negative) or miscount (too large)."""
+        where = f"{self.path}: " if self.path is not None else ""
+        outside = (self.ids < 0) | (self.ids >= n)
+        if outside.any():
+            raise ScheduleError(f"{where}schedule holds {int(outside.sum())} ids outside 0..{n - 1} "
+                                f"(e.g. {int(self.ids[outside][0])}); it was not built for {n} examples")
+        counts = np.bincount(self.ids, minlength=n)
+        missing, repeated = int((counts == 0).sum()), int((counts > 1).sum())
+        if missing or repeated:
+            raise ScheduleError(f"{where}schedule does not hold each of {n} ids exactly once: {missing} missing, "
+                                f"{repeated} repeated")
 
     # -- serialisation ------------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -145,35 +153,177 @@ class Schedule:
         return MAGIC + struct.pack("<Q", len(header)) + header + b"".join(a.tobytes() for a in arrays.values())
 
 
-def _parse(data: bytes, where: str) -> Schedule:
+# -- reading: the header is checked against the format before any array is touched ------------------------
+
+_MAX_HEADER = 64 << 20  # bytes; a real header (metadata + three array specs) is a few KiB
+_MAX_DEPTH = 32  # nesting of the header JSON; the writer's deepest is about 4
+_DTYPE = "<i8"  # what :meth:`Schedule._arrays` writes, whatever the machine
+_ARRAY_RANK = {"hard_negatives": 2, "ids": 1, "offsets": 1}  # name -> ndim; ids and offsets are required
+# Metadata the loader and trainer compute with: each is absent, null, or an int of at least this value.
+_META_INTS = {"version": 0, "batch_size": 1, "K": 1, "h": 0, "p": 0, "m": 0, "n": 0, "num_batches": 0,
+              "seed": None, "source_step": None}
+_META_DICTS = ("data", "quality", "quality_previous")
+
+
+def _is_int(value, minimum=None) -> bool:
+    """An int (not a bool, which JSON would give as true/false) no smaller than ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
+def _depth_ok(value, limit: int) -> bool:
+    """Whether ``value`` nests lists/dicts at most ``limit`` deep; iterative, so a crafted header cannot
+    exhaust the stack here either."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
+def _read_header(data: bytes, where: str) -> tuple[dict, memoryview]:
+    """The header JSON and the body after it. Bounded: a header length beyond the file or the cap, and
+    nesting beyond what Python's parser survives (it raises RecursionError), are a corrupt file."""
     if not data.startswith(MAGIC):
         raise ScheduleError(f"{where}: not a b3stream schedule (bad magic)")
+    start = len(MAGIC) + 8
+    if len(data) < start:
+        raise ScheduleError(f"{where}: truncated (no header length)")
+    (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
+    if hlen > len(data) - start:
+        raise ScheduleError(f"{where}: truncated (header of {hlen} bytes, {len(data) - start} left in the file)")
+    if hlen > _MAX_HEADER:
+        raise ScheduleError(f"{where}: corrupt header (length {hlen} bytes, above the {_MAX_HEADER} cap)")
     try:
-        (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
-        start = len(MAGIC) + 8
         header = json.loads(data[start : start + hlen])
-        body = memoryview(data)[start + hlen :]
-        meta = header["meta"]
-        digest = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
-        arrays = {}
-        for name, spec in header["arrays"].items():
-            raw = body[spec["offset"] : spec["offset"] + spec["nbytes"]]
-            if len(raw) != spec["nbytes"]:
-                raise ScheduleError(f"{where}: truncated (array {name!r})")
-            digest.update(raw)
-            arrays[name] = np.frombuffer(raw, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"])
-    except (struct.error, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, ScheduleError):
-            raise
+    except RecursionError:
+        raise ScheduleError(f"{where}: corrupt header (JSON nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise ScheduleError(f"{where}: corrupt header ({e})") from None
+    if not _depth_ok(header, _MAX_DEPTH):
+        raise ScheduleError(f"{where}: corrupt header (JSON nested deeper than {_MAX_DEPTH} levels)")
+    return header, memoryview(data)[start + hlen :]
+
+
+def _check_header(header, body_size: int, where: str) -> None:
+    """Refuse a header that is not what :meth:`Schedule.to_bytes` writes: its keys and their types, the
+    array table (known names, int64 little-endian, shapes of the right rank, byte ranges that match the
+    shapes and lie back to back in name order, filling the body exactly), the metadata fields the trainer
+    computes with, and the checksum's form."""
+    def bad(problem: str) -> ScheduleError:
+        return ScheduleError(f"{where}: corrupt header ({problem})")
+
+    if not isinstance(header, dict) or set(header) != {"arrays", "meta", "sha256"}:
+        raise bad("expected an object with exactly the keys arrays, meta, sha256")
+    if not isinstance(header["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", header["sha256"]):
+        raise bad("sha256 is not 64 hex digits")
+    _check_meta(header["meta"], bad)
+    arrays = header["arrays"]
+    if not isinstance(arrays, dict) or not {"ids", "offsets"} <= set(arrays) <= set(_ARRAY_RANK):
+        raise bad(f"arrays must name ids, offsets and optionally hard_negatives, got {_shown(arrays)}")
+    offset = 0
+    for name in sorted(arrays):
+        _check_array(name, arrays[name], offset, bad)
+        offset += arrays[name]["nbytes"]
+    if offset > body_size:
+        raise ScheduleError(f"{where}: truncated (the arrays need {offset} bytes, {body_size} present)")
+    if offset < body_size:
+        raise bad(f"the arrays take {offset} bytes but {body_size} follow the header")
+
+
+def _check_array(name: str, spec, offset: int, bad) -> None:
+    """One entry of the array table: dtype, shape of the right rank, and a byte range where the writer
+    puts it (``offset``: right after the previous array)."""
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "nbytes", "offset", "shape"}:
+        raise bad(f"array {name!r}: expected dtype, shape, offset, nbytes, got {_shown(spec)}")
+    if spec["dtype"] != _DTYPE:
+        raise bad(f"array {name!r}: dtype {_shown(spec['dtype'])}, expected {_DTYPE!r}")
+    shape = spec["shape"]
+    if not isinstance(shape, list) or len(shape) != _ARRAY_RANK[name] or not all(_is_int(d, 0) for d in shape):
+        raise bad(f"array {name!r}: shape {_shown(shape)} is not {_ARRAY_RANK[name]} non-negative integers")
+    if not _is_int(spec["offset"]) or spec["offset"] != offset:
+        raise bad(f"array {name!r}: at byte {_shown(spec['offset'])} of the body, expected {offset}")
+    size = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPE).itemsize
+    if not _is_int(spec["nbytes"]) or spec["nbytes"] != size:
+        raise bad(f"array {name!r}: nbytes {_shown(spec['nbytes'])} does not match shape {shape} ({size})")
+
+
+def _check_meta(meta, bad) -> None:
+    """The metadata is an object, and the fields code computes with have usable types."""
+    if not isinstance(meta, dict):
+        raise bad(f"meta must be an object, got {_shown(meta)}")
+    for key, minimum in _META_INTS.items():
+        if meta.get(key) is not None and not _is_int(meta[key], minimum):
+            need = "an integer" if minimum is None else f"an integer >= {minimum}"
+            raise bad(f"meta {key!r} is {_shown(meta[key])}, expected {need}")
+    for key in _META_DICTS:
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise bad(f"meta {key!r} is {_shown(meta[key])}, expected an object")
+    n = (meta.get("data") or {}).get("n")
+    if n is not None and not _is_int(n, 0):
+        raise bad(f"meta data 'n' is {_shown(n)}, expected a non-negative integer")
+    for key in ("strategy", "source_model"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(f"meta {key!r} is {_shown(meta[key])}, expected text")
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``repr`` cut short: a crafted header may hold megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_ids(arrays: dict[str, np.ndarray], n: int | None, where: str) -> None:
+    """Every id names an example: in 0..n-1 with n from the data stamp (when the schedule has one), never
+    negative; hard negatives may also be -1, the mark of a slot the miner could not fill."""
+    for name, low in (("ids", 0), ("hard_negatives", -1)):
+        arr = arrays.get(name)
+        if arr is None or not arr.size:
+            continue
+        outside = (arr < low) | (arr >= n) if n is not None else arr < low
+        if outside.any():
+            span = f"{low}..{n - 1}" if n is not None else f"{low} or above"
+            raise ScheduleError(f"{where}: {int(outside.sum())} {name.replace('_', ' ')} outside {span} "
+                                f"(e.g. {int(arr[outside].flat[0])})")
+
+
+def _parse(data: bytes, where: str) -> Schedule:
+    """Bytes -> Schedule. Every way a file can be wrong (foreign, truncated, crafted, corrupt) is a
+    :class:`ScheduleError` naming ``where``; nothing else escapes, whatever the bytes."""
+    header, body = _read_header(data, where)
+    _check_header(header, len(body), where)
+    meta = header["meta"]
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    arrays = {}
+    for name in sorted(header["arrays"]):
+        spec = header["arrays"][name]
+        raw = body[spec["offset"] : spec["offset"] + spec["nbytes"]]
+        digest.update(raw)
+        arrays[name] = np.frombuffer(raw, dtype=np.dtype(_DTYPE)).reshape(spec["shape"])
     if digest.hexdigest() != header["sha256"]:
         raise ScheduleError(f"{where}: checksum mismatch; the file is corrupt")
-    return Schedule(ids=arrays["ids"], offsets=arrays["offsets"], meta=meta,
-                    negatives=arrays.get("hard_negatives"))
+    _check_ids(arrays, (meta.get("data") or {}).get("n"), where)
+    try:
+        return Schedule(ids=arrays["ids"], offsets=arrays["offsets"], meta=meta,
+                        negatives=arrays.get("hard_negatives"))
+    except ScheduleError as e:
+        raise ScheduleError(f"{where}: {e}") from None
 
 
 def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def _sidecar_timings(side: Path) -> dict:
+    """The timings of a ``.json`` sidecar, or {} if it is unreadable or malformed: the sidecar is
+    informational and unchecked, so nothing in it may stop a verified schedule from loading."""
+    try:
+        timings = json.loads(side.read_text()).get("timings", {})
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return {}
+    return timings if isinstance(timings, dict) and _depth_ok(timings, _MAX_DEPTH) else {}
 
 
 def load_schedule(path: str | Path, expect: dict | None = None) -> Schedule:
@@ -195,10 +345,7 @@ def load_schedule(path: str | Path, expect: dict | None = None) -> Schedule:
     sched.path = path
     side = sidecar(path)
     if side.is_file():
-        try:
-            sched.meta["timings"] = json.loads(side.read_text()).get("timings", {})
-        except json.JSONDecodeError:
-            pass  # the sidecar is informational; the schedule itself was verified
+        sched.meta["timings"] = _sidecar_timings(side)
     if expect is not None:
         from .data.manifest import DataError, check_stamp
 
@@ -221,18 +368,26 @@ def list_versions(folder: str | Path) -> list[int]:
 
 
 def newest_schedule(folder: str | Path, expect: dict | None = None, above: int | None = None,
-                    below: int | None = None, skip=(), on_reject=None) -> Schedule | None:
+                    below: int | None = None, skip=(), on_reject=None, check=None) -> Schedule | None:
     """The newest schedule in ``folder`` that loads (checksum, and the data stamp ``expect`` when given),
-    with a version in (``above``, ``below``) and not in ``skip``; None if there is none. ``on_reject(version,
-    error)`` hears of every newer file that did not load."""
+    with a version in (``above``, ``below``) and not in ``skip``; None if there is none. ``check(schedule)``,
+    if given, may refuse a schedule that loads by raising. ``on_reject(version, error)`` hears of every newer
+    file that did not load or was refused.
+
+    A file that fails for any reason is passed over, not raised: a schedule folder is written by other
+    processes (and people) while readers poll it, so one bad file must never stop the reader; only
+    KeyboardInterrupt and SystemExit get through."""
     for version in reversed(list_versions(folder)):
         if above is not None and version <= above:
             break
         if (below is not None and version >= below) or version in skip:
             continue
         try:
-            return load_schedule(version_path(folder, version), expect=expect)
-        except (ScheduleError, OSError) as e:
+            schedule = load_schedule(version_path(folder, version), expect=expect)
+            if check is not None:
+                check(schedule)
+            return schedule
+        except Exception as e:  # noqa: BLE001 (see the docstring)
             if on_reject is not None:
                 on_reject(version, e)
     return None
@@ -254,7 +409,7 @@ def _claim(folder: Path, version: int, data: bytes, overwrite: bool) -> Path | N
     Returns None when the name is taken (and ``overwrite`` is off); the temporary file is always removed."""
     path = version_path(folder, version)
     # A name of our own (not mkstemp, whose 0600 mode the final file would keep: readers may be other users)
-    tmp = folder / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    tmp = tmp_name(path, token=secrets.token_hex(4))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -303,6 +458,7 @@ def publish_schedule(schedule: Schedule, folder: str | Path, version: int | None
         raise ScheduleError(f"schedule version must be a non-negative integer, got {version!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    sweep_temps(folder)  # a publisher killed mid-write left its temporary file
     _remove_orphan_sidecars(folder)
     explicit = version is not None
     if not explicit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import shutil
 import sys
@@ -455,3 +456,73 @@ def test_cli_refuses_negative_fractions(tmp_path, capsys, flag, value):
     err = capsys.readouterr().err
     assert "usage: b3stream prepare" in err and f"argument {flag}: {value} is not a" in err
     assert not (tmp_path / "out").exists()
+
+
+# -- one definition of a valid shard, for every reader (issue 19, item 7) ---------------------------------
+
+
+def _rename_member(ds: Path, shard_name: str, old: str, new: str) -> Path:
+    """Rewrite ``shard_name`` with member ``old`` renamed to ``new`` (content untouched) and record the new
+    size and hash in the manifest, so the member name is the only thing wrong with the dataset."""
+    import io
+    import tarfile
+
+    from b3stream.data.manifest import sha256_file
+
+    shard = ds / shard_name
+    buf = io.BytesIO()
+    with tarfile.open(shard, "r:") as src, tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as dst:
+        for member in src:
+            data = src.extractfile(member).read()
+            if member.name == old:
+                member.name = new
+            dst.addfile(member, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+    manifest = json.loads((ds / "manifest.json").read_text())
+    entry = next(sh for sh in manifest["splits"]["train"]["shards"] if sh["url"] == shard_name)
+    entry["bytes"], entry["sha256"] = shard.stat().st_size, sha256_file(shard)
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    return shard
+
+
+@pytest.mark.parametrize("name", ["../../escape.json", "sub/000000103.json", "000000103.notes"])
+def test_a_member_name_the_writer_never_produces_is_refused_by_every_reader(toy_dataset, tmp_path, capsys, name):
+    ds = _copy(toy_dataset, tmp_path / "data")
+    _rename_member(ds, "train-000002.tar", "000000103.json", name)
+    message = f"train-000002.tar: member '{name}' is not a valid shard member"
+    for verify in (True, False):  # the check is on the names, not the hash
+        with pytest.raises(DataError, match=message):
+            ShardedDataset(ds, "train", verify=verify)
+    # `inspect --verify` and `mine embed` (which streams the split through webdataset) now agree.
+    assert main(["inspect", str(ds), "--verify"]) == 2
+    assert message in capsys.readouterr().err
+    out = tmp_path / "mine"
+    assert main(["mine", "embed", "--data", str(ds), "--out", str(out), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("sample", [
+    {"__key__": "../../escape", "json": b'{"id": 3}'},  # how webdataset splits ../../escape.json
+    {"__key__": "../../escape", ".json": io.BytesIO(b'{"id": 3}')},  # how wids splits it
+    {"__key__": "000000003", "json": b'{"id": 3}', "../x.png": b"img"},
+])
+def test_decoding_refuses_a_sample_split_from_a_bad_member_name(sample):
+    # Remote shards are not scanned on open: the decoding of each sample applies the same definition.
+    with pytest.raises(DataError, match=r"remote.tar: member '.*' is not a valid shard member"):
+        reader_module.decode_sample(sample, "remote.tar")
+
+
+def test_a_record_naming_an_image_it_does_not_hold_is_a_data_error():
+    sample = {"__key__": "000000003", "json": b'{"id": 3, "query_image": "../../etc/passwd"}'}
+    with pytest.raises(DataError, match="names query_image '../../etc/passwd', which is not one of its members"):
+        reader_module.decode_sample(sample, "x.tar")
+
+
+def test_a_key_out_of_order_is_refused_on_open(toy_dataset, tmp_path):
+    # Member 103's json moved to key 000000099 (after 102): one sample to a reader that groups runs of a key,
+    # and a merge with record 99 to one that groups by key; neither is a shard the writer makes.
+    ds = _copy(toy_dataset, tmp_path)
+    _rename_member(ds, "train-000001.tar", "000000075.json", "000000060.json")
+    with pytest.raises(DataError, match="train-000001.tar: member '000000060.json' comes after records with higher"):
+        ShardedDataset(ds, "train")

@@ -3,9 +3,17 @@ the new schedule's communities, exactly once per epoch, the swap history."""
 
 from __future__ import annotations
 
-import numpy as np
+import json
+import re
+import struct
+from pathlib import Path
 
-from b3stream.schedule import Schedule
+import numpy as np
+import torch
+
+from b3stream.data.manifest import Manifest
+from b3stream.schedule import MAGIC, Schedule, load_schedule, version_path
+from b3stream.train.distributed import DistInfo
 from b3stream.train.sampler import ScheduleSampler
 
 
@@ -63,3 +71,66 @@ def test_sampler_state_keeps_the_swap_history():
     b = ScheduleSampler(new, n, seed=1)
     b.load_state_dict(a.state_dict())
     assert b.history == a.history and [s.ids.tolist() for s in b] == [s.ids.tolist() for s in a]
+
+
+# -- a bad newer version never stops training (issue 19, item 5) ----------------------------------------
+
+
+def _with_header(good: Path, change) -> bytes:
+    """The bytes of the schedule file ``good`` with ``change(header)`` applied to its header (the
+    checksum is then stale, but a header that does not fit the format is refused before that matters)."""
+    data = good.read_bytes()
+    (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
+    start = len(MAGIC) + 8
+    header = json.loads(data[start : start + hlen])
+    change(header)
+    raw = json.dumps(header).encode()
+    return MAGIC + struct.pack("<Q", len(raw)) + raw + data[start + hlen :]
+
+
+def _with_ids(good: Path, version: int, change) -> bytes:
+    """A schedule with a valid checksum: ``good`` loaded, ``change(ids)`` applied, written again as
+    ``version`` (so only its ids are wrong)."""
+    sched = load_schedule(good)
+    ids = sched.ids.copy()
+    change(ids)
+    meta = {**{k: v for k, v in sched.meta.items() if k != "timings"}, "version": version}
+    return Schedule(ids=ids, offsets=sched.offsets, meta=meta).to_bytes()
+
+
+def test_the_watcher_skips_any_bad_newer_version_and_training_goes_on(tmp_path, toy_dataset):
+    from b3stream.train.hotswap import ScheduleWatcher
+
+    from ._train_util import random_schedule
+
+    folder = tmp_path / "schedules"
+    manifest = Manifest.load(toy_dataset)
+    n = manifest.split("train").n
+    first = random_schedule(toy_dataset, batch_size=16, K=4, seed=0, folder=folder, version=0)
+    crafted = {  # version -> (bytes dropped into the folder, what the message names)
+        1: (_with_header(first, lambda h: h.update(arrays=[])), "arrays must name"),
+        2: (_with_header(first, lambda h: h.update(meta=[1, 2])), "meta must be an object"),
+        3: (MAGIC + struct.pack("<Q", 400_000) + b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        4: (_with_ids(first, 4, lambda ids: ids.__setitem__(0, -5)), r"1 ids outside 0\.\.\d+ \(e\.g\. -5\)"),
+        5: (_with_ids(first, 5, lambda ids: ids.__setitem__(0, 10**6)), r"1 ids outside 0\.\.\d+ \(e\.g\. 1000000\)"),
+        6: (_with_ids(first, 6, lambda ids: ids.__setitem__(0, ids[1])), "1 missing, 1 repeated"),  # swap would fail
+        7: (first.read_bytes(), "holds version 0, not the one its name says"),  # a copy of v0 under a newer name
+    }
+    said = []
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    watcher = ScheduleWatcher(folder, manifest, dist, say=said.append)
+    for version, (data, message) in crafted.items():  # dropped in one at a time, as a running trainer sees them
+        version_path(folder, version).write_bytes(data)
+        assert watcher.check(0) is None  # not it, and never back to an older one
+        assert len(said) == version and version in watcher.rejected
+        assert re.search(rf"^schedule v{version} not used: .*v{version:06d}\.b3s: .*{message}", said[-1]), said[-1]
+    assert watcher.check(0) is None and len(said) == len(crafted)  # each is read once, not at every step
+    # A good version published after them is taken, and the sampler swaps to it.
+    good = random_schedule(toy_dataset, batch_size=16, K=4, seed=8, folder=folder, version=8)
+    new = watcher.check(0)
+    assert new is not None and new.version == 8 and new.path == good
+    sampler = ScheduleSampler(load_schedule(first), n, seed=0)
+    sampler.advance()
+    sampler.swap(new, step=1)
+    assert sampler.version == 8
+

@@ -3,13 +3,15 @@
 import json
 import multiprocessing as mp
 import os
+import struct
 
 import numpy as np
 import pytest
 
 from b3stream import load_schedule
+from b3stream.cli import main
 from b3stream.schedule import (
-    Schedule, ScheduleError, VersionExistsError, latest_schedule, list_versions, publish_schedule, sidecar,
+    MAGIC, Schedule, ScheduleError, VersionExistsError, latest_schedule, list_versions, publish_schedule, sidecar,
     version_path,
 )
 
@@ -155,3 +157,133 @@ def test_a_failed_publish_leaves_no_sidecar_and_orphans_are_removed(tmp_path):
     fresh.meta["timings"] = {}
     publish_schedule(fresh, tmp_path, version=9)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v000009.b3s", "v000009.json"]
+
+
+# -- crafted files: every failure is a ScheduleError naming the file (issue 19, item 5) -------------------
+
+
+def _header_of(schedule: Schedule) -> tuple[dict, bytes]:
+    """The header dict and the array bytes of a real schedule file."""
+    data = schedule.to_bytes()
+    (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
+    start = len(MAGIC) + 8
+    return json.loads(data[start : start + hlen]), data[start + hlen :]
+
+
+def _craft(path, header, body: bytes = b"", length: int | None = None):
+    """A file with the real magic and ``header`` (a dict, or raw bytes) in place of the writer's."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack("<Q", len(raw) if length is None else length) + raw + body)
+    return path
+
+
+def _edit(change):
+    """A crafted file: the header of a real schedule with ``change(header)`` applied, its body kept."""
+    def make(path):
+        header, body = _header_of(_schedule(h=2))
+        change(header)
+        return _craft(path, header, body)
+    return make
+
+
+def _set(keys, value):
+    def change(header):
+        d = header
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+    return change
+
+
+CRAFTED = {
+    "arrays is a list": (_edit(_set(["arrays"], [])), "arrays must name ids, offsets"),
+    "meta is a list": (_edit(_set(["meta"], [1, 2])), "meta must be an object"),
+    "200000 nested brackets": (lambda p: _craft(p, b"[" * 200_000 + b"]" * 200_000), "nested too deeply"),
+    "nested 100 deep": (lambda p: _craft(p, b'{"meta": ' + b"[" * 100 + b"]" * 100 + b"}"), "nested deeper"),
+    "header longer than the file": (lambda p: _craft(p, b"{}", length=1 << 40), "truncated"),
+    "header not JSON": (lambda p: _craft(p, b"\xff\xfe{"), "corrupt header"),
+    "no header length": (lambda p: p.write_bytes(MAGIC + b"\x01") and p, "truncated"),
+    "unknown array": (_edit(_set(["arrays", "weights"], {"dtype": "<i8", "shape": [0], "offset": 0, "nbytes": 0})),
+                      "arrays must name ids, offsets"),
+    "missing ids": (_edit(lambda h: h["arrays"].pop("ids")), "arrays must name ids, offsets"),
+    "float ids": (_edit(_set(["arrays", "ids", "dtype"], "<f8")), "dtype '<f8', expected '<i8'"),
+    "big-endian ids": (_edit(_set(["arrays", "ids", "dtype"], ">i8")), "dtype '>i8'"),
+    "ids of rank 2": (_edit(_set(["arrays", "ids", "shape"], [3, 4])), "is not 1 non-negative integers"),
+    "negative shape": (_edit(_set(["arrays", "offsets", "shape"], [-4])), "is not 1 non-negative integers"),
+    "shape as text": (_edit(_set(["arrays", "ids", "shape"], "12")), "is not 1 non-negative integers"),
+    "negatives of rank 1": (_edit(_set(["arrays", "hard_negatives", "shape"], [24])), "is not 2 non-negative"),
+    "nbytes off": (_edit(_set(["arrays", "ids", "nbytes"], 8)), "nbytes 8 does not match shape"),
+    "negative offset": (_edit(_set(["arrays", "ids", "offset"], -8)), "at byte -8 of the body"),
+    "overlapping arrays": (_edit(_set(["arrays", "offsets", "offset"], 0)), "at byte 0 of the body, expected"),
+    "array past the end": (_edit(_set(["arrays", "offsets", "shape"], [400])), "nbytes .* does not match"),
+    "sha256 a number": (_edit(_set(["sha256"], 5)), "sha256 is not 64 hex digits"),
+    "extra key": (_edit(_set(["more"], 1)), "exactly the keys arrays, meta, sha256"),
+    "version as text": (_edit(_set(["meta", "version"], "7")), "meta 'version' is '7', expected an integer"),
+    "batch size zero": (_edit(_set(["meta", "batch_size"], 0)), "meta 'batch_size' is 0"),
+    "data a list": (_edit(_set(["meta", "data"], [12])), "meta 'data' is \\[12\\], expected an object"),
+    "data n as text": (_edit(_set(["meta", "data", "n"], "12")), "meta data 'n' is '12'"),
+    "a header of null": (lambda p: _craft(p, b"null"), "exactly the keys arrays, meta, sha256"),
+}
+
+
+@pytest.mark.parametrize("craft, message", CRAFTED.values(), ids=list(CRAFTED))
+def test_a_crafted_header_is_a_schedule_error_naming_the_file(tmp_path, capsys, craft, message):
+    path = craft(tmp_path / "v000001.b3s")
+    with pytest.raises(ScheduleError, match=message) as err:
+        load_schedule(path)
+    assert str(err.value).startswith(f"{path}: ")
+    with pytest.raises(ScheduleError, match=message):
+        load_schedule(path, expect=STAMP)
+    # `b3stream inspect` says so in one line (no traceback) and a folder falls back to the good version.
+    assert main(["inspect", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"b3stream inspect: error: {err.value}"
+    publish_schedule(_schedule(seed=3), tmp_path, version=0)
+    with pytest.warns(UserWarning, match=f"skipping schedule .*v000001.b3s: .*{message}"):
+        assert load_schedule(tmp_path).version == 0
+
+
+def _checksummed(ids, stamp_n: int | None = 6, negatives=None) -> Schedule:
+    """A schedule with a valid checksum holding whatever ids it is given (the writer does not check them)."""
+    meta = {"strategy": "random", "batch_size": 3}
+    if stamp_n is not None:
+        meta["data"] = {**STAMP, "n": stamp_n}
+    ids = np.asarray(ids)
+    negatives = None if negatives is None else [negatives[:3], negatives[3:]]
+    return Schedule.from_batches([ids[:3], ids[3:]], meta=meta, negatives=negatives)
+
+
+@pytest.mark.parametrize("ids, bad, count", [([0, 1, 2, 3, -5, 5], -5, 1), ([0, 1, 2, 3, 10**6, 5], 10**6, 1),
+                                             ([-1, 1, 2, 3, 6, 7], -1, 3)])
+def test_ids_outside_the_data_are_counted_and_named(tmp_path, ids, bad, count):
+    sched = _checksummed(ids)
+    with pytest.raises(ScheduleError, match=rf"^schedule holds {count} ids outside 0\.\.5 \(e\.g\. {bad}\)"):
+        sched.check_epoch(6)  # was a bincount ValueError (-5) or "999637 missing" (10^6)
+    path = publish_schedule(sched, tmp_path)
+    with pytest.raises(ScheduleError, match=rf"^{path}: {count} ids outside 0\.\.5 \(e\.g\. {bad}\)"):
+        load_schedule(path)
+    with pytest.raises(ScheduleError, match="ids outside"):
+        load_schedule(path, expect={**STAMP, "n": 6})
+    unstamped = publish_schedule(_checksummed(ids, stamp_n=None), tmp_path)
+    if bad < 0:  # without a data stamp only the sign is known
+        with pytest.raises(ScheduleError, match=rf"{unstamped}: \d+ ids outside 0 or above \(e\.g\. -"):
+            load_schedule(unstamped)
+    else:
+        with pytest.raises(ScheduleError, match=rf"{unstamped}: schedule holds 1 ids outside 0\.\.5"):
+            load_schedule(unstamped).check_epoch(6)
+
+
+def test_hard_negatives_outside_the_data_are_refused_but_minus_one_padding_is_kept(tmp_path):
+    negs = np.array([[1, -1], [2, 0], [0, 1], [4, 5], [3, 5], [3, 4]])
+    ok = publish_schedule(_checksummed(range(6), negatives=negs), tmp_path)
+    assert load_schedule(ok).negatives.tolist() == negs.tolist()
+    negs[4, 1] = 6
+    bad = publish_schedule(_checksummed(range(6), negatives=negs), tmp_path)
+    with pytest.raises(ScheduleError, match=rf"{bad}: 1 hard negatives outside -1\.\.5 \(e\.g\. 6\)"):
+        load_schedule(bad)
+
+
+def test_an_unreadable_sidecar_does_not_stop_a_good_schedule(tmp_path):
+    path = publish_schedule(_schedule(), tmp_path)
+    for text in ("[1, 2]", "[" * 100_000, '{"timings": [3]}', "\udcff"):
+        sidecar(path).write_text(text, errors="surrogateescape")
+        assert load_schedule(path).meta["timings"] == {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -20,20 +21,93 @@ def _is_url(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+# -- what a shard holds: the one definition every reader applies -----------------------------------------
+#
+# ``encode_sample`` (shards.py) writes each record as members named ``<key>.<suffix>``: the key is the id,
+# zero-padded to 9 digits (more for ids of 10^9 and up), and the suffix is ``json`` or ``query_image.<ext>``
+# / ``positive_image.<ext>`` with a lower-case extension. Nothing else is a valid member: in particular no
+# path separator and no ``..``, which the tar readers would otherwise split into an odd key and a suffix
+# and hand on as a record. Every reader path checks names against this (the header scan every open does,
+# :meth:`ShardedDataset.verify`, and the decoding of every streamed or random-access sample), so they all
+# agree on what a valid shard is.
+
+_KEY_RE = re.compile(r"[0-9]{9,}")
+_SUFFIX_RE = re.compile(r"json|(?:query|positive)_image\.[^./\\\x00-\x1f\x7f]+")
+IMAGE_SIDES = ("query_image", "positive_image")
+
+
+def member_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a member name the shard writer produces; None when it is one."""
+    if "/" in name or "\\" in name:
+        return "it holds a path separator"
+    if ".." in name:
+        return "it holds '..'"
+    key, _, suffix = name.partition(".")
+    if not _KEY_RE.fullmatch(key):
+        return "its key is not a zero-padded record id"
+    if not _SUFFIX_RE.fullmatch(suffix) or suffix != suffix.lower():
+        return "its suffix is not json, query_image.<ext> or positive_image.<ext>"
+    return None
+
+
+def split_member(name: str, where: str) -> tuple[str, str]:
+    """``(key, suffix)`` of a valid member name; a DataError naming the shard and the member otherwise."""
+    problem = member_name_problem(name)
+    if problem is not None:
+        raise DataError(f"{where}: member {name!r} is not a valid shard member ({problem}); this shard was not "
+                        "written by `b3stream prepare` or was altered since (re-run prepare)")
+    key, _, suffix = name.partition(".")
+    return key, suffix
+
+
+def shard_samples(tar: tarfile.TarFile, where: str) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+    """The samples of an open shard as ``(key, members)``, from the headers alone; refuses what the writer
+    never produces: a member that is not a regular file or has an invalid name, a suffix twice in one
+    sample, and keys out of order (a key that comes back later would be one sample to one reader and two to
+    another)."""
+    key, members, last = None, [], -1
+    for member in tar:
+        if not member.isfile():
+            raise DataError(f"{where}: member {member.name!r} is not a regular file; a shard holds only files")
+        k, suffix = split_member(member.name, where)
+        if k != key:
+            if int(k) <= last:
+                raise DataError(f"{where}: member {member.name!r} comes after records with higher ids; "
+                                "a shard stores its records in id order")
+            if members:
+                yield key, members
+            key, members, last = k, [], int(k)
+        if any(m.name.partition(".")[2] == suffix for m in members):
+            raise DataError(f"{where}: member {member.name!r} appears twice")
+        members.append(member)
+    if members:
+        yield key, members
+
+
 def decode_sample(sample: dict, where: str) -> dict:
-    """Tar members of one sample -> the record dict (images as bytes)."""
-    # wids hands members over as file-like objects, webdataset as bytes.
+    """Tar members of one sample -> the record dict (images as bytes).
+
+    ``sample`` is a sample as a tar reader split it (``__key__`` plus one entry per suffix); its key and
+    suffixes must make valid member names (:func:`member_name_problem`), whichever reader split them."""
+    # wids hands members over as file-like objects (suffixes with their dot), webdataset as bytes.
     members = {k.lstrip("."): (v.getvalue() if hasattr(v, "getvalue") else v)
                for k, v in sample.items() if not k.startswith("__")}
+    key = sample.get("__key__")
+    for suffix in members:
+        split_member(f"{key}.{suffix}", where)
     if "json" not in members:
-        raise DataError(f"{where}: sample {sample.get('__key__')!r} has no json member")
+        raise DataError(f"{where}: sample {key!r} has no json member")
     raw = members["json"]
     try:
         rec = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{where}: sample {sample.get('__key__')!r} has a corrupt json member ({e})") from None
-    for side in ("query_image", "positive_image"):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{where}: sample {key!r} has a corrupt json member ({e})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: sample {key!r}: its json member is not an object")
+    for side in IMAGE_SIDES:
         if side in rec:
+            if not isinstance(rec[side], str) or rec[side] not in members or not rec[side].startswith(side):
+                raise DataError(f"{where}: sample {key!r} names {side} {rec[side]!r}, which is not one of its members")
             rec[side] = members[rec[side]]
     return rec
 
@@ -61,21 +135,13 @@ def shard_facts(path: Path, with_hash: bool) -> dict:
 
 
 def count_samples(path: Path) -> int:
-    """Samples in a WebDataset tar: runs of members sharing a key, read from the headers alone."""
-    count, last = 0, None
+    """Samples in a WebDataset tar, read from the headers alone (:func:`shard_samples`, which also refuses
+    a member name the writer does not produce: every open of a split runs this, so no reader gets past it)."""
     try:
         with tarfile.open(path, "r:") as tar:  # uncompressed, seekable: member data is skipped, not read
-            for member in tar:
-                if not member.isfile():
-                    continue
-                # webdataset's key: the member name up to the first dot of its last component
-                folder, _, base = member.name.rpartition("/")
-                key = (folder, base.split(".", 1)[0])
-                if key != last:
-                    count, last = count + 1, key
+            return sum(1 for _ in shard_samples(tar, str(path)))
     except (tarfile.TarError, EOFError) as e:
         raise DataError(f"{path}: corrupt or truncated tar ({e})") from None
-    return count
 
 
 def check_shard(path: Path, info: ShardInfo, verify: bool) -> None:
@@ -194,22 +260,22 @@ class ShardedDataset:
                 raise DataError(f"{url}: checksum differs from the manifest; the shard is corrupt or replaced")
             count = 0
             try:
-                with tarfile.open(url, "r") as tar:
-                    samples: dict[str, dict] = {}
-                    for member in tar:
-                        key, _, suffix = member.name.partition(".")
-                        data = tar.extractfile(member).read()
-                        samples.setdefault(key, {"__key__": key})[suffix] = data
+                with tarfile.open(url, "r:") as tar:
+                    samples = {key: {"__key__": key, **{m.name.partition(".")[2]: tar.extractfile(m).read()
+                                                        for m in members}}
+                               for key, members in shard_samples(tar, url)}
             except (tarfile.TarError, OSError, EOFError) as e:
                 raise DataError(f"{url}: corrupt or truncated tar ({e})") from None
             seen = set()
             for key, sample in samples.items():
-                rec = decode_sample(sample, url)
-                if rec["id"] in seen:
-                    raise DataError(f"{url}: duplicate id {rec['id']}")
-                seen.add(rec["id"])
-                if rec["id"] != expected:
-                    raise DataError(f"{url}: record {key!r} has id {rec['id']}, expected {expected}")
+                rec_id = decode_sample(sample, url).get("id")
+                if not isinstance(rec_id, int) or isinstance(rec_id, bool):
+                    raise DataError(f"{url}: record {key!r} has id {rec_id!r}, not an integer")
+                if rec_id in seen:
+                    raise DataError(f"{url}: duplicate id {rec_id}")
+                seen.add(rec_id)
+                if rec_id != expected:
+                    raise DataError(f"{url}: record {key!r} has id {rec_id!r}, expected {expected}")
                 expected += 1
                 count += 1
             if count != sh.nsamples:

@@ -104,8 +104,9 @@ def run_mine(args) -> int:
             raise ConfigError(f"only the embed stage runs on several processes; run `b3stream mine {args.stage}` "
                               "without a launcher")
         if rank != 0:  # the other processes embed their share; rank 0 runs the stages
-            from .pipeline import embed_stage
+            from .pipeline import embed_stage, preflight
 
+            preflight(cfg, args.stage)  # what rank 0 refuses (in run_stage), every process refuses
             embed_stage(cfg, progress=False)
             return 0
         out = run_stage(args.stage, cfg, progress=not args.quiet)
@@ -130,6 +131,25 @@ def print_quality(q: dict | None) -> None:
           + (" (with B3++ hard negatives)" if q.get("with_hard_negatives") else ""))
 
 
+_QUALITY_NUMBERS = ("K", "temperature", "theorem1_bound", "theorem1_floor", "queries", "neg_sim_mean",
+                    "neg_sim_hardest_mean", "neg_sim_max")
+
+
+def _print_recorded_quality(q) -> None:
+    """:func:`print_quality` of the quality a schedule file records, which is checksummed but was made
+    elsewhere: a record missing a number (or holding text) is said to be unreadable rather than a
+    traceback, and one without a bound (no batch held a negative) says so."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if q and q.get("theorem1_bound") is None and number(q.get("queries")):
+        print("  batch quality: not defined (no batch holds a negative)")
+    elif q and not all(number(q.get(k)) for k in _QUALITY_NUMBERS):
+        print("  batch quality: recorded, but not in a form this version reads")
+    else:
+        print_quality(q)
+
+
 def inspect_schedule(path, embeddings=None) -> int:
     """Print a schedule's metadata, batch sizes and quality; with ``embeddings`` (a mining folder or its
     ``embeddings/``), recompute the batch quality for them (all queries up to 4096)."""
@@ -147,14 +167,17 @@ def inspect_schedule(path, embeddings=None) -> int:
     params = ", ".join(f"{k}={meta.get(k)}" for k in ("p", "m", "K", "batch_size", "h", "seed", "per_task",
                                                        "mix_tasks", "edges") if meta.get(k) is not None)
     print(f"  params: {params}")
-    print(f"  {len(sizes)} batches, {len(sched.ids)} ids; batch sizes min {sizes.min()} max {sizes.max()}; "
-          f"full batches {int((sizes == meta.get('batch_size')).sum())}")
+    if len(sizes):
+        print(f"  {len(sizes)} batches, {len(sched.ids)} ids; batch sizes min {sizes.min()} max {sizes.max()}; "
+              f"full batches {int((sizes == meta.get('batch_size')).sum())}")
+    else:
+        print("  0 batches, 0 ids")
     if sched.negatives is not None:
         print(f"  hard negatives: {sched.negatives.shape[1]} per example")
     timings = meta.get("timings") or {}
     if timings:
         print("  timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items() if v is not None))
-    print_quality(meta.get("quality"))
+    _print_recorded_quality(meta.get("quality"))
     if embeddings is not None:
         from .embed import load_embeddings
         from .quality import schedule_quality

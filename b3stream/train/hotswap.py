@@ -18,6 +18,7 @@ import torch
 from ..data.manifest import Manifest
 from ..schedule import Schedule, ScheduleError, load_schedule, newest_schedule, version_path
 from .distributed import DistInfo
+from .sampler import check_schedule
 
 
 class ScheduleWatcher:
@@ -45,22 +46,54 @@ class ScheduleWatcher:
             tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
         return int(t.item())
 
+    def _usable(self, schedule: Schedule) -> None:
+        """Refuse (raise) a newer schedule that loads but could not be swapped in: a file whose name and
+        content disagree on its version (rank 0 would announce one version and the others load another
+        file), or one the sampler would refuse at the swap (not each id once, |B| not divisible by the
+        world size), which would otherwise stop the trainer mid-run."""
+        if schedule.version is None or schedule.path != version_path(self.folder, schedule.version):
+            raise ScheduleError(f"{schedule.path}: holds version {schedule.version!r}, not the one its name says")
+        check_schedule(schedule, self.manifest.split("train").n, self.dist.world_size)
+
+    def _newest(self, current: int, stamp: dict) -> Schedule | None:
+        """Rank 0's pick: the newest usable version above ``current`` (bad ones rejected on the way), or
+        None, also when the folder itself cannot be listed just now (removed, unmounted): the other ranks
+        are waiting for this answer, so nothing may raise here."""
+        try:
+            return newest_schedule(self.folder, expect=stamp, above=current, skip=self.rejected,
+                                   on_reject=self._reject, check=self._usable)
+        except Exception as e:  # noqa: BLE001 (see the docstring)
+            self.say(f"schedule folder {self.folder} not read: {e}")
+            return None
+
+    def _load(self, version: int, stamp: dict) -> Schedule | None:
+        """``version`` as rank 0 announced it, on another rank; None (with a message) if it fails here for
+        any reason: removed or altered between rank 0's look and ours, or unreadable to this process."""
+        try:
+            schedule = load_schedule(version_path(self.folder, version), expect=stamp)
+            self._usable(schedule)
+            return schedule
+        except Exception as e:  # noqa: BLE001 (a file must never stop training; see check)
+            self.say(f"schedule v{version} not used on rank {self.dist.rank}: {e}")
+            return None
+
     def check(self, current: int | None) -> Schedule | None:
-        """A newer schedule every rank has loaded, or None. Collective: call on every rank at the same step."""
+        """A newer schedule every rank has loaded, or None. Collective: call on every rank at the same step.
+
+        A newer version that fails to load or to check, for whatever reason, is skipped (once, with a
+        message) and training goes on: it must never raise out of here. Rank 0 decides which version to
+        try; a version any rank could not load is skipped on all of them."""
         current = -1 if current is None else int(current)
         stamp = self.manifest.stamp("train")
-        schedule = newest_schedule(self.folder, expect=stamp, above=current, skip=self.rejected,
-                                   on_reject=self._reject) if self.dist.is_main else None
+        schedule = self._newest(current, stamp) if self.dist.is_main else None
         newest = self.agree(schedule.version if schedule is not None else -1, "broadcast")
         if newest <= current:
             return None
-        ok = 1
         if not self.dist.is_main:  # rank 0 has it loaded already
-            try:
-                schedule = load_schedule(version_path(self.folder, newest), expect=stamp)
-            except (ScheduleError, OSError):  # removed or altered between rank 0's look and ours
-                schedule, ok = None, 0
-        if self.agree(ok, "min") == 0:
+            schedule = self._load(newest, stamp)
+        if self.agree(int(schedule is not None), "min") == 0:
+            if schedule is not None:  # it loaded here, not on every rank
+                self.say(f"schedule v{newest} not used: another rank could not load it")
             self.rejected.add(newest)
             return None
         return schedule
