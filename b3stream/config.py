@@ -10,6 +10,7 @@ a typo must never silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,7 +134,10 @@ class RefreshConfig:
     nice: int = 10  # the miner's niceness: it yields the CPU to the trainer
     keep: int = 2  # snapshots kept on disk
     poll_seconds: float = 2.0  # how often the miner looks for a new snapshot
-    max_restarts: int = 5  # a crashed spawned miner is restarted (with backoff) at most this many times
+    # A crashed spawned miner is restarted (with backoff) at most max_restarts times within any
+    # restart_window seconds: a miner that crashes now and then over a long run keeps being restarted.
+    max_restarts: int = 5
+    restart_window: float = 3600.0
     # Bounded staleness: the schedule mined from the snapshot of step s is in use by step s + max_lag_steps,
     # the trainer waiting there for the miner if it must (0: synchronous; None: never wait). Without it a
     # trainer faster than its miner (a GPU, a short epoch) can finish before any refresh lands.
@@ -176,6 +180,7 @@ class TrainConfig:
     save_every: int | None = None  # a checkpoint is always written at the end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from RUN/checkpoints when it holds one
+    overwrite: bool = False  # start afresh in an `out` that already holds files (an earlier run's are replaced)
     watch_schedule_every: int | None = None  # poll the schedule folder every N steps; swap to a newer version
     mode: str = "static"  # static: the given schedule (paper) | refreshed: re-mined while training runs
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
@@ -238,7 +243,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
             out = tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -325,10 +330,27 @@ def validate(cfg: T, prefix: str = "") -> T:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             validate(value, f"{prefix}{f.name}.")
+        else:
+            _check_finite(value, f"{prefix}{f.name}")
     check = _CHECKS.get(type(cfg))
     if check is not None:
         check(cfg, _Checker(cfg, prefix))
     return cfg
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse inf and NaN in any number of a config, also inside a mapping or list (``task_params``,
+    ``refresh.mine``). A range check alone lets them through: ``lr: inf`` is ``>= 0``, and it surfaced only
+    as a training traceback after the model had loaded and the run folder was written. YAML spells them
+    ``.inf``/``.nan``; ``inf``/``nan`` reach a float field as strings and are converted to the same."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 class _Checker:
@@ -351,6 +373,11 @@ class _Checker:
             return
         if not value >= low:
             self.fail(name, f"must be >= {low}" + (" (or null)" if optional else ""))
+
+    def between(self, name: str, low: float, high: float, why: str = "") -> None:
+        """``low <= value <= high`` (both ends included)."""
+        if not low <= getattr(self.cfg, name) <= high:
+            self.fail(name, f"must be in [{low}, {high}]" + (f" ({why})" if why else ""))
 
     def one_of(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self.cfg, name) not in choices:
@@ -377,7 +404,7 @@ def _check_lora(c: LoraConfig, v: _Checker) -> None:
 
 def _check_train(c: TrainConfig, v: _Checker) -> None:
     v.above("temperature", 0)
-    v.at_least("lr", 0)
+    v.above("lr", 0)
     v.at_least("weight_decay", 0)
     if not 0 <= c.warmup_ratio < 1:
         v.fail("warmup_ratio", "must be in [0, 1) (a share of the training steps)")
@@ -388,6 +415,7 @@ def _check_train(c: TrainConfig, v: _Checker) -> None:
         v.fail("fuse_sides", "must be auto, true or false")
     v.at_least("grad_clip", 0)
     v.one_of("precision", ("auto", "fp32", "bf16", "fp16"))
+    v.at_least("seed", 0)  # numpy's generators refuse a negative seed, deep inside the sampler
     v.at_least("num_workers", 0)
     v.above("log_every", 0)
     for name in ("eval_every", "save_every", "watch_schedule_every", "eval_max_queries"):
@@ -406,17 +434,64 @@ def _check_refresh(c: RefreshConfig, v: _Checker) -> None:
     v.above("every_epochs", 0, optional=True)
     v.one_of("model", ("student", "teacher"))
     v.above("threads", 0, optional=True)
+    v.between("nice", 0, 19, "a niceness increment; a negative one needs root")
     v.above("keep", 0)
     v.above("poll_seconds", 0)
     v.at_least("max_restarts", 0)
+    v.above("restart_window", 0)
     v.at_least("max_lag_steps", 0, optional=True)
     v.above("wait_timeout", 0)
     if c.device is not None and not (c.device == "cpu" or c.device == "cuda" or c.device.startswith("cuda:")):
         v.fail("device", "must be cpu, cuda or cuda:<index>")
 
 
+def _check_mine(c: MineConfig, v: _Checker) -> None:
+    """The mining parameters on their own. What depends on the data (p + m against each task's size, K and
+    |B| against N) or on the stage run (K dividing |B|) is checked by the mining pipeline's pre-flight
+    (``b3stream.mining.pipeline.preflight``), also before the teacher loads. The seed and the schedule
+    version are checked there too (``check_seed_and_version``)."""
+    from .mining.graph import EDGES  # here: the mining modules import this one
+    from .mining.strategies import STRATEGIES
+
+    v.above("embed_batch_size", 0)
+    v.above("embed_chunk", 0)
+    v.at_least("p", 0)
+    v.at_least("m", 1)
+    _check_task_params(c.task_params, v.prefix)
+    v.one_of("small_tasks", ("error", "merge"))
+    v.one_of("index", ("auto", "flat", "ivf", "hnsw", "torch"))
+    v.at_least("exact_threshold", 0)
+    v.above("ivf_nlist", 0, optional=True)
+    v.above("ivf_nprobe", 0)
+    v.at_least("hnsw_m", 2)  # FAISS's HNSW crashes the process with one link per node
+    v.above("hnsw_ef_search", 0)
+    v.at_least("recall_sample", 0)
+    if c.margin is not None and not 0 < c.margin <= 1.5:
+        v.fail("margin", "must be in (0, 1.5] (a fraction of the positive's score, e.g. 0.95) or null")
+    v.above("K", 0)
+    v.one_of("edges", EDGES)
+    v.at_least("metis_ufactor", 1)  # METIS refuses 0 ("Incorrect ufactor")
+    v.one_of("strategy", tuple(STRATEGIES))
+    v.above("batch_size", 0)
+    v.at_least("h", 0)
+    v.at_least("quality_sample", 0, optional=True)
+    v.above("quality_temperature", 0)
+    v.at_least("source_step", 0, optional=True)
+
+
+def _check_task_params(task_params: dict | None, prefix: str) -> None:
+    """``{task: {p: .., m: ..}}`` with p >= 0 and m >= 1 (the rank stage's rule, ``RankParams.check``)."""
+    for task, entry in (task_params or {}).items():
+        if not isinstance(entry, dict) or not entry or set(entry) - {"p", "m"}:
+            raise ConfigError(f"{prefix}task_params.{task}: must map to p and/or m, got {entry!r}")
+        for key, value in entry.items():
+            low = 0 if key == "p" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{prefix}task_params.{task}.{key}: must be an integer >= {low}, got {value!r}")
+
+
 _CHECKS = {EncoderConfig: _check_encoder, LoraConfig: _check_lora, TrainConfig: _check_train,
-           RefreshConfig: _check_refresh}
+           RefreshConfig: _check_refresh, MineConfig: _check_mine}
 
 
 def _model_problem(model: str) -> str | None:

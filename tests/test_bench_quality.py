@@ -141,3 +141,19 @@ def test_differences_pair_both_sides_on_shared_seeds(bench, tmp_path):
     assert row["mean"] == pytest.approx(0.75) and row["vs_random"]["seeds"] == [0]
     assert row["vs_random"]["diff"] == pytest.approx(0.1)  # seed 0 against seed 0, not (0.6 + 0.9) / 2 - 0.5
     assert bench.compare(cells, args)[0]["test"]["diff"] == pytest.approx(0.1)
+
+
+def test_a_missing_bench_extra_is_reported_before_any_work(bench, tmp_path, monkeypatch):
+    """The plot (matplotlib, the ``bench`` extra) comes after every cell has trained; without the extra the run
+    used to die there, 19 minutes in. ``None`` in sys.modules makes ``import matplotlib`` fail as if it were
+    not installed. The pairs file does not exist either: the first work step would fail on it."""
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", "--work", str(work), "--pairs-file", str(tmp_path / "no-such-pairs.jsonl")])
+    message = str(e.value)
+    assert "matplotlib" in message and "bench extra" in message and "tools/install.sh --bench" in message
+    assert not work.exists()
+    monkeypatch.undo()
+    bench.check_optional_imports()  # installed here: no complaint

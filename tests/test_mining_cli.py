@@ -166,3 +166,94 @@ def test_small_tasks_merge_end_to_end(toy_mined, tmp_path):
     assert set(np.load(work / "partition" / "community_task.npy").tolist()) == {-1, 2}
     sched = load_schedule(work / "schedules")
     sched.check_epoch(sched.meta["n"])
+
+
+# -- pre-flight: every parameter that the config and N can show wrong is refused before the teacher loads --
+
+
+@pytest.fixture
+def teacher_loads(monkeypatch):
+    """How many times the teacher model was loaded (the real loader runs; it is only counted)."""
+    from b3stream.encoder import Encoder
+
+    real, count = Encoder.__init__, {"n": 0}
+
+    def counted(self, *a, **k):
+        count["n"] += 1
+        real(self, *a, **k)
+
+    monkeypatch.setattr(Encoder, "__init__", counted)
+    return count
+
+
+# The toy train split: N = 359 in tasks t0 (106), t1 (120), t2 (133).
+@pytest.mark.parametrize("flags, message", [
+    (["--strategy", "b3", "--K", "5", "--batch-size", "16"], "K=5 does not divide batch_size=16"),
+    (["--strategy", "b3pp", "--h", "0"], "h=0: b3pp needs h >= 1"),
+    (["--strategy", "b3", "--p", "100", "--m", "10"], "p + m = 100 + 10 = 110 but task 't0' has only 106 examples"),
+    (["--strategy", "gcbs", "--p", "300", "--m", "100", "--set", "per_task=false"],
+     "p + m = 300 + 100 = 400 but task 'all' has only 359 examples"),
+    (["--strategy", "b3", "--K", "512", "--batch-size", "512"], "K=512 is larger than N=359"),
+    (["--strategy", "random", "--batch-size", "1024"], "batch_size=1024 is larger than N=359"),
+    (["--strategy", "b3", "--set", "task_params={nope: {p: 1}}"], "task_params names task(s) ['nope']"),
+    (["--K", "-1"], "K: must be > 0, got -1"),
+    (["--p", "-1"], "p: must be >= 0, got -1"),
+    (["--h", "-1"], "h: must be >= 0, got -1"),
+    (["--batch-size", "0"], "batch_size: must be > 0, got 0"),
+    (["--set", "quality_temperature=inf"], "quality_temperature: must be a finite number, got inf"),
+])
+def test_bad_mining_values_are_refused_before_the_teacher_loads(toy_dataset, tmp_path, capsys, teacher_loads,
+                                                                flags, message):
+    """Each of these used to be refused only after the embed stage (and for some rank and partition) had run
+    and written its outputs, or, for K or |B| above N, accepted as one short batch."""
+    out = tmp_path / "mine"
+    assert main(["mine", "--data", str(toy_dataset), "--out", str(out), *SMALL, *flags]) == 2
+    assert teacher_loads["n"] == 0
+    assert not out.exists()  # no embeddings/, nothing at all
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategy", "b3", "--K", "64", "--batch-size", "64"], "K=64 is larger than N=40"),
+    (["--strategy", "gcbs", "--p", "30", "--m", "10"], "p + m = 30 + 10 = 40 but task 'default' has only 40"),
+    (["--strategy", "random", "--batch-size", "48"], "batch_size=48 is larger than N=40"),
+])
+def test_own_embeddings_take_n_from_the_array(tmp_path, capsys, flags, message):
+    from ._mining_synth import clustered
+
+    q, p, _ = clustered(40, d=16, seed=1)
+    np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "p.npy", p)
+    out = tmp_path / "mine"
+    assert main(["mine", "--query-embeddings", str(tmp_path / "q.npy"), "--positive-embeddings",
+                 str(tmp_path / "p.npy"), "--out", str(out), *SMALL, *flags]) == 2
+    assert not out.exists()
+    assert message in capsys.readouterr().err
+
+
+def test_preflight_never_refuses_what_the_rank_stage_accepts(tmp_path, capsys):
+    """With ``small_tasks: merge`` a tie between two tasks of one size is broken by the tasks' order in the
+    split, which the manifest does not hold: the pre-flight must not guess it and refuse a task_params entry
+    that the rank stage accepts. Once the embeddings are there the order is known and it refuses as rank does."""
+    from b3stream.data.prepare import prepare_file
+    from b3stream.data.sources import FieldMap
+
+    from .conftest import write_jsonl
+
+    rows = [{"q": f"question {t} {i}", "p": f"answer {t} {i} " + "word " * (i % 7), "task": t, "g": f"{t}{i % 4}"}
+            for t, n in (("c", 40), ("b", 40), ("a", 5)) for i in range(n)]  # c first; manifest order a, b, c
+    data = tmp_path / "data"
+    prepare_file(str(write_jsonl(tmp_path / "rows.jsonl", rows)), "jsonl", str(data),
+                 FieldMap(query="q", positive="p", task="task", group="g"),
+                 held_out={"validation": 0.0, "test": 0.0}, progress=False)
+    assert Manifest.load(data).split("train").tasks == {"a": 5, "b": 40, "c": 40}
+    out = tmp_path / "mine"
+    # p + m = 30: "a" (5) is too small alone; the first of the tied "c" and "b" in the split's order (c) joins it
+    flags = ["--data", str(data), "--out", str(out), "--strategy", "b3", "--p", "20", "--m", "10", "--K", "4",
+             "--batch-size", "8", "--set", "small_tasks=merge", "--quiet"]
+    assert main(["mine", *flags, "--set", "task_params={b: {m: 5}}"]) == 0
+    assert set(json.loads((out / "rank" / "rank.json").read_text())["info"]["groups"]) == {"b", "(small tasks)"}
+    before = snapshot(out)
+    assert main(["mine", *flags, "--set", "task_params={c: {m: 5}}"]) == 2
+    assert "task_params names task(s) ['c']" in capsys.readouterr().err
+    assert snapshot(out) == before

@@ -24,7 +24,10 @@ B3 = [sys.executable, "-m", "b3stream"]
 # key=value -> what the error must say (the key, with the allowed range)
 BAD_VALUES = {
     "temperature=0": "temperature: must be > 0",
-    "lr=-0.001": "lr: must be >= 0",
+    "temperature=inf": "temperature: must be a finite number, got inf",  # passed, then failed after the model loaded
+    "lr=-0.001": "lr: must be > 0",
+    "lr=0": "lr: must be > 0",
+    "lr=inf": "lr: must be a finite number, got inf",
     "grad_cache_chunk=0": "grad_cache_chunk: must be > 0",
     "fuse_sides=sometimes": "fuse_sides: must be auto, true or false",
     "num_workers=-1": "num_workers: must be >= 0",

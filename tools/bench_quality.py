@@ -379,6 +379,7 @@ def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int
         f"student.lora.r={recipe.lora_r}", f"student.lora.alpha={2 * recipe.lora_r}", "eval_split=null",
         f"epochs={recipe.epochs}", "num_workers=0", "log_every=20", "save_every=null", "keep_checkpoints=1",
         "resume=false", "verify_data=false", "deepspeed=zero0",
+        "overwrite=true",  # the cell's folder already holds this bench's config and log
     ]
     if max_steps is not None:
         overrides.append(f"max_steps={max_steps}")
@@ -652,8 +653,23 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def check_optional_imports() -> None:
+    """Import now what only the end of the run needs: the plot's matplotlib (the ``bench`` extra). A missing
+    extra otherwise surfaced as a ModuleNotFoundError after every cell had trained (19 minutes in, once)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"tools/bench_quality.py: the plot needs matplotlib, which cannot be imported ({e}); "
+                         "install the bench extra: pip install -e '.[bench]' (or bash tools/install.sh --bench)"
+                         ) from None
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
+    check_optional_imports()  # before any cell runs
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -24,11 +24,11 @@ import numpy as np
 from ..progress import progress_bar
 
 from ..config import ConfigError, MineConfig
-from ..data.manifest import DataError, check_stamp, sha256_file
+from ..data.manifest import DataError, Manifest, check_stamp, sha256_file
 from .artefacts import log, new_token, read_json, same_params, staged_arrays, write_json
 from .embed import FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings
-from .rank import (FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, merge_threshold, rank,
-                   split_trained, task_groups)
+from .rank import (FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, check_sizes, merge_threshold,
+                   rank, split_trained, task_groups)
 from ..schedule import Schedule, publish_schedule, version_path
 from .strategies import BatchInputs, BatchParams, get_strategy, make_batches
 
@@ -348,6 +348,109 @@ def _previous_schedule(folder: Path, stamp: dict | None, below: int | None = Non
 
 
 # --------------------------------------------------------------------------------------------------
+# pre-flight: what the config and the data's size can tell before any stage runs
+# --------------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: MineConfig, stage: str = "all") -> None:
+    """Refuse, before the teacher loads and before any stage writes, every parameter that the config and
+    the size of the data (N and the tasks, from the manifest, the own embeddings' shape or the embeddings
+    already in OUT) show to be wrong for the stages ``stage`` runs: K not dividing |B|, b3pp without hard
+    negatives, p + m not below a task's size, task_params naming no ranked task, K or |B| above N. Each stage
+    checks these again itself; here they cost a manifest read instead of a teacher pass that then fails."""
+    runs = _stages_to_run(cfg, stage)
+    if "schedule" in runs:
+        get_strategy(cfg.strategy).check_params(BatchParams.from_config(cfg))
+    if not runs & {"rank", "partition", "schedule"}:
+        return
+    space = _id_space(cfg)
+    if space is None:  # nothing cheap tells N: the stages check it when they read their inputs
+        return
+    tasks, task_names, order_known, where = space
+    N = len(tasks)
+    if "rank" in runs:
+        _check_rank_groups(cfg, tasks, task_names, order_known)
+    if "partition" in runs and cfg.K > N:
+        raise ConfigError(f"K={cfg.K} is larger than N={N}, the examples of {where}: the partition would be a "
+                          "single short community; lower K")
+    if "schedule" in runs and cfg.batch_size > N:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than N={N}, the examples of {where}: an "
+                          "epoch would be a single batch smaller than |B|; lower batch_size")
+
+
+def _stages_to_run(cfg: MineConfig, stage: str) -> set[str]:
+    """The stages ``run_stage(stage)`` may run: one, or for ``all`` those the strategy needs (an up-to-date
+    one is skipped, but it passed these checks when it was built with the same parameters)."""
+    if stage != "all":
+        return {stage}
+    return {"embed", *NEEDS.get(cfg.strategy, ()), "schedule"}
+
+
+def _id_space(cfg: MineConfig) -> tuple[np.ndarray, list[str], bool, str] | None:
+    """``(task index per id, task names, order_known, what they come from)`` as the rank stage will see
+    them, read without embedding anything, or None when nothing cheap tells. With ``cfg.data`` the split's
+    manifest entry gives N and the task sizes; the tasks' order (the rank stage's: first appearance in the
+    split) is known only from embeddings of the same data already in OUT, else ``order_known`` is False.
+    Own embeddings without data: one task, N rows from the array's header. Else the embeddings in OUT."""
+    embedded = _embedded_tasks(cfg)
+    if cfg.data is not None:
+        manifest = Manifest.load(cfg.data)
+        info, stamp = manifest.split(cfg.split), manifest.stamp(cfg.split)
+        where = f"split {cfg.split!r} of {cfg.data}"
+        if embedded is not None and embedded[2] == stamp:
+            return embedded[0], embedded[1], True, where
+        counts: dict[str, int] = {}
+        for name, count in info.tasks.items():  # the embed stage names a task-less record "default"
+            counts[name or "default"] = counts.get(name or "default", 0) + int(count)
+        if sum(counts.values()) != info.n:  # a manifest that does not add up: leave it to the stages
+            return None
+        names = list(counts)
+        return np.repeat(np.arange(len(names), dtype=np.int32), list(counts.values())), names, False, where
+    if cfg.query_embeddings:
+        try:
+            rows = np.load(cfg.query_embeddings, mmap_mode="r", allow_pickle=False).shape[0]
+        except (OSError, ValueError, IndexError):  # missing or not an array: the embed stage says so
+            return None
+        return np.zeros(rows, dtype=np.int32), ["default"], True, f"{cfg.query_embeddings}"
+    if embedded is not None:
+        return embedded[0], embedded[1], True, f"the embeddings in {out_dir(cfg, EMBED_FOLDER)}"
+    return None
+
+
+def _embedded_tasks(cfg: MineConfig) -> tuple[np.ndarray, list[str], dict | None] | None:
+    """(tasks, task names, stamp) of complete embeddings already in OUT, or None."""
+    folder = out_dir(cfg, EMBED_FOLDER)
+    record = read_json(folder / "embeddings.json")
+    if not record or not record.get("complete") or not (folder / "tasks.npy").is_file():
+        return None
+    tasks = np.load(folder / "tasks.npy")
+    if len(tasks) != record.get("n") or "task_names" not in record:
+        return None
+    return tasks, list(record["task_names"]), record.get("stamp")
+
+
+def _check_rank_groups(cfg: MineConfig, tasks: np.ndarray, task_names: list[str], order_known: bool) -> None:
+    """The rank stage's own rules (:func:`b3stream.mining.rank.rank`), on the groups it will rank: every
+    task_params entry names a group, and p + m is below every group's size. The groups depend on the
+    tasks' order only when ``small_tasks: merge`` breaks a tie between tasks of one size; then, with per-task
+    p and m and an unknown order, the names cannot be told here and the rank stage checks them itself."""
+    prm = RankParams.from_config(cfg)
+    prm.check()
+    below = merge_threshold(prm.small_tasks, prm.p, prm.m)
+    groups = task_groups(tasks, task_names, prm.per_task, below)
+    if not order_known and prm.task_params:
+        flipped = (len(task_names) - 1 - tasks).astype(np.int32)
+        if sorted(n for n, _ in task_groups(flipped, task_names[::-1], prm.per_task, below)) != \
+                sorted(n for n, _ in groups):
+            return
+    unknown = sorted(set(prm.task_params or {}) - {name for name, _ in groups})
+    if unknown:
+        raise ConfigError(f"task_params names task(s) {unknown} that are not ranked on their own here; tasks: "
+                          f"{[name for name, _ in groups]}")
+    check_sizes(groups, prm)
+
+
+# --------------------------------------------------------------------------------------------------
 # all stages
 # --------------------------------------------------------------------------------------------------
 
@@ -365,6 +468,7 @@ def run_all(cfg: MineConfig, progress: bool = True, on_stage=None) -> Path:
     on_stage = on_stage or (lambda name: None)
     get_strategy(cfg.strategy)  # unknown strategy: fail before any work
     check_seed_and_version(cfg, "all")
+    preflight(cfg, "all")
     expect = expected_stamp(cfg)
     needs = NEEDS[cfg.strategy]
     if cfg.data is not None or cfg.query_embeddings or cfg.positive_embeddings:
@@ -401,8 +505,10 @@ def run_stage(stage: str, cfg: MineConfig, progress: bool = True) -> Path:
     if stage not in STAGE_FUNCTIONS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_FUNCTIONS)}")
     check_seed_and_version(cfg, stage)
+    if stage != "all":  # run_all makes its own
+        preflight(cfg, stage)
     return STAGE_FUNCTIONS[stage](cfg, progress)
 
 
 __all__ = ["embed_stage", "rank_stage", "partition_stage", "schedule_stage", "run_all", "run_stage",
-           "load_rank", "load_partition", "embed_params"]
+           "load_rank", "load_partition", "embed_params", "preflight"]

@@ -100,16 +100,17 @@ class Strategy(ABC):
     uses_communities = False
 
     def check_params(self, prm: BatchParams) -> None:
-        """|B| and K on their own: checked before any artefact is read."""
+        """|B|, K and h on their own: checked before any artefact is read, and by the pipeline's pre-flight
+        before the teacher loads (:func:`b3stream.mining.pipeline.preflight`)."""
         if prm.batch_size < 1:
-            raise ConfigError(f"batch size must be positive, got {prm.batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {prm.batch_size}")
         if self.uses_communities:
             if prm.K < 1 or prm.K > prm.batch_size:
-                raise ConfigError(f"K = {prm.K} must be between 1 and the batch size |B| = {prm.batch_size}: a "
-                                  "batch is |B|/K whole communities")
+                raise ConfigError(f"K={prm.K} must be between 1 and the batch size |B| (batch_size={prm.batch_size}): "
+                                  f"a {self.name} batch is |B|/K whole communities")
             if prm.batch_size % prm.K:
-                raise ConfigError(f"the batch size |B| = {prm.batch_size} is not a multiple of K = {prm.K}: a "
-                                  "batch is |B|/K whole communities")
+                raise ConfigError(f"K={prm.K} does not divide batch_size={prm.batch_size}: the batch size |B| is not "
+                                  f"a multiple of K, and a {self.name} batch is |B|/K whole communities")
 
     def check(self, inp: BatchInputs, prm: BatchParams) -> None:
         self.check_params(prm)
@@ -203,10 +204,14 @@ class B3ppBatches(B3Batches):
     name = "b3pp"
     needs = ("communities", "S", "top")
 
+    def check_params(self, prm):
+        """Also h: b3pp without hard negatives is b3, so h < 1 is refused before the teacher runs."""
+        super().check_params(prm)
+        if prm.h < 1:
+            raise ConfigError(f"h={prm.h}: b3pp needs h >= 1 hard negatives per example (h=0 is b3)")
+
     def check(self, inp, prm):
         super().check(inp, prm)
-        if prm.h < 1:
-            raise ConfigError(f"b3pp needs h >= 1 hard negatives per example, got h = {prm.h}")
         if len(inp.top) != len(inp.S):
             raise ConfigError(f"the top-p lists T ({len(inp.top)} rows) and S ({len(inp.S)} rows) disagree; "
                               "re-run the rank stage")
