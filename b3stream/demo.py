@@ -66,7 +66,7 @@ def run_demo(args) -> int:
         data=str(data), schedule=str(schedules["b3"]), out=str(out / "train"),
         student=EncoderConfig(max_query_length=64, max_positive_length=128), max_steps=args.steps,
         lr=args.lr, log_every=5, eval_every=None, eval_max_queries=args.eval_queries, save_every=None,
-        resume=False, deepspeed="zero0",
+        resume=False, overwrite=True, deepspeed="zero0",  # a second demo trains afresh over the first
         mode="refreshed" if args.refresh else "static",
         refresh=RefreshConfig(every_steps=refresh_every, poll_seconds=1.0),
     )

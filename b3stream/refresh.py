@@ -17,7 +17,12 @@ Everything the miner needs is in the run folder, written by the trainer when it 
     RUN/refresh/refresh.json  the RefreshConfig (model, device, threads, niceness, poll interval)
     RUN/refresh/mine/         the stage outputs (embeddings/, rank/, partition/), reused between refreshes
     RUN/refresh/status.json   where the miner is: state (waiting, embed, rank, partition, schedule), snapshot
+    RUN/refresh/miner.lock    held (flock) by the one miner serving the run: a second miner is refused, so two
+                              never read each other's half-written stage files in RUN/refresh/mine/
     RUN/refresh/finished      written by the trainer at its end: a standalone miner exits when it appears
+
+A snapshot whose weights do not match the digest it was written with, or that does not load, is refused
+(logged in the status as ``rejected``) and the miner waits for the next one.
 
 The ids the trainer has already trained on in the snapshot's epoch (``trained.npy`` in the snapshot) are
 ranked and partitioned apart from the rest (MineConfig ``trained_ids``): after the swap the trainer skips
@@ -44,6 +49,29 @@ from .files import read_json, write_json
 from .snapshot import RunPaths, Snapshot, latest_snapshot
 
 STOP = -1  # announced to the other processes under a launcher: no more snapshots
+
+
+class MinerBusy(RuntimeError):
+    """Another miner serves the run already."""
+
+
+def hold_lock(path: Path) -> int:
+    """Take the exclusive lock ``path`` for the life of this process (the kernel drops it when the process
+    dies, SIGKILL included); returns its file descriptor. :class:`MinerBusy` names the holder if taken."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise MinerBusy(f"another miner (pid {holder}) serves {path.parent.parent} already; two miners of one run "
+                        "would read each other's partial files. Stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 class Miner:
@@ -125,6 +153,17 @@ class Miner:
 
     def serve(self, once: bool = False) -> int:
         """Refresh on every new snapshot until the run finishes (or after one refresh with ``once``)."""
+        from .dist import broadcast_int, world
+        from .files import sweep_temps
+
+        try:
+            self._lock = hold_lock(self.paths.refresh / "miner.lock")
+        except MinerBusy:
+            if world()[1] > 1:
+                broadcast_int(STOP)  # the other processes under a launcher leave too
+            raise
+
+        sweep_temps(self.paths.refresh)  # a miner killed while it wrote its status
         done = self._published_steps()
         last = max(done) if done else -1
         self._report(state="waiting")
@@ -132,8 +171,6 @@ class Miner:
             return self._serve(last, once)
         finally:
             self._report(state="stopped")
-            from .dist import broadcast_int, world
-
             if world()[1] > 1:
                 broadcast_int(STOP)
 
@@ -141,22 +178,31 @@ class Miner:
         """A process other than rank 0 under a launcher: embed a share of each snapshot rank 0 announces."""
         from .dist import broadcast_int
         from .mining.pipeline import embed_stage
-        from .snapshot import read_snapshot
+        from .snapshot import SnapshotError, read_snapshot
 
         while (step := broadcast_int(STOP)) != STOP:
-            snapshot = read_snapshot(self.paths.snapshots / f"step-{step:07d}")
-            embed_stage(self.config_for(snapshot), progress=False)
+            try:
+                snapshot = read_snapshot(self.paths.snapshots / f"step-{step:07d}")
+                embed_stage(self.config_for(snapshot), progress=False)
+            except (SnapshotError, FileNotFoundError):
+                pass  # rank 0 refuses the same snapshot and says so
         return 0
 
     def _serve(self, last: int, once: bool) -> int:
         while not self.should_stop():
             snapshot = latest_snapshot(self.run)
             if snapshot is not None and snapshot.step > last:
+                from .snapshot import SnapshotError
+
                 try:
                     self.refresh(snapshot)
                 except FileNotFoundError as e:  # the trainer pruned the snapshot while we read it: next one
                     print(f"b3stream refresh: snapshot step {snapshot.step} vanished ({e}); waiting for the next",
                           file=sys.stderr, flush=True)
+                except SnapshotError as e:
+                    print(f"b3stream refresh: snapshot step {snapshot.step} refused: {e}; waiting for the next",
+                          file=sys.stderr, flush=True)
+                    self._report(state="waiting", rejected={"step": snapshot.step, "reason": str(e)})
                 last = snapshot.step
                 if once:
                     return 0
@@ -219,8 +265,6 @@ def run_refresh(args) -> int:
         miner = Miner(args.run, model=args.model, device=args.device, poll=args.poll, parent_pid=args.parent_pid,
                       progress=not args.quiet)
     except (FileNotFoundError, ValueError) as e:
-        from .config import ConfigError
-
         raise ConfigError(str(e)) from None
     rank, size = init_from_launcher()  # torchrun --nproc_per_node N: each refresh's embedding split N ways
     if rank != 0:
@@ -234,5 +278,7 @@ def run_refresh(args) -> int:
           f"device {miner.device or 'auto'}, pid {os.getpid()})", file=sys.stderr, flush=True)
     try:
         return miner.serve(once=args.once)
+    except MinerBusy as e:
+        raise ConfigError(str(e)) from None
     finally:
         leave()

@@ -12,7 +12,9 @@ was at one training step::
 
 A snapshot is written under a temporary name and renamed into place, so a folder named ``step-*`` is always
 complete; a reader that finds one without a valid ``snapshot.json`` ignores it. Only the newest ``keep``
-snapshots are kept. The weights' SHA-256 is what the miner's embed stage keys "up to date" on.
+snapshots are kept. The weights' SHA-256 is what the miner's embed stage keys "up to date" on, and it is
+checked against the files every time a snapshot is used (:func:`verify_snapshot`): a snapshot corrupted on
+disk, before or after it was first embedded, is refused (:class:`SnapshotError`), never embedded.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import numpy as np
 import torch
 
 from .config import EncoderConfig, LoraConfig, from_dict
+from .data.manifest import DataError
 from .encoder import Encoder, weights_digest
-from .files import read_json, write_json
+from .files import read_json, sweep_temps, tmp_name, write_json
 
 FOLDER = "snapshots"
 META = "snapshot.json"
@@ -76,6 +79,10 @@ class RunPaths:
     @property
     def log(self) -> Path:  # a spawned miner's stdout and stderr
         return self.refresh / "miner.log"
+
+
+class SnapshotError(DataError):
+    """A student snapshot whose files do not match its record or do not load: the miner skips it."""
 
 
 @dataclass
@@ -148,7 +155,8 @@ def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_c
     folder = snapshot_folder(run)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:07d}"
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    sweep_temps(folder)  # a trainer killed while it wrote a snapshot left its temporary folder
+    tmp = tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -177,9 +185,29 @@ def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_c
     return final
 
 
+def verify_snapshot(snapshot: Snapshot) -> None:
+    """Refuse a snapshot whose weight files no longer hash to the ``weights_sha256`` it was written with
+    (a flipped byte, a truncated or replaced file): reads every weight file."""
+    recorded = snapshot.meta.get("weights_sha256")
+    actual = weights_digest(snapshot.path)[0]
+    if not isinstance(recorded, str) or actual != recorded:
+        raise SnapshotError(f"{snapshot.path}: the weight files do not match the SHA-256 recorded in {META} "
+                            f"({str(recorded)[:12]}... recorded, {actual[:12]}... on disk); the snapshot is corrupt")
+
+
 def load_snapshot_encoder(snapshot: Snapshot, device: str | torch.device | None = None,
                           dtype: torch.dtype | None = None):
-    """The student of ``snapshot`` as a frozen :class:`b3stream.encoder.Encoder` in eval mode."""
+    """The student of ``snapshot`` as a frozen :class:`b3stream.encoder.Encoder` in eval mode; a snapshot
+    whose files do not load is a :class:`SnapshotError`."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_snapshot_encoder(snapshot, device, dtype)
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        raise SnapshotError(f"{snapshot.path}: the snapshot does not load ({type(e).__name__}: {e})") from None
+
+
+def _load_snapshot_encoder(snapshot: Snapshot, device, dtype):
     cfg = snapshot.encoder_config
     if snapshot.meta["kind"] == "lora":
         from peft import set_peft_model_state_dict
@@ -189,7 +217,7 @@ def load_snapshot_encoder(snapshot: Snapshot, device: str | torch.device | None 
         weights = load_file(str(snapshot.path / "adapter" / "adapter_model.safetensors"))
         result = set_peft_model_state_dict(encoder.model, weights)
         if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{snapshot.path}: adapter does not fit the model ({result.unexpected_keys[:3]} ...)")
+            raise SnapshotError(f"{snapshot.path}: adapter does not fit the model ({result.unexpected_keys[:3]} ...)")
     else:
         from safetensors.torch import load_model
 

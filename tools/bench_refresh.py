@@ -62,7 +62,7 @@ def main() -> int:
         run_dir = out / f"train-{mode}"
         cfg = TrainConfig(data=str(data), schedule=str(schedule), out=str(run_dir),
                           student=EncoderConfig(**enc), epochs=args.epochs, eval_split=None, export=False,
-                          resume=False, log_every=10, num_workers=1, save_every=None, mode=mode,
+                          resume=False, overwrite=True, log_every=10, num_workers=1, save_every=None, mode=mode,
                           refresh=RefreshConfig(every_steps=args.every, poll_seconds=1.0))
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "bench.yaml")

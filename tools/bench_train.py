@@ -106,7 +106,8 @@ def trainer_config(args, data: Path, schedule: Path, out: Path, steps: int) -> d
             "max_steps": steps, "grad_cache_chunk": args.grad_cache, "deepspeed": args.deepspeed,
             "precision": args.precision, "num_workers": args.num_workers, "log_every": args.log_every,
             "eval_split": None, "export": False, "trace_ids": True, "resume": False, "seed": args.seed,
-            "lr": args.lr, "temperature": args.temperature, "keep_checkpoints": 1, "verify_data": False}
+            "lr": args.lr, "temperature": args.temperature, "keep_checkpoints": 1, "verify_data": False,
+            "overwrite": True}  # the run folder holds this bench's own config
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Iterable
 
 import webdataset as wds
 
+from ..files import sweep_temps, tmp_name
 from ..progress import progress_bar
 from .manifest import MANIFEST_NAME, DataError, Manifest, ShardInfo, SplitInfo, sha256_file
 from .splits import assign_splits, check_split_options
@@ -78,7 +79,8 @@ def write_dataset(
         [r["group"] for r in records], [r["task"] for r in records], held_out, seed=seed, max_share=max_share
     )
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    sweep_temps(out.parent, names={out.name})  # an earlier `prepare` of this folder that was killed
+    tmp = tmp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     new_parents = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
     tmp.mkdir(parents=True)

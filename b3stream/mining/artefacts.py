@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import json_default, read_json, tmp_name, write_atomic, write_json  # noqa: F401
+from ..files import (json_default, read_json, remove_outputs, sweep_temps, tmp_name, write_atomic,  # noqa: F401
+                     write_json)
 
 log = logging.getLogger("b3stream.mining")
 
@@ -30,9 +31,11 @@ def new_token() -> str:
 
 @contextmanager
 def staged_arrays(folder: Path):
-    """Collect arrays to publish together: ``put(name, array)`` writes ``.name.tmp-PID``; on a clean exit
-    every file is renamed into place, on an error every temporary file is removed (no partial output)."""
+    """Collect arrays to publish together: ``put(name, array)`` writes ``.name.tmp-PID@HOST``; on a clean
+    exit every file is renamed into place, on an error every temporary file is removed (no partial output).
+    Temporary files of an earlier writer that was killed are swept first."""
     folder.mkdir(parents=True, exist_ok=True)
+    sweep_temps(folder)
     pending: list[tuple[Path, Path]] = []
 
     def put(name: str, array: np.ndarray) -> Path:

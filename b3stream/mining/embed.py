@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,13 @@ from ..progress import progress_bar
 from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, Manifest, check_stamp
 from ..data.dedup import content_key, content_keys
-from .artefacts import log, new_token, read_json, same_params, tmp_name, write_json
+from .artefacts import log, new_token, read_json, remove_outputs, same_params, sweep_temps, tmp_name, write_json
 
 FOLDER = "embeddings"
 RECORD = "embeddings.json"
 KEYS_FILE = "positive_keys.npy"
+# Everything the stage writes, record first: a stage starting over removes these and nothing else in the folder.
+OUTPUTS = (RECORD, "queries.npy", "positives.npy", "tasks.npy", KEYS_FILE)
 KEY_SCHEME = "blake2b-8 of the prompted positive"  # in the params: embeddings without keys are stale
 USER_DATASET = "user-embeddings"
 
@@ -163,9 +164,10 @@ def embed_params(cfg: MineConfig, known_files: dict | None = None) -> dict:
     from ..encoder import model_name, resolve_model, weights_digest
 
     if cfg.teacher_snapshot:
-        from ..snapshot import Snapshot, read_snapshot
+        from ..snapshot import Snapshot, read_snapshot, verify_snapshot
 
         snap: Snapshot = read_snapshot(cfg.teacher_snapshot)
+        verify_snapshot(snap)  # every time: corruption after an earlier embedding must not go unseen
         t = snap.encoder_config
         source = {"source": "snapshot", "snapshot_weights": snap.weights_sha256, "kind": snap.meta["kind"]}
     else:
@@ -219,10 +221,11 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
         if not ((folder / "queries.npy").is_file() and (folder / "positives.npy").is_file()):
             start = 0
         log.info("embed: resuming at row %d of %d", start, n)
-    elif rank == 0 and folder.exists():
-        shutil.rmtree(folder)
+    elif rank == 0:
+        remove_outputs(folder, OUTPUTS)  # the folder may hold files of others: only the stage's own go
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
+        sweep_temps(folder)
 
     import torch
 
@@ -374,9 +377,9 @@ def import_embeddings(cfg: MineConfig, progress: bool = True, chunk: int = 65536
         task_names, tasks = ["default"], np.zeros(n, dtype=np.int32)
         keys = None  # no texts: identical positive vectors stand for identical texts (below)
 
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    remove_outputs(folder, OUTPUTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_temps(folder)
     bar = progress_bar(total=2 * n, desc="import embeddings", unit="row", disable=not progress, file=sys.stderr)
     for side, src in (("queries", q), ("positives", p)):
         tmp = tmp_name(folder / f"{side}.npy")

@@ -29,10 +29,12 @@ from ..data.manifest import DataError, Manifest
 from ..data.reader import ShardedDataset
 from ..encoder import Encoder
 from ..evaluate import RetrievalSet
+from ..files import write_atomic
 from ..schedule import load_schedule, version_path
 from ..snapshot import RunPaths
 from ..monitor import Monitor
 from .collate import step_loader
+from . import run_folder
 from .distributed import DistInfo, barrier, init_distributed
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all
@@ -67,12 +69,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     watch_folder = paths.schedules if refreshed else (Path(cfg.schedule) if Path(cfg.schedule).is_dir() else None)
     watch_every = cfg.watch_schedule_every or (1 if refreshed else None)
     mine_cfg = miner_config(cfg, schedule) if refreshed else None  # refresh.mine checked before any output
+    # The run folder: new, resumed, or replaced with overwrite; never another's files lost. Every rank
+    # decides (so all refuse together) before the main rank changes anything.
+    start = run_folder.plan(run, cfg.resume, cfg.overwrite, schedule.path)
+    barrier()
     if dist.is_main:
-        run.mkdir(parents=True, exist_ok=True)
+        run_folder.claim(run, start)
         dump_config(cfg, run / "config.yaml")
         if refreshed:
-            prepare_run(cfg, schedule, mine_cfg, paths,
-                        fresh=not (cfg.resume and (run / "checkpoints" / "latest").is_file()))
+            prepare_run(cfg, schedule, mine_cfg, paths)
 
     # -- 2. Student: HF encoder + pooling (+ LoRA), wrapped so one forward embeds every side. ----------
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
@@ -94,10 +99,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
     ds_log.setLevel(max(level, logging.WARNING))
     stage = zero_stage(ds_config)
+    from .checkpoints import weights_only_engine
+
+    weights_only_engine(engine)  # resume unpickles no code (a checkpoint folder need not be trusted)
 
     # -- 4. Resume: model, optimizer, lr schedule and sampler position from RUN/checkpoints. ----------
     step = 0
-    if cfg.resume:
+    if start == "resume":
         step, sampler = _restore(engine, sampler, cfg, manifest, run / "checkpoints", dist, watch_folder)
     start_lr_schedule(engine.lr_scheduler)  # else the first two updates get warmup_min_lr (0)
     monitor = Monitor(run, total_steps, start_step=step, log_every=cfg.log_every, enabled=dist.is_main,
@@ -215,7 +223,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             "miner_restarts": miner.restarts if miner is not None else None,
         }
         if dist.is_main:
-            (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_atomic(run / "summary.json", json.dumps(summary, indent=2, default=str).encode())
         monitor.close()
         barrier()
         return summary
@@ -330,10 +338,12 @@ def _ranks_in_sync(engine, dist: DistInfo, stage: int) -> bool | None:
 
 def _save(engine, sampler: ScheduleSampler, step: int, cfg: TrainConfig, folder: Path, dist: DistInfo) -> None:
     """A DeepSpeed checkpoint (trainable weights, optimizer, lr schedule) + the sampler's position."""
+    from .checkpoints import portable
+
     tag = f"step{step:08d}"
     lora = cfg.student.lora.enabled
     engine.save_checkpoint(str(folder), tag=tag, exclude_frozen_parameters=lora,
-                           client_state={"step": step, "sampler": sampler.state_dict()})
+                           client_state={"step": step, "sampler": portable(sampler.state_dict())})
     barrier()
     if dist.is_main and cfg.keep_checkpoints > 0:
         tags = sorted(p for p in folder.glob("step*") if p.is_dir())

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 
-from ..config import (ConfigError, MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config,
+from ..config import (MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config,
                       from_dict)
 from ..data.manifest import Manifest
 from ..files import write_atomic, write_json
@@ -46,16 +45,10 @@ def miner_config(cfg: TrainConfig, schedule: Schedule) -> MineConfig:
     return apply_overrides(mine, {f"{k}": v for k, v in cfg.refresh.mine.items()}) if cfg.refresh.mine else mine
 
 
-def prepare_run(cfg: TrainConfig, schedule: Schedule, mine: MineConfig, paths: RunPaths, fresh: bool) -> None:
-    """Main rank, before training: the run's schedule folder holds the starting schedule, and the miner's
-    settings are written. A resumed run keeps the versions and snapshots it has; a ``fresh`` start drops
-    those of an earlier run in the same folder (their versions would look newer than the starting one)."""
-    if fresh:
-        for folder in (paths.schedules, paths.snapshots):
-            if folder.is_dir() and schedule.path is not None and folder.resolve() == schedule.path.parent.resolve():
-                raise ConfigError(f"schedule {schedule.path} lies inside the run's own {folder}: give the "
-                                  "schedule from the mining folder, or resume the run")
-            shutil.rmtree(folder, ignore_errors=True)
+def prepare_run(cfg: TrainConfig, schedule: Schedule, mine: MineConfig, paths: RunPaths) -> None:
+    """Main rank, before training, after the run folder was claimed (:mod:`b3stream.train.run_folder`: a new
+    or replaced run finds no earlier versions or snapshots there, a resumed one keeps its own): the run's
+    schedule folder holds the starting schedule, and the miner's settings are written."""
     paths.schedules.mkdir(parents=True, exist_ok=True)
     paths.refresh.mkdir(parents=True, exist_ok=True)
     if schedule.path is not None and schedule.path.parent.resolve() != paths.schedules.resolve():
@@ -98,13 +91,16 @@ class MinerProcess:
     """A spawned ``python -m b3stream refresh`` child of the main rank, restarted with backoff when it dies.
 
     :meth:`check` is non-blocking and is called at step boundaries; the child also exits by itself when the
-    trainer is gone (it watches its parent's pid) or the run has finished.
+    trainer is gone (it watches its parent's pid) or the run has finished. Restarts are counted over the last
+    ``refresh.restart_window`` seconds: a long run outlives a miner that crashes now and then, and gives up
+    only on one that keeps crashing.
     """
 
-    def __init__(self, paths: RunPaths, cfg: TrainConfig, say=print):
-        self.paths, self.cfg, self.say = paths, cfg.refresh, say
+    def __init__(self, paths: RunPaths, cfg: TrainConfig, say=print, clock=time.monotonic):
+        self.paths, self.cfg, self.say, self.clock = paths, cfg.refresh, say, clock
         self.proc: subprocess.Popen | None = None
-        self.restarts = 0
+        self.restarts = 0  # over the whole run (reported in the summary)
+        self.recent: list[float] = []  # when the restarts within the window happened
         self.restart_at: float | None = None
         self.gave_up = False
 
@@ -131,18 +127,21 @@ class MinerProcess:
         code = self.proc.poll()
         if code is None:
             return
-        now = time.monotonic()
+        now = self.clock()
         if self.restart_at is None:
-            if self.restarts >= self.cfg.max_restarts:
+            self.recent = [t for t in self.recent if now - t < self.cfg.restart_window]
+            if len(self.recent) >= self.cfg.max_restarts:
                 self.gave_up = True
-                self.say(f"miner exited with code {code} {self.restarts} times; not restarting it (training goes "
-                         f"on with schedule versions published so far; see {self.paths.log})")
+                self.say(f"miner exited with code {code}, its {len(self.recent) + 1}th exit within "
+                         f"{self.cfg.restart_window:.0f} s; not restarting it (training goes on with schedule "
+                         f"versions published so far; see {self.paths.log})")
                 return
-            delay = min(60.0, 2.0 ** (self.restarts + 1))
+            delay = min(60.0, 2.0 ** (len(self.recent) + 1))
             self.say(f"miner exited with code {code}; restarting it in {delay:.0f} s (see {self.paths.log})")
             self.restart_at = now + delay
         elif now >= self.restart_at:
             self.restarts += 1
+            self.recent.append(now)
             self.start()
 
     def stop(self, timeout: float = 10.0) -> None:
