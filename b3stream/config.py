@@ -111,6 +111,7 @@ class MineConfig:
     overwrite: bool = False  # allow an explicit version to replace an existing schedule file
     source_step: int | None = None  # refreshed mode: the training step of the snapshot this schedule answers,
     #   recorded in its metadata also when the miner embeds with the teacher (the embeddings then carry none)
+    source_epoch: int | None = None  # refreshed mode: the epoch of that snapshot (its trained_ids are that epoch's)
 
 
 def default_miner_threads() -> int:
@@ -477,6 +478,7 @@ def _check_mine(c: MineConfig, v: _Checker) -> None:
     v.at_least("quality_sample", 0, optional=True)
     v.above("quality_temperature", 0)
     v.at_least("source_step", 0, optional=True)
+    v.at_least("source_epoch", 0, optional=True)
 
 
 def _check_task_params(task_params: dict | None, prefix: str) -> None:

@@ -124,6 +124,7 @@ class Miner:
         return dataclasses.replace(
             cfg, out=str(self.paths.refresh / "mine"), schedule_dir=str(self.paths.schedules), version=None,
             seed=cfg.seed + snapshot.step, device=self.device, source_step=snapshot.step,
+            source_epoch=int(snapshot.meta.get("epoch", 0)),
             teacher_snapshot=str(snapshot.path) if self.model == "student" else None,
             trained_ids=str(snapshot.trained_ids) if snapshot.trained_ids else None)
 
@@ -132,10 +133,20 @@ class Miner:
         from .dist import broadcast_int
         from .mining.pipeline import run_all
 
-        broadcast_int(snapshot.step)  # under a launcher: the other processes embed their share of it
-        t0 = time.perf_counter()
-        self._report(state="embed", snapshot_step=snapshot.step)
-        path = run_all(self.config_for(snapshot), progress=self.progress, on_stage=self._stage)
+        from .snapshot import pin_snapshot
+
+        # Pinned before anything of it is read: the trainer prunes old snapshots, and this refresh may
+        # outlast several of its snapshot intervals (a GPU trainer, a large split).
+        pin_snapshot(self.run, snapshot.step)
+        try:
+            if not (snapshot.path / "snapshot.json").is_file():  # pruned just before the pin
+                raise FileNotFoundError(snapshot.path)
+            broadcast_int(snapshot.step)  # under a launcher: the other processes embed their share of it
+            t0 = time.perf_counter()
+            self._report(state="embed", snapshot_step=snapshot.step)
+            path = run_all(self.config_for(snapshot), progress=self.progress, on_stage=self._stage)
+        finally:
+            pin_snapshot(self.run, None)
         self._report(state="waiting", last_published=str(path), last_snapshot_step=snapshot.step,
                      refreshes=self.status["refreshes"] + 1, last_seconds=round(time.perf_counter() - t0, 3))
         return path

@@ -11,8 +11,8 @@ The header lists each array's dtype, shape and byte offset, the metadata, and a 
 and the array bytes. A reader checks the header against this layout before it reads any array (bounded
 length and nesting, known arrays of int64 with consistent shapes and byte ranges, usable metadata types)
 and the ids against the data stamp's ``n``: whatever the bytes, a bad file is a :class:`ScheduleError`
-naming it, never another exception. Files are written under a temporary name and linked into place under a version number
-no other file has (:func:`publish_schedule`), so a reader never sees a half-written schedule and concurrent
+naming it, never another exception. Files are written under a temporary name and linked into place under a
+version number no other file has (:func:`publish_schedule`), so a reader never sees a half-written schedule and concurrent
 publishers never share a version; a file whose checksum fails is rejected and :func:`latest_schedule` falls
 back to the newest good version. The content is a pure function of the inputs and the seed (byte-identical
 reruns); wall-clock timings, which are not, go to a ``.json`` sidecar that :func:`load_schedule` merges into
@@ -21,6 +21,9 @@ reruns); wall-clock timings, which are not, go to a ``.json`` sidecar that :func
 Batches are stored flat (``ids``) with ``offsets`` (batch b is ``ids[offsets[b]:offsets[b+1]]``), laid out
 community by community, so a batch of |B| ids from a K-community strategy is |B|/K consecutive runs of K.
 ``hard_negatives`` (if any) is aligned with ``ids``: row i holds the h negatives drawn for ``ids[i]``.
+``batch_task`` (if any) holds each batch's task index (into ``meta["tasks"]``; -1: a leftover batch of several
+tasks), written when the strategy kept tasks apart: a trainer that re-cuts batches after a swap keeps to one
+task per batch.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class Schedule:
     meta: dict = field(default_factory=dict)
     negatives: np.ndarray | None = None  # (len(ids), h), aligned with ids
     path: Path | None = None
+    batch_task: np.ndarray | None = None  # (num batches,) task index of each batch; None: tasks not kept apart
 
     def __post_init__(self):
         self.ids = np.ascontiguousarray(self.ids, dtype=np.int64)
@@ -93,15 +97,19 @@ class Schedule:
         if len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != len(self.ids) or \
                 np.any(np.diff(self.offsets) <= 0):
             raise ScheduleError("batch offsets must start at 0, rise strictly and end at len(ids)")
+        if self.batch_task is not None:
+            self.batch_task = np.ascontiguousarray(self.batch_task, dtype=np.int64)
+            if self.batch_task.shape != (len(self.offsets) - 1,) or (self.batch_task < -1).any():
+                raise ScheduleError("batch_task must hold one task index (-1: several tasks) per batch")
 
     @classmethod
     def from_batches(cls, batches: list[np.ndarray], meta: dict | None = None,
-                     negatives: list[np.ndarray] | None = None) -> "Schedule":
+                     negatives: list[np.ndarray] | None = None, batch_task=None) -> "Schedule":
         sizes = [len(b) for b in batches]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         ids = np.concatenate(batches).astype(np.int64) if batches else np.empty(0, np.int64)
         negs = np.concatenate(negatives).astype(np.int64) if negatives is not None else None
-        return cls(ids=ids, offsets=offsets, meta=dict(meta or {}), negatives=negs)
+        return cls(ids=ids, offsets=offsets, meta=dict(meta or {}), negatives=negs, batch_task=batch_task)
 
     @property
     def batches(self) -> Ragged:
@@ -134,6 +142,8 @@ class Schedule:
         arrays = {"ids": self.ids, "offsets": self.offsets}
         if self.negatives is not None:
             arrays["hard_negatives"] = self.negatives
+        if self.batch_task is not None:
+            arrays["batch_task"] = self.batch_task
         # Sorted by name: the header's JSON lists them sorted, and the checksum follows that order.
         return {k: np.ascontiguousarray(arrays[k].astype("<i8")) for k in sorted(arrays)}
 
@@ -158,7 +168,7 @@ class Schedule:
 _MAX_HEADER = 64 << 20  # bytes; a real header (metadata + three array specs) is a few KiB
 _MAX_DEPTH = 32  # nesting of the header JSON; the writer's deepest is about 4
 _DTYPE = "<i8"  # what :meth:`Schedule._arrays` writes, whatever the machine
-_ARRAY_RANK = {"hard_negatives": 2, "ids": 1, "offsets": 1}  # name -> ndim; ids and offsets are required
+_ARRAY_RANK = {"batch_task": 1, "hard_negatives": 2, "ids": 1, "offsets": 1}  # ids and offsets are required
 # Metadata the loader and trainer compute with: each is absent, null, or an int of at least this value.
 _META_INTS = {"version": 0, "batch_size": 1, "K": 1, "h": 0, "p": 0, "m": 0, "n": 0, "num_batches": 0,
               "seed": None, "source_step": None}
@@ -222,7 +232,7 @@ def _check_header(header, body_size: int, where: str) -> None:
     _check_meta(header["meta"], bad)
     arrays = header["arrays"]
     if not isinstance(arrays, dict) or not {"ids", "offsets"} <= set(arrays) <= set(_ARRAY_RANK):
-        raise bad(f"arrays must name ids, offsets and optionally hard_negatives, got {_shown(arrays)}")
+        raise bad(f"arrays must name ids, offsets and optionally hard_negatives and batch_task, got {_shown(arrays)}")
     offset = 0
     for name in sorted(arrays):
         _check_array(name, arrays[name], offset, bad)
@@ -307,7 +317,7 @@ def _parse(data: bytes, where: str) -> Schedule:
     _check_ids(arrays, (meta.get("data") or {}).get("n"), where)
     try:
         return Schedule(ids=arrays["ids"], offsets=arrays["offsets"], meta=meta,
-                        negatives=arrays.get("hard_negatives"))
+                        negatives=arrays.get("hard_negatives"), batch_task=arrays.get("batch_task"))
     except ScheduleError as e:
         raise ScheduleError(f"{where}: {e}") from None
 

@@ -12,9 +12,12 @@ was at one training step::
 
 A snapshot is written under a temporary name and renamed into place, so a folder named ``step-*`` is always
 complete; a reader that finds one without a valid ``snapshot.json`` ignores it. Only the newest ``keep``
-snapshots are kept. The weights' SHA-256 is what the miner's embed stage keys "up to date" on, and it is
-checked against the files every time a snapshot is used (:func:`verify_snapshot`): a snapshot corrupted on
-disk, before or after it was first embedded, is refused (:class:`SnapshotError`), never embedded.
+snapshots are kept, and the one a miner is mining from: the miner pins it (:func:`pin_snapshot`, a lease in
+``RUN/refresh/lease.json``) before it reads it, and the trainer never prunes a pinned snapshot, so a miner
+slower than ``keep`` snapshot intervals still finishes its refresh. The weights' SHA-256 is what the miner's
+embed stage keys "up to date" on, and it is checked against the files every time a snapshot is used
+(:func:`verify_snapshot`): a snapshot corrupted on disk, before or after it was first embedded, is refused
+(:class:`SnapshotError`), never embedded.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 from .config import EncoderConfig, LoraConfig, from_dict
 from .data.manifest import DataError
 from .encoder import Encoder, weights_digest
-from .files import read_json, sweep_temps, tmp_name, write_json
+from .files import FOREIGN_TMP_AGE, HOST, pid_alive, read_json, sweep_temps, tmp_name, write_json
 
 FOLDER = "snapshots"
 META = "snapshot.json"
@@ -79,6 +82,10 @@ class RunPaths:
     @property
     def log(self) -> Path:  # a spawned miner's stdout and stderr
         return self.refresh / "miner.log"
+
+    @property
+    def lease(self) -> Path:  # the snapshot a miner is mining from: never pruned while the miner lives
+        return self.refresh / "lease.json"
 
 
 class SnapshotError(DataError):
@@ -180,9 +187,33 @@ def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_c
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    pinned = pinned_steps(run)
     for old in list_snapshots(run)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old.path, ignore_errors=True)
+        if old.step not in pinned:
+            shutil.rmtree(old.path, ignore_errors=True)
     return final
+
+
+def pin_snapshot(run: str | Path, step: int | None) -> None:
+    """The miner's lease on the snapshot of ``step`` (None: release it). One miner serves a run, so one
+    lease file; it names the miner's process, so a lease of a miner that died is ignored."""
+    lease = RunPaths(Path(run)).lease
+    if step is None:
+        lease.unlink(missing_ok=True)
+    else:
+        write_json(lease, {"step": int(step), "pid": os.getpid(), "host": HOST, "time": time.time()})
+
+
+def pinned_steps(run: str | Path) -> set[int]:
+    """Snapshot steps a live miner holds a lease on (see :func:`pin_snapshot`)."""
+    lease = read_json(RunPaths(Path(run)).lease)
+    if not isinstance(lease, dict) or not isinstance(lease.get("step"), int):
+        return set()
+    if lease.get("host") == HOST:
+        alive = isinstance(lease.get("pid"), int) and pid_alive(lease["pid"])
+    else:  # another node's miner: trusted for as long as another host's temporary files are
+        alive = time.time() - float(lease.get("time") or 0) < FOREIGN_TMP_AGE
+    return {lease["step"]} if alive else set()
 
 
 def verify_snapshot(snapshot: Snapshot) -> None:
@@ -218,6 +249,12 @@ def _load_snapshot_encoder(snapshot: Snapshot, device, dtype):
         result = set_peft_model_state_dict(encoder.model, weights)
         if getattr(result, "unexpected_keys", None):
             raise SnapshotError(f"{snapshot.path}: adapter does not fit the model ({result.unexpected_keys[:3]} ...)")
+        # Adapter weights the file lacks would stay at their initialisation (LoRA B = 0: the base model)
+        # and the refresh would silently embed with the base model; base weights are not in an adapter.
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k or "modules_to_save" in k]
+        if missing:
+            raise SnapshotError(f"{snapshot.path}: the adapter lacks {len(missing)} of the student's adapter "
+                                f"weights ({missing[0]}, ...)")
     else:
         from safetensors.torch import load_model
 

@@ -134,3 +134,88 @@ def test_the_watcher_skips_any_bad_newer_version_and_training_goes_on(tmp_path, 
     sampler.swap(new, step=1)
     assert sampler.version == 8
 
+
+
+# -- a version that does not fit now, and a read that fails on one rank ------------------------------------
+
+
+def _publish(folder: Path, data: Path, version: int, seed: int, **meta) -> Path:
+    from ._train_util import random_schedule
+
+    path = random_schedule(data, batch_size=16, K=4, seed=seed, folder=folder, version=version)
+    if meta:
+        from b3stream.schedule import publish_schedule
+
+        s = load_schedule(path)
+        s.meta.update(meta)
+        path.unlink()
+        path.with_suffix(".json").unlink(missing_ok=True)
+        publish_schedule(s, folder, version)
+    return path
+
+
+def test_a_version_from_a_later_snapshot_waits_and_one_from_another_epoch_is_refused(tmp_path, toy_dataset):
+    """The trainer's accept rule (loop._fits_now): a schedule mined from a snapshot of a step not reached yet
+    (a resumed run) is passed over until that step, not rejected; one mined apart for another epoch's
+    remainder is refused for good."""
+    from b3stream.train.hotswap import ScheduleWatcher
+    from b3stream.train.loop import _fits_now
+
+    folder = tmp_path / "schedules"
+    _publish(folder, toy_dataset, 0, seed=0)
+    _publish(folder, toy_dataset, 1, seed=1, source_step=60, source_epoch=0, trained_apart=0)
+    said, position = [], {"step": 50, "epoch": 0}
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    watcher = ScheduleWatcher(folder, Manifest.load(toy_dataset), dist, say=said.append)
+    watcher.accept = lambda s: _fits_now(s, position["step"], position["epoch"])
+    assert watcher.check(0) is None and not said  # step 50 < 60: not yet, and not rejected
+    position["step"] = 60
+    assert watcher.check(0).version == 1
+    _publish(folder, toy_dataset, 2, seed=2, source_step=70, source_epoch=0, trained_apart=40)
+    position.update(step=80, epoch=1)
+    assert watcher.check(1) is None and "for the rest of epoch 0" in said[-1]
+    assert 2 in watcher.rejected
+
+
+def _two_rank_watch(rank: int, world: int, port: int, root: str, data: str, out: str) -> None:
+    """Each rank watches its own copy of a folder; rank 1's copy of v1 is unreadable at the first check (a
+    transient fault on one rank), readable at the second."""
+    import os
+
+    import torch.distributed as tdist
+
+    from b3stream.train.hotswap import ScheduleWatcher
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    folder = Path(root) / f"rank{rank}"
+    dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+    watcher = ScheduleWatcher(folder, Manifest.load(data), dist, say=lambda m: None)
+    v1 = version_path(folder, 1)
+    good = v1.read_bytes()
+    if rank == 1:
+        v1.write_bytes(good[:100])
+    first = watcher.check(0)
+    tdist.barrier()
+    if rank == 1:
+        v1.write_bytes(good)
+    second = watcher.check(0)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(
+        {"first": first and first.version, "second": second and second.version}))
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+def test_a_version_one_rank_could_not_read_is_tried_again(tmp_path, toy_dataset):
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    from b3stream.train.distributed import free_port
+
+    for version in (0, 1):
+        _publish(tmp_path / "rank0", toy_dataset, version, seed=version)
+    shutil.copytree(tmp_path / "rank0", tmp_path / "rank1")
+    mp.spawn(_two_rank_watch, args=(2, free_port(), str(tmp_path), str(toy_dataset), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"first": None, "second": 1}

@@ -85,6 +85,72 @@ def test_two_rank_gather_equals_single_process(tmp_path, sizes, neg_sizes, symme
         torch.testing.assert_close(torch.cat([r["n"] for r in ranks]) / world, n.grad, rtol=1e-4, atol=1e-6)
 
 
+HOST_SIZE_CASES = [([5, 3], [4, 1]), ([3, 3], [0, 0])]  # (queries, hard negatives) per rank
+
+
+def host_sizes_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of :func:`test_host_known_sizes_replace_the_size_gathers`: per case, the loss with the
+    sizes gathered and with the sizes given, each rank's all_gather calls counted (the wrapper records who
+    called and calls through), then a wrong count."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls, real = [], dist.all_gather
+
+    def counted(*args, **kwargs):
+        calls.append(sys._getframe(1).f_code.co_name)
+        return real(*args, **kwargs)
+
+    dist.all_gather = counted
+    results = []
+    for sizes, neg_sizes in HOST_SIZE_CASES:
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        nlo, nhi = sum(neg_sizes[:rank]), sum(neg_sizes[: rank + 1])
+        q, d, n = unit(sum(sizes), 16, seed=6), unit(sum(sizes), 16, seed=7), unit(sum(neg_sizes), 16, seed=8)
+        keys = torch.arange(sum(sizes) + sum(neg_sizes)) % 5  # repeated texts: the same-text mask is used
+        d_keys, n_keys = keys[lo:hi], keys[sum(sizes) + nlo : sum(sizes) + nhi]
+        case = {}
+        for mode, given in (("gathered", {}), ("given", {"sizes": sizes, "negative_sizes": neg_sizes})):
+            leaves = [t[a:b].clone().requires_grad_() for t, a, b in ((q, lo, hi), (d, lo, hi), (n, nlo, nhi))]
+            calls.clear()
+            out = InfoNCE(0.05, symmetric=True)(*leaves, d_keys, n_keys, **given)
+            out.loss.backward()
+            case[mode] = {"loss": out.global_loss, "grads": [t.grad for t in leaves], "calls": list(calls)}
+        wrong = list(sizes)
+        wrong[rank] += 1
+        try:
+            InfoNCE(0.05)(q[lo:hi], d[lo:hi], n[nlo:nhi], d_keys, n_keys, sizes=wrong, negative_sizes=neg_sizes)
+            case["refused"] = False
+        except ValueError:
+            case["refused"] = True
+        results.append(case)
+    dist.all_gather = real
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_host_known_sizes_replace_the_size_gathers(tmp_path):
+    """The trainer knows every rank's row counts from the plan: given them, InfoNCE makes no all_gather of
+    sizes (only the five of embeddings and keys: positives, negatives, their keys, the queries of the
+    symmetric term) and computes the same loss and gradients as when it gathers them; a count that does not
+    match this rank's rows is refused before any collective."""
+    torch.multiprocessing.spawn(host_sizes_worker, nprocs=2, join=True, args=(2, free_port(), str(tmp_path)))
+    for rank in (0, 1):
+        for case in torch.load(tmp_path / f"rank{rank}.pt"):
+            gathered, given = case["gathered"], case["given"]
+            assert given["calls"] == ["all_gather_rows"] * 5, given["calls"]
+            assert gathered["calls"].count("gather_sizes") == 2  # the fallback: queries, negatives
+            assert given["loss"] == gathered["loss"]
+            for a, b in zip(given["grads"], gathered["grads"]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert case["refused"]
+
+
 # -- GradCache ------------------------------------------------------------------------------------------
 
 TEXTS_Q = [f"how to {verb} a {noun}" for verb in ("sort", "parse", "open", "hash", "merge")

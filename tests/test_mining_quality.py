@@ -136,6 +136,114 @@ def test_sampled_estimate_is_close_and_memory_is_chunked():
     assert part["theorem1_bound"] == pytest.approx(full["theorem1_bound"], rel=0.05)
 
 
+def count_exact_searches(monkeypatch) -> list:
+    """Count the exact top-K passes over all positives (``rank.exact_search``, which the global part of the
+    bound runs): the wrapper records each call and runs the real search."""
+    from b3stream.mining import rank
+
+    calls, real = [], rank.exact_search
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rank, "exact_search", counted)
+    return calls
+
+
+def test_one_query_sample_scores_two_schedules_as_two_independent_calls(monkeypatch):
+    """H_i^K does not depend on the batches: one query_sample (one exact top-K pass) serves a schedule and
+    the one it replaces, with the values of two independent batch_quality calls; a sample drawn for other
+    parameters is refused."""
+    from b3stream.mining.quality import query_sample
+
+    q, p, _ = clustered(600, d=16, seed=2)
+    rng = np.random.default_rng(0)
+    new_ids, old_ids = rng.permutation(600), rng.permutation(600)
+    offsets = np.arange(0, 601, 40)
+    negatives = rng.integers(0, 600, size=(600, 3))
+    calls = count_exact_searches(monkeypatch)
+    alone = [batch_quality(new_ids, offsets, q, p, 6, temperature=0.05, negatives=negatives, sample=200, seed=3),
+             batch_quality(old_ids, offsets, q, p, 6, temperature=0.05, sample=200, seed=3)]
+    assert len(calls) == 2
+    calls.clear()
+    scored = query_sample(q, p, 6, sample=200, seed=3)
+    shared = [batch_quality(new_ids, offsets, q, p, 6, temperature=0.05, negatives=negatives, sample=200, seed=3,
+                            scored=scored),
+              batch_quality(old_ids, offsets, q, p, 6, temperature=0.05, sample=200, seed=3, scored=scored)]
+    assert len(calls) == 1
+    assert shared == alone
+    assert shared[0]["theorem1_bound"] != shared[1]["theorem1_bound"]  # two schedules, not one scored twice
+    for other in ({"K": 7}, {"seed": 4}, {"sample": 300}):
+        args = {"K": 6, "seed": 3, "sample": 200, **other}
+        with pytest.raises(ValueError, match="shared query sample"):
+            batch_quality(new_ids, offsets, q, p, args["K"], sample=args["sample"], seed=args["seed"],
+                          scored=scored)
+
+
+def test_schedule_stage_scores_the_replaced_schedule_with_the_same_top_k_pass(tmp_path, monkeypatch):
+    """`b3stream mine schedule` over a folder with a previous version: one exact top-K pass for both
+    ``quality`` and ``quality_previous``, and each equals batch_quality of its schedule computed alone."""
+    from b3stream.cli import main
+    from b3stream.schedule import version_path
+
+    q, p, _ = clustered(400, d=16, clusters=20, seed=0)
+    np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "p.npy", p)
+    out = tmp_path / "mine"
+    flags = ["--query-embeddings", str(tmp_path / "q.npy"), "--positive-embeddings", str(tmp_path / "p.npy"),
+             "--out", str(out), "--K", "4", "--batch-size", "16", "--quiet"]
+    assert main(["mine", "--strategy", "random", *flags]) == 0
+    calls = count_exact_searches(monkeypatch)
+    assert main(["mine", "schedule", "--strategy", "random", "--seed", "1", *flags]) == 0
+    assert len(calls) == 1, calls
+    old, new = (load_schedule(version_path(out / "schedules", v)) for v in (0, 1))
+    emb = load_embeddings(out / "embeddings")
+    tau, sample = new.meta["quality"]["temperature"], MineConfig().quality_sample
+    assert new.meta["quality"] == {**batch_quality(new.ids, new.offsets, emb.queries, emb.positives, 4,
+                                                   temperature=tau, negatives=new.negatives, sample=sample),
+                                   "scope": "all ids"}
+    assert new.meta["quality_previous"] == {
+        **batch_quality(old.ids, old.offsets, emb.queries, emb.positives, 4, temperature=tau,
+                        negatives=old.negatives, sample=sample), "version": 0, "scope": "all ids"}
+
+
+def test_a_refresh_scores_only_the_batches_still_to_come(tmp_path):
+    """With the ids already trained this epoch (a refresh), the bound of the new schedule and of the one it
+    replaces covers the untrained ids only, batched as each schedule batches them: what the rest of the
+    epoch trains on, not the whole schedule."""
+    from b3stream.schedule import version_path
+
+    q, p, _ = clustered(400, d=16, clusters=20, seed=0)
+    np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "p.npy", p)
+    trained = np.random.default_rng(0).choice(400, size=160, replace=False)
+    np.save(tmp_path / "trained.npy", trained)
+    base = MineConfig(query_embeddings=str(tmp_path / "q.npy"), positive_embeddings=str(tmp_path / "p.npy"),
+                      out=str(tmp_path / "mine"), strategy="b3", p=1, m=10, K=4, batch_size=16, quality_sample=None)
+    run_all(base, progress=False)
+    cfg = MineConfig(**{**base.__dict__, "trained_ids": str(tmp_path / "trained.npy"), "seed": 1})
+    run_all(cfg, progress=False)
+    old, new = (load_schedule(version_path(tmp_path / "mine" / "schedules", v)) for v in (0, 1))
+    emb = load_embeddings(tmp_path / "mine" / "embeddings")
+    to_come = np.ones(400, bool)
+    to_come[trained] = False
+
+    def upcoming(s):
+        keep = to_come[s.ids]
+        sizes = np.add.reduceat(keep.astype(int), s.offsets[:-1])
+        return s.ids[keep], np.concatenate([[0], np.cumsum(sizes[sizes > 0])])
+
+    for s, got in ((new, new.meta["quality"]), (old, new.meta["quality_previous"])):
+        ids, offsets = upcoming(s)
+        expected = batch_quality(ids, offsets, emb.queries, emb.positives, 4, temperature=got["temperature"],
+                                 sample=None, only=to_come)
+        assert {k: v for k, v in got.items() if k not in ("scope", "version")} == expected
+        assert got["scope"] == "ids to come" and got["queries"] == 240
+    whole = batch_quality(new.ids, new.offsets, emb.queries, emb.positives, 4, sample=None)
+    assert whole["queries"] == 400 and whole["theorem1_bound"] != new.meta["quality"]["theorem1_bound"]
+
+
 @pytest.fixture(scope="module")
 def code_mined(code_dataset, tmp_path_factory):
     """The code-search fixture mined once with the real MiniLM teacher (short max lengths for speed)."""

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from b3stream.config import EncoderConfig, LoraConfig, MineConfig
+from b3stream.config import ConfigError, EncoderConfig, LoraConfig, MineConfig
 from b3stream.data.manifest import Manifest
 from b3stream.schedule import list_versions, load_schedule, publish_schedule, version_path
 from b3stream.snapshot import RunPaths, latest_snapshot, list_snapshots, load_snapshot_encoder, write_snapshot
@@ -107,8 +107,10 @@ def test_refreshed_run_swaps_mid_epoch_and_trains_each_id_once(mined, refreshed_
     for v in versions[1:]:
         meta = load_schedule(version_path(out / "schedules", v)).meta
         assert meta["source_step"] % 6 == 0 and meta["strategy"] == "b3" and meta["K"] == 4
+        assert meta["source_epoch"] in (0, 1) and 0 <= meta["trained_apart"] < 400
         assert meta["quality"]["theorem1_bound"] > 0 and meta["quality_previous"]["version"] == v - 1
         assert {"embed", "rank", "partition", "schedule"} <= set(meta["timings"])
+    assert any(load_schedule(version_path(out / "schedules", v)).meta["trained_apart"] for v in versions[1:])
     stderr = refreshed_run["res"].stderr
     assert "swapped to schedule v1" in stderr and "under the same embeddings" in stderr
     status = json.loads((out / "refresh" / "status.json").read_text())
@@ -461,3 +463,61 @@ def test_refresh_due_bounds_the_lag():
     assert refresh_due([10, 20], 25, None) is None  # unbounded: never wait
     assert refresh_due([10, 20], 20, 0) == 20 and refresh_due([10, 20], 19, 0) == 10
     assert refresh_due([10, 20], 14, 5) is None and refresh_due([10, 20], 15, 5) == 10
+
+
+# -- right after every swap ---------------------------------------------------------------------------------
+
+
+def test_a_miner_slower_than_the_snapshots_still_lands_its_refreshes(mined):
+    """A snapshot every step with the default keep (2): each refresh outlasts many snapshot intervals, so
+    the snapshot it mines from would be pruned under it; the miner's lease keeps it, and the refreshes land."""
+    cfg = refreshed_config(mined, "slow", refresh={"every_steps": 1, "keep": 2, "max_lag_steps": 12,
+                                                   "wait_timeout": 120})
+    res = run([*B3, "train", "--config", str(cfg), "max_steps=40"], threads=1, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = mined["root"] / "slow"
+    trained_on = {t["version"] for t in read_trace(out)}
+    assert len(trained_on - {0}) >= 2, (trained_on, res.stderr[-2000:])
+    assert "vanished" not in (out / "refresh" / "miner.log").read_text()
+    assert len(list_snapshots(out)) <= 3  # pruning goes on: keep, and the one pinned when training ended
+    assert not (out / "refresh" / "lease.json").exists()
+
+
+def test_refresh_with_the_teacher_embeds_with_the_teacher_that_mined_the_schedule(mined):
+    from b3stream.config import TrainConfig, from_dict
+    from b3stream.train.refreshing import miner_config
+
+    schedule = load_schedule(mined["schedule"])
+    assert schedule.meta["teacher"]["lora"]["enabled"] is False and schedule.meta["teacher"]["max_query_length"] == 32
+    student = {**STUDENT, "pooling": "cls", "max_query_length": 24}
+    cfg = from_dict(TrainConfig, {"data": str(mined["data"]), "schedule": str(mined["schedule"]), "student": student,
+                                  "mode": "refreshed", "refresh": {"every_steps": 4, "model": "teacher"}})
+    mine = miner_config(cfg, schedule)
+    assert mine.teacher.pooling == "mean" and mine.teacher.max_query_length == 32  # the teacher's, not the student's
+    del schedule.meta["teacher"]
+    with pytest.raises(ConfigError, match="does not record one"):
+        miner_config(cfg, schedule)
+    with pytest.raises(ConfigError, match="does not divide over 3 ranks"):
+        miner_config(cfg, load_schedule(mined["schedule"]), world_size=3)
+
+
+def test_a_snapshot_missing_adapter_weights_is_refused(tmp_path):
+    """An adapter file without some of the student's adapter weights (its digest updated to match) would
+    leave them at LoRA's initialisation and embed with the base model: refused."""
+    from safetensors.torch import load_file, save_file
+
+    from b3stream.encoder import weights_digest
+    from b3stream.snapshot import SnapshotError
+
+    cfg, student = perturbed_student(lora=True, seed=0)
+    path = write_snapshot(tmp_path, 3, student.model, cfg, {"n": 1})
+    adapter = path / "adapter" / "adapter_model.safetensors"
+    weights = load_file(str(adapter))
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    save_file(weights, str(adapter))
+    meta = json.loads((path / "snapshot.json").read_text())
+    meta["weights_sha256"] = weights_digest(path)[0]
+    (path / "snapshot.json").write_text(json.dumps(meta))
+    with pytest.raises(SnapshotError, match="lacks 1 of the student's adapter weights"):
+        load_snapshot_encoder(latest_snapshot(tmp_path))

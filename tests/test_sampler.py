@@ -171,3 +171,73 @@ def test_split_bounds_cover_and_balance():
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             sizes = [b - a for a, b in bounds]
             assert max(sizes) - min(sizes) <= 1
+
+
+def two_task_schedule(n: int, size: int, K: int, seed: int, version: int, h: int = 0,
+                      apart: np.ndarray | None = None) -> Schedule:
+    """Tasks 0 (ids below n/2) and 1 (the rest) kept apart: each batch of one task, as the miner records it
+    (``batch_task``); with ``h``, each batch's negatives drawn from its own task outside the batch. ``apart``:
+    ids batched apart from the others (what a refresh does with the ids already trained this epoch)."""
+    rng = np.random.default_rng(seed)
+    batches, tasks, negatives = [], [], []
+    for t, task_ids in enumerate((np.arange(n // 2), np.arange(n // 2, n))):
+        parts = [task_ids] if apart is None else [np.setdiff1d(task_ids, apart), np.intersect1d(task_ids, apart)]
+        ids = np.concatenate([rng.permutation(part) for part in parts])
+        for i in range(0, len(ids), size):
+            b = ids[i:i + size]
+            batches.append(b)
+            tasks.append(t)
+            if h:
+                others = np.setdiff1d(task_ids, b)
+                negatives.append(rng.choice(others, size=(len(b), h), replace=False))
+    order = rng.permutation(len(batches))
+    meta = {"strategy": "b3pp" if h else "b3", "K": K, "batch_size": size, "h": h or None, "version": version}
+    return Schedule.from_batches([batches[i] for i in order], meta,
+                                 [negatives[i] for i in order] if h else None,
+                                 batch_task=np.asarray(tasks)[order])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_swap_keeps_one_task_per_batch(world):
+    """Post-swap batches are re-cut within each task of the new schedule, never across tasks."""
+    n = 800
+    old, new = two_task_schedule(n, 32, 4, seed=0, version=0), two_task_schedule(n, 32, 4, seed=1, version=1)
+    samplers = [ScheduleSampler(old, n, r, world, seed=2) for r in range(world)]
+    for _ in range(7):
+        for s in samplers:
+            s.advance()
+    for s in samplers:
+        s.swap(new)
+    rest = run_epoch(samplers)
+    for step in rest:
+        batch = np.concatenate(step)
+        assert len(set(batch >= n // 2)) == 1, "a post-swap batch mixes tasks"
+    seen = np.concatenate([samplers[0].consumed()[:0], *[np.concatenate(s) for s in rest]])
+    assert len(seen) == n - 7 * 32 and len(np.unique(seen)) == len(seen)
+
+
+def test_after_a_swap_only_the_miners_own_batches_keep_their_hard_negatives():
+    """A post-swap batch that is one of the new schedule's batches keeps exactly the negatives drawn for it;
+    a re-cut batch (members from several mined batches) gets none: its pooled rows were drawn for other
+    members and may hold a new member's likely false negative."""
+    n = 800
+    old = two_task_schedule(n, 32, 4, seed=0, version=0, h=2)
+    s = ScheduleSampler(old, n, seed=2)
+    for _ in range(5):
+        s.advance()
+    # Mined while the trainer went on: the ids trained by the snapshot are apart, one more step is not.
+    new = two_task_schedule(n, 32, 4, seed=1, version=1, h=2, apart=s.consumed())
+    s.advance()
+    s.swap(new)
+    mined = {frozenset(b.tolist()): np.unique(negs) for b, negs in zip(new.batches, new.hard_negatives)}
+    kept = recut = 0
+    for index in range(s.steps_per_epoch):
+        batch, pool = s.global_batch(index), s.negative_pool(index)
+        drawn = mined.get(frozenset(batch.tolist()))
+        if drawn is not None:
+            kept += 1
+            assert np.array_equal(pool, drawn[~np.isin(drawn, batch)])
+        else:
+            recut += 1
+            assert len(pool) == 0, "a re-cut batch got negatives drawn for other members"
+    assert kept >= 5 and recut >= 1

@@ -22,6 +22,7 @@ fingerprint is a SHA-256 of the two arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -232,7 +233,10 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and size > 1:  # one GPU per process under a launcher
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    dtype = torch.float16 if device.startswith("cuda") else None
+    # Half precision on a GPU: bf16 where the GPU has it (fp16 overflows in some decoder LLMs), else fp16.
+    dtype = None
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if cfg.teacher_snapshot:
         from ..snapshot import load_snapshot_encoder, read_snapshot
 
@@ -244,7 +248,9 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     dim = encoder.dim
     record = {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": start, "complete": False,
               "chunk": cfg.embed_chunk, "weight_files": weight_files,
-              "source_step": snapshot.step if snapshot is not None else None, "processes": size}
+              "source_step": snapshot.step if snapshot is not None else None, "processes": size,
+              # the teacher's settings, so that refreshed mode's `model: teacher` re-mines with this teacher
+              "teacher": dataclasses.asdict(cfg.teacher) if snapshot is None else None}
     if rank == 0:  # creates the files; the other processes open them once they exist
         mode = "r+" if start > 0 else "w+"
         qmm = np.lib.format.open_memmap(folder / "queries.npy", mode=mode, dtype=np.float16, shape=(n, dim))

@@ -298,12 +298,19 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
         "edges": pp.get("edges") if uses_k else None, "rank_weights": pp.get("rank_weights") if uses_k else None,
         "data": stamp, "n": n, "num_batches": len(batches), "tasks": task_names,
         "source_model": emb.record.get("source_model") if emb is not None else None,
+        "teacher": emb.record.get("teacher") if emb is not None else None,
         "source_step": cfg.source_step if cfg.source_step is not None else
         (emb.record.get("source_step") if emb is not None else None),
         "margin": rp.get("margin") if uses_s else None,
         "task_params": rp.get("task_params") if uses_s else None, **extra,
+        # A refresh: the snapshot's epoch, and how many of its ids were mined apart as already trained then
+        # (such a schedule's communities fit that epoch's remainder only; the trainer refuses it in another).
+        **({"source_epoch": cfg.source_epoch,
+            "trained_apart": int(np.load(cfg.trained_ids).size) if cfg.trained_ids else 0}
+           if cfg.source_epoch is not None else {}),
     }
-    schedule = Schedule.from_batches(batches, meta, negatives)
+    schedule = Schedule.from_batches(batches, meta, negatives,
+                                     batch_task=_batch_tasks(batches, tasks) if _tasks_apart(cfg, task_names) else None)
     schedule.check_epoch(n)
     t_sched = time.perf_counter() - t0
     timings = {name: rec.get("seconds") for name, rec in records.items()}
@@ -314,21 +321,30 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
         timings["embed"] = emb.record.get("seconds")
     timings["schedule"] = round(t_sched, 3)
     if emb is not None and cfg.quality_sample != 0:
-        from .quality import batch_quality
+        from .quality import batch_quality, query_sample
 
         t1 = time.perf_counter()
-        schedule.meta["quality"] = batch_quality(
-            schedule.ids, schedule.offsets, emb.queries, emb.positives, K=cfg.K,
-            temperature=cfg.quality_temperature, negatives=schedule.negatives, sample=cfg.quality_sample,
-            seed=0, progress=progress)
+        # One exact top-K over all positives for the sampled queries, shared by both schedules scored below.
+        scored = query_sample(emb.queries, emb.positives, K=cfg.K, sample=cfg.quality_sample, seed=0,
+                              progress=progress)
+        # A refresh scores the batches still to come: the ids the trainer has not trained this epoch (it
+        # skips the others after the swap), as they will be batched in each schedule.
+        trained = load_trained_ids(cfg.trained_ids, n)
+        to_come = None if trained is None else ~trained
+
+        def score(s: Schedule) -> dict:
+            ids, offsets, negatives = _upcoming(s, to_come)
+            return {**batch_quality(ids, offsets, emb.queries, emb.positives, K=cfg.K,
+                                    temperature=cfg.quality_temperature, negatives=negatives,
+                                    sample=cfg.quality_sample, seed=0, scored=scored, only=to_come),
+                    "scope": "all ids" if to_come is None else "ids to come"}
+
+        schedule.meta["quality"] = score(schedule)
         # The schedule this one will replace, scored under the same (newer) embeddings: whether a refresh
         # actually makes the upcoming batches harder for the model the embeddings came from.
         previous = _previous_schedule(publish_to, stamp, below=cfg.version)
         if previous is not None:
-            schedule.meta["quality_previous"] = {**batch_quality(
-                previous.ids, previous.offsets, emb.queries, emb.positives, K=cfg.K,
-                temperature=cfg.quality_temperature, negatives=previous.negatives, sample=cfg.quality_sample,
-                seed=0), "version": previous.version}
+            schedule.meta["quality_previous"] = {**score(previous), "version": previous.version}
         timings["quality"] = round(time.perf_counter() - t1, 3)
     schedule.meta["timings"] = timings
     path = publish_schedule(schedule, publish_to, cfg.version, overwrite=cfg.overwrite)
@@ -337,6 +353,33 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
              f"; Theorem-1 bound {q['theorem1_bound']:.3f}, in-batch negative similarity mean "
              f"{q['neg_sim_mean']:.3f}, hardest {q['neg_sim_hardest_mean']:.3f}" if q else "")
     return path
+
+
+def _upcoming(schedule: Schedule, to_come: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids, offsets, negatives) of ``schedule``'s batches restricted to the ids in the mask ``to_come``
+    (emptied batches dropped); the whole schedule when it is None."""
+    if to_come is None:
+        return schedule.ids, schedule.offsets, schedule.negatives
+    keep = to_come[schedule.ids]
+    sizes = np.add.reduceat(keep.astype(np.int64), schedule.offsets[:-1]) if len(keep) else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes[sizes > 0])]).astype(np.int64)
+    negatives = None if schedule.negatives is None else schedule.negatives[keep]
+    return schedule.ids[keep], offsets, negatives
+
+
+def _tasks_apart(cfg: MineConfig, task_names: list[str]) -> bool:
+    """Whether the batches keep to one task each (bar the leftover ones), so the schedule records them."""
+    return cfg.per_task and not cfg.mix_tasks and len(task_names) > 1
+
+
+def _batch_tasks(batches: list[np.ndarray], tasks: np.ndarray) -> np.ndarray:
+    """Each batch's task index, -1 for a batch of several tasks (the leftovers of small tasks)."""
+    out = np.empty(len(batches), dtype=np.int64)
+    for b, ids in enumerate(batches):
+        t = tasks[ids]
+        out[b] = t[0] if len(t) and (t == t[0]).all() else -1
+    return out
 
 
 def _previous_schedule(folder: Path, stamp: dict | None, below: int | None = None) -> Schedule | None:

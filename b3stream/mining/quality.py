@@ -23,9 +23,16 @@ Also reported, over the same queries: the mean in-batch negative similarity (mea
 Bounded memory: the global part is an exact top-K over all positives for a seeded sample of queries, in
 blocks of positives (never N x N; ``sample=None`` uses every query); the batch part multiplies each sampled
 query with its own batch only.
+
+One global part, several schedules: ``H_i^K`` depends on the embeddings, the sample and K, not on the
+batches, so scoring a new schedule and the one it replaces under the same embeddings (refreshed mode's
+``quality`` and ``quality_previous``) shares one :func:`query_sample` (the exact top-K, the costly pass)
+and only the batch part runs twice.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,9 +58,50 @@ def global_topk(query_vecs: np.ndarray, query_ids: np.ndarray, positives: np.nda
     return top
 
 
+@dataclass
+class QuerySample:
+    """The scored queries and their global top-K: everything of the bound that does not depend on the
+    schedule (module docstring), to share between schedules scored under the same embeddings."""
+
+    chosen: np.ndarray  # the sampled query ids, sorted
+    vectors: np.ndarray  # their embeddings, float32
+    top: np.ndarray  # (len(chosen), K): the K largest s_ij over all j != i
+    K: int  # the top-K size, after clipping to N - 1
+    N: int
+    sample: int | None  # queries asked for (None: every query)
+    seed: int
+
+    def fits(self, N: int, K: int, sample: int | None, seed: int) -> bool:
+        """Whether this is the sample :func:`query_sample` would compute for these arguments."""
+        return (self.N, self.K, self.sample, self.seed) == (N, _clip_k(K, N), _all_or(sample, N), seed)
+
+
+def _clip_k(K: int, N: int) -> int:
+    return int(max(1, min(K, N - 1)))
+
+
+def _all_or(sample: int | None, N: int) -> int | None:
+    """``sample`` with every way of asking for all N queries written as None."""
+    return None if sample is None or sample >= N else int(sample)
+
+
+def query_sample(queries: np.ndarray, positives: np.ndarray, K: int, sample: int | None = 2048, seed: int = 0,
+                 progress: bool = False) -> QuerySample:
+    """The seeded query sample of :func:`batch_quality` and its exact top-K over all positives (the costly
+    part: one pass over every positive), for one or more ``batch_quality(..., scored=...)`` calls."""
+    N = len(positives)
+    rng = np.random.default_rng(seed)
+    chosen = np.arange(N) if sample is None or sample >= N else np.sort(rng.choice(N, size=sample, replace=False))
+    qv = np.asarray(queries[chosen], dtype=np.float32)
+    K = _clip_k(K, N)
+    top = global_topk(qv, chosen, positives, K, progress=progress)
+    return QuerySample(chosen=chosen, vectors=qv, top=top, K=K, N=N, sample=_all_or(sample, N), seed=seed)
+
+
 def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, positives: np.ndarray, K: int,
                   temperature: float = 0.02, negatives: np.ndarray | None = None, sample: int | None = 2048,
-                  seed: int = 0, progress: bool = False) -> dict:
+                  seed: int = 0, progress: bool = False, scored: QuerySample | None = None,
+                  only: np.ndarray | None = None) -> dict:
     """Theorem-1 bound and in-batch negative similarity of a schedule (module docstring).
 
     Args:
@@ -62,15 +110,24 @@ def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, pos
         K: top-K size of the bound.
         negatives: B3++ hard negatives aligned with ``ids`` (they join every query's batch negatives).
         sample: number of queries scored (seeded); None or >= N: all.
+        scored: the :func:`query_sample` of these embeddings for the same K, sample and seed, computed once
+            for several schedules (the values are those of computing it here); None computes it.
+        only: a boolean mask over the N ids; only sampled queries inside it are scored (the ids a refreshed
+            trainer has still to train this epoch; ``ids`` then holds those only).
     """
     N = len(positives)
     ids = np.asarray(ids, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
-    K = int(max(1, min(K, N - 1)))
-    rng = np.random.default_rng(seed)
-    chosen = np.arange(N) if sample is None or sample >= N else np.sort(rng.choice(N, size=sample, replace=False))
-    qv = np.asarray(queries[chosen], dtype=np.float32)
-    top = global_topk(qv, chosen, positives, K, progress=progress)
+    if scored is None:
+        scored = query_sample(queries, positives, K, sample, seed, progress=progress)
+    elif not scored.fits(N, K, sample, seed):
+        raise ValueError(f"the shared query sample was drawn for N={scored.N}, K={scored.K}, "
+                         f"sample={scored.sample}, seed={scored.seed}, not N={N}, K={_clip_k(K, N)}, "
+                         f"sample={sample}, seed={seed}")
+    K, chosen, qv, top = scored.K, scored.chosen, scored.vectors, scored.top
+    if only is not None:
+        inside = only[chosen]
+        chosen, qv, top = chosen[inside], qv[inside], top[inside]
     log_h_global = _logsumexp(top / temperature, axis=1)
 
     where = np.empty(N, dtype=np.int64)

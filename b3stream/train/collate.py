@@ -3,6 +3,9 @@
 Reading is by id through the data layer (``ShardedDataset[id]``, WebDataset's ``wids``), so the batch
 composition is entirely the schedule's. Instruction prompts come from the manifest, per task and side
 (paper section 3.3); hard negatives are other examples' positives, so they get the positive prompt.
+
+One :class:`StepLoader` serves a whole run: its workers persist across swaps and epochs, and the main
+process sends each of them the :class:`Step` to build, so they never hold a plan of their own.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.dedup import content_keys
 from ..data.manifest import Manifest
@@ -43,22 +46,28 @@ class LocalBatch:
 
 
 class StepData(Dataset):
-    """Step index of the sampler's current plan -> this rank's tokenised batch."""
+    """A :class:`Step` -> this rank's tokenised batch.
 
-    def __init__(self, records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tokenize):
-        self.records, self.sampler, self.tokenize = records, sampler, tokenize
+    Keyed by ``(pass, Step)``, not by an index into a plan: the Step carries its ids, its share of the
+    hard negatives and whether the plan has a negative side, so a worker needs no copy of the sampler and
+    builds batches of whatever plan the main process is on. That is what lets the workers outlive a swap
+    and an epoch (:class:`StepLoader`). ``current`` is the loader's pass number in memory shared with the
+    workers: a request left over from an earlier pass (prefetched before a swap) is answered with None at
+    once instead of being read and tokenised for nothing, so a new pass does not wait for it."""
+
+    def __init__(self, records: ShardedDataset, tokenize: Tokenize, current: torch.Tensor):
+        self.records, self.tokenize, self.current = records, tokenize, current
         self.manifest = records.manifest
 
-    def __len__(self) -> int:
-        return self.sampler.steps_per_epoch
-
-    def __getitem__(self, index: int) -> LocalBatch:
-        step = self.sampler.step(index)
+    def __getitem__(self, key: tuple[int, Step]) -> LocalBatch | None:
+        number, step = key
+        if number != int(self.current[0]):
+            return None  # an earlier pass's request: the loader drops it unseen
         recs = [self.records[i] for i in step.ids]
         texts = {side: texts_of(recs, side, self.manifest) for side in ("query", "positive")}
         features = {side: self.tokenize(texts[side], side) for side in ("query", "positive")}
         keys = {"positive": torch.from_numpy(content_keys(texts["positive"]))}
-        if self.sampler.schedule.negatives is not None:
+        if step.with_negatives:
             # Every rank passes a negative side (maybe empty) so all ranks run the same collectives.
             negs = texts_of([self.records[i] for i in step.negative_ids], "positive", self.manifest)
             features["negative"] = (self.tokenize(negs, "positive")
@@ -69,17 +78,76 @@ class StepData(Dataset):
                           extents={side: token_extents(f["attention_mask"]) for side, f in features.items()})
 
 
+class PlanSteps(Sampler):
+    """The DataLoader's sampler: the remaining Steps of the live sampler's current plan, each computed in
+    the main process when the loader asks for it (``prefetch_factor`` per worker ahead of training) and
+    sent to a worker with the pass number as the dataset key. A pass ends with the plan: at its last step,
+    or as soon as the plan changed (a swap, a new epoch), so a pass never asks for a step of a plan it did
+    not start on."""
+
+    def __init__(self, sampler: ScheduleSampler, current: torch.Tensor):
+        self.sampler, self.current = sampler, current
+
+    def _plan(self) -> tuple:
+        s = self.sampler
+        return s.epoch, s.swaps, s.version
+
+    def __iter__(self):
+        s, plan, number = self.sampler, self._plan(), int(self.current[0])
+        for index in range(s.position, s.steps_per_epoch):
+            if self._plan() != plan:
+                return
+            yield number, s.step(index)
+
+
 def _as_is(item):
     return item
 
 
-def step_loader(records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tokenize,
-                num_workers: int = 1) -> DataLoader:
-    """Batches for the remaining steps of the sampler's current plan, prefetched by ``num_workers``.
+class StepLoader:
+    """Batches for the remaining steps of the sampler's current plan, built by DataLoader workers that live
+    as long as the loader: iterate it again after a swap or at a new epoch, and the same workers go on.
 
-    The workers get a copy of the sampler taken now; after a swap or at a new epoch make a new loader.
+    Starting workers costs a fork of the trainer (its page tables, with the model loaded) or a pickle of
+    the dataset, and the first batches of a fresh loader come without prefetch; at every swap and epoch that
+    added up. Each pass over the loader is a new pass of the persistent DataLoader over :class:`PlanSteps`.
+    Batches prefetched for the old plan cannot leak into a new pass: a new pass of a DataLoader with
+    persistent workers first waits for every outstanding item and drops it (torch's ``_ResumeIteration``
+    handshake), and the loop checks each batch's (epoch, index) against the sampler besides. So that the
+    wait is short, each pass has a number the workers see in shared memory, and they skip the requests of
+    an earlier one (:class:`StepData`): a swap costs at most the batch each worker is building.
+
+    ``num_workers=0`` reads in the main process, one batch when the loop asks for it, nothing prefetched.
     """
-    data = StepData(records, sampler, tokenize)
-    return DataLoader(data, batch_size=None, sampler=range(sampler.position, sampler.steps_per_epoch),
-                      num_workers=num_workers, collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
+
+    def __init__(self, records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tokenize,
+                 num_workers: int = 1):
+        workers = num_workers > 0
+        self.current = torch.zeros(1, dtype=torch.int64).share_memory_()  # the pass number, seen by workers
+        self.loader = DataLoader(StepData(records, tokenize, self.current), batch_size=None,
+                                 sampler=PlanSteps(sampler, self.current), num_workers=num_workers,
+                                 collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
+                                 prefetch_factor=2 if workers else None, persistent_workers=workers)
+
+    def __iter__(self):
+        """The remaining steps of the sampler's current plan (one pass; break out of it at a swap)."""
+        self.current += 1  # before the DataLoader's new pass: the workers skip what the last one left
+        for batch in self.loader:
+            if batch is None:
+                raise RuntimeError("a request of an earlier pass reached the loop; this is a bug")
+            yield batch
+
+    def close(self) -> None:
+        """Stop the workers now rather than whenever the loader is collected (they hold a copy of the
+        trainer's memory)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+
+
+def step_loader(records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tokenize,
+                num_workers: int = 1) -> StepLoader:
+    """A :class:`StepLoader`: make it once per run; each ``for batch in loader`` runs the rest of the
+    sampler's current plan, and the next one (after a swap, at a new epoch) the next plan's."""
+    return StepLoader(records, sampler, tokenize, num_workers)

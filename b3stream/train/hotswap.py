@@ -21,29 +21,60 @@ from .distributed import DistInfo
 from .sampler import check_schedule
 
 
+class NotYet(ScheduleError):
+    """A version that may be taken later, not now (see :attr:`ScheduleWatcher.accept`)."""
+
+
+TRIES = 3  # reads of a version that failed on some rank before it is given up on (a transient fault retries)
+
+
 class ScheduleWatcher:
-    """Finds newer schedule versions in ``folder`` for the train split of ``manifest``."""
+    """Finds newer schedule versions in ``folder`` for the train split of ``manifest``.
+
+    ``accept(schedule)``, when set, may refuse a version that loads: raising :class:`ScheduleError` rejects
+    it for good, :class:`NotYet` passes it over this time only (the trainer defers a schedule mined from a
+    snapshot of a later step than it has reached, as after a resume).
+    """
 
     def __init__(self, folder: str | Path, manifest: Manifest, dist: DistInfo, say=print):
+        """Collective when the default process group is NCCL: every rank must construct its watcher at the
+        same point (the trainer does, right before the loop), since that is where the CPU group the
+        watcher agrees on is made (:meth:`agree`)."""
         self.folder, self.manifest, self.dist, self.say = Path(folder), manifest, dist, say
         self.rejected: set[int] = set()
+        self.failures: dict[int, int] = {}  # failed reads per version (an OSError, or on another rank)
+        self.accept = None
+        self.group = _cpu_group(dist)
 
     def _reject(self, version: int, error: Exception) -> None:
+        if isinstance(error, NotYet):
+            return
+        if isinstance(error, OSError) and not self._failed(version):
+            self.say(f"schedule v{version} not read ({error}); will try again")
+            return
         self.rejected.add(version)  # never read again; training goes on on what it has
         self.say(f"schedule v{version} not used: {error}")
 
+    def _failed(self, version: int) -> bool:
+        """Count a failed read of ``version``; True once it has failed :data:`TRIES` times."""
+        self.failures[version] = self.failures.get(version, 0) + 1
+        return self.failures[version] >= TRIES
+
     def agree(self, value: int, op) -> int:
-        """``value`` as rank 0 has it (op broadcast) or the minimum over ranks (op min)."""
+        """``value`` as rank 0 has it (op broadcast) or the minimum over ranks (op min).
+
+        Runs at every watched step, so it stays off the GPU: a CPU tensor on the watcher's gloo group when
+        the default group is NCCL (an NCCL collective plus ``.item()`` would make the host wait for every
+        kernel queued so far, each step), on the default group when that is gloo already."""
         if self.dist.world_size == 1:
             return value
         import torch.distributed as tdist
 
-        dev = self.dist.device if self.dist.backend == "nccl" else torch.device("cpu")
-        t = torch.tensor([value], dtype=torch.long, device=dev)
+        t = torch.tensor([value], dtype=torch.long)
         if op == "broadcast":
-            tdist.broadcast(t, src=0)
+            tdist.broadcast(t, src=0, group=self.group)
         else:
-            tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+            tdist.all_reduce(t, op=tdist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
     def _usable(self, schedule: Schedule) -> None:
@@ -54,6 +85,8 @@ class ScheduleWatcher:
         if schedule.version is None or schedule.path != version_path(self.folder, schedule.version):
             raise ScheduleError(f"{schedule.path}: holds version {schedule.version!r}, not the one its name says")
         check_schedule(schedule, self.manifest.split("train").n, self.dist.world_size)
+        if self.accept is not None:
+            self.accept(schedule)
 
     def _newest(self, current: int, stamp: dict) -> Schedule | None:
         """Rank 0's pick: the newest usable version above ``current`` (bad ones rejected on the way), or
@@ -92,11 +125,36 @@ class ScheduleWatcher:
         if not self.dist.is_main:  # rank 0 has it loaded already
             schedule = self._load(newest, stamp)
         if self.agree(int(schedule is not None), "min") == 0:
-            if schedule is not None:  # it loaded here, not on every rank
-                self.say(f"schedule v{newest} not used: another rank could not load it")
-            self.rejected.add(newest)
+            # Some rank could not read it (a file system hiccup, a file replaced between the reads): try
+            # again at the next check, and give up on it only after TRIES failures. Every rank counts alike.
+            if self._failed(newest):
+                self.rejected.add(newest)
+                self.say(f"schedule v{newest} not used: a rank could not load it {TRIES} times")
             return None
         return schedule
+
+
+def _cpu_group(dist: DistInfo):
+    """The process group the watcher agrees on: None (the default group) on one rank or when the default
+    group is gloo; else a gloo group over all ranks, made here. ``new_group`` is collective, hence its
+    place in the constructor, which every rank runs at the same point. It keeps the default group's
+    timeout: a rank may wait in a poll while rank 0 writes a snapshot."""
+    if dist.world_size == 1 or dist.backend != "nccl":
+        return None
+    import torch.distributed as tdist
+
+    return tdist.new_group(backend="gloo", timeout=_default_timeout(dist))
+
+
+def _default_timeout(dist: DistInfo):
+    """The default group's collective timeout (``DEEPSPEED_TIMEOUT`` and the like set it), or None (torch's
+    default) where this torch does not tell."""
+    import torch.distributed as tdist
+
+    try:
+        return tdist.distributed_c10d._get_default_group()._get_backend(dist.device).options._timeout
+    except Exception:  # noqa: BLE001 (private API: absent or renamed in another torch)
+        return None
 
 
 def source_step(schedule: Schedule | None) -> int:

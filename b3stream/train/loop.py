@@ -30,7 +30,7 @@ from ..data.reader import ShardedDataset
 from ..encoder import Encoder
 from ..evaluate import RetrievalSet
 from ..files import write_atomic
-from ..schedule import load_schedule, version_path
+from ..schedule import ScheduleError, load_schedule, version_path
 from ..snapshot import RunPaths
 from ..monitor import Monitor
 from .collate import step_loader
@@ -38,7 +38,7 @@ from . import run_folder
 from .distributed import DistInfo, barrier, init_distributed
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all
-from .hotswap import ScheduleWatcher, refresh_due, source_step, wait_for_refresh
+from .hotswap import NotYet, ScheduleWatcher, refresh_due, source_step, wait_for_refresh
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
 from .refreshing import miner_config, miner_process, prepare_run, snapshot, snapshot_due
 from .sampler import ScheduleSampler, schedule_batch_size, split_bounds
@@ -68,7 +68,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     paths = RunPaths(run)
     watch_folder = paths.schedules if refreshed else (Path(cfg.schedule) if Path(cfg.schedule).is_dir() else None)
     watch_every = cfg.watch_schedule_every or (1 if refreshed else None)
-    mine_cfg = miner_config(cfg, schedule) if refreshed else None  # refresh.mine checked before any output
+    # refresh.mine (and the teacher, |B| over the ranks) checked before any output
+    mine_cfg = miner_config(cfg, schedule, dist.world_size) if refreshed else None
     # The run folder: new, resumed, or replaced with overwrite; never another's files lost. Every rank
     # decides (so all refuse together) before the main rank changes anything.
     start = run_folder.plan(run, cfg.resume, cfg.overwrite, schedule.path)
@@ -113,7 +114,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     monitor.write(_banner(cfg, dist, sampler, batch_size, total_steps, stage, precision, step))
     watcher = ScheduleWatcher(watch_folder, manifest, dist, say=monitor.write) if watch_folder and watch_every \
         else None
-    snapshots, refresh_wait = [], 0.0  # steps of this process's snapshots; seconds waited for their schedules
+    if watcher is not None:
+        watcher.accept = lambda schedule: _fits_now(schedule, step, sampler.epoch)
+    # (step, epoch, mined apart) of the snapshots whose schedules max_lag_steps may wait for; a resumed run
+    # takes its own from before the resume. Seconds waited for them.
+    snapshots = _own_snapshots(paths, step) if refreshed and start == "resume" else []
+    refresh_wait = 0.0
     # A spawned miner (refreshed mode) runs while the block runs and is stopped however it ends.
     with miner_process(cfg, paths, dist, monitor) as miner:
         # -- 5. Zero-shot / resumed-model evaluation. --------------------------------------------------
@@ -131,10 +137,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         every_step_exact = dist.device.type != "cuda"
         throughput, step_times = [], []
         window_examples, window_seconds, window_steps = 0, 0.0, 0
+        loader = step_loader(records, sampler, tokenize, cfg.num_workers)  # workers live across swaps, epochs
         while step < total_steps:
-            loader = step_loader(records, sampler, tokenize, cfg.num_workers)  # rest of this epoch's plan
             t_ready = time.perf_counter()
-            for batch in loader:
+            for batch in loader:  # the rest of the sampler's current plan; the next pass, the next plan's
                 if (batch.step.epoch, batch.step.index) != (sampler.epoch, sampler.position):
                     raise RuntimeError("data loader and sampler disagree on the step; this is a bug")
                 exact = every_step_exact or monitor.due(step + 1)
@@ -147,7 +153,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 keys = {side: v.to(dist.device, non_blocking=True) for side, v in batch.keys.items()}
                 emb = engine(features, batch.extents)
                 out = loss_fn(emb["query"], emb["positive"], emb.get("negative"), keys["positive"],
-                              keys.get("negative"))
+                              keys.get("negative"), sizes=batch.step.sizes,
+                              negative_sizes=batch.step.negative_sizes)  # from the plan: no collective
                 engine.backward(out.loss)
                 t_backward = _sync(dist) if exact else None
                 grad_norm = _grad_norm(engine) if stage == 0 and precision == "fp32" else None
@@ -186,26 +193,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 if step >= total_steps:
                     break
                 if refreshed and snapshot_due(cfg, step, sampler.epoch > batch.step.epoch, sampler.epoch):
-                    snapshot(engine, encoder, cfg, manifest, paths, step, sampler.epoch, stage, dist,
-                             trained=sampler.consumed())
-                    snapshots.append(step)
+                    trained = sampler.consumed()
+                    snapshot(engine, encoder, cfg, manifest, paths, step, sampler.epoch, stage, dist, trained=trained)
+                    snapshots.append((step, sampler.epoch, len(trained) > 0))
                 if miner is not None:
                     miner.check()
                 if watcher is not None and step % watch_every == 0:
                     new = watcher.check(sampler.version)
-                    need = refresh_due(snapshots, step, cfg.refresh.max_lag_steps)  # snapshots: refreshed only
+                    # a snapshot mined apart in an earlier epoch answers nothing now (_fits_now refuses it)
+                    due = [s for s, epoch, apart in snapshots if epoch == sampler.epoch or not apart]
+                    need = refresh_due(due, step, cfg.refresh.max_lag_steps)  # snapshots: refreshed only
                     if need is not None and source_step(new or sampler.schedule) < need:
                         new, waited = wait_for_refresh(watcher, sampler.version, new, need, cfg.refresh.poll_seconds,
                                                        cfg.refresh.wait_timeout, miner=miner, say=monitor.write)
                         refresh_wait += waited
                         monitor.scalars(step, {"wait_seconds": waited}, group="refresh")
-                        snapshots = [s for s in snapshots if s > need]  # a wait that gave up is not repeated
+                        snapshots = [x for x in snapshots if x[0] > need]  # a wait that gave up is not repeated
                     if new is not None:
                         _report_swap(monitor, step, sampler.schedule, new, len(sampler.history) + 1)
                         sampler.swap(new, step=step)
-                        break  # the loader holds the old plan; start one on the new plan
+                        break  # this pass of the loader follows the old plan; the next, the new one
                 t_ready = time.perf_counter()
-            del loader
+        loader.close()
 
         # -- 7. Final checkpoint, evaluation, export. ---------------------------------------------------
         _save(engine, sampler, step, cfg, run / "checkpoints", dist)
@@ -368,6 +377,28 @@ def _restore(engine, sampler: ScheduleSampler, cfg: TrainConfig, manifest: Manif
             sampler = ScheduleSampler(schedule, sampler.n, dist.rank, dist.world_size, seed=cfg.seed)
     sampler.load_state_dict(state)
     return int(client["step"]), sampler
+
+
+def _fits_now(schedule, step: int, epoch: int) -> None:
+    """Refuse a newer schedule that does not fit the trainer's position (the watcher's ``accept``): one
+    mined from a snapshot of a later step waits for that step (a resumed run re-reaching it: taking it
+    early would train on batches no uninterrupted run could have had), and one whose ids were mined apart
+    for the rest of another epoch is not used in this one (its communities were cut for that remainder)."""
+    meta = schedule.meta
+    if source_step(schedule) > step:
+        raise NotYet(f"mined from the snapshot of step {source_step(schedule)}, a step not reached yet")
+    if meta.get("trained_apart") and meta.get("source_epoch") not in (None, epoch):
+        raise ScheduleError(f"mined for the rest of epoch {meta['source_epoch']} ({meta['trained_apart']} ids "
+                            f"trained by then were mined apart), while training is in epoch {epoch}")
+
+
+def _own_snapshots(paths: RunPaths, step: int) -> list[tuple[int, int, bool]]:
+    """(step, epoch, mined apart) of the run's snapshots up to ``step``: a resumed run's max_lag_steps
+    bound counts the snapshots written before the resume too."""
+    from ..snapshot import list_snapshots
+
+    return [(s.step, int(s.meta.get("epoch", 0)), s.trained_ids is not None)
+            for s in list_snapshots(paths.run) if s.step <= step]
 
 
 def _staleness(schedule, step: int) -> int | None:

@@ -20,7 +20,11 @@ queries (a (n_local, |B| + |N|) logit block, not |B| x |B|); the gather's backwa
 rank computed for every slice and hands each rank the part for its own embeddings. DeepSpeed then averages
 parameter gradients over ranks, so each rank's loss is scaled by ``world / |B|`` (not ``1 / n_local``):
 the averaged gradient is then exactly the gradient of the global mean, also when the last batch of an
-epoch does not split evenly. The tests check this against one process holding the whole batch.
+epoch does not split evenly. The tests check this against one process holding the whole batch. The
+gathers need every rank's row count; the trainer passes the counts its plan implies (``Step.sizes``,
+``Step.negative_sizes``), so a step's collectives are the embeddings' and keys' gathers, the gradient's
+all-reduce and the statistics' all-reduce, with no all-gather of counts and no ``.item()`` (a host wait
+on NCCL) to read them.
 
 Target columns. The logit block is ``[all |B| positives | all |N| hard negatives]``: the positives come
 first, in global batch order, so the target of local query ``i`` on rank ``r`` is ``offset_r + i`` with or
@@ -75,7 +79,11 @@ def _world() -> tuple[int, int]:
 
 
 def gather_sizes(n: int, device: torch.device | None = None) -> list[int]:
-    """Every rank's row count (one tiny all_gather; ``[n]`` without a process group)."""
+    """Every rank's row count (one tiny all_gather; ``[n]`` without a process group).
+
+    The fallback for callers that do not know the counts (evaluation's shares): it costs a collective and,
+    on NCCL, one host wait per ``.item()``. The training step passes the counts its plan implies instead
+    (:func:`host_sizes`)."""
     rank, world = _world()
     if world == 1:
         return [n]
@@ -96,6 +104,21 @@ def all_gather_rows(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded.contiguous())
     return [o[:s] for o, s in zip(out, sizes)]
+
+
+def host_sizes(sizes: list[int] | None, rows: int, what: str = "rows") -> list[int] | None:
+    """Every rank's row count as the caller knows it on the host (from the step's plan), checked against
+    this rank's own ``rows``: a wrong count would silently mis-slice every rank's gather, so it is refused
+    here, where the check costs nothing (a tensor's shape is on the host). None passes through (the caller
+    then falls back to :func:`gather_sizes`)."""
+    if sizes is None:
+        return None
+    rank, world = _world()
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != world or sizes[rank] != rows:
+        raise ValueError(f"{what}: the given per-rank sizes {sizes} do not fit {world} rank(s) with {rows} "
+                         f"row(s) on rank {rank}")
+    return sizes
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -214,24 +237,31 @@ class InfoNCE:
         self.mask_duplicates = mask_duplicates
 
     def __call__(self, q: torch.Tensor, d: torch.Tensor, n: torch.Tensor | None = None,
-                 d_keys: torch.Tensor | None = None, n_keys: torch.Tensor | None = None) -> LossOutput:
+                 d_keys: torch.Tensor | None = None, n_keys: torch.Tensor | None = None,
+                 sizes: list[int] | None = None, negative_sizes: list[int] | None = None) -> LossOutput:
         """``q``, ``d``: this rank's (n_local, dim) query and positive embeddings (row i pairs with row i);
         ``n``: this rank's share of the hard negatives (any count, also 0), or None. ``d_keys`` / ``n_keys``:
         int64 content keys of those positives / negatives; with ``mask_duplicates`` same-text columns are
-        masked (module docstring)."""
+        masked (module docstring). ``sizes`` / ``negative_sizes``: every rank's number of queries / hard
+        negatives, when the caller knows them (the training step's plan does): the step then gathers only
+        embeddings and keys, with no collective and no host wait to learn the counts; without them each is
+        gathered (:func:`gather_sizes`)."""
         if q.shape != d.shape:
             raise ValueError(f"queries {tuple(q.shape)} and positives {tuple(d.shape)} must pair row by row")
         # Similarities in fp32 even when the encoder runs in bf16: tau = 0.02 multiplies errors by 50.
         q, d = q.float(), d.float()
         rank, world = _world()
-        sizes = gather_sizes(q.shape[0], q.device)
+        sizes = host_sizes(sizes, q.shape[0], "queries") or gather_sizes(q.shape[0], q.device)
+        negative_sizes = None if n is None else host_sizes(negative_sizes, n.shape[0], "hard negatives")
+        if n is not None and negative_sizes is None and world > 1:
+            negative_sizes = gather_sizes(n.shape[0], q.device)  # once, for the embeddings and the keys
         total = sum(sizes)
         offset = sum(sizes[:rank])
         d_all = gather(d, sizes)
         keys = d_all
         n_neg = 0
         if n is not None:
-            n_all = gather(n.float())
+            n_all = gather(n.float(), negative_sizes)
             n_neg = n_all.shape[0]
             keys = torch.cat([d_all, n_all])
         target = torch.arange(offset, offset + q.shape[0], device=q.device)
@@ -239,7 +269,7 @@ class InfoNCE:
         if self.mask_duplicates and d_keys is not None:
             key_all = _gather_keys(d_keys, sizes, q.device)
             if n is not None:
-                key_all = torch.cat([key_all, _gather_keys(n_keys, None, q.device)])
+                key_all = torch.cat([key_all, _gather_keys(n_keys, negative_sizes, q.device)])
             same = key_all[None, :] == d_keys.to(q.device)[:, None]
             same[torch.arange(len(target), device=q.device), target] = False
 

@@ -15,7 +15,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from ..config import (MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config,
+from ..config import (ConfigError, MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config,
                       from_dict)
 from ..data.manifest import Manifest
 from ..files import write_atomic, write_json
@@ -29,20 +29,36 @@ _FROM_META = ("strategy", "seed", "per_task", "mix_tasks", "p", "m", "K", "h", "
               "task_params")
 
 
-def miner_config(cfg: TrainConfig, schedule: Schedule) -> MineConfig:
-    """The MineConfig the miner uses: the running schedule's strategy and parameters, the student's base
-    model as the teacher (for ``refresh.model: teacher``), then ``refresh.mine`` overrides."""
+def miner_config(cfg: TrainConfig, schedule: Schedule, world_size: int = 1) -> MineConfig:
+    """The MineConfig the miner uses: the running schedule's strategy and parameters and the teacher that
+    mined it (what ``refresh.model: teacher`` embeds with), then ``refresh.mine`` overrides. Refused here,
+    before training starts, when it could only publish schedules the trainer cannot use: no recorded teacher
+    for ``model: teacher``, or a |B| that does not divide over the ``world_size`` ranks."""
     meta = schedule.meta
     student = cfg.student
     values = {key: meta[key] for key in _FROM_META if meta.get(key) is not None}
+    teacher = meta.get("teacher")
+    if teacher is None:
+        named = any(key == "teacher" or key.startswith("teacher.") for key in cfg.refresh.mine)
+        if cfg.refresh.model == "teacher" and not named:
+            raise ConfigError(f"refresh.model: teacher re-mines with the teacher that mined the starting schedule, "
+                              f"but {schedule.path} does not record one (mined from your own embeddings?); name it "
+                              "with refresh.mine={teacher: {model: FOLDER, pooling: ...}}")
+        # model: student embeds with the snapshots; the field must still hold a valid encoder
+        teacher = dataclasses.asdict(dataclasses.replace(student, lora=dataclasses.replace(student.lora,
+                                                                                           enabled=False)))
     values.update(
         data=cfg.data, split="train", verify_data=cfg.verify_data, batch_size=schedule_batch_size(schedule),
         # Tasks too small to rank alone are pooled rather than stopping the miner mid-run.
-        small_tasks="merge",
-        teacher=dataclasses.asdict(dataclasses.replace(student, lora=dataclasses.replace(student.lora, enabled=False))),
+        small_tasks="merge", teacher=teacher,
     )
     mine = from_dict(MineConfig, values, where="refresh (from the schedule's metadata)")
-    return apply_overrides(mine, {f"{k}": v for k, v in cfg.refresh.mine.items()}) if cfg.refresh.mine else mine
+    if cfg.refresh.mine:
+        mine = apply_overrides(mine, {f"{k}": v for k, v in cfg.refresh.mine.items()})
+    if mine.batch_size % world_size:
+        raise ConfigError(f"the miner would publish schedules of |B|={mine.batch_size}, which does not divide over "
+                          f"{world_size} ranks; set refresh.mine.batch_size to a multiple of {world_size}")
+    return mine
 
 
 def prepare_run(cfg: TrainConfig, schedule: Schedule, mine: MineConfig, paths: RunPaths) -> None:

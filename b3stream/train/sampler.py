@@ -13,12 +13,15 @@ each global batch:
 - **Exactly once per epoch**: an epoch plan is a permutation of the schedule's batches (seeded by
   ``(seed, epoch)``); the batches themselves are the miner's.
 - **Hot swap** (:meth:`ScheduleSampler.swap`): a new schedule version re-batches only the ids not yet
-  consumed in this epoch, along the NEW schedule's communities: its batches are taken in a seeded order and
-  cut into their runs of K (a batch is laid out community by community); a community none of whose members
-  was consumed stays whole, the survivors of broken communities are pooled after all whole ones, and the
-  result is cut every |B| (a multiple of K, so whole communities stay in one batch). B3++ hard negatives
-  travel with their ids. The epoch ends when every id has been seen once, across any number of swaps; the
-  swaps are recorded in :attr:`ScheduleSampler.history`.
+  consumed in this epoch, along the NEW schedule's batches and communities: its batches are taken in a
+  seeded order; within each task (the schedule's ``batch_task``, when it kept tasks apart) a batch none of
+  whose members was consumed stays the miner's batch, then come the communities none of whose members was
+  consumed (a batch is laid out community by community, runs of K), then the survivors of broken
+  communities, cut every |B| (a multiple of K, so whole communities stay in one batch). One task per batch
+  survives the swap. B3++ hard negatives are kept only by the miner's own batches: they were drawn for
+  exactly those members, while a re-cut batch's pooled rows could hold a new member's top-p neighbour or
+  same-text positive, so re-cut batches train on in-batch negatives alone. The epoch ends when every id has
+  been seen once, across any number of swaps; the swaps are recorded in :attr:`ScheduleSampler.history`.
 - **Resumable**: :meth:`state_dict` holds the schedule version, epoch, position, swap count, the ids consumed
   this epoch and the seed; loading it rebuilds the identical plan (or, if that version is gone, swaps to the
   given schedule) so a resumed run trains the same remaining ids.
@@ -41,7 +44,12 @@ from ..schedule import Schedule, ScheduleError
 
 @dataclass
 class Step:
-    """One rank's share of one global batch."""
+    """One rank's share of one global batch.
+
+    It carries everything a DataLoader worker needs to build the batch (the ids, whether the plan has a
+    hard-negative side) and everything the loss needs to know about the other ranks (their row counts), so
+    neither a worker's copy of the sampler nor a collective is asked: workers outlive plans, and every rank
+    derives every rank's counts from the same plan on the host."""
 
     epoch: int
     index: int  # position in the epoch plan
@@ -49,6 +57,15 @@ class Step:
     negative_ids: np.ndarray  # this rank's share of the batch's hard-negative pool (may be empty)
     global_size: int  # |B| of this step
     version: int | None  # schedule version the batch came from
+    sizes: list[int]  # every rank's number of queries (= positives) this step, in rank order
+    negative_sizes: list[int]  # every rank's share of the hard-negative pool, in rank order
+    with_negatives: bool  # the plan's schedule has hard negatives: every rank embeds a (maybe empty) side
+
+
+def rank_sizes(n: int, world: int) -> list[int]:
+    """Every rank's row count when ``n`` rows are cut by :func:`split_bounds`: a pure function of the plan,
+    so each host knows all of them without a collective (and without a GPU sync to read one)."""
+    return [hi - lo for lo, hi in (split_bounds(n, world, rank) for rank in range(world))]
 
 
 def schedule_batch_size(schedule: Schedule) -> int:
@@ -114,33 +131,67 @@ class ScheduleSampler:
         starts, stops = sched.offsets[order], sched.offsets[order + 1]
         rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(order) else \
             np.empty(0, np.int64)
+        keep_negatives = None
         if len(self._before):
-            rows = self._surviving_communities(rows, starts, stops)
-            size = schedule_batch_size(sched)
-            offsets = np.append(np.arange(0, len(rows), size), len(rows))
+            rows, offsets, keep_negatives = self._recut(rows, order, stops - starts)
         else:
             offsets = np.concatenate([[0], np.cumsum(stops - starts)])
         self._ids = sched.ids[rows]
-        self._negs = None if sched.negatives is None else sched.negatives[rows]
-        self._offsets = _merge_small(offsets.astype(np.int64), self.world)
+        self._negs = None if sched.negatives is None else sched.negatives[rows].copy()
+        merged = _merge_small(offsets.astype(np.int64), self.world)
+        if self._negs is not None:
+            if keep_negatives is not None:
+                self._negs[~keep_negatives] = -1
+            for cut in np.setdiff1d(offsets, merged):  # a tail merged into a neighbour: no miner's batch now
+                b = np.searchsorted(merged, cut) - 1
+                self._negs[merged[b] : merged[b + 1]] = -1
+        self._offsets = merged
 
-    def _surviving_communities(self, rows: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-        """Rows (in plan order) of the ids not consumed yet: whole communities first, then the survivors of
-        broken ones (module docstring)."""
-        K = int(self.schedule.meta.get("K") or 1)
+    def _recut(self, rows: np.ndarray, order: np.ndarray, sizes: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """After a swap: the rows (in plan order) of the ids not consumed yet, cut into batches of |B| within
+        each task of the schedule's ``batch_task``; returns the rows in their new order, the batch offsets
+        and which rows keep their B3++ negatives.
+
+        Within a task the material goes in this order: the miner's batches none of whose members was
+        consumed (each stays one batch, exactly as mined, so its hard negatives are still the ones drawn
+        for it: never a member, a member's top-p or a same-text positive), then whole communities, then
+        the survivors of broken ones. Batches of whole miner batches come first, re-cut ones after. A re-cut
+        batch has no hard negatives: the pool drawn for another set of members may hold a new member's
+        likely false negative, and the trainer holds no top-p lists to filter it.
+        """
+        sched, size = self.schedule, schedule_batch_size(self.schedule)
+        K = int(sched.meta.get("K") or 1)
         consumed = np.zeros(self.n, bool)
         consumed[self._before] = True
-        alive = ~consumed[self.schedule.ids[rows]]
-        # Community of each row: its batch and its position in the batch // K.
-        sizes = stops - starts
-        batch_of = np.repeat(np.arange(len(sizes)), sizes)
+        alive = ~consumed[sched.ids[rows]]
+        batch_of = np.repeat(np.arange(len(sizes)), sizes)  # plan-order batch of each row
         position = np.arange(len(rows)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        unit = batch_of * (int(sizes.max(initial=1)) // K + 1) + position // K
-        _, first, inverse, size = np.unique(unit, return_index=True, return_inverse=True, return_counts=True)
-        alive_per_unit = np.bincount(inverse, weights=alive, minlength=len(first))
-        whole = (alive_per_unit == size) & (size == K)
-        keep_whole = alive & whole[inverse]
-        return np.concatenate([rows[keep_whole], rows[alive & ~whole[inverse]]])
+        unit = batch_of * (int(sizes.max(initial=1)) // K + 1) + position // K  # its community
+        _, inverse, unit_size = np.unique(unit, return_inverse=True, return_counts=True)
+        whole_unit = np.bincount(inverse, weights=alive, minlength=len(unit_size)) == unit_size
+        whole_unit &= unit_size == K
+        whole_batch = (np.bincount(batch_of, weights=alive, minlength=len(sizes)) == sizes) & (sizes == size)
+        kind = np.where(whole_batch[batch_of], 0, np.where(whole_unit[inverse], 1, 2))
+        task = sched.batch_task[order][batch_of] if sched.batch_task is not None else np.zeros(len(rows), np.int64)
+        _, first_seen = np.unique(task, return_index=True)
+        group = np.argsort(np.argsort(first_seen))[np.unique(task, return_inverse=True)[1]]  # tasks by first row
+        sel = np.flatnonzero(alive)
+        sel = sel[np.lexsort((sel, kind[sel], group[sel]))]
+        # Cut every |B| within each task: a batch's number = its task's first batch + position // |B|.
+        g = group[sel]
+        start = np.searchsorted(g, g, side="left")
+        chunk = np.cumsum(np.concatenate([[0], np.diff(g) != 0]))  # task ordinal
+        chunk = chunk * (len(sel) + 1) + (np.arange(len(sel)) - start) // size
+        bounds = np.flatnonzero(np.concatenate([[True], chunk[1:] != chunk[:-1], [True]]))
+        pieces = [sel[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        clean = [bool((kind[p] == 0).all()) for p in pieces]  # one whole miner batch
+        ranked = sorted(range(len(pieces)), key=lambda i: (not clean[i], i))  # miner's batches first
+        pieces, clean = [pieces[i] for i in ranked], [clean[i] for i in ranked]
+        new_rows = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+        keep = np.repeat(np.asarray(clean, bool), [len(p) for p in pieces])
+        return rows[new_rows], offsets, keep
 
     @property
     def steps_per_epoch(self) -> int:
@@ -184,7 +235,9 @@ class ScheduleSampler:
         pool = self.negative_pool(index)
         nlo, nhi = split_bounds(len(pool), self.world, self.rank)
         return Step(epoch=self.epoch, index=index, ids=batch[lo:hi], negative_ids=pool[nlo:nhi],
-                    global_size=len(batch), version=self.version)
+                    global_size=len(batch), version=self.version, sizes=rank_sizes(len(batch), self.world),
+                    negative_sizes=rank_sizes(len(pool), self.world),
+                    with_negatives=self.schedule.negatives is not None)
 
     def __iter__(self):
         """The remaining steps of this epoch's plan, without consuming them (see :meth:`advance`)."""
