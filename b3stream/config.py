@@ -144,6 +144,12 @@ class RefreshConfig:
     # trainer faster than its miner (a GPU, a short epoch) can finish before any refresh lands.
     max_lag_steps: int | None = None
     wait_timeout: float = 1800.0  # seconds one such wait may last; then training goes on with what it has
+    # when: every - each snapshot is re-mined; bound - the miner first measures the Theorem-1 bound of the
+    # schedule in use on a probe of probe_batches of its batches under the snapshot, and re-mines only when it
+    # rose by bound_drift nats or more over the bound when the schedule was mined (b3stream/drift.py)
+    when: str = "every"
+    bound_drift: float = 0.1
+    probe_batches: int = 64
     mine: dict[str, Any] = field(default_factory=dict)  # MineConfig overrides for the miner (index, teacher.model)
 
 
@@ -440,6 +446,8 @@ def _check_refresh(c: RefreshConfig, v: _Checker) -> None:
     v.above("poll_seconds", 0)
     v.at_least("max_restarts", 0)
     v.above("restart_window", 0)
+    v.one_of("when", ("every", "bound"))
+    v.above("probe_batches", 0)
     v.at_least("max_lag_steps", 0, optional=True)
     v.above("wait_timeout", 0)
     if c.device is not None and not (c.device == "cpu" or c.device == "cuda" or c.device.startswith("cuda:")):

@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import MineConfig, RefreshConfig, default_miner_threads, from_dict, load_config
+from .config import EncoderConfig, MineConfig, RefreshConfig, default_miner_threads, from_dict, load_config
 from .files import read_json, write_json
 from .snapshot import RunPaths, Snapshot, latest_snapshot
 
@@ -86,6 +86,7 @@ class Miner:
                                     "run started with mode=refreshed?")
         settings = from_dict(RefreshConfig, read_json(self.paths.refresh_config) or {},
                              where=str(self.paths.refresh_config))
+        self.settings = settings
         self.model = model or settings.model
         if self.model not in ("student", "teacher"):
             raise ValueError(f"model must be student or teacher, got {self.model!r}")
@@ -128,11 +129,11 @@ class Miner:
             teacher_snapshot=str(snapshot.path) if self.model == "student" else None,
             trained_ids=str(snapshot.trained_ids) if snapshot.trained_ids else None)
 
-    def refresh(self, snapshot: Snapshot) -> Path:
-        """Mine from ``snapshot`` and publish the next schedule version; returns its path."""
+    def refresh(self, snapshot: Snapshot) -> Path | None:
+        """Mine from ``snapshot`` and publish the next schedule version; returns its path. With ``refresh.when:
+        bound``, only when the schedule in use has drifted (:mod:`b3stream.drift`); None when it has not."""
         from .dist import broadcast_int
         from .mining.pipeline import run_all
-
         from .snapshot import pin_snapshot
 
         # Pinned before anything of it is read: the trainer prunes old snapshots, and this refresh may
@@ -141,15 +142,75 @@ class Miner:
         try:
             if not (snapshot.path / "snapshot.json").is_file():  # pruned just before the pin
                 raise FileNotFoundError(snapshot.path)
+            if self.settings.when == "bound" and not self._drifted(snapshot):
+                return None
             broadcast_int(snapshot.step)  # under a launcher: the other processes embed their share of it
             t0 = time.perf_counter()
             self._report(state="embed", snapshot_step=snapshot.step)
-            path = run_all(self.config_for(snapshot), progress=self.progress, on_stage=self._stage)
+            cfg = self.config_for(snapshot)
+            path = run_all(cfg, progress=self.progress, on_stage=self._stage)
         finally:
             pin_snapshot(self.run, None)
+        if self.settings.when == "bound":
+            self._reference_from_refresh(path, cfg)
         self._report(state="waiting", last_published=str(path), last_snapshot_step=snapshot.step,
                      refreshes=self.status["refreshes"] + 1, last_seconds=round(time.perf_counter() - t0, 3))
         return path
+
+    # -- refresh.when: bound ----------------------------------------------------------------------
+    @property
+    def probe_path(self) -> Path:
+        return self.paths.refresh / "probe.json"
+
+    def _drifted(self, snapshot: Snapshot) -> bool:
+        """Embed the probe of the schedule in use with ``snapshot``; True when its bound rose by at least
+        ``refresh.bound_drift`` over the reference (:mod:`b3stream.drift`). Reported in the status."""
+        from .drift import Probe, embed_probe
+        from .schedule import newest_schedule
+        from .snapshot import load_snapshot_encoder, verify_snapshot
+
+        current = newest_schedule(self.paths.schedules)
+        if current is None:
+            return True
+        mine = load_config(MineConfig, self.paths.mine_config)
+        K, tau = int(current.meta.get("K") or mine.K), mine.quality_temperature
+        self._report(state="probe", snapshot_step=snapshot.step)
+        probe = Probe.load(self.probe_path, current.version)
+        if probe is None:  # no reference yet: the model that mined the schedule in use, where it is known
+            probe = Probe.of(current, self.settings.probe_batches, seed=mine.seed)
+            teacher = current.meta.get("teacher") if current.meta.get("source_step") is None else None
+            if teacher is not None:
+                from .encoder import Encoder
+
+                encoder = Encoder(from_dict(EncoderConfig, teacher, where="schedule teacher"), trainable=False)
+                probe.reference = probe.bound(*embed_probe(encoder, mine.data, probe.ids), K, tau)
+                probe.save(self.probe_path)
+        verify_snapshot(snapshot)
+        encoder = load_snapshot_encoder(snapshot)
+        now = probe.bound(*embed_probe(encoder, mine.data, probe.ids, mine.embed_batch_size), K, tau)
+        if probe.reference is None:  # nothing known of the schedule's own model: this snapshot is the reference
+            probe.reference = now
+            probe.save(self.probe_path)
+        drift = now - probe.reference
+        due = drift >= self.settings.bound_drift
+        self._report(probe={"snapshot_step": snapshot.step, "version": probe.version, "bound": round(now, 5),
+                            "reference": round(probe.reference, 5), "drift": round(drift, 5), "refresh": due})
+        self.status["skipped"] = self.status.get("skipped", 0) + (not due)
+        return due
+
+    def _reference_from_refresh(self, path: Path, cfg: MineConfig) -> None:
+        """The new schedule's probe and its reference bound, under the embeddings that mined it (on disk in
+        the miner's stage folder: no extra embedding)."""
+        from .drift import Probe
+        from .mining.embed import load_embeddings
+        from .schedule import load_schedule
+
+        schedule = load_schedule(path)
+        emb = load_embeddings(Path(cfg.out))
+        probe = Probe.of(schedule, self.settings.probe_batches, seed=cfg.seed)
+        probe.reference = probe.bound(emb.queries[probe.ids], emb.positives[probe.ids],
+                                      int(schedule.meta.get("K") or cfg.K), cfg.quality_temperature)
+        probe.save(self.probe_path)
 
     def _published_steps(self) -> set[int]:
         """Snapshot steps already mined into a published schedule (a restarted miner does not redo them)."""
@@ -168,20 +229,20 @@ class Miner:
         from .files import sweep_temps
 
         try:
-            self._lock = hold_lock(self.paths.refresh / "miner.lock")
+            lock = hold_lock(self.paths.refresh / "miner.lock")
         except MinerBusy:
             if world()[1] > 1:
                 broadcast_int(STOP)  # the other processes under a launcher leave too
             raise
-
-        sweep_temps(self.paths.refresh)  # a miner killed while it wrote its status
-        done = self._published_steps()
-        last = max(done) if done else -1
-        self._report(state="waiting")
         try:
+            sweep_temps(self.paths.refresh)  # a miner killed while it wrote its status
+            done = self._published_steps()
+            last = max(done) if done else -1
+            self._report(state="waiting")
             return self._serve(last, once)
         finally:
             self._report(state="stopped")
+            os.close(lock)  # releases the lock
             if world()[1] > 1:
                 broadcast_int(STOP)
 

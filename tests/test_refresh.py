@@ -521,3 +521,42 @@ def test_a_snapshot_missing_adapter_weights_is_refused(tmp_path):
     (path / "snapshot.json").write_text(json.dumps(meta))
     with pytest.raises(SnapshotError, match="lacks 1 of the student's adapter weights"):
         load_snapshot_encoder(latest_snapshot(tmp_path))
+
+
+def test_refresh_when_bound_mines_only_a_snapshot_that_drifted(tmp_path, toy_dataset):
+    """refresh.when: bound. The probe of the schedule in use (v0, its reference bound under the teacher that
+    mined it) is embedded with each snapshot: below the drift threshold the snapshot is skipped (no version,
+    the drift in the status), at or above it the miner re-mines, and the new version gets its own probe."""
+    from b3stream.config import dump_config
+    from b3stream.mining.pipeline import run_all
+    from b3stream.refresh import Miner
+
+    run_dir = tmp_path / "run"
+    paths = RunPaths(run_dir)
+    teacher = EncoderConfig(max_query_length=32, max_positive_length=48, lora=LoraConfig(enabled=False))
+    mine = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"), strategy="random", batch_size=8,
+                      teacher=teacher, quality_sample=0, schedule_dir=str(paths.schedules))
+    run_all(mine, progress=False)
+    paths.refresh.mkdir(parents=True)
+    dump_config(MineConfig(data=str(toy_dataset), strategy="random", batch_size=8, teacher=teacher, quality_sample=0),
+                paths.mine_config)
+    cfg, student = perturbed_student(lora=True, seed=0)
+    write_snapshot(run_dir, 5, student.model, cfg, Manifest.load(toy_dataset).stamp("train"))
+
+    def serve(threshold: float) -> dict:
+        paths.refresh_config.write_text(json.dumps({"when": "bound", "bound_drift": threshold, "probe_batches": 6,
+                                                    "poll_seconds": 0.1}))
+        assert Miner(run_dir, progress=False).serve(once=True) == 0
+        return json.loads(paths.status.read_text())
+
+    status = serve(1e6)
+    probe = status["probe"]
+    assert probe["snapshot_step"] == 5 and probe["version"] == 0 and probe["refresh"] is False
+    assert probe["drift"] == pytest.approx(probe["bound"] - probe["reference"], abs=1e-4) and probe["drift"] != 0
+    assert list_versions(paths.schedules) == [0] and status["refreshes"] == 0
+    saved = json.loads((paths.refresh / "probe.json").read_text())
+    assert saved["version"] == 0 and len(saved["offsets"]) == 7 and saved["reference"] == pytest.approx(probe["reference"])
+
+    status = serve(-1e6)
+    assert status["probe"]["refresh"] is True and list_versions(paths.schedules) == [0, 1]
+    assert json.loads((paths.refresh / "probe.json").read_text())["version"] == 1

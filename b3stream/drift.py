@@ -1,0 +1,84 @@
+"""Drift: whether the schedule in use has gone stale for the student, measured cheaply (``refresh.when:
+bound``).
+
+A refresh costs an embedding pass over the whole split. Refreshing every N steps spends it whether or not
+the student has moved; instead, at each snapshot the miner can measure how hard the schedule in use still
+is for the student and refresh only when that has drifted. The measure is the Theorem-1 bound (B3 paper,
+section 3: ``log(N/K * H_i^K / H_{B_i,i}^K)``, lower is harder) on a **probe**: a fixed, seeded set of
+``probe_batches`` of the schedule's own batches, whose members form the probe's whole universe (N = the
+probe's size; the top-K of the global term is taken over the probe's positives). Embedding the probe costs
+``probe_batches * |B|`` pairs instead of the split.
+
+The probe's bound is recorded when the schedule is published, under the embeddings that mined it (the
+*reference*), and measured again under each new snapshot; ``drift = now - reference``. When the batches
+got easier for the student by at least ``refresh.bound_drift`` nats, the miner refreshes; otherwise it
+skips the snapshot. The reference and the probe live in ``RUN/refresh/probe.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .files import read_json, write_json
+
+
+@dataclass
+class Probe:
+    """``probe_batches`` batches of a schedule version (flat ids with offsets) and their reference bound."""
+
+    version: int
+    ids: np.ndarray
+    offsets: np.ndarray
+    reference: float | None = None
+
+    @classmethod
+    def of(cls, schedule, batches: int, seed: int = 0) -> "Probe":
+        """A seeded sample of the schedule's full batches (all of them when it has fewer)."""
+        sizes = np.diff(schedule.offsets)
+        full = np.flatnonzero(sizes == sizes.max(initial=0))
+        chosen = np.sort(np.random.default_rng(seed).permutation(full)[:batches])
+        parts = [schedule.ids[schedule.offsets[b] : schedule.offsets[b + 1]] for b in chosen]
+        ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        return cls(version=int(schedule.version or 0), ids=ids.astype(np.int64), offsets=offsets)
+
+    def bound(self, queries: np.ndarray, positives: np.ndarray, K: int, temperature: float) -> float:
+        """The probe's bound for embeddings of its members (row i: ``ids[i]``), the probe as the universe."""
+        from .mining.quality import batch_quality
+
+        local = np.arange(len(self.ids), dtype=np.int64)
+        q = batch_quality(local, self.offsets, np.asarray(queries, np.float32), np.asarray(positives, np.float32),
+                          K=min(K, max(1, len(local) - 1)), temperature=temperature, sample=None)
+        return float(q["theorem1_bound"])
+
+    # -- on disk -----------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        write_json(path, {"version": self.version, "ids": self.ids.tolist(), "offsets": self.offsets.tolist(),
+                          "reference": self.reference})
+
+    @classmethod
+    def load(cls, path: Path, version: int) -> "Probe | None":
+        """The probe saved for schedule ``version``, or None (none saved, or one for another version)."""
+        d = read_json(path)
+        if not isinstance(d, dict) or d.get("version") != version or d.get("reference") is None:
+            return None
+        try:
+            return cls(version=version, ids=np.asarray(d["ids"], np.int64), offsets=np.asarray(d["offsets"], np.int64),
+                       reference=float(d["reference"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def embed_probe(encoder, data: str, ids: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and positives of ``ids`` (train split of ``data``) embedded by ``encoder``, with their prompts."""
+    from .data.reader import ShardedDataset
+
+    records = ShardedDataset(data, "train", verify=False)
+    recs = [records[int(i)] for i in ids]
+    manifest = records.manifest
+    q = encoder.encode([manifest.prompted(r, "query") for r in recs], "query", batch_size=batch_size)
+    p = encoder.encode([manifest.prompted(r, "positive") for r in recs], "positive", batch_size=batch_size)
+    return q, p
