@@ -11,6 +11,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Fixtures that train or mine with the real model: a test using one is slow whatever it does itself (the
+# others carry @pytest.mark.slow where they train, launch processes or embed a dataset).
+SLOW_FIXTURES = {"mined", "refreshed_run", "resumed_run", "code_mined", "toy_mined"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -16,6 +16,7 @@ from ._train_util import REPO, run
 BENCH = [sys.executable, str(REPO / "tools" / "bench_train.py")]
 
 
+@pytest.mark.slow
 def test_bench_train_tiny_reports_both_loops(code_dataset, tmp_path):
     out = tmp_path / "report.json"
     res = run([*BENCH, "--data", str(code_dataset), "--batch-size", "8", "--steps", "2", "--warmup", "1",
@@ -66,6 +67,7 @@ def _peak(n: int, chunk: int) -> float:
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_gb"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc heap behaviour")
 def test_gradcache_peak_memory_flat_in_batch_size():
     """Full fine-tuning, chunks of 32 at 128 tokens: 6 chunks per side must peak within 25% of 1 chunk.

@@ -332,6 +332,7 @@ def test_mine_refuses_an_altered_shard_before_the_teacher_loads(toy_dataset, tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_train_refuses_an_altered_shard_before_the_model_loads(toy_dataset, tmp_path):
     ds = _copy(toy_dataset, tmp_path)
     _alter_a_record(ds)

@@ -121,6 +121,7 @@ def test_infonce_masks_same_text_positives():
     assert InfoNCE(0.05)(q, d, n).global_loss == pytest.approx(unmasked.global_loss)  # no keys: no mask
 
 
+@pytest.mark.slow
 def test_embed_stage_writes_keys_and_rank_excludes_duplicates(tmp_path):
     """Real shards, the bundled MiniLM teacher: an FAQ-like set where many questions share one answer."""
     from b3stream.data.prepare import prepare_file

@@ -63,6 +63,7 @@ def test_retrieval_set_deduplicates_texts(tmp_path):
     assert RetrievalSet(tmp_path / "ds", "test", max_queries=5).queries == sample.queries  # seeded
 
 
+@pytest.mark.slow
 def test_evaluate_command_zero_shot(code_dataset):
     res = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--max-queries", "20",
                "--max-length", "64"], threads=2, timeout=180)

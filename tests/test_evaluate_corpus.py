@@ -80,6 +80,7 @@ def test_per_query_file_matches_the_metrics(code_dataset, tmp_path):
     assert metrics["corpus"] == len(es.corpus) and metrics["corpus_mode"] == "all"
 
 
+@pytest.mark.slow
 def test_evaluate_command_all_corpus_per_query(code_dataset, tmp_path):
     pq, js = tmp_path / "ranks.jsonl", tmp_path / "m.json"
     res = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--max-queries", "20",

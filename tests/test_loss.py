@@ -61,6 +61,7 @@ def test_targets_are_right_with_hard_negatives():
 
 @pytest.mark.parametrize("sizes,neg_sizes,symmetric", [([4, 4], [3, 3], False), ([5, 3], [4, 1], True),
                                                        ([3, 3], [0, 0], False)])
+@pytest.mark.slow
 def test_two_rank_gather_equals_single_process(tmp_path, sizes, neg_sizes, symmetric):
     """Loss of the gathered 2-rank batch == one process holding the whole batch, and the gradients each rank
     gets for its own rows, averaged over ranks as DeepSpeed does, == the single-process gradients."""
@@ -134,6 +135,7 @@ def host_sizes_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_host_known_sizes_replace_the_size_gathers(tmp_path):
     """The trainer knows every rank's row counts from the plan: given them, InfoNCE makes no all_gather of
     sizes (only the five of embeddings and keys: positives, negatives, their keys, the queries of the

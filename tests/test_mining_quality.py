@@ -256,6 +256,7 @@ def code_mined(code_dataset, tmp_path_factory):
     return cfg
 
 
+@pytest.mark.slow
 def test_b3_beats_random_and_task_on_code_search(code_mined):
     quality, scheds = {}, {}
     for version, name in enumerate(["random", "task", "gcbs", "b3", "b3pp"], start=1):

@@ -58,6 +58,7 @@ def dead_writer(path: Path, folder: bool = False) -> Path:
 # -- outputs are owned -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mine_embed_keeps_files_it_did_not_write(tmp_path, toy_dataset):
     """Re-embedding (other teacher settings, other own embeddings) replaces the stage's files only."""
     out = tmp_path / "M"
@@ -82,6 +83,7 @@ def test_mine_embed_keeps_files_it_did_not_write(tmp_path, toy_dataset):
     assert (tmp_path / "byo" / "embeddings" / "notes.txt").read_text() == "byo"
 
 
+@pytest.mark.slow
 def test_train_refuses_a_folder_holding_files_it_did_not_write(tmp_path, toy_dataset):
     """config.yaml and summary.json already in `out` are not overwritten without a word: refused before the
     model loads, and nothing in the folder changes."""
@@ -99,6 +101,7 @@ def test_train_refuses_a_folder_holding_files_it_did_not_write(tmp_path, toy_dat
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "summary.json"]
 
 
+@pytest.mark.slow
 def test_refreshed_mode_never_deletes_a_mining_folder(tmp_path, toy_dataset):
     """`train mode=refreshed out=H` with H a mining folder: refused even with overwrite=true (the run would
     publish into and prune H/schedules, H/snapshots); every file stays."""
@@ -256,6 +259,7 @@ def test_the_miner_refuses_a_corrupt_snapshot_and_waits_for_the_next(snapshot_ru
     assert status["refreshes"] == 0 and list_versions(RunPaths(run_dir).schedules) == []
 
 
+@pytest.mark.slow
 def test_two_miners_never_serve_one_run(tmp_path, toy_dataset):
     run_dir = miner_run(tmp_path / "run", toy_dataset)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -326,6 +330,7 @@ class Planted:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_resume_loads_no_code_from_a_checkpoint(tmp_path, toy_dataset):
     """ZeRO-3, full fine-tuning: a resume from the run's own checkpoint works (model and optimizer states
     through the restricted unpickler); the same checkpoint with a planted object is refused, and the object's

@@ -90,6 +90,7 @@ def refreshed_run(mined):
     return {"res": res, "out": out, "summary": json.loads((out / "summary.json").read_text())}
 
 
+@pytest.mark.slow
 def test_refreshed_run_swaps_mid_epoch_and_trains_each_id_once(mined, refreshed_run):
     out, summary = refreshed_run["out"], refreshed_run["summary"]
     n = Manifest.load(mined["data"]).split("train").n
@@ -117,6 +118,7 @@ def test_refreshed_run_swaps_mid_epoch_and_trains_each_id_once(mined, refreshed_
     assert status["state"] == "stopped" and status["refreshes"] >= 2
 
 
+@pytest.mark.slow
 def test_the_refreshed_schedule_comes_from_the_student_snapshot(mined, refreshed_run):
     """The miner's refresh from a snapshot (the code the spawned miner ran, here called directly on the
     finished run): its embeddings are the snapshot student's own embeddings of the data, not the teacher's,
@@ -219,6 +221,7 @@ def test_trained_ids_from_another_dataset_are_refused(tmp_path):
     assert [(label, ids.tolist()) for label, _, ids in groups] == [("all", [0, 2, 3, 5]), ("all (trained)", [1, 4])]
 
 
+@pytest.mark.slow
 def test_two_ranks_swap_at_the_same_step(mined):
     cfg = refreshed_config(mined, "run2", epochs=2, deepspeed="zero2", refresh={"every_steps": 4})
     res = torchrun(2, ["-m", "b3stream.train", "--config", str(cfg)], free_port(), timeout=600)
@@ -231,6 +234,7 @@ def test_two_ranks_swap_at_the_same_step(mined):
     assert json.loads((out / "summary.json").read_text())["ranks_in_sync"] is True
 
 
+@pytest.mark.slow
 def test_a_killed_miner_comes_back_and_training_never_fails(mined):
     """SIGKILL the spawned miner twice while it embeds: training goes on, the miner is restarted, later
     publishes, and no partial schedule is ever read."""
@@ -323,6 +327,7 @@ def test_snapshot_round_trip(tmp_path, lora):
                                student.encode(texts, "positive"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_embed_stage_keys_on_the_weights_not_the_path(tmp_path, toy_dataset):
     """A teacher folder overwritten in place is a new teacher: its embeddings are recomputed."""
     import shutil
@@ -354,6 +359,7 @@ def test_embed_stage_keys_on_the_weights_not_the_path(tmp_path, toy_dataset):
     assert np.abs(np.asarray(second.positives[:8], dtype=np.float32) - before).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_two_process_miner_embeds_like_the_snapshot(mined, refreshed_run, tmp_path):
     """`torchrun --nproc_per_node 2 -m b3stream refresh --once`: the two processes each embed half of the
     split with a new snapshot, rank 0 publishes; the embeddings equal the snapshot model's own."""
@@ -379,6 +385,7 @@ def test_two_process_miner_embeds_like_the_snapshot(mined, refreshed_run, tmp_pa
     assert snap.name == "step-0009999"
 
 
+@pytest.mark.slow
 def test_mine_embed_on_two_processes_equals_one(mined, tmp_path):
     """`torchrun --nproc_per_node 2 -m b3stream mine embed` writes the embeddings one process writes."""
     args = ["mine", "embed", "--data", str(mined["data"]), "--set", "teacher.max_positive_length=48",
@@ -398,6 +405,7 @@ def test_mine_embed_on_two_processes_equals_one(mined, tmp_path):
     assert refused.returncode != 0 and "only the embed stage runs on several processes" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_resumed_refreshed_run_continues_the_epoch_on_its_swapped_schedule(mined):
     """Stop a refreshed run after its first swaps, resume it: the resumed run starts on the schedule
     version it had swapped to, keeps the swap history, restarts the miner, and the epoch still trains
@@ -419,6 +427,7 @@ def test_a_resumed_refreshed_run_continues_the_epoch_on_its_swapped_schedule(min
     assert_exactly_once_per_epoch(trace, Manifest.load(mined["data"]).split("train").n)
 
 
+@pytest.mark.slow
 def test_refreshed_mode_refuses_bad_settings_before_anything_is_written(mined):
     cfg = refreshed_config(mined, "bad")
     for override, named in (("refresh.mine={strategi: b3}", "strategi"), ("refresh.every_steps=0", "every_steps"),
@@ -432,6 +441,7 @@ def test_refreshed_mode_refuses_bad_settings_before_anything_is_written(mined):
     assert res.returncode == 2 and "no miner configuration" in res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["student", "teacher"])
 def test_max_lag_zero_trains_every_refresh_from_the_step_of_its_snapshot(mined, model):
     """refresh.max_lag_steps = 0 (synchronous): the trainer waits at each snapshot until the schedule mined
@@ -468,6 +478,7 @@ def test_refresh_due_bounds_the_lag():
 # -- right after every swap ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_miner_slower_than_the_snapshots_still_lands_its_refreshes(mined):
     """A snapshot every step with the default keep (2): each refresh outlasts many snapshot intervals, so
     the snapshot it mines from would be pruned under it; the miner's lease keeps it, and the refreshes land."""
@@ -523,6 +534,7 @@ def test_a_snapshot_missing_adapter_weights_is_refused(tmp_path):
         load_snapshot_encoder(latest_snapshot(tmp_path))
 
 
+@pytest.mark.slow
 def test_refresh_when_bound_mines_only_a_snapshot_that_drifted(tmp_path, toy_dataset):
     """refresh.when: bound. The probe of the schedule in use (v0, its reference bound under the teacher that
     mined it) is embedded with each snapshot: below the drift threshold the snapshot is skipped (no version,

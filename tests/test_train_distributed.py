@@ -20,6 +20,7 @@ from b3stream.train.sampler import ScheduleSampler
 from ._train_util import REPO, random_schedule, read_trace, torchrun, write_config
 
 
+@pytest.mark.slow
 def test_gradients_match_one_process_and_gradcache_under_zero(tmp_path):
     """Per ZeRO stage: plain-loss gradients of the 2-rank gathered batch == one process holding the whole
     batch, and GradCache gradients == plain gradients (ZeRO 0-2), read with ``safe_get_full_grad``."""
@@ -37,6 +38,7 @@ def test_gradients_match_one_process_and_gradcache_under_zero(tmp_path):
             assert r[f"zero{stage}_chunk2_loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_rank_zero2_lora_training(tmp_path, code_dataset):
     """torchrun, 2 ranks, ZeRO-2, LoRA, B3++-style hard negatives, GradCache, distributed evaluation:
     both ranks end with identical weights, the ids follow the schedule, and the processes exit cleanly."""
@@ -67,6 +69,7 @@ def test_two_rank_zero2_lora_training(tmp_path, code_dataset):
     assert states["sampler"]["position"] == 3
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_world_is_refused(tmp_path, code_dataset):
     sched = random_schedule(code_dataset, batch_size=7, K=7, folder=tmp_path / "schedules")
     cfg = write_config(tmp_path / "train.yaml", data=str(code_dataset), schedule=str(sched),
@@ -77,6 +80,7 @@ def test_batch_not_divisible_by_world_is_refused(tmp_path, code_dataset):
     assert "Loading weights" not in res.stderr and "step 1/" not in res.stderr
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher(tmp_path, code_dataset):
     """`deepspeed --module b3stream.train ... --deepspeed ds_configs/zero2.json` (one CPU process)."""
     from ._train_util import run

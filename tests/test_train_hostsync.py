@@ -205,6 +205,7 @@ def _per_step(events: list[dict], steps: int) -> tuple[list[dict], list[dict]]:
     return [dict(c) for c in loss], [dict(c) for c in watch]
 
 
+@pytest.mark.slow
 def test_a_step_gathers_embeddings_only_and_the_watcher_agrees_off_the_nccl_group(tmp_path, code_dataset):
     """Two gloo ranks train 4 steps (B3++ negatives, one persistent loader worker each) watching the
     schedule folder every step; v2 lands after step 2. Counted per step: the loss's collectives are the

@@ -42,6 +42,7 @@ def resumed_run(code_dataset, tmp_path_factory):
             "summary": json.loads((root / "run" / "summary.json").read_text()), "data": code_dataset}
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_same_remaining_ids(resumed_run):
     trace = read_trace(resumed_run["root"] / "run")
     assert [t["step"] for t in trace] == [1, 2, 3, 4]
@@ -57,6 +58,7 @@ def test_resume_continues_with_the_same_remaining_ids(resumed_run):
     assert len(set(sum(expected, []))) == 32  # no id twice within the epoch
 
 
+@pytest.mark.slow
 def test_resumed_run_reproduces_the_uninterrupted_losses_with_dropout_on(resumed_run):
     """One run of 4 steps with an opening evaluation == 2 steps without one + a resumed 2 (LoRA dropout
     0.05 and the backbone's 0.1 on): dropout masks depend on (seed, step, rank), never on what ran before,
@@ -115,6 +117,7 @@ def test_sentence_transformers_export_matches_our_encoder(resumed_run):
     assert np.abs(ours - base).max() > 1e-4, "the export should hold the trained weights, not the base"
 
 
+@pytest.mark.slow
 def test_evaluate_command_on_the_export(resumed_run):
     export = resumed_run["root"] / "run" / "export" / "sentence-transformers"
     out = resumed_run["root"] / "eval.json"
@@ -131,6 +134,7 @@ def test_evaluate_command_on_the_export(resumed_run):
 # -- refusals, before any training ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_fused_forward_trains_the_same_batches(resumed_run):
     """fuse_sides (the GPU default) through the real engine on CPU: the same batches as the run with a
     forward per side and the same loss up to dropout noise (the masks differ; tau = 1 keeps that small)."""

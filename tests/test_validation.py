@@ -196,6 +196,7 @@ def test_resume_reapplies_the_rate_of_the_next_update():
     assert resumed.last_batch_iteration == 4 and fresh.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+@pytest.mark.slow
 def test_short_run_logs_rising_warmup_rates_and_quiet_hides_the_loading_bar(tmp_path, toy_dataset, toy_schedule):
     """Three real updates with warmup over all three: TensorBoard's train/lr is lr/3, 2lr/3, lr."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -214,6 +215,7 @@ def test_short_run_logs_rising_warmup_rates_and_quiet_hides_the_loading_bar(tmp_
     assert [lr[1], lr[2], lr[3]] == pytest.approx([1e-4, 2e-4, 3e-4])
 
 
+@pytest.mark.slow
 def test_mine_quiet_hides_the_loading_bar(tmp_path, toy_dataset):
     res = run([*B3, "mine", "embed", "--data", str(toy_dataset), "--out", str(tmp_path / "mine"), "--quiet"],
               threads=2)
