@@ -60,16 +60,23 @@ class Probe:
                           "reference": self.reference})
 
     @classmethod
-    def load(cls, path: Path, version: int) -> "Probe | None":
-        """The probe saved for schedule ``version``, or None (none saved, or one for another version)."""
+    def load(cls, path: Path, schedule) -> "Probe | None":
+        """The probe saved for ``schedule``, or None: none saved, one for another version, or a file that
+        does not describe batches of this schedule (corrupt or crafted: the miner then makes a new one)."""
         d = read_json(path)
-        if not isinstance(d, dict) or d.get("version") != version or d.get("reference") is None:
+        if not isinstance(d, dict) or d.get("version") != schedule.version or d.get("reference") is None:
             return None
         try:
-            return cls(version=version, ids=np.asarray(d["ids"], np.int64), offsets=np.asarray(d["offsets"], np.int64),
-                       reference=float(d["reference"]))
-        except (KeyError, TypeError, ValueError):
+            probe = cls(version=int(d["version"]), ids=np.asarray(d["ids"], np.int64),
+                        offsets=np.asarray(d["offsets"], np.int64), reference=float(d["reference"]))
+        except (KeyError, TypeError, ValueError, OverflowError):
             return None
+        o = probe.offsets
+        if probe.ids.ndim != 1 or o.ndim != 1 or len(o) < 2 or o[0] != 0 or o[-1] != len(probe.ids) or \
+                (np.diff(o) <= 0).any() or not np.isfinite(probe.reference) or \
+                not np.isin(probe.ids, schedule.ids).all():
+            return None
+        return probe
 
 
 def embed_probe(encoder, data: str, ids: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:

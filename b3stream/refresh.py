@@ -175,7 +175,7 @@ class Miner:
         mine = load_config(MineConfig, self.paths.mine_config)
         K, tau = int(current.meta.get("K") or mine.K), mine.quality_temperature
         self._report(state="probe", snapshot_step=snapshot.step)
-        probe = Probe.load(self.probe_path, current.version)
+        probe = Probe.load(self.probe_path, current)
         if probe is None:  # no reference yet: the model that mined the schedule in use, where it is known
             probe = Probe.of(current, self.settings.probe_batches, seed=mine.seed)
             teacher = current.meta.get("teacher") if current.meta.get("source_step") is None else None

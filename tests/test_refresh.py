@@ -569,6 +569,12 @@ def test_refresh_when_bound_mines_only_a_snapshot_that_drifted(tmp_path, toy_dat
     saved = json.loads((paths.refresh / "probe.json").read_text())
     assert saved["version"] == 0 and len(saved["offsets"]) == 7 and saved["reference"] == pytest.approx(probe["reference"])
 
+    # A crafted probe.json (ids of no batch of v0) is not used: the miner makes the probe anew.
+    (paths.refresh / "probe.json").write_text(json.dumps({**saved, "ids": [10**9] * len(saved["ids"])}))
+    status = serve(1e6)
+    assert status["probe"]["reference"] == pytest.approx(probe["reference"], abs=1e-4)
+    assert json.loads((paths.refresh / "probe.json").read_text())["ids"] == saved["ids"]
+
     status = serve(-1e6)
     assert status["probe"]["refresh"] is True and list_versions(paths.schedules) == [0, 1]
     assert json.loads((paths.refresh / "probe.json").read_text())["version"] == 1
