@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import copy
 
 import pytest
@@ -53,10 +54,12 @@ def test_targets_are_right_with_hard_negatives():
     assert out.loss.item() < 1e-3
     assert out.pos_sim == pytest.approx(1.0, abs=1e-6)
     assert out.hardest_neg_sim < 0.99
-    # A hard negative identical to a query's positive is a tie, so the loss must rise to about log 2.
+    # A hard negative identical to a query's positive is a tie, so that query's loss rises to about log 2
+    # (the other seven stay near 0): the batch mean is about log(2) / 8.
     n2 = torch.cat([n, d[:1]])
     tied = InfoNCE(0.02)(q, d, n2)
     assert tied.accuracy == pytest.approx(7 / 8)
+    assert tied.loss.item() == pytest.approx(math.log(2) / 8, rel=0.02)
 
 
 @pytest.mark.parametrize("sizes,neg_sizes,symmetric", [([4, 4], [3, 3], False), ([5, 3], [4, 1], True),
