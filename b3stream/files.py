@@ -56,16 +56,20 @@ def stale_temps(folder: str | Path, names=None) -> list[Path]:
         m = _TMP.match(path.name)
         if m is None or (names is not None and m["name"] not in names):
             continue
-        if m["host"] == HOST:
-            stale = not pid_alive(int(m["pid"]))
-        else:
-            try:
-                stale = time.time() - path.lstat().st_mtime > FOREIGN_TMP_AGE
-            except FileNotFoundError:
-                continue
-        if stale:
-            found.append(path)
+        try:
+            if writer_gone(m["host"], int(m["pid"]), path.lstat().st_mtime):
+                found.append(path)
+        except FileNotFoundError:
+            continue
     return sorted(found)
+
+
+def writer_gone(host: str, pid: int, last_seen: float) -> bool:
+    """Whether the process ``pid`` on ``host`` no longer writes: on this host, it does not run; on another
+    (a miner on another node sharing the folder), nothing of it changed for :data:`FOREIGN_TMP_AGE`."""
+    if host == HOST:
+        return not pid_alive(pid)
+    return time.time() - last_seen > FOREIGN_TMP_AGE
 
 
 def sweep_temps(folder: str | Path, names=None) -> list[Path]:

@@ -36,7 +36,7 @@ import torch
 from .config import EncoderConfig, LoraConfig, from_dict
 from .data.manifest import DataError
 from .encoder import Encoder, weights_digest
-from .files import FOREIGN_TMP_AGE, HOST, pid_alive, read_json, sweep_temps, tmp_name, write_json
+from .files import HOST, read_json, sweep_temps, tmp_name, write_json, writer_gone
 
 FOLDER = "snapshots"
 META = "snapshot.json"
@@ -207,13 +207,10 @@ def pin_snapshot(run: str | Path, step: int | None) -> None:
 def pinned_steps(run: str | Path) -> set[int]:
     """Snapshot steps a live miner holds a lease on (see :func:`pin_snapshot`)."""
     lease = read_json(RunPaths(Path(run)).lease)
-    if not isinstance(lease, dict) or not isinstance(lease.get("step"), int):
+    if not isinstance(lease, dict) or not isinstance(lease.get("step"), int) or not isinstance(lease.get("pid"), int):
         return set()
-    if lease.get("host") == HOST:
-        alive = isinstance(lease.get("pid"), int) and pid_alive(lease["pid"])
-    else:  # another node's miner: trusted for as long as another host's temporary files are
-        alive = time.time() - float(lease.get("time") or 0) < FOREIGN_TMP_AGE
-    return {lease["step"]} if alive else set()
+    gone = writer_gone(str(lease.get("host")), lease["pid"], float(lease.get("time") or 0))
+    return set() if gone else {lease["step"]}
 
 
 def verify_snapshot(snapshot: Snapshot) -> None:

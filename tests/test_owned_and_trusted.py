@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,12 @@ import torch
 
 from b3stream.cli import main
 from b3stream.config import ConfigError, EncoderConfig, LoraConfig, MineConfig, RefreshConfig, TrainConfig, dump_config
-from b3stream.data.manifest import DataError
 from b3stream.files import tmp_name
-from b3stream.schedule import Schedule, list_versions, publish_schedule
+from b3stream.schedule import list_versions
 from b3stream.snapshot import RunPaths, SnapshotError, latest_snapshot, write_snapshot
 from b3stream.train import run_folder
 
-from ._train_util import REPO, env, random_schedule, read_trace, run, write_config
+from ._train_util import env, random_schedule, read_trace, run, write_config
 
 B3 = [sys.executable, "-m", "b3stream"]
 TINY = dict(max_query_length=16, max_positive_length=16)

@@ -218,7 +218,7 @@ def test_a_step_gathers_embeddings_only_and_the_watcher_agrees_off_the_nccl_grou
     from b3stream.train.distributed import free_port
     from b3stream.train.sampler import ScheduleSampler
 
-    from ._train_util import REPO, random_schedule, read_trace, torchrun, write_config
+    from ._train_util import random_schedule, read_trace, torchrun, write_config
 
     folder = tmp_path / "schedules"
     v1 = random_schedule(code_dataset, batch_size=8, K=2, h=2, folder=folder, version=1)

@@ -282,6 +282,7 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
             raise DataError(f"the {what} stage's output was built for other data than the embeddings; re-run it")
     stamp = stamp or next((r["stamp"] for r in records.values()), None)
     n = len(tasks)
+    trained = load_trained_ids(cfg.trained_ids, n)  # a refresh: the ids the trainer has trained this epoch
     inputs = BatchInputs(n=n, tasks=tasks, task_names=task_names, S=S, scores=scores, top=top,
                          communities=communities, community_task=community_task,
                          keys=emb.keys if emb is not None else None)
@@ -306,7 +307,7 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
         # A refresh: the snapshot's epoch, and how many of its ids were mined apart as already trained then
         # (such a schedule's communities fit that epoch's remainder only; the trainer refuses it in another).
         **({"source_epoch": cfg.source_epoch,
-            "trained_apart": int(np.load(cfg.trained_ids).size) if cfg.trained_ids else 0}
+            "trained_apart": int(trained.sum()) if trained is not None else 0}
            if cfg.source_epoch is not None else {}),
     }
     schedule = Schedule.from_batches(batches, meta, negatives,
@@ -329,7 +330,6 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
                               progress=progress)
         # A refresh scores the batches still to come: the ids the trainer has not trained this epoch (it
         # skips the others after the swap), as they will be batched in each schedule.
-        trained = load_trained_ids(cfg.trained_ids, n)
         to_come = None if trained is None else ~trained
 
         def score(s: Schedule) -> dict:

@@ -40,7 +40,7 @@ def load_weights_only(path, map_location=None):
     with torch.serialization.safe_globals(allowed_globals()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
+        except pickle.UnpicklingError:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             raise CheckpointError(
                 f"{path}: refused to load: it holds objects that could run code when unpickled ({', '.join(found)}). "

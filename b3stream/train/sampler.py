@@ -137,7 +137,7 @@ class ScheduleSampler:
         else:
             offsets = np.concatenate([[0], np.cumsum(stops - starts)])
         self._ids = sched.ids[rows]
-        self._negs = None if sched.negatives is None else sched.negatives[rows].copy()
+        self._negs = None if sched.negatives is None else sched.negatives[rows]  # a copy (fancy indexing)
         merged = _merge_small(offsets.astype(np.int64), self.world)
         if self._negs is not None:
             if keep_negatives is not None:
