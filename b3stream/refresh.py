@@ -49,6 +49,7 @@ from .files import read_json, write_json
 from .snapshot import RunPaths, Snapshot, latest_snapshot
 
 STOP = -1  # announced to the other processes under a launcher: no more snapshots
+PROBE_HISTORY = 500  # refresh.when: bound decisions kept in the status file
 
 
 class MinerBusy(RuntimeError):
@@ -193,9 +194,15 @@ class Miner:
             probe.save(self.probe_path)
         drift = now - probe.reference
         due = drift >= self.settings.bound_drift
-        self._report(probe={"snapshot_step": snapshot.step, "version": probe.version, "bound": round(now, 5),
-                            "reference": round(probe.reference, 5), "drift": round(drift, 5), "refresh": due})
+        decision = {"snapshot_step": snapshot.step, "version": probe.version, "bound": round(now, 5),
+                    "reference": round(probe.reference, 5), "drift": round(drift, 5), "refresh": due}
+        # the last decisions stay in the status (bounded: one per snapshot over a long run), for the record
+        history = (self.status.get("probes") or [])[-(PROBE_HISTORY - 1):] + [decision]
         self.status["skipped"] = self.status.get("skipped", 0) + (not due)
+        self._report(probe=decision, probes=history)
+        print(f"b3stream refresh: snapshot step {snapshot.step}: probe bound {now:.4f} vs {probe.reference:.4f} when "
+              f"v{probe.version} was mined (drift {drift:+.4f}, threshold {self.settings.bound_drift:g}): "
+              + ("refreshing" if due else "skipped"), flush=True)
         return due
 
     def _reference_from_refresh(self, path: Path, cfg: MineConfig) -> None:

@@ -54,10 +54,13 @@ from b3stream.evaluate import RetrievalSet, read_per_query  # noqa: E402
 from b3stream.mining.graph import EDGES  # noqa: E402
 
 STRATEGY_OF = {"random": "random", "task": "task", "gcbs": "gcbs", "b3": "b3", "b3pp": "b3pp",
-               "b3-refreshed": "b3", "random+compute": "random", "random-redrawn": "random"}
+               "b3-refreshed": "b3", "b3-bound": "b3", "random+compute": "random", "random-redrawn": "random"}
 ARMS = tuple(STRATEGY_OF)  # an arm may name another teacher: "b3@mpnet" (--teacher mpnet=PATH)
-REFRESHED_ARMS = ("b3-refreshed", "random-redrawn")  # trained in refreshed mode, with a miner beside them
-DEFAULT_ARMS = tuple(a for a in ARMS if a != "random-redrawn")  # that one differs from random only over epochs
+# trained in refreshed mode, with a miner beside them; b3-bound: a snapshot every refresh_every steps, re-mined
+# only when the schedule in use has drifted (refresh.when: bound)
+REFRESHED_ARMS = ("b3-refreshed", "b3-bound", "random-redrawn")
+# random-redrawn differs from random only over epochs; b3-bound is a variant of b3-refreshed, asked for by name
+DEFAULT_ARMS = tuple(a for a in ARMS if a not in ("random-redrawn", "b3-bound"))
 MINED = ("gcbs", "b3", "b3pp")  # strategies that read the teacher's ranking
 SPLITS = ("validation", "test")
 
@@ -94,6 +97,7 @@ class Recipe:
     # b3-refreshed: refresh.max_lag_steps (None: asynchronous; 0: the trainer waits for each snapshot's schedule,
     # needed where training outruns the miner, e.g. a GPU, on which an epoch can end before any refresh lands)
     refresh_lag: int | None = None
+    bound_drift: float = 0.1  # b3-bound: refresh.bound_drift, the drift of the probe's bound that triggers a refresh
     epochs: int = 1
     # also the positive -> query InfoNCE term (TrainConfig symmetric): in a community batch the in-batch queries
     # are as mutually related as the positives, so that direction has hard negatives too
@@ -128,11 +132,12 @@ class Recipe:
             t = "minilm" if self.teacher is None else Path(self.teacher).name
             out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}{self.graph}" if strategy != "gcbs" else "") + \
                 (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}{self.scope}"
-        if arm and base_arm(arm) == "b3-refreshed":
+        if arm and base_arm(arm) in ("b3-refreshed", "b3-bound"):
             # "-apart": the miner ranks and partitions the ids trained before a snapshot apart (whole communities
             # from full neighbour lists after a swap); the cells of rounds 3-5, mined before that, keep their old
             # keys ("-whole": partitioned apart only; no suffix: neither)
-            out += f"-every{self.refresh_every}-apart"
+            out += f"-every{self.refresh_every}-apart" + (f"-bound{self.bound_drift:g}" if base_arm(arm) == "b3-bound"
+                                                          else "")
             if self.refresh_lag is not None:
                 out += f"-lag{self.refresh_lag}"
         return out
@@ -168,7 +173,7 @@ def _parse_args(argv=None):
                     help="train nothing: report the cells of the grid already in --work, skip the others")
     for name, tp in (("lr", float), ("temperature", float), ("p", int), ("m", int), ("K", int), ("h", int),
                      ("query-length", int), ("positive-length", int), ("refresh-every", int), ("refresh-lag", int),
-                     ("epochs", int)):
+                     ("bound-drift", float), ("epochs", int)):
         ap.add_argument(f"--{name}", type=tp, default=None, help="recipe override")
     ap.add_argument("--conditions", default=None,
                     help="the machine the cells were trained on, for the JSON (default: this machine); for a "
@@ -231,7 +236,7 @@ def _recipe(args) -> Recipe:
     if args.quick:
         r.query_length, r.positive_length = 16, 32
     for name in ("lr", "temperature", "p", "m", "K", "h", "query_length", "positive_length", "refresh_every",
-                 "refresh_lag", "epochs"):
+                 "refresh_lag", "bound_drift", "epochs"):
         if getattr(args, name) is not None:
             setattr(r, name, getattr(args, name))
     r.per_task, r.symmetric, r.edges, r.rank_weights = args.mine_per_task, args.symmetric, args.edges, args.rank_weights
@@ -386,8 +391,10 @@ def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int
     if arm in REFRESHED_ARMS:
         overrides += ["mode=refreshed", "refresh.keep=1", f"refresh.device={args.device}", "refresh.poll_seconds=0.5",
                       f"refresh.threads={max(1, args.threads // 2)}", "refresh.mine={quality_sample: 512}"]
-    if arm == "b3-refreshed":
+    if arm in ("b3-refreshed", "b3-bound"):
         overrides.append(f"refresh.every_steps={recipe.refresh_every}")
+        if arm == "b3-bound":
+            overrides += ["refresh.when=bound", f"refresh.bound_drift={recipe.bound_drift}"]
         if recipe.refresh_lag is not None:
             overrides.append(f"refresh.max_lag_steps={recipe.refresh_lag}")
     if arm == "random-redrawn":  # new random batches (seed + step) for every epoch, before it starts
@@ -397,7 +404,8 @@ def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int
     seconds = _cli(args, "train", "--config", str(config), "--quiet", *overrides, log=run / "train.log")
     summary = json.loads((run / "summary.json").read_text())
     out = {"summary": summary, "train_seconds": seconds, "overrides": overrides,
-           "refreshes": _refreshes(run) if arm in REFRESHED_ARMS else None}
+           "refreshes": _refreshes(run) if arm in REFRESHED_ARMS else None,
+           "probes": _probes(run) if arm == "b3-bound" else None}
     done.write_text(json.dumps(out, indent=2, default=str))
     return out
 
@@ -409,8 +417,15 @@ def _refreshes(run: Path) -> list[dict]:
         meta = json.loads(side.read_text())
         m = meta.get("meta", meta)
         out.append({"version": side.stem, "source_step": m.get("source_step"), "timings": m.get("timings"),
-                    "theorem1_bound": (m.get("quality") or {}).get("theorem1_bound")})
+                    "theorem1_bound": (m.get("quality") or {}).get("theorem1_bound"),
+                    "quality": m.get("quality"), "quality_previous": m.get("quality_previous")})
     return out
+
+
+def _probes(run: Path) -> list[dict] | None:
+    """refresh.when: bound - the miner's decision at every snapshot it probed (from its status file)."""
+    status = run / "refresh" / "status.json"
+    return json.loads(status.read_text()).get("probes") if status.is_file() else None
 
 
 # --------------------------------------------------------------------------------------------------
