@@ -153,7 +153,7 @@ class Miner:
         finally:
             pin_snapshot(self.run, None)
         if self.settings.when == "bound":
-            self._reference_from_refresh(path, cfg)
+            self._reference_from_refresh(path, cfg, snapshot)
         self._report(state="waiting", last_published=str(path), last_snapshot_step=snapshot.step,
                      refreshes=self.status["refreshes"] + 1, last_seconds=round(time.perf_counter() - t0, 3))
         return path
@@ -205,18 +205,25 @@ class Miner:
               + ("refreshing" if due else "skipped"), flush=True)
         return due
 
-    def _reference_from_refresh(self, path: Path, cfg: MineConfig) -> None:
-        """The new schedule's probe and its reference bound, under the embeddings that mined it (on disk in
-        the miner's stage folder: no extra embedding)."""
-        from .drift import Probe
+    def _reference_from_refresh(self, path: Path, cfg: MineConfig, snapshot: Snapshot) -> None:
+        """The new schedule's probe and its reference bound under the snapshot that mined it: read from the
+        miner's stage folder when every row there is the snapshot's; embedded anew when the rows of ids
+        already trained were kept from an earlier model (a mid-epoch refresh), since the probe's batches
+        include theirs."""
+        from .drift import Probe, embed_probe
         from .mining.embed import load_embeddings
         from .schedule import load_schedule
+        from .snapshot import load_snapshot_encoder
 
         schedule = load_schedule(path)
-        emb = load_embeddings(Path(cfg.out))
+        emb = load_embeddings(Path(cfg.out) / "embeddings")
         probe = Probe.of(schedule, self.settings.probe_batches, seed=cfg.seed)
-        probe.reference = probe.bound(emb.queries[probe.ids], emb.positives[probe.ids],
-                                      int(schedule.meta.get("K") or cfg.K), cfg.quality_temperature)
+        K = int(schedule.meta.get("K") or cfg.K)
+        if emb.record.get("kept"):
+            vectors = embed_probe(load_snapshot_encoder(snapshot), cfg.data, probe.ids, cfg.embed_batch_size)
+        else:
+            vectors = emb.queries[probe.ids], emb.positives[probe.ids]
+        probe.reference = probe.bound(*vectors, K, cfg.quality_temperature)
         probe.save(self.probe_path)
 
     def _published_steps(self) -> set[int]:

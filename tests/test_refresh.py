@@ -136,10 +136,14 @@ def test_the_refreshed_schedule_comes_from_the_student_snapshot(mined, refreshed
     assert emb.record["source_step"] == snap.step
     assert emb.record["params"]["snapshot_weights"] == snap.weights_sha256
     ds = ShardedDataset(mined["data"], "train")
-    texts = [ds.manifest.prompted(ds[i], "positive") for i in range(12)]
+    # the ids to come (a mid-epoch snapshot's trained ids keep the rows of the miner's previous embedding)
+    trained = np.load(snap.trained_ids) if snap.trained_ids else np.zeros(0, np.int64)
+    assert (emb.record.get("kept") or {}).get("rows", 0) in (0, len(trained))
+    ids = np.setdiff1d(np.arange(len(ds)), trained)[:12]
+    texts = [ds.manifest.prompted(ds[int(i)], "positive") for i in ids]
     student = load_snapshot_encoder(snap).encode(texts, "positive")
     teacher = Encoder(EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=False)})).encode(texts, "positive")
-    stored = np.asarray(emb.positives[:12], dtype=np.float32)
+    stored = np.asarray(emb.positives[ids], dtype=np.float32)
     off_student, off_teacher = np.abs(stored - student).max(), np.abs(stored - teacher).max()
     assert off_student < 1e-3  # float16 storage
     assert off_teacher > 3e-3 and off_student < off_teacher / 3  # training moved them from the teacher's
@@ -578,3 +582,54 @@ def test_refresh_when_bound_mines_only_a_snapshot_that_drifted(tmp_path, toy_dat
     status = serve(-1e6)
     assert status["probe"]["refresh"] is True and list_versions(paths.schedules) == [0, 1]
     assert json.loads((paths.refresh / "probe.json").read_text())["version"] == 1
+
+
+def test_a_mid_epoch_refresh_embeds_only_the_ids_to_come(tmp_path, toy_dataset, monkeypatch):
+    """The rows of ids already trained this epoch are kept from the miner's previous embedding (the trainer
+    skips those ids until the epoch ends); only the ids to come are embedded with the snapshot, and the
+    next epoch's first refresh (nothing trained yet) embeds every row again."""
+    from dataclasses import replace
+
+    from b3stream.encoder import Encoder
+    from b3stream.mining.embed import load_embeddings
+    from b3stream.mining.pipeline import embed_stage
+
+    lengths = {k: STUDENT[k] for k in ("max_query_length", "max_positive_length")}
+    first = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"), teacher=EncoderConfig(**lengths))
+    embed_stage(first, progress=False)
+    teacher = load_embeddings(tmp_path / "mine")
+    teacher_q, teacher_p = np.array(teacher.queries), np.array(teacher.positives)
+
+    cfg, student = perturbed_student(lora=True, seed=0)
+    n = teacher.n
+    trained = np.arange(0, n, 3)
+    stamp = Manifest.load(toy_dataset).stamp("train")
+    write_snapshot(tmp_path / "run", 5, student.model, cfg, stamp, trained=trained)
+    snap = latest_snapshot(tmp_path / "run")
+    encoded = []
+    real_encode = Encoder.encode
+    monkeypatch.setattr(Encoder, "encode", lambda self, texts, *a, **k: encoded.append(len(texts))
+                        or real_encode(self, texts, *a, **k))
+    refresh = replace(first, teacher_snapshot=str(snap.path), trained_ids=str(snap.trained_ids))
+    embed_stage(refresh, progress=False)
+    assert sum(encoded) == 2 * (n - len(trained))  # queries and positives of the ids to come, nothing else
+
+    mixed = load_embeddings(tmp_path / "mine")
+    assert mixed.record["kept"]["rows"] == len(trained)
+    np.testing.assert_array_equal(np.array(mixed.queries)[trained], teacher_q[trained])
+    np.testing.assert_array_equal(np.array(mixed.positives)[trained], teacher_p[trained])
+    # the ids to come carry the snapshot's embeddings, exactly as a full pass writes them
+    full = replace(first, out=str(tmp_path / "full"), teacher_snapshot=str(snap.path))
+    embed_stage(full, progress=False)
+    whole = load_embeddings(tmp_path / "full")
+    to_come = np.setdiff1d(np.arange(n), trained)
+    np.testing.assert_array_equal(np.array(mixed.queries)[to_come], np.array(whole.queries)[to_come])
+    np.testing.assert_array_equal(np.array(mixed.positives)[to_come], np.array(whole.positives)[to_come])
+    assert not np.allclose(np.array(whole.queries, np.float32)[trained], teacher_q[trained], atol=1e-3)
+
+    encoded.clear()  # the next epoch's first refresh: nothing trained, every row from the new snapshot
+    _, moved = perturbed_student(lora=True, seed=1)
+    write_snapshot(tmp_path / "run", 9, moved.model, cfg, stamp, epoch=1)
+    later = latest_snapshot(tmp_path / "run")
+    embed_stage(replace(first, teacher_snapshot=str(later.path)), progress=False)
+    assert sum(encoded) == 2 * n and "kept" not in load_embeddings(tmp_path / "mine").record

@@ -33,7 +33,7 @@ import numpy as np
 from ..progress import progress_bar
 
 from ..config import ConfigError, MineConfig
-from ..data.manifest import DataError, Manifest, check_stamp
+from ..data.manifest import DataError, Manifest, check_stamp, sha256_file
 from ..data.dedup import content_key, content_keys
 from .artefacts import log, new_token, read_json, remove_outputs, same_params, sweep_temps, tmp_name, write_json
 
@@ -145,6 +145,41 @@ def expected_stamp(cfg: MineConfig) -> dict | None:
     return Manifest.load(cfg.data).stamp(cfg.split)
 
 
+def load_trained_ids(path: str | None, N: int) -> np.ndarray | None:
+    """The ids already trained this epoch (``trained_ids``) as a boolean mask over ``0..N-1``; None without."""
+    if not path:
+        return None
+    ids = np.load(path)
+    if ids.ndim != 1 or (len(ids) and not np.issubdtype(ids.dtype, np.integer)):
+        raise DataError(f"{path}: trained_ids must be a 1-D integer array of example ids, got {ids.dtype} {ids.shape}")
+    if len(ids) and (ids.min() < 0 or ids.max() >= N):
+        raise DataError(f"{path}: trained_ids holds ids outside 0..{N - 1} (from another dataset?)")
+    mask = np.zeros(N, bool)
+    mask[ids] = True
+    return mask
+
+
+def _kept_rows(cfg: MineConfig, record: dict | None, params: dict, stamp: dict, n: int) -> dict | None:
+    """A mid-epoch refresh embeds only the ids still to come: the rows of the ids already trained this epoch
+    (``trained_ids``) are kept from the folder's last complete embedding of the same texts.
+
+    Those rows only matter after the epoch (the trainer skips their ids until then, and the rank stage ranks
+    them apart), so re-embedding them would spend most of a late refresh on batches nobody trains soon; the
+    first refresh of the next epoch (no id trained yet) embeds every row again. Returns what the record
+    says of the kept rows (how many, from which model), or None when every row is embedded."""
+    if not cfg.trained_ids or record is None:
+        return None
+    if record.get("kept") and record.get("trained_ids") == sha256_file(cfg.trained_ids)[:16]:
+        return record["kept"]  # resuming this very refresh: its kept rows are still in place
+    text = ("pooling", "normalize", "max_query_length", "max_positive_length", "keys", "prompts")
+    if not (record.get("complete") and record.get("stamp") == stamp and record.get("n") == n
+            and all(record["params"].get(k) == params.get(k) for k in text)):
+        return None
+    trained = load_trained_ids(cfg.trained_ids, n)
+    return {"rows": int(trained.sum()), "source_model": record.get("source_model"),
+            "source_step": record.get("source_step")} if trained.any() else None
+
+
 # --------------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------------
@@ -215,13 +250,18 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     if same and record.get("complete"):
         log.info("embed: %s is up to date (%d rows)", folder, n)
         return folder
+    files_there = (folder / "queries.npy").is_file() and (folder / "positives.npy").is_file()
+    old_dim = (record or {}).get("dim")
+    kept = _kept_rows(cfg, record, params, stamp, n) if files_there else None
+    keep = load_trained_ids(cfg.trained_ids, n) if kept else None  # rows not to embed
     barrier()  # every rank has read the old record before rank 0 replaces it
     start = 0
-    if same and size == 1:
+    if same and size == 1 and files_there:
         start = int(record.get("rows_done", 0))
-        if not ((folder / "queries.npy").is_file() and (folder / "positives.npy").is_file()):
-            start = 0
         log.info("embed: resuming at row %d of %d", start, n)
+    elif kept:
+        log.info("embed: %d of %d rows (ids already trained this epoch) kept from %s", kept["rows"], n,
+                 kept["source_model"])
     elif rank == 0:
         remove_outputs(folder, OUTPUTS)  # the folder may hold files of others: only the stage's own go
     if rank == 0:
@@ -250,9 +290,13 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
               "chunk": cfg.embed_chunk, "weight_files": weight_files,
               "source_step": snapshot.step if snapshot is not None else None, "processes": size,
               # the teacher's settings, so that refreshed mode's `model: teacher` re-mines with this teacher
-              "teacher": dataclasses.asdict(cfg.teacher) if snapshot is None else None}
+              "teacher": dataclasses.asdict(cfg.teacher) if snapshot is None else None,
+              **({"kept": kept, "trained_ids": sha256_file(cfg.trained_ids)[:16]} if kept else {})}
+    if kept and old_dim != dim:  # another model width: nothing can be kept
+        kept = keep = None
+        record = {k: v for k, v in record.items() if k not in ("kept", "trained_ids")}
     if rank == 0:  # creates the files; the other processes open them once they exist
-        mode = "r+" if start > 0 else "w+"
+        mode = "r+" if start > 0 or kept else "w+"
         qmm = np.lib.format.open_memmap(folder / "queries.npy", mode=mode, dtype=np.float16, shape=(n, dim))
         pmm = np.lib.format.open_memmap(folder / "positives.npy", mode=mode, dtype=np.float16, shape=(n, dim))
         write_json(folder / RECORD, record)
@@ -268,27 +312,31 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     task_index: dict[str, int] = {}
     tasks = np.empty(n, dtype=np.int32)
     keys = np.empty(n, dtype=np.int64)
-    bar = progress_bar(total=share_hi - share_lo, initial=max(0, start - share_lo), desc="embed", unit="pair",
-                       disable=not progress or rank != 0, file=sys.stderr)
+    def to_embed(lo: int, hi: int) -> int:  # rows of ids lo..hi-1 this stage embeds (not kept)
+        return max(0, hi - lo) - (int(keep[lo:hi].sum()) if keep is not None and hi > lo else 0)
+
+    bar = progress_bar(total=to_embed(share_lo, share_hi), initial=to_embed(share_lo, min(start, share_hi)),
+                       desc="embed", unit="pair", disable=not progress or rank != 0, file=sys.stderr)
     chunk: list[dict] = []
 
     def flush_chunk(rows: list[dict]) -> None:
-        lo, hi = rows[0]["id"], rows[-1]["id"] + 1
+        ids = np.array([r["id"] for r in rows])  # ascending; not contiguous where rows are kept
+        lo, hi = int(ids[0]), int(ids[-1]) + 1
         q_texts = [manifest.prompted(r, "query") for r in rows]
         p_texts = [manifest.prompted(r, "positive") for r in rows]
         q = encoder.encode(q_texts, side="query", batch_size=cfg.embed_batch_size)
         p = encoder.encode(p_texts, side="positive", batch_size=cfg.embed_batch_size)
         check_vectors(q, f"teacher query embeddings (ids {lo}..{hi - 1})")
         check_vectors(p, f"teacher positive embeddings (ids {lo}..{hi - 1})")
-        qmm[lo:hi] = q.astype(np.float16)
-        pmm[lo:hi] = p.astype(np.float16)
+        qmm[ids] = q.astype(np.float16)
+        pmm[ids] = p.astype(np.float16)
         # Flush before recording progress: the record must never claim rows that are not on disk.
         qmm.flush()
         pmm.flush()
         if size == 1:  # several processes fill the rows out of order: no resume point to record
             record["rows_done"] = hi
             write_json(folder / RECORD, record)
-        bar.update(hi - lo)
+        bar.update(len(rows))
 
     expected = 0
     for rec in ds:
@@ -302,8 +350,8 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
             task_names.append(task)
         tasks[i] = task_index[task]
         keys[i] = content_key(manifest.prompted(rec, "positive"))
-        if i < start or not share_lo <= i < share_hi:
-            continue  # already embedded by an interrupted run, or another process's share
+        if i < start or not share_lo <= i < share_hi or (keep is not None and keep[i]):
+            continue  # already embedded by an interrupted run, another process's share, or a kept row
         chunk.append(rec)
         if len(chunk) >= cfg.embed_chunk:
             flush_chunk(chunk)

@@ -26,7 +26,8 @@ from ..progress import progress_bar
 from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, Manifest, check_stamp, sha256_file
 from .artefacts import log, new_token, read_json, same_params, staged_arrays, write_json
-from .embed import FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings
+from .embed import (FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings,
+                    load_trained_ids)
 from .rank import (FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, check_sizes, merge_threshold,
                    rank, split_trained, task_groups)
 from ..schedule import Schedule, publish_schedule, version_path
@@ -146,20 +147,6 @@ def partition_params(cfg: MineConfig, rank_record: dict) -> dict:
     return {"K": cfg.K, "edges": cfg.edges, "rank_weights": cfg.rank_weights, "seed": cfg.seed,
             "metis_ufactor": cfg.metis_ufactor, "per_task": cfg.per_task, "upstream": rank_record.get("token"),
             **({"trained_ids": sha256_file(cfg.trained_ids)[:16]} if cfg.trained_ids else {})}
-
-
-def load_trained_ids(path: str | None, N: int) -> np.ndarray | None:
-    """The ids already trained this epoch (``trained_ids``) as a boolean mask over ``0..N-1``; None without."""
-    if not path:
-        return None
-    ids = np.load(path)
-    if ids.ndim != 1 or (len(ids) and not np.issubdtype(ids.dtype, np.integer)):
-        raise DataError(f"{path}: trained_ids must be a 1-D integer array of example ids, got {ids.dtype} {ids.shape}")
-    if len(ids) and (ids.min() < 0 or ids.max() >= N):
-        raise DataError(f"{path}: trained_ids holds ids outside 0..{N - 1} (from another dataset?)")
-    mask = np.zeros(N, bool)
-    mask[ids] = True
-    return mask
 
 
 def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
@@ -307,7 +294,9 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
         # A refresh: the snapshot's epoch, and how many of its ids were mined apart as already trained then
         # (such a schedule's communities fit that epoch's remainder only; the trainer refuses it in another).
         **({"source_epoch": cfg.source_epoch,
-            "trained_apart": int(trained.sum()) if trained is not None else 0}
+            "trained_apart": int(trained.sum()) if trained is not None else 0,
+            # rows of trained ids the embed stage kept from an earlier model instead of embedding (embed.py)
+            "embed_kept": (emb.record.get("kept") or {}).get("rows", 0) if emb is not None else 0}
            if cfg.source_epoch is not None else {}),
     }
     schedule = Schedule.from_batches(batches, meta, negatives,
