@@ -98,7 +98,7 @@ class MineConfig:
     #   snapshot): they are ranked and partitioned apart from the rest, so the rest's communities reach the
     #   trainer whole and are cut from full neighbour lists
     # -- schedule ---------------------------------------------------------------------------------
-    strategy: str = "b3"  # random | task | gcbs | b3 | b3pp
+    strategy: str = "b3"  # random | random_hn | task | gcbs | b3 | b3pp
     batch_size: int = 1024  # |B|, global batch
     h: int = 5  # B3++ hard negatives per example
     seed: int = 0

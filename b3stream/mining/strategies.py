@@ -1,9 +1,12 @@
-"""Batch strategies behind one interface: ``random``, ``task``, ``gcbs``, ``b3``, ``b3pp``.
+"""Batch strategies behind one interface: ``random``, ``random_hn``, ``task``, ``gcbs``, ``b3``, ``b3pp``.
 
 Each strategy turns the mined artefacts into one epoch of global batches of ``|B|`` ids, every id exactly
 once. They differ only in *which* ids share a batch:
 
 - ``random``: a seeded permutation of all ids, cut every |B| (tasks mixed).
+- ``random_hn``: ``random`` plus h hard negatives per example drawn from S as ``b3pp`` draws them: the
+  baseline of the B3 paper's Table 2 (random batches with mined hard negatives), which B3 is reported to
+  beat at half the compute. With the same seed its batches equal ``random``'s.
 - ``task``: task-homogeneous random batches (as GritLM trains): each task's ids permuted and cut every |B|.
 - ``gcbs``: Global Contrastive Batch Sampling (Sachidananda, Yang and Zhu, ICML 2023), in our reading: keep
   the similarity-graph edges whose teacher score reaches a threshold, order the examples by the Reverse
@@ -200,15 +203,18 @@ class B3Batches(Strategy):
         return pack(groups, prm.batch_size, rng), None
 
 
-class B3ppBatches(B3Batches):
-    name = "b3pp"
-    needs = ("communities", "S", "top")
+class WithHardNegatives(Strategy):
+    """Mixin: h >= 1 hard negatives per example from the batch's pooled S rows, never a member, a member's
+    top-p (T) or a same-text positive (:mod:`b3stream.mining.negatives`), added to the batches of the
+    strategy it is mixed into."""
 
     def check_params(self, prm):
-        """Also h: b3pp without hard negatives is b3, so h < 1 is refused before the teacher runs."""
+        """Also h: without hard negatives the strategy is its base, so h < 1 is refused before the teacher
+        runs."""
         super().check_params(prm)
         if prm.h < 1:
-            raise ConfigError(f"h={prm.h}: b3pp needs h >= 1 hard negatives per example (h=0 is b3)")
+            raise ConfigError(f"h={prm.h}: {self.name} needs h >= 1 hard negatives per example (h=0 is its base "
+                              "strategy)")
 
     def check(self, inp, prm):
         super().check(inp, prm)
@@ -218,24 +224,44 @@ class B3ppBatches(B3Batches):
 
     def batches(self, inp, prm):
         batches, _ = super().batches(inp, prm)
-        _, neg_rng = rngs(prm.seed)
-        # the uniform fill-up stays inside the batch's tasks when tasks are mined apart (their S rows do too)
-        by_task = {inp.task_names.index(name): ids
-                   for name, ids in task_groups(inp.tasks, inp.task_names, True)} \
-            if len(inp.task_names) > 1 and prm.per_task and not prm.mix_tasks else None
-        negatives = []
-        for b in batches:
-            pool = None
-            if by_task is not None:
-                present = np.unique(inp.tasks[b])
-                pool = by_task[int(present[0])] if len(present) == 1 else \
-                    np.sort(np.concatenate([by_task[int(t)] for t in present]))
-            negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool, top=inp.top, keys=inp.keys))
-        return batches, negatives
+        return batches, hard_negatives_for(batches, inp, prm)
+
+
+class B3ppBatches(WithHardNegatives, B3Batches):
+    """B3++: b3's batches plus h hard negatives per example."""
+
+    name = "b3pp"
+    needs = ("communities", "S", "top")
+
+
+class RandomHnBatches(WithHardNegatives, RandomBatches):
+    """Random batches plus h hard negatives per example from S (the B3 paper's Table 2 baseline)."""
+
+    name = "random_hn"
+    needs = ("S", "top")
+
+
+def hard_negatives_for(batches: list[np.ndarray], inp: BatchInputs, prm: BatchParams) -> list[np.ndarray]:
+    """h hard negatives per example of every batch, from the batch's pooled S rows (:mod:`negatives`), with
+    the seed's own generator (so the batches are the same with and without them)."""
+    _, neg_rng = rngs(prm.seed)
+    # the uniform fill-up stays inside the batch's tasks when tasks are mined apart (their S rows do too)
+    by_task = {inp.task_names.index(name): ids
+               for name, ids in task_groups(inp.tasks, inp.task_names, True)} \
+        if len(inp.task_names) > 1 and prm.per_task and not prm.mix_tasks else None
+    negatives = []
+    for b in batches:
+        pool = None
+        if by_task is not None:
+            present = np.unique(inp.tasks[b])
+            pool = by_task[int(present[0])] if len(present) == 1 else \
+                np.sort(np.concatenate([by_task[int(t)] for t in present]))
+        negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool, top=inp.top, keys=inp.keys))
+    return negatives
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RandomBatches, TaskBatches, GcbsBatches, B3Batches, B3ppBatches)
+    cls.name: cls for cls in (RandomBatches, RandomHnBatches, TaskBatches, GcbsBatches, B3Batches, B3ppBatches)
 }
 
 
