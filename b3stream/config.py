@@ -166,6 +166,12 @@ class TrainConfig:
     temperature: float = 0.02  # tau
     symmetric: bool = False  # also the positive -> query InfoNCE term
     mask_duplicate_positives: bool = True  # a same-text positive under another id is not a negative
+    # Extra negatives in every query's InfoNCE denominator, pooled over the global batch like B3++'s:
+    # mined - the schedule's B3++ / random_hn negatives (none for the other strategies); dataset - up to
+    # h_dataset of each example's stored negatives (`prepare --negatives-field`), drawn per epoch with the
+    # seed, instead of the schedule's; both - the two together
+    negatives: str = "mined"
+    h_dataset: int = 2
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
@@ -430,6 +436,8 @@ def _check_train(c: TrainConfig, v: _Checker) -> None:
     v.above("eval_batch_size", 0)
     v.one_of("eval_corpus", ("split", "all"))
     v.above("keep_checkpoints", 0)
+    v.one_of("negatives", ("mined", "dataset", "both"))
+    v.above("h_dataset", 0)
     v.one_of("mode", ("static", "refreshed"))
     if c.mode == "refreshed" and not (c.refresh.every_steps or c.refresh.every_epochs):
         raise ConfigError(f"{v.prefix}mode: refreshed needs refresh.every_steps and/or refresh.every_epochs "

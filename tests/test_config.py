@@ -56,6 +56,8 @@ def test_every_shipped_config_loads_and_the_recipe_pair_agrees():
 # (config class, key=value) -> what the error must say; every spelling of inf and NaN a user can write
 NON_FINITE = {
     (TrainConfig, "lr=inf"): "lr: must be a finite number, got inf",
+    (TrainConfig, "negatives=stored"): "negatives: must be one of mined, dataset, both",
+    (TrainConfig, "h_dataset=0"): "h_dataset: must be > 0",
     (TrainConfig, "lr=.inf"): "lr: must be a finite number, got inf",
     (TrainConfig, "temperature=inf"): "temperature: must be a finite number, got inf",
     (TrainConfig, "temperature=nan"): "temperature: must be a finite number, got nan",
@@ -140,7 +142,7 @@ OUT_OF_RANGE = {
     (MineConfig, "small_tasks=drop"): "small_tasks: must be one of error, merge",
     (MineConfig, "index=annoy"): "index: must be one of auto, flat, ivf, hnsw, torch",
     (MineConfig, "edges=both"): "edges: must be one of mutual, union",
-    (MineConfig, "strategy=hardest"): "strategy: must be one of random, task, gcbs, b3, b3pp",
+    (MineConfig, "strategy=hardest"): "strategy: must be one of random, random_hn, task, gcbs, b3, b3pp",
     (MineConfig, "task_params={t0: {p: -1}}"): "task_params.t0.p: must be an integer >= 0, got -1",
     (MineConfig, "task_params={t0: {m: 0}}"): "task_params.t0.m: must be an integer >= 1, got 0",
     (MineConfig, "task_params={t0: {q: 1}}"): "task_params.t0: must map to p and/or m",

@@ -37,6 +37,9 @@ class SplitInfo:
     shards: list[ShardInfo]
     tasks: dict[str, int]
     groups: int
+    # stored hard negatives (``prepare --negatives-field``): {"examples": with at least one, "min", "max",
+    # "total"} over the split's records; None when the dataset has none
+    negatives: dict | None = None
 
 
 @dataclass
@@ -66,7 +69,7 @@ class Manifest:
             splits = {
                 name: SplitInfo(
                     n=s["n"], fingerprint=s["fingerprint"], tasks=s["tasks"], groups=s["groups"],
-                    shards=[ShardInfo(**sh) for sh in s["shards"]],
+                    shards=[ShardInfo(**sh) for sh in s["shards"]], negatives=s.get("negatives"),
                 )
                 for name, s in d["splits"].items()
             }

@@ -83,6 +83,10 @@ def summary(manifest: Manifest, top: int = 8) -> str:
         shown = ", ".join(f"{t} {c} ({c / s.n:.0%})" for t, c in tasks)
         more = f", +{len(s.tasks) - top} more" if len(s.tasks) > top else ""
         lines.append(f"  {name:<10} n={s.n:<7} shards={len(s.shards):<3} groups={s.groups:<5} tasks: {shown}{more}")
+        if s.negatives:
+            g = s.negatives
+            lines.append(f"  {'':<10} stored hard negatives: {g['total']} on {g['examples']} of {s.n} examples "
+                         f"({g['min']}-{g['max']} per example; used with `train negatives=dataset|both`)")
     return "\n".join(lines)
 
 

@@ -191,4 +191,13 @@ def _write_split(members: list[dict], folder: Path, split: str, per_shard: int, 
         n=len(members), fingerprint=digest.hexdigest(), shards=shards,
         tasks=dict(sorted(Counter(r["task"] for r in members).items())),
         groups=len({r["group"] for r in members}),
+        negatives=negatives_summary(members),
     )
+
+
+def negatives_summary(members: list[dict]) -> dict | None:
+    """How many stored hard negatives the records carry (None: no record has any)."""
+    counts = [len(r.get("negatives") or ()) for r in members]
+    if not any(counts):
+        return None
+    return {"examples": sum(c > 0 for c in counts), "min": min(counts), "max": max(counts), "total": sum(counts)}

@@ -291,6 +291,8 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
         (emb.record.get("source_step") if emb is not None else None),
         "margin": rp.get("margin") if uses_s else None,
         "task_params": rp.get("task_params") if uses_s else None, **extra,
+        # the examples' stored negatives, which the trainer adds with `negatives: dataset | both`
+        "dataset_negatives": Manifest.load(cfg.data).split(cfg.split).negatives if cfg.data else None,
         # A refresh: the snapshot's epoch, and how many of its ids were mined apart as already trained then
         # (such a schedule's communities fit that epoch's remainder only; the trainer refuses it in another).
         **({"source_epoch": cfg.source_epoch,

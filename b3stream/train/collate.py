@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -55,8 +56,8 @@ class StepData(Dataset):
     workers: a request left over from an earlier pass (prefetched before a swap) is answered with None at
     once instead of being read and tokenised for nothing, so a new pass does not wait for it."""
 
-    def __init__(self, records: ShardedDataset, tokenize: Tokenize, current: torch.Tensor):
-        self.records, self.tokenize, self.current = records, tokenize, current
+    def __init__(self, records: ShardedDataset, tokenize: Tokenize, current: torch.Tensor, seed: int = 0):
+        self.records, self.tokenize, self.current, self.seed = records, tokenize, current, seed
         self.manifest = records.manifest
 
     def __getitem__(self, key: tuple[int, Step]) -> LocalBatch | None:
@@ -70,12 +71,28 @@ class StepData(Dataset):
         if step.with_negatives:
             # Every rank passes a negative side (maybe empty) so all ranks run the same collectives.
             negs = texts_of([self.records[i] for i in step.negative_ids], "positive", self.manifest)
+            if step.dataset_negatives:
+                negs += stored_negatives(recs, step.dataset_negatives, self.seed, step.epoch, self.manifest)
             features["negative"] = (self.tokenize(negs, "positive")
                                     if negs else {"input_ids": torch.zeros(0, 0, dtype=torch.long),
                                                   "attention_mask": torch.zeros(0, 0, dtype=torch.long)})
             keys["negative"] = torch.from_numpy(content_keys(negs))
         return LocalBatch(step=step, features=features, keys=keys,
                           extents={side: token_extents(f["attention_mask"]) for side, f in features.items()})
+
+
+def stored_negatives(records: list[dict], h: int, seed: int, epoch: int, manifest: Manifest) -> list[str]:
+    """Up to ``h`` of each record's stored hard negatives (``prepare --negatives-field``), behind the
+    positive prompt of its task: all of them when it has at most ``h``, else ``h`` drawn without replacement
+    by a generator of (seed, epoch, id), so every epoch sees another draw and a resumed run the same one."""
+    out = []
+    for rec in records:
+        stored = rec.get("negatives") or []
+        if len(stored) > h:
+            pick = np.random.default_rng([seed, epoch, rec["id"]]).choice(len(stored), h, replace=False)
+            stored = [stored[i] for i in sorted(pick)]
+        out += [manifest.prompted({"positive": text, "task": rec.get("task")}, "positive") for text in stored]
+    return out
 
 
 class PlanSteps(Sampler):
@@ -124,7 +141,7 @@ class StepLoader:
                  num_workers: int = 1):
         workers = num_workers > 0
         self.current = torch.zeros(1, dtype=torch.int64).share_memory_()  # the pass number, seen by workers
-        self.loader = DataLoader(StepData(records, tokenize, self.current), batch_size=None,
+        self.loader = DataLoader(StepData(records, tokenize, self.current, sampler.seed), batch_size=None,
                                  sampler=PlanSteps(sampler, self.current), num_workers=num_workers,
                                  collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
                                  prefetch_factor=2 if workers else None, persistent_workers=workers)

@@ -55,7 +55,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     manifest = Manifest.load(cfg.data)
     records = ShardedDataset(cfg.data, "train", manifest=manifest, verify=cfg.verify_data)
     schedule = load_schedule(cfg.schedule, expect=manifest.stamp("train"))
-    sampler = ScheduleSampler(schedule, len(records), dist.rank, dist.world_size, seed=cfg.seed)
+    check_dataset_negatives(cfg, manifest)
+    sampler = ScheduleSampler(schedule, len(records), dist.rank, dist.world_size, seed=cfg.seed,
+                              negatives=cfg.negatives, h_dataset=cfg.h_dataset)
     batch_size = schedule_batch_size(schedule)  # |B|
     total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * sampler.steps_per_epoch
     precision = resolve_precision(cfg.precision, dist.device)
@@ -154,7 +156,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 emb = engine(features, batch.extents)
                 out = loss_fn(emb["query"], emb["positive"], emb.get("negative"), keys["positive"],
                               keys.get("negative"), sizes=batch.step.sizes,
-                              negative_sizes=batch.step.negative_sizes)  # from the plan: no collective
+                              # from the plan, no collective (dataset negatives: gathered, see Step)
+                              negative_sizes=batch.step.negative_sizes)
                 engine.backward(out.loss)
                 t_backward = _sync(dist) if exact else None
                 grad_norm = _grad_norm(engine) if stage == 0 and precision == "fp32" else None
@@ -162,7 +165,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 engine.step()
                 t_end = _sync(dist) if exact else time.perf_counter()
                 if cfg.trace_ids:
-                    _trace(run, step + 1, batch.step, sampler.global_batch(sampler.position), out.global_loss, dist)
+                    _trace(run, step + 1, batch.step, sampler.global_batch(sampler.position), out, dist)
                 sampler.advance()
                 step += 1
 
@@ -312,13 +315,15 @@ def _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step) -> dict:
     return metrics
 
 
-def _trace(run: Path, step: int, s, global_ids: np.ndarray, loss: float, dist: DistInfo) -> None:
-    """One line per step: the global batch and its schedule version (rank 0: trace.jsonl, rank r:
-    trace.rank<r>.jsonl, so a test can check that every rank trained the same batches)."""
+def _trace(run: Path, step: int, s, global_ids: np.ndarray, out, dist: DistInfo) -> None:
+    """One line per step: the global batch, its schedule version, the loss and the number of extra negatives
+    |N| in the denominator (rank 0: trace.jsonl, rank r: trace.rank<r>.jsonl, so a test can check that every
+    rank trained the same batches)."""
     name = "trace.jsonl" if dist.is_main else f"trace.rank{dist.rank}.jsonl"
     with open(run / name, "a") as f:
         f.write(json.dumps({"step": step, "epoch": s.epoch, "index": s.index, "version": s.version,
-                            "loss": loss, "ids": [int(i) for i in global_ids]}) + "\n")
+                            "loss": out.global_loss, "negatives": out.negatives,
+                            "ids": [int(i) for i in global_ids]}) + "\n")
 
 
 def _ranks_in_sync(engine, dist: DistInfo, stage: int) -> bool | None:
@@ -374,7 +379,8 @@ def _restore(engine, sampler: ScheduleSampler, cfg: TrainConfig, manifest: Manif
         saved = version_path(schedules, state["version"])
         if saved.is_file():
             schedule = load_schedule(saved, expect=manifest.stamp("train"))
-            sampler = ScheduleSampler(schedule, sampler.n, dist.rank, dist.world_size, seed=cfg.seed)
+            sampler = ScheduleSampler(schedule, sampler.n, dist.rank, dist.world_size, seed=cfg.seed,
+                                      negatives=cfg.negatives, h_dataset=cfg.h_dataset)
     sampler.load_state_dict(state)
     return int(client["step"]), sampler
 
@@ -399,6 +405,17 @@ def _own_snapshots(paths: RunPaths, step: int) -> list[tuple[int, int, bool]]:
 
     return [(s.step, int(s.meta.get("epoch", 0)), s.trained_ids is not None)
             for s in list_snapshots(paths.run) if s.step <= step]
+
+
+def check_dataset_negatives(cfg: TrainConfig, manifest: Manifest) -> None:
+    """``negatives: dataset | both`` needs stored negatives in the train split: refused before the model
+    loads when there are none (the dataset was prepared without ``--negatives-field``)."""
+    if cfg.negatives == "mined":
+        return
+    stored = manifest.split("train").negatives
+    if not stored:
+        raise ConfigError(f"negatives={cfg.negatives}: the train split of {cfg.data} stores no hard negatives; "
+                          "prepare it with --negatives-field FIELD (e.g. neg) or train with negatives=mined")
 
 
 def _staleness(schedule, step: int) -> int | None:

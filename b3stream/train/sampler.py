@@ -58,8 +58,11 @@ class Step:
     global_size: int  # |B| of this step
     version: int | None  # schedule version the batch came from
     sizes: list[int]  # every rank's number of queries (= positives) this step, in rank order
-    negative_sizes: list[int]  # every rank's share of the hard-negative pool, in rank order
-    with_negatives: bool  # the plan's schedule has hard negatives: every rank embeds a (maybe empty) side
+    # every rank's share of the hard-negative pool, in rank order; None when a rank's count is known only
+    # after its worker read its records (dataset negatives: examples store different numbers of them)
+    negative_sizes: list[int] | None
+    with_negatives: bool  # the step has a hard-negative side: every rank embeds a (maybe empty) one
+    dataset_negatives: int = 0  # up to this many of each member's stored negatives join the pool (h_dataset)
 
 
 def rank_sizes(n: int, world: int) -> list[int]:
@@ -112,11 +115,17 @@ class ScheduleSampler:
         seed: seeds the batch order of every epoch (and of the plans made at swaps).
     """
 
-    def __init__(self, schedule: Schedule, n: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(self, schedule: Schedule, n: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 negatives: str = "mined", h_dataset: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
+        if negatives not in ("mined", "dataset", "both"):
+            raise ValueError(f"negatives={negatives!r}: expected mined, dataset or both")
         check_schedule(schedule, n, world_size)
         self.schedule, self.n, self.rank, self.world, self.seed = schedule, n, rank, world_size, seed
+        # which extra negatives a step carries (TrainConfig negatives / h_dataset)
+        self.mined = negatives != "dataset"
+        self.h_dataset = h_dataset if negatives != "mined" else 0
         self.epoch, self.position, self.swaps = 0, 0, 0
         self._before = np.empty(0, np.int64)  # ids consumed this epoch before the current plan
         self.history: list[dict] = []  # every swap: {"epoch", "position", "step", "from", "to"}
@@ -232,12 +241,14 @@ class ScheduleSampler:
             raise IndexError(f"step {index} outside the epoch plan of {self.steps_per_epoch} steps")
         batch = self.global_batch(index)
         lo, hi = split_bounds(len(batch), self.world, self.rank)
-        pool = self.negative_pool(index)
+        mined = self.mined and self.schedule.negatives is not None
+        pool = self.negative_pool(index) if mined else np.empty(0, np.int64)
         nlo, nhi = split_bounds(len(pool), self.world, self.rank)
         return Step(epoch=self.epoch, index=index, ids=batch[lo:hi], negative_ids=pool[nlo:nhi],
                     global_size=len(batch), version=self.version, sizes=rank_sizes(len(batch), self.world),
-                    negative_sizes=rank_sizes(len(pool), self.world),
-                    with_negatives=self.schedule.negatives is not None)
+                    # each rank adds its own members' stored negatives, a count its worker learns
+                    negative_sizes=None if self.h_dataset else rank_sizes(len(pool), self.world),
+                    with_negatives=mined or self.h_dataset > 0, dataset_negatives=self.h_dataset)
 
     def __iter__(self):
         """The remaining steps of this epoch's plan, without consuming them (see :meth:`advance`)."""
