@@ -8,7 +8,8 @@ the code-search pairs with the project's own pipeline, so every number comes fro
     -> `b3stream train` (one process, one epoch) -> exact retrieval of the held-out validation and test
     queries against the positives of every split (`--corpus all`), with per-query ranks.
 
-Arms: the strategies ``random``, ``task``, ``gcbs``, ``b3``, ``b3pp`` and ``b3-refreshed`` (b3 with
+Arms: the strategies ``random``, ``random_hn`` (random batches with h hard negatives per example from S, the B3
+paper's Table 2 baseline), ``task``, ``gcbs``, ``b3``, ``b3pp`` and ``b3-refreshed`` (b3 with
 ``mode: refreshed``: a background miner re-mines from student snapshots while training runs), and two cost
 baselines: ``random`` itself (same steps) and ``random+compute`` (random given the teacher pass's measured
 time as extra steps). A schedule is one epoch of batches, and a static run repeats its batches (in a new
@@ -53,7 +54,7 @@ sys.path.insert(0, str(REPO))
 from b3stream.evaluate import RetrievalSet, read_per_query  # noqa: E402
 from b3stream.mining.graph import EDGES  # noqa: E402
 
-STRATEGY_OF = {"random": "random", "task": "task", "gcbs": "gcbs", "b3": "b3", "b3pp": "b3pp",
+STRATEGY_OF = {"random": "random", "random_hn": "random_hn", "task": "task", "gcbs": "gcbs", "b3": "b3", "b3pp": "b3pp",
                "b3-refreshed": "b3", "b3-bound": "b3", "random+compute": "random", "random-redrawn": "random"}
 ARMS = tuple(STRATEGY_OF)  # an arm may name another teacher: "b3@mpnet" (--teacher mpnet=PATH)
 # trained in refreshed mode, with a miner beside them; b3-bound: a snapshot every refresh_every steps, re-mined
@@ -61,7 +62,7 @@ ARMS = tuple(STRATEGY_OF)  # an arm may name another teacher: "b3@mpnet" (--teac
 REFRESHED_ARMS = ("b3-refreshed", "b3-bound", "random-redrawn")
 # random-redrawn differs from random only over epochs; b3-bound is a variant of b3-refreshed, asked for by name
 DEFAULT_ARMS = tuple(a for a in ARMS if a not in ("random-redrawn", "b3-bound"))
-MINED = ("gcbs", "b3", "b3pp")  # strategies that read the teacher's ranking
+MINED = ("random_hn", "gcbs", "b3", "b3pp")  # strategies that read the teacher's ranking
 SPLITS = ("validation", "test")
 
 
@@ -130,8 +131,8 @@ class Recipe:
         strategy = STRATEGY_OF[base_arm(arm)] if arm else "b3pp"
         if strategy in MINED:
             t = "minilm" if self.teacher is None else Path(self.teacher).name
-            out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}{self.graph}" if strategy != "gcbs" else "") + \
-                (f"-h{self.h}" if strategy == "b3pp" else "") + f"-{t}{self.scope}"
+            out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}{self.graph}" if strategy in ("b3", "b3pp") else "") + \
+                (f"-h{self.h}" if strategy in ("b3pp", "random_hn") else "") + f"-{t}{self.scope}"
         if arm and base_arm(arm) in ("b3-refreshed", "b3-bound"):
             # "-apart": the miner ranks and partitions the ids trained before a snapshot apart (whole communities
             # from full neighbour lists after a swap); the cells of rounds 3-5, mined before that, keep their old
