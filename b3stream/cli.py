@@ -23,11 +23,14 @@ from . import __version__
 def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare", help="turn a source into WebDataset shards with dense ids and a manifest",
-        description="Write WebDataset shards + manifest.json. SOURCE is jsonl, csv, parquet (then give SRC) "
-                    "or codesearch (docstring -> code pairs from the installed Python packages).",
+        description="Write WebDataset shards + manifest.json. SOURCE is jsonl, csv, parquet (then give SRC), hf "
+                    "(SRC: a Hugging Face datasets folder written by save_to_disk, or an .arrow file of one) or "
+                    "codesearch (docstring -> code pairs from the installed Python packages).",
     )
-    p.add_argument("source", choices=["jsonl", "csv", "parquet", "codesearch"])
-    p.add_argument("src", nargs="?", help="source file (not for codesearch)")
+    p.add_argument("source", choices=["jsonl", "csv", "parquet", "hf", "codesearch"])
+    p.add_argument("src", nargs="?", help="source file or folder (not for codesearch)")
+    p.add_argument("--hf-split", default=None,
+                   help="hf: the split of a DatasetDict folder to read (default: train, or its only split)")
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument("--query-field", default="query")
     p.add_argument("--positive-field", default="positive")
@@ -99,7 +102,9 @@ def _run_prepare(args) -> int:
             negatives=args.negatives_field, id=args.id_field, query_image=args.query_image_field,
             positive_image=args.positive_image_field,
         )
-        manifest = prepare_file(args.src, args.source, args.out, fields, **common)
+        if args.hf_split and args.source != "hf":
+            raise SystemExit("b3stream prepare: --hf-split is for `prepare hf` only")
+        manifest = prepare_file(args.src, args.source, args.out, fields, hf_split=args.hf_split, **common)
     print_summary(manifest)
     print(f"wrote {args.out}")
     return 0

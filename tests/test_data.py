@@ -527,3 +527,49 @@ def test_a_key_out_of_order_is_refused_on_open(toy_dataset, tmp_path):
     _rename_member(ds, "train-000001.tar", "000000075.json", "000000060.json")
     with pytest.raises(DataError, match="train-000001.tar: member '000000060.json' comes after records with higher"):
         ShardedDataset(ds, "train")
+
+
+# -- Hugging Face datasets on disk ---------------------------------------------------------------------
+
+
+def test_prepare_hf_reads_a_save_to_disk_folder_like_jsonl(tmp_path):
+    """`prepare hf`: a Dataset / DatasetDict written by save_to_disk (and one .arrow file of it) gives the
+    same records, ids and fingerprint as the same rows given as jsonl; the split is chosen by name."""
+    import datasets
+
+    rows = [{**r, "neg": [f"def wrong_{i}():\n    pass\n"] * (i % 3)} for i, r in enumerate(toy_rows(90))]
+    fields = FieldMap(query="q", positive="p", task="task", group="g", negatives="neg")
+    from_jsonl = Manifest.load(_prepare(tmp_path, rows, fields=fields))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "dev": datasets.Dataset.from_list(rows[:30])}).save_to_disk(str(tmp_path / "dict"))
+    arrow = sorted((tmp_path / "one").glob("*.arrow"))[0]
+    for src, split, name in ((tmp_path / "one", None, "a"), (tmp_path / "dict", None, "b"), (arrow, None, "c")):
+        m = prepare_file(str(src), "hf", str(tmp_path / name), fields, hf_split=split, progress=False)
+        assert m.fingerprint == from_jsonl.fingerprint and m.splits["train"].negatives == \
+            from_jsonl.splits["train"].negatives
+    dev = prepare_file(str(tmp_path / "dict"), "hf", str(tmp_path / "dev"), fields, hf_split="dev", progress=False)
+    assert dev.N == 30
+    with pytest.raises(DataError, match=r"splits \['dev', 'train'\]; choose one with --hf-split \('test'"):
+        prepare_file(str(tmp_path / "dict"), "hf", str(tmp_path / "x"), fields, hf_split="test", progress=False)
+    with pytest.raises(DataError, match="has no 'query' field .column 'question'"):
+        prepare_file(str(tmp_path / "one"), "hf", str(tmp_path / "y"), FieldMap(query="question", positive="p"),
+                     progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not a dataset saved with save_to_disk"):
+        prepare_file(str(tmp_path / "empty"), "hf", str(tmp_path / "z"), fields, progress=False)
+    assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
+
+
+def test_prepare_hf_command(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(toy_rows(60)).save_to_disk(str(tmp_path / "hfdata"))
+    res = run([sys.executable, "-m", "b3stream", "prepare", "hf", str(tmp_path / "hfdata"), "--out",
+               str(tmp_path / "ds"), "--query-field", "q", "--positive-field", "p", "--task-field", "task",
+               "--group-field", "g"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Manifest.load(tmp_path / "ds").N == 60
+    res = run([sys.executable, "-m", "b3stream", "prepare", "jsonl", str(tmp_path / "x.jsonl"), "--out",
+               str(tmp_path / "ds2"), "--hf-split", "train"])
+    assert res.returncode != 0 and "--hf-split is for `prepare hf` only" in res.stderr

@@ -1,4 +1,5 @@
-"""`b3stream prepare`: a source (jsonl / csv / parquet, or the built-in code-search corpus) -> shards."""
+"""`b3stream prepare`: a source (jsonl / csv / parquet, a Hugging Face dataset folder, or the built-in
+code-search corpus) -> shards."""
 
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ def load_prompts(path: str | None, query_prompt: str = "", positive_prompt: str 
     return prompts
 
 
-def prepare_file(src: str, fmt: str, out: str, fields: FieldMap, **kwargs) -> Manifest:
-    """Read ``src`` (a ``fmt`` file) and write it as a dataset under ``out`` (see :func:`write_dataset`)."""
+def prepare_file(src: str, fmt: str, out: str, fields: FieldMap, hf_split: str | None = None, **kwargs) -> Manifest:
+    """Read ``src`` (a ``fmt`` file, or for ``hf`` a ``save_to_disk`` folder / ``.arrow`` file, of which
+    ``hf_split`` is read) and write it as a dataset under ``out`` (see :func:`write_dataset`)."""
     _check_options(out, kwargs, source=src)  # before reading a possibly large source
-    records = [rec for _, rec in read_records(src, fmt, fields)]
+    records = [rec for _, rec in read_records(src, fmt, fields, hf_split)]
     if not records:
         raise DataError(f"{src}: no records")
     return write_dataset(records, out, name=Path(src).stem, fields=asdict(fields), source=str(src), **kwargs)

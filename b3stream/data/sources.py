@@ -1,9 +1,10 @@
-"""Source files (jsonl / csv / parquet) -> validated training records, through a field mapping.
+"""Sources (jsonl / csv / parquet files, Hugging Face ``datasets`` folders) -> validated training records,
+through a field mapping.
 
 A record is a plain dict with ``query`` and ``positive`` text, a ``task`` and a ``group`` (the split key),
 and optionally ``negatives`` (a list of hard-negative texts), ``source_id`` and image file paths. Any
 problem is a :class:`DataError` that names the file and the record (line number for jsonl/csv, row for
-parquet), raised before anything is written.
+parquet and ``datasets``), raised before anything is written.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Iterator
 
 from .manifest import DataError
 
-FORMATS = ("jsonl", "csv", "parquet")
+FORMATS = ("jsonl", "csv", "parquet", "hf")
 
 
 @dataclass
@@ -34,11 +35,15 @@ class FieldMap:
     positive_image: str | None = None
 
 
-def read_rows(path: str | Path, fmt: str) -> Iterator[tuple[str, dict]]:
-    """Yield ``(where, row)`` for each row of a source file, ``where`` naming file and line/row."""
+def read_rows(path: str | Path, fmt: str, hf_split: str | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield ``(where, row)`` for each row of a source, ``where`` naming file and line/row. ``hf_split``: the
+    split of a ``datasets`` DatasetDict folder to read (default: ``train``, or its only split)."""
     path = Path(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown source format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "hf":
+        yield from _hf_rows(path, hf_split)
+        return
     if not path.is_file():
         raise DataError(f"{path}: source file does not exist")
     if fmt == "jsonl":
@@ -79,6 +84,37 @@ def read_rows(path: str | Path, fmt: str) -> Iterator[tuple[str, dict]]:
             raise DataError(f"{path}: cannot read parquet ({e})") from None
         for i, row in enumerate(table.to_pylist()):
             yield f"{path}:row {i}", row
+
+
+def _hf_rows(path: Path, split: str | None) -> Iterator[tuple[str, dict]]:
+    """Rows of a Hugging Face ``datasets`` dataset on local disk: a folder written by ``save_to_disk`` (a
+    Dataset, or a DatasetDict of which ``split`` is read) or one ``.arrow`` file of a dataset's cache. Read
+    through ``datasets`` itself (memory-mapped Arrow), so nothing is downloaded."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading a Hugging Face dataset needs the datasets package: pip install 'b3stream[hf]'") \
+            from None
+    if not path.exists():
+        raise DataError(f"{path}: no such dataset folder or .arrow file")
+    try:
+        if path.is_file():
+            ds = datasets.Dataset.from_file(str(path))
+        else:
+            ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError, ValueError, pyarrow errors, ...
+        raise DataError(f"{path}: not a dataset saved with save_to_disk or an Arrow file of one ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = sorted(ds)
+        chosen = split or ("train" if "train" in ds else names[0] if len(names) == 1 else None)
+        if chosen not in ds:
+            raise DataError(f"{path}: a DatasetDict with splits {names}; choose one with --hf-split"
+                            + (f" ({split!r} is not one of them)" if split else ""))
+        ds, path = ds[chosen], path / chosen
+    elif split is not None:
+        raise DataError(f"{path}: a single Dataset has no splits; drop --hf-split {split}")
+    for i, row in enumerate(ds):
+        yield f"{path}:row {i}", row
 
 
 def _text(row: dict, column: str, where: str, what: str) -> str:
@@ -138,11 +174,12 @@ def to_record(row: dict, fields: FieldMap, where: str, base: Path) -> dict:
     return rec
 
 
-def read_records(path: str | Path, fmt: str, fields: FieldMap) -> Iterator[tuple[str, dict]]:
-    """Validated records of one source file, with duplicate source ids refused."""
+def read_records(path: str | Path, fmt: str, fields: FieldMap, hf_split: str | None = None
+                 ) -> Iterator[tuple[str, dict]]:
+    """Validated records of one source, with duplicate source ids refused."""
     base = Path(path).parent
     seen: dict[str, str] = {}
-    for where, row in read_rows(path, fmt):
+    for where, row in read_rows(path, fmt, hf_split):
         rec = to_record(row, fields, where, base)
         sid = rec.get("source_id")
         if sid is not None:
