@@ -186,7 +186,7 @@ class TrainConfig:
     num_workers: int = 1  # DataLoader workers reading records by id
     log_every: int = 10
     eval_every: int | None = None  # also evaluated before training and at the end when eval_split is set
-    eval_split: str | None = "test"  # None: no evaluation
+    eval_split: str | None = "validation"  # None: no evaluation; "test" only when you mean to report it
     eval_max_queries: int | None = 1000
     eval_corpus: str = "split"  # split: the split's positives | all: every split's (train ones as distractors)
     eval_batch_size: int = 64
