@@ -48,11 +48,16 @@ class EncoderConfig:
     """A Hugging Face model turned into an embedding model by pooling (``b3stream.encoder``)."""
 
     model: str | None = None  # HF folder or hub id; None: the bundled all-MiniLM-L6-v2
-    pooling: str = "mean"  # mean | cls | last  (last-token for decoder models, as the paper)
-    normalize: bool = True
+    # mean | cls | last (last-token for decoder models, as the paper) | auto: what a sentence-transformers
+    # model folder says (its Pooling module), else mean
+    pooling: str = "auto"
+    normalize: bool | None = None  # None: as a sentence-transformers folder says (a Normalize module), else true
     max_query_length: int = 64
     max_positive_length: int = 256
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # a saved PEFT adapter folder (e.g. RUN/export/adapter) to start from: the student continues training it
+    # (its own r, alpha and target modules; lora.enabled must be true), a teacher embeds with it
+    adapter: str | None = None
 
 
 @dataclass
@@ -398,9 +403,11 @@ class _Checker:
 
 
 def _check_encoder(c: EncoderConfig, v: _Checker) -> None:
-    v.one_of("pooling", ("mean", "cls", "last"))
+    v.one_of("pooling", ("auto", "mean", "cls", "last"))
     v.above("max_query_length", 0)
     v.above("max_positive_length", 0)
+    if c.adapter is not None and not (Path(c.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"{v.prefix}adapter: {c.adapter} is not a saved PEFT adapter (no adapter_config.json)")
     if c.model is not None:
         problem = _model_problem(c.model)
         if problem:

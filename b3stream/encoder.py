@@ -47,6 +47,41 @@ def resolve_model(name: str | None) -> str:
     return name
 
 
+def sentence_transformers_settings(folder: str | Path) -> dict:
+    """What a sentence-transformers model folder says of its pooling (``pooling``), normalisation
+    (``normalize``) and length (``max_seq_length``); empty for any other folder."""
+    import json
+
+    folder = Path(folder)
+    if not (folder / "modules.json").is_file():
+        return {}
+    modules = json.loads((folder / "modules.json").read_text())
+    out: dict = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
+    for m in modules:
+        if m.get("type", "").endswith("Pooling") and (folder / m.get("path", "") / "config.json").is_file():
+            flags = json.loads((folder / m["path"] / "config.json").read_text())
+            out["pooling"] = ("cls" if flags.get("pooling_mode_cls_token") else
+                              "last" if flags.get("pooling_mode_lasttoken") else "mean")
+    st = folder / "sentence_bert_config.json"
+    if st.is_file() and json.loads(st.read_text()).get("max_seq_length"):
+        out["max_seq_length"] = int(json.loads(st.read_text())["max_seq_length"])
+    return out
+
+
+def settled(cfg: EncoderConfig) -> EncoderConfig:
+    """``cfg`` with ``pooling: auto`` and ``normalize: null`` decided: as a sentence-transformers model
+    folder says (a model trained and exported with mean pooling must be embedded with mean pooling), else
+    mean pooling, normalised. Explicit values win."""
+    import dataclasses
+
+    if cfg.pooling != "auto" and cfg.normalize is not None:
+        return cfg
+    found = sentence_transformers_settings(resolve_model(cfg.model))
+    return dataclasses.replace(
+        cfg, pooling=found.get("pooling", "mean") if cfg.pooling == "auto" else cfg.pooling,
+        normalize=found.get("normalize", True) if cfg.normalize is None else cfg.normalize)
+
+
 @dataclass
 class Tokenize:
     """The tokenizer and per-side max lengths, without the model: cheap to send to DataLoader workers."""
@@ -90,6 +125,7 @@ class Encoder(torch.nn.Module):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
+        cfg = settled(cfg)
         if cfg.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
         self.cfg = cfg
@@ -98,7 +134,16 @@ class Encoder(torch.nn.Module):
         if self.tokenizer.pad_token is None:  # decoder models: pad with EOS, pool the last real token
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModel.from_pretrained(self.path, dtype=dtype or torch.float32)
-        if trainable and cfg.lora.enabled:
+        if cfg.adapter is not None:  # continue from a saved adapter (trainable) or embed with it (frozen)
+            from peft import PeftModel
+
+            if trainable and not cfg.lora.enabled:
+                raise ValueError(f"adapter {cfg.adapter}: continuing an adapter needs lora.enabled: true")
+            model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=trainable)
+            if not trainable:
+                model.requires_grad_(False)
+                model.eval()
+        elif trainable and cfg.lora.enabled:
             from peft import LoraConfig as PeftLoraConfig
             from peft import get_peft_model
 

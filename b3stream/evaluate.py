@@ -196,27 +196,14 @@ def evaluate_encoder(encoder: Encoder, data: str | Path, split: str = "test", ma
 
 
 def encoder_config_for(path: str | None, pooling: str | None = None, max_length: int | None = None) -> EncoderConfig:
-    """An EncoderConfig for a saved model; a sentence-transformers folder tells its pooling and length."""
+    """An EncoderConfig for a saved model; a sentence-transformers folder tells its pooling, normalisation
+    and length (:func:`b3stream.encoder.settled`)."""
+    from .encoder import resolve_model, sentence_transformers_settings
+
     cfg = EncoderConfig(model=path, lora=LoraConfig(enabled=False))
-    folder = Path(path) if path else None
-    if folder is not None and (folder / "modules.json").is_file():
-        modules = json.loads((folder / "modules.json").read_text())
-        for m in modules:
-            kind = m.get("type", "")
-            if kind.endswith("Pooling"):
-                pool = json.loads((folder / m["path"] / "config.json").read_text())
-                if pool.get("pooling_mode_cls_token"):
-                    cfg.pooling = "cls"
-                elif pool.get("pooling_mode_lasttoken"):
-                    cfg.pooling = "last"
-                else:
-                    cfg.pooling = "mean"
-        cfg.normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
-        st = folder / "sentence_bert_config.json"
-        if st.is_file():
-            length = json.loads(st.read_text()).get("max_seq_length")
-            if length:
-                cfg.max_query_length = cfg.max_positive_length = int(length)
+    length = sentence_transformers_settings(resolve_model(path)).get("max_seq_length") if path else None
+    if length:
+        cfg.max_query_length = cfg.max_positive_length = length
     if pooling:
         cfg.pooling = pooling
     if max_length:

@@ -43,3 +43,56 @@ def test_encode_restores_each_modules_own_mode():
     enc.model.train()
     enc.encode(["a query"], "query")
     assert all(m.training for m in dropouts)
+
+
+def test_a_sentence_transformers_folder_sets_pooling_and_normalisation(tmp_path):
+    """A model exported with CLS pooling and no Normalize module is embedded that way when the config leaves
+    pooling on auto (the default); an explicit pooling wins."""
+    import json
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    folder = tmp_path / "st-cls"
+    shutil.copytree(Encoder(EncoderConfig()).path, folder)
+    flags = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    flags.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(flags))
+    modules = [m for m in json.loads((folder / "modules.json").read_text()) if not m["type"].endswith("Normalize")]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    texts = ["Return the sorted list.", "def f(xs):\n    return sorted(xs)"]
+    enc = Encoder(EncoderConfig(model=str(folder), max_positive_length=256))
+    assert (enc.cfg.pooling, enc.cfg.normalize) == ("cls", False)
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts)
+    np.testing.assert_allclose(enc.encode(texts, side="positive"), ref, atol=1e-5)
+    assert abs(np.linalg.norm(ref, axis=1) - 1).max() > 0.1  # not normalised: the check can see it
+    assert Encoder(EncoderConfig(model=str(folder), pooling="mean")).cfg.pooling == "mean"
+
+
+def test_a_saved_adapter_is_continued(tmp_path):
+    """`student.adapter`: the student starts from a saved LoRA adapter (trainable, the same embeddings as
+    the model that saved it); a teacher embeds with it frozen; a folder that is no adapter is refused."""
+    import pytest
+
+    from b3stream.config import ConfigError, LoraConfig, TrainConfig, from_dict, validate
+
+    cfg = EncoderConfig(lora=LoraConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    first = Encoder(cfg, trainable=True)
+    with torch.no_grad():
+        for p in first.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    first.model.save_pretrained(str(tmp_path / "adapter"))
+    texts = ["open a file and read its lines", "def read(path):\n    return open(path).read()"]
+    before = first.encode(texts, "positive")
+    again = Encoder(EncoderConfig(adapter=str(tmp_path / "adapter")), trainable=True)
+    trainable = [n for n, p in again.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    np.testing.assert_allclose(again.encode(texts, "positive"), before, atol=1e-5)
+    assert np.abs(before - Encoder(EncoderConfig()).encode(texts, "positive")).max() > 1e-3  # it moved
+    frozen = Encoder(EncoderConfig(adapter=str(tmp_path / "adapter")), trainable=False)
+    assert not any(p.requires_grad for p in frozen.model.parameters())
+    np.testing.assert_allclose(frozen.encode(texts, "positive"), before, atol=1e-5)
+    with pytest.raises(ConfigError, match="student.adapter: .* is not a saved PEFT adapter"):
+        validate(from_dict(TrainConfig, {"student": {"adapter": str(tmp_path)}}))

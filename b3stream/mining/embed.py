@@ -197,7 +197,7 @@ def embed_params(cfg: MineConfig, known_files: dict | None = None) -> dict:
                            "bytes": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
         return {"source": "user", "files": files, "data": cfg.data and str(Path(cfg.data).resolve()),
                 "split": cfg.split, "keys": KEY_SCHEME}
-    from ..encoder import model_name, resolve_model, weights_digest
+    from ..encoder import model_name, resolve_model, settled, weights_digest
 
     if cfg.teacher_snapshot:
         from ..snapshot import Snapshot, read_snapshot, verify_snapshot
@@ -209,7 +209,10 @@ def embed_params(cfg: MineConfig, known_files: dict | None = None) -> dict:
     else:
         t = cfg.teacher
         source = {"source": "teacher"}
+    t = settled(t)  # pooling auto / normalize null: as the model folder says
     digest, files = weights_digest(resolve_model(t.model), known_files)
+    if t.adapter:  # a teacher with a saved adapter: its weights are part of the model
+        source["adapter_sha256"] = weights_digest(t.adapter)[0]
     return {**source, "model": model_name(t), "weights_sha256": digest, "_weight_files": files,
             "pooling": t.pooling, "normalize": t.normalize, "max_query_length": t.max_query_length,
             "max_positive_length": t.max_positive_length, "keys": KEY_SCHEME}
@@ -290,7 +293,7 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
               "chunk": cfg.embed_chunk, "weight_files": weight_files,
               "source_step": snapshot.step if snapshot is not None else None, "processes": size,
               # the teacher's settings, so that refreshed mode's `model: teacher` re-mines with this teacher
-              "teacher": dataclasses.asdict(cfg.teacher) if snapshot is None else None,
+              "teacher": dataclasses.asdict(encoder.cfg) if snapshot is None else None,
               **({"kept": kept, "trained_ids": sha256_file(cfg.trained_ids)[:16]} if kept else {})}
     if kept and old_dim != dim:  # another model width: nothing can be kept
         kept = keep = None

@@ -89,7 +89,7 @@ def snapshot(engine, encoder, cfg: TrainConfig, manifest: Manifest, paths: RunPa
     """Every rank calls this at the same step; rank 0 writes the snapshot (under ZeRO-3 the sharded weights
     are gathered first: every rank takes part in the gather). ``trained``: the ids trained this epoch."""
     def write():
-        write_snapshot(paths.run, step, encoder.model, cfg.student, manifest.stamp("train"), epoch=epoch,
+        write_snapshot(paths.run, step, encoder.model, encoder.cfg, manifest.stamp("train"), epoch=epoch,
                        keep=cfg.refresh.keep, trained=trained)
 
     if stage == 3:
