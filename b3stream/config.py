@@ -58,6 +58,9 @@ class EncoderConfig:
     # a saved PEFT adapter folder (e.g. RUN/export/adapter) to start from: the student continues training it
     # (its own r, alpha and target modules; lora.enabled must be true), a teacher embeds with it
     adapter: str | None = None
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2; None: transformers' choice
+    gradient_checkpointing: bool = False  # Hugging Face activation checkpointing in the backbone (trainable)
+    trust_remote_code: bool = False  # run the model folder's own modelling code: an explicit opt-in
 
 
 @dataclass
@@ -404,6 +407,8 @@ class _Checker:
 
 def _check_encoder(c: EncoderConfig, v: _Checker) -> None:
     v.one_of("pooling", ("auto", "mean", "cls", "last"))
+    if c.attn_implementation is not None:
+        v.one_of("attn_implementation", ("eager", "sdpa", "flash_attention_2"))
     v.above("max_query_length", 0)
     v.above("max_positive_length", 0)
     if c.adapter is not None and not (Path(c.adapter) / "adapter_config.json").is_file():

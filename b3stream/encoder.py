@@ -84,15 +84,26 @@ def settled(cfg: EncoderConfig) -> EncoderConfig:
 
 @dataclass
 class Tokenize:
-    """The tokenizer and per-side max lengths, without the model: cheap to send to DataLoader workers."""
+    """The tokenizer and per-side max lengths, without the model: cheap to send to DataLoader workers.
+
+    ``append_eos``: every sequence ends in the tokenizer's EOS token (added when the tokenizer does not add
+    it, and kept when truncating), as last-token pooling of decoder models expects (E5-Mistral, gte-Qwen,
+    the B3 paper's Qwen2-VL): the pooled state is then the one that has read the whole text."""
 
     tokenizer: object
     max_query_length: int
     max_positive_length: int
+    append_eos: bool = False
 
     def __call__(self, texts: list[str], side: str) -> dict[str, torch.Tensor]:
         limit = self.max_query_length if side == "query" else self.max_positive_length
-        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt"))
+        if not self.append_eos:
+            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=limit,
+                                       return_tensors="pt"))
+        eos = self.tokenizer.eos_token_id
+        ids = self.tokenizer(texts, truncation=True, max_length=max(1, limit - 1))["input_ids"]
+        ids = [x if x and x[-1] == eos else x[: limit - 1] + [eos] for x in ids]
+        return dict(self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt"))
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -130,10 +141,19 @@ class Encoder(torch.nn.Module):
             raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
         self.cfg = cfg
         self.path = resolve_model(cfg.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, **remote)
         if self.tokenizer.pad_token is None:  # decoder models: pad with EOS, pool the last real token
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModel.from_pretrained(self.path, dtype=dtype or torch.float32)
+        last = cfg.pooling == "last" and self.tokenizer.eos_token_id is not None
+        if last:  # the last real token at the same place in every row; RoPE sees the same relative positions
+            self.tokenizer.padding_side = "left"
+        extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        model = AutoModel.from_pretrained(self.path, dtype=dtype or torch.float32, **remote, **extra)
+        if trainable and cfg.gradient_checkpointing:
+            # activations recomputed in the backward: memory for compute; non-reentrant works with LoRA's
+            # frozen inputs
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.adapter is not None:  # continue from a saved adapter (trainable) or embed with it (frozen)
             from peft import PeftModel
 
@@ -155,7 +175,7 @@ class Encoder(torch.nn.Module):
             model.requires_grad_(False)
             model.eval()
         self.model = model
-        self.tokenize = Tokenize(self.tokenizer, cfg.max_query_length, cfg.max_positive_length)
+        self.tokenize = Tokenize(self.tokenizer, cfg.max_query_length, cfg.max_positive_length, append_eos=last)
         if device is not None:
             self.to(device)
 

@@ -1,0 +1,83 @@
+"""Decoder-LLM students, on a tiny randomly initialised Llama built from a config (no download): last-token
+pooling over an appended EOS with left padding, attention implementation, Hugging Face gradient
+checkpointing, LoRA on the architecture's own projection names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from b3stream.config import EncoderConfig, LoraConfig
+from b3stream.encoder import Encoder
+
+WORDS = ["open", "a", "file", "and", "read", "its", "lines", "def", "return", "sorted", "list", "parse", "date",
+         "string", "the", "of", "to", "x", "y", "("]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama (hidden 32) and a word-level tokenizer whose EOS is never added by the tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=1, pad_token_id=1)
+    LlamaModel(config).save_pretrained(str(folder))
+    return folder
+
+
+TEXTS = ["open a file and read its lines", "return sorted list", "parse the date string to x and y of a list"]
+
+
+def test_last_token_pooling_reads_the_appended_eos_whatever_the_padding(tiny_llama):
+    """Each text's pooled vector equals the hidden state of its own EOS when run alone, in a left-padded
+    batch (the encoder's choice for `last`) and in a right-padded one."""
+    enc = Encoder(EncoderConfig(model=str(tiny_llama), pooling="last", normalize=False,
+                                lora=LoraConfig(enabled=False)))
+    assert enc.tokenizer.padding_side == "left"
+    batch = enc.tokenize(TEXTS, "positive")
+    assert (batch["input_ids"][:, -1] == enc.tokenizer.eos_token_id).all()  # EOS last in every row
+    alone = []
+    for text in TEXTS:
+        ids = enc.tokenize([text], "positive")["input_ids"]
+        assert ids[0, -1] == enc.tokenizer.eos_token_id and (ids == enc.tokenizer.eos_token_id).sum() == 1
+        with torch.no_grad():
+            alone.append(enc.model(input_ids=ids).last_hidden_state[0, -1])
+    alone = torch.stack(alone)
+    with torch.no_grad():
+        left = enc(**batch)
+        enc.tokenizer.padding_side = "right"
+        right_batch = enc.tokenize(TEXTS, "positive")
+        right = enc(**right_batch)
+    assert (right_batch["attention_mask"][:, -1] == 0).any()  # the check sees right padding
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-4)
+    # truncation keeps the EOS
+    short = Encoder(EncoderConfig(model=str(tiny_llama), pooling="last", max_positive_length=4,
+                                  lora=LoraConfig(enabled=False))).tokenize(TEXTS, "positive")["input_ids"]
+    assert short.shape[1] == 4 and (short[:, -1] == 1).all()
+
+
+def test_attention_checkpointing_and_lora_for_a_decoder(tiny_llama):
+    enc = Encoder(EncoderConfig(model=str(tiny_llama), pooling="last", attn_implementation="eager",
+                                gradient_checkpointing=True, lora=LoraConfig(r=4, alpha=8)), trainable=True)
+    assert enc.model.config._attn_implementation == "eager"
+    assert enc.model.base_model.model.is_gradient_checkpointing
+    trainable = {n.split(".")[-4] for n, p in enc.model.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj", "v_proj"}  # PEFT's targets for Llama, not BERT's query/value
+    enc.train()
+    out = enc(**enc.tokenize(TEXTS, "query"))
+    out.pow(2).sum().backward()
+    grads = [p.grad for n, p in enc.model.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    from b3stream.config import ConfigError, TrainConfig, from_dict, validate
+
+    with pytest.raises(ConfigError, match="attn_implementation: must be one of eager, sdpa, flash_attention_2"):
+        validate(from_dict(TrainConfig, {"student": {"attn_implementation": "fast"}}))
