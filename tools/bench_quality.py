@@ -417,7 +417,8 @@ def _refreshes(run: Path) -> list[dict]:
     for side in sorted((run / "schedules").glob("v*.json")):
         meta = json.loads(side.read_text())
         m = meta.get("meta", meta)
-        out.append({"version": side.stem, "source_step": m.get("source_step"), "timings": m.get("timings"),
+        out.append({"version": side.stem, "source_step": m.get("source_step"),
+                    "timings": meta.get("timings") or m.get("timings"), "embed_kept": m.get("embed_kept"),
                     "theorem1_bound": (m.get("quality") or {}).get("theorem1_bound"),
                     "quality": m.get("quality"), "quality_previous": m.get("quality_previous")})
     return out
@@ -737,15 +738,66 @@ def main(argv=None) -> int:
               "conditions": conditions, "dataset": {k: v["n"] for k, v in manifest["splits"].items()},
               "recipe": dataclasses.asdict(recipe), "tuning": trials, "zero_shot": zero,
               "teacher_zero_shot": teacher_zero, "teacher_seconds": teacher_seconds(work, recipe),
-              "runs": runs, "table": rows, "comparisons": comparisons, "seconds": time.perf_counter() - t_start}
+              "runs": runs, "table": rows, "comparisons": comparisons, "seconds": time.perf_counter() - t_start,
+              "refreshes": {f"{c['arm']}-B{c['batch_size']}-s{c['seed']}": refresh_summary(c) for c in runs
+                            if refresh_summary(c) is not None}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1, default=str))
     title = (f"code-search, {manifest['splits']['test']['n']} test queries vs {zero['test']['corpus']} documents, "
              f"seeds {sorted({c['seed'] for c in runs})} (fewer where the table says so)\n{recipe.key()}")
     plot(rows, args.plot, title)
     print(markdown_table(rows, zero), flush=True)
+    if any(refresh_summary(c) for c in runs):
+        print(refresh_table(runs), flush=True)
     print(f"wrote {args.json} and {args.plot} in {result['seconds'] / 60:.1f} min", flush=True)
     return 0
+
+
+def refresh_summary(cell: dict) -> dict | None:
+    """What the background miner did in one refreshed cell: versions published and swapped to, the staleness
+    at each swap (steps between the snapshot and the swap), the miner's median seconds per stage, and how
+    often a refresh made the upcoming batches harder for the snapshot's student (a lower Theorem-1 bound than
+    the schedule it replaced, scored on the same embeddings and ids); for b3-bound, the probe decisions."""
+    train = cell.get("train") or {}
+    versions = train.get("refreshes")
+    if versions is None:
+        return None
+    source = {int(v["version"].lstrip("v")): v.get("source_step") for v in versions}
+    swaps = (train.get("summary") or {}).get("swaps") or []
+    stale = [s["step"] - source[s["to"]] for s in swaps if source.get(s["to"]) is not None]
+    mined = [v for v in versions if v.get("source_step") is not None]
+    stages = sorted({k for v in mined for k in (v.get("timings") or {})})
+    seconds = {k: float(np.median([v["timings"][k] for v in mined if isinstance((v.get("timings") or {}).get(k),
+                                                                                   (int, float))]))
+               for k in stages if any(isinstance((v.get("timings") or {}).get(k), (int, float)) for v in mined)}
+    harder = [v["quality"]["theorem1_bound"] < v["quality_previous"]["theorem1_bound"]
+              for v in mined if (v.get("quality") or {}).get("theorem1_bound") is not None
+              and (v.get("quality_previous") or {}).get("theorem1_bound") is not None]
+    out = {"published": len(mined), "swaps": len(swaps), "staleness": stale,
+           "staleness_mean": float(np.mean(stale)) if stale else None, "miner_seconds": seconds,
+           "harder": int(sum(harder)), "scored": len(harder)}
+    probes = train.get("probes")
+    if probes is not None:
+        out.update(probes=len(probes), probe_refreshes=sum(bool(p.get("refresh")) for p in probes),
+                   drifts=[p.get("drift") for p in probes])
+    return out
+
+
+def refresh_table(runs: list[dict]) -> str:
+    """One line per refreshed cell: refreshes, swaps, staleness, miner time per stage, harder upcoming batches."""
+    out = ["| arm | seed | snapshots probed / refreshed | published | swaps | staleness at swap (mean; each) | "
+           "miner s per refresh (median, by stage) | upcoming batches harder |", "|---|---|---|---|---|---|---|---|"]
+    for cell in runs:
+        r = refresh_summary(cell)
+        if r is None:
+            continue
+        probed = f"{r['probes']} / {r['probe_refreshes']}" if "probes" in r else "-"
+        stale = (f"{r['staleness_mean']:.0f}; {', '.join(map(str, r['staleness']))}"
+                 if r["staleness_mean"] is not None else "-")
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["miner_seconds"].items())
+        out.append(f"| {cell['arm']} | {cell['seed']} | {probed} | {r['published']} | {r['swaps']} | {stale} | "
+                   f"{stages} | {r['harder']} of {r['scored']} |")
+    return "\n".join(out)
 
 
 def markdown_table(rows: list[dict], zero: dict) -> str:
