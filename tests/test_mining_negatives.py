@@ -118,3 +118,51 @@ def test_deterministic_for_a_seed_with_top_p():
     b = draw_hard_negatives(batch, S, 4, np.random.default_rng(7), top=T)
     assert np.array_equal(a, b)
     assert not np.isin(a, T[batch][T[batch] >= 0]).any() and not np.isin(a, batch).any()
+
+
+def _old_keyed_fill(excluded, chosen, k, rng, pool, n, batch, keys):
+    """The fill-up with content keys as it was: it listed every id of the pool (O(N) per batch)."""
+    from b3stream.mining.negatives import _sorted_unique, same_text
+
+    taken = _sorted_unique(np.concatenate([excluded, chosen]))
+    rest = np.setdiff1d(np.arange(n) if pool is None else pool, taken)
+    rest = rest[~same_text(rest, batch, keys)]
+    if len(rest) <= k:
+        rest = rest[rng.permutation(len(rest))]
+        return np.concatenate([rest, np.full(k - len(rest), -1, dtype=np.int64)])
+    return rest[np.sort(rng.choice(len(rest), size=k, replace=False))][rng.permutation(k)]
+
+
+def test_keyed_fill_up_draws_what_listing_the_pool_drew():
+    """Issue 23: the uniform fill-up with content keys no longer lists the pool, and returns the very ids the
+    listing did (same generator calls), for the whole id range, a task's pool, and a pool too small."""
+    from b3stream.mining.negatives import KeyIndex, _uniform_fill, excluded_ids
+
+    gen = np.random.default_rng(3)
+    for trial in range(60):
+        n = int(gen.integers(40, 400))
+        keys = gen.integers(0, n // 2, size=n).astype(np.int64)  # many same-text positives
+        top = np.where(gen.random((n, 2)) < 0.8, gen.integers(0, n, size=(n, 2)), -1)
+        batch = gen.choice(n, size=int(gen.integers(2, 12)), replace=False)
+        chosen = gen.choice(n, size=int(gen.integers(0, 6)), replace=False)
+        pool = None if trial % 3 == 0 else np.sort(gen.choice(n, size=int(gen.integers(5, n)), replace=False))
+        excluded = excluded_ids(batch, top)
+        k = int(gen.integers(1, 40))
+        seed = int(gen.integers(1 << 30))
+        old = _old_keyed_fill(excluded, chosen, k, np.random.default_rng(seed), pool, n, batch, keys)
+        new = _uniform_fill(excluded, chosen, k, np.random.default_rng(seed), pool, n, batch, keys, KeyIndex(keys))
+        np.testing.assert_array_equal(new, old)
+
+
+def test_relabelled_rows_are_the_same_with_a_shared_map():
+    from b3stream.mining.graph import Relabel, subgraph_rows
+
+    S = random_S(300, 8, seed=1)
+    gen = np.random.default_rng(0)
+    relabel = Relabel(300)
+    for _ in range(5):
+        ids = np.sort(gen.choice(300, size=int(gen.integers(1, 300)), replace=False))
+        local = np.full(301, -1, dtype=np.int32)
+        local[ids] = np.arange(len(ids))
+        np.testing.assert_array_equal(subgraph_rows(S, ids, 300, relabel), local[np.asarray(S[ids])])
+    assert (relabel.local == -1).all()  # every group cleared its entries

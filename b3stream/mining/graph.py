@@ -166,9 +166,25 @@ def csr_from_edges(codes: np.ndarray, n: int, weights: np.ndarray | None = None)
     return Graph(xadj=xadj, adjncy=adjncy, eweights=eweights)
 
 
-def subgraph_rows(S: np.ndarray, ids: np.ndarray, n_total: int) -> np.ndarray:
-    """Rows ``ids`` of a global S with entries relabelled to positions in ``ids`` (others -> -1)."""
-    local = np.full(n_total + 1, -1, dtype=np.int32)  # last slot maps the -1 padding to -1
-    local[ids] = np.arange(len(ids), dtype=np.int32)
-    rows = np.asarray(S[ids]) if len(ids) != n_total else np.asarray(S)
-    return local[rows]  # -1 indexes the last slot
+class Relabel:
+    """Global id -> position in one group, for group after group: the O(N) map is made once and each group
+    sets and then clears only its own entries, so G groups cost O(N + sum of their rows), not O(N G)."""
+
+    def __init__(self, n_total: int):
+        self.local = np.full(n_total + 1, -1, dtype=np.int32)  # last slot maps the -1 padding to -1
+
+    def rows(self, S: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of ``S`` with entries relabelled to positions in ``ids`` (others -> -1)."""
+        n_total = len(self.local) - 1
+        self.local[ids] = np.arange(len(ids), dtype=np.int32)
+        try:
+            rows = np.asarray(S[ids]) if len(ids) != n_total else np.asarray(S)
+            return self.local[rows]  # -1 indexes the last slot
+        finally:
+            self.local[ids] = -1
+
+
+def subgraph_rows(S: np.ndarray, ids: np.ndarray, n_total: int, relabel: Relabel | None = None) -> np.ndarray:
+    """Rows ``ids`` of a global S with entries relabelled to positions in ``ids`` (others -> -1);
+    ``relabel``: a map shared by the caller's groups (one is made otherwise)."""
+    return (relabel or Relabel(n_total)).rows(S, ids)

@@ -85,7 +85,7 @@ def candidate_counts(batch: np.ndarray, S: np.ndarray, top: np.ndarray | None = 
 
 def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random.Generator,
                         pool: np.ndarray | None = None, top: np.ndarray | None = None,
-                        keys: np.ndarray | None = None) -> np.ndarray:
+                        keys: np.ndarray | None = None, key_index: KeyIndex | None = None) -> np.ndarray:
     """``(len(batch), h)`` distinct hard negatives for one batch (module docstring).
 
     Args:
@@ -97,6 +97,7 @@ def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random
         top: the skipped top-p ranks T (N x p, -1 padded); every member's row is excluded along with the
             members. None excludes the members only (for callers without T; b3pp always passes it).
         keys: content keys of every id's positive (N,); ids sharing a member's key are never drawn.
+        key_index: ``KeyIndex(keys)``, built once per schedule by the caller (else per call, O(N log N)).
     """
     batch = np.asarray(batch, dtype=np.int64)
     need = h * len(batch)
@@ -113,26 +114,62 @@ def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random
     chosen = uniq[top_k]
     if len(chosen) < need:
         chosen = np.concatenate([chosen, _uniform_fill(excluded, chosen, need - len(chosen), rng, pool, len(S),
-                                                       batch, keys)])
+                                                       batch, keys, key_index)])
     return chosen.reshape(len(batch), h)
+
+
+def _positions(ids: np.ndarray, pool: np.ndarray | None, n: int) -> np.ndarray:
+    """Sorted positions in ``pool`` (sorted; None: ``0..n-1``) of the sorted ``ids`` that are in it."""
+    if pool is None:
+        return ids[(ids >= 0) & (ids < n)]
+    at = np.searchsorted(pool, ids)
+    inside = at < len(pool)
+    inside[inside] = pool[at[inside]] == ids[inside]
+    return at[inside]
+
+
+class KeyIndex:
+    """Every id's content key, sorted once, so the ids sharing a batch member's positive text are found by
+    binary search instead of a pass over all N keys."""
+
+    def __init__(self, keys: np.ndarray):
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted = np.asarray(keys)[self.order]
+
+    def ids_with(self, wanted: np.ndarray) -> np.ndarray:
+        lo, hi = np.searchsorted(self.sorted, wanted, "left"), np.searchsorted(self.sorted, wanted, "right")
+        return np.concatenate([self.order[a:b] for a, b in zip(lo, hi)]) if len(wanted) else lo
+
+
+def same_text_ids(batch: np.ndarray, keys: np.ndarray, index: KeyIndex | None = None) -> np.ndarray:
+    """Every id whose positive has a member's content key (the members included)."""
+    index = index or KeyIndex(keys)
+    return index.ids_with(_sorted_unique(keys[np.asarray(batch, dtype=np.int64)])).astype(np.int64)
 
 
 def _uniform_fill(excluded: np.ndarray, chosen: np.ndarray, k: int, rng: np.random.Generator,
                   pool: np.ndarray | None, n: int, batch: np.ndarray | None = None,
-                  keys: np.ndarray | None = None) -> np.ndarray:
+                  keys: np.ndarray | None = None, key_index: KeyIndex | None = None) -> np.ndarray:
     """``k`` more distinct ids from ``pool`` outside X(B) (``excluded``), ``chosen`` and the members'
     same-text ids; -1 for what the pool lacks."""
     size = n if pool is None else len(pool)
     taken = _sorted_unique(np.concatenate([excluded, chosen]))
     if keys is not None and batch is not None:
-        # Same-text ids cannot be counted without reading every key of the pool, so do that (this
-        # fill-up only runs when the S rows hold fewer than h|B| candidates) and draw from what is left.
-        rest = np.setdiff1d(np.arange(n) if pool is None else pool, taken)
-        rest = rest[~same_text(rest, batch, keys)]
-        if len(rest) <= k:
+        # Draw k of the pool's ids outside ``taken`` and the members' same-text ids, by position in the
+        # pool: the ids to skip are few (|B| p plus duplicates), so the j-th id left is found from their
+        # positions alone, never listing the pool (which made this O(N) per batch).
+        skip = _sorted_unique(np.concatenate([taken, same_text_ids(batch, keys, key_index)]))
+        skip = _positions(skip, pool, n)
+        left = size - len(skip)
+        if left <= k:  # a small pool: list what is left (at most k ids), in random order, and pad
+            keep = np.ones(size, dtype=bool)
+            keep[skip] = False
+            rest = np.flatnonzero(keep) if pool is None else pool[keep]
             rest = rest[rng.permutation(len(rest))]
             return np.concatenate([rest, np.full(k - len(rest), -1, dtype=np.int64)])
-        return rest[np.sort(rng.choice(len(rest), size=k, replace=False))][rng.permutation(k)]
+        j = np.sort(rng.choice(left, size=k, replace=False))
+        at = j + np.searchsorted(skip - np.arange(len(skip)), j, side="right")  # j-th position not skipped
+        return (at if pool is None else pool[at])[rng.permutation(k)]
     # X(B) may hold ids outside the pool (a member's top-p from another task of a merged small-task
     # group): only the taken ids inside the pool reduce what is left to draw
     free = size - (len(taken) if pool is None else int(np.isin(taken, pool).sum()))

@@ -151,7 +151,7 @@ def partition_params(cfg: MineConfig, rank_record: dict) -> dict:
 
 def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
     """Stage 3 (:mod:`b3stream.mining.graph` + :mod:`b3stream.mining.partition`): S -> communities."""
-    from .graph import EDGES, build_graph, subgraph_rows
+    from .graph import EDGES, Relabel, build_graph, subgraph_rows
     from .partition import partition
 
     t0 = time.perf_counter()
@@ -169,10 +169,11 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
     groups = split_trained(groups, load_trained_ids(cfg.trained_ids, N))
     folder = out_dir(cfg, PARTITION_FOLDER)
     all_comm, all_task, info = [], [], {}
+    relabel = Relabel(N)
     for label, name, ids in progress_bar(groups, desc="partition", unit="task",
                                          disable=not progress or len(groups) < 2, file=sys.stderr):
         t1 = time.perf_counter()
-        local = subgraph_rows(S, ids, N)
+        local = subgraph_rows(S, ids, N, relabel)
         graph = build_graph(local, edges=cfg.edges, rank_weights=cfg.rank_weights)
         del local
         t_graph = time.perf_counter() - t1

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ConfigError
-from .graph import subgraph_rows
-from .negatives import draw_hard_negatives
+from .graph import Relabel, subgraph_rows
+from .negatives import KeyIndex, draw_hard_negatives
 from .rank import task_groups
 
 
@@ -163,8 +163,9 @@ class GcbsBatches(Strategy):
         tau = self.threshold(inp, prm)
         self.used_threshold = tau
         out = []
+        relabel = Relabel(inp.n)
         for _, ids in task_groups(inp.tasks, inp.task_names, prm.per_task and not prm.mix_tasks):
-            local = subgraph_rows(inp.S, ids, inp.n)
+            local = subgraph_rows(inp.S, ids, inp.n, relabel)
             sc = np.asarray(inp.scores[ids] if len(ids) != inp.n else inp.scores, dtype=np.float32)
             keep = (local >= 0) & (sc >= tau)
             rows = np.nonzero(keep)[0]
@@ -249,14 +250,21 @@ def hard_negatives_for(batches: list[np.ndarray], inp: BatchInputs, prm: BatchPa
     by_task = {inp.task_names.index(name): ids
                for name, ids in task_groups(inp.tasks, inp.task_names, True)} \
         if len(inp.task_names) > 1 and prm.per_task and not prm.mix_tasks else None
+    key_index = KeyIndex(inp.keys) if inp.keys is not None else None
+    pools: dict[tuple, np.ndarray] = {}  # the union of several tasks' ids, once per set of tasks (tail batches)
     negatives = []
     for b in batches:
         pool = None
         if by_task is not None:
-            present = np.unique(inp.tasks[b])
-            pool = by_task[int(present[0])] if len(present) == 1 else \
-                np.sort(np.concatenate([by_task[int(t)] for t in present]))
-        negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool, top=inp.top, keys=inp.keys))
+            present = tuple(int(t) for t in np.unique(inp.tasks[b]))
+            if len(present) == 1:
+                pool = by_task[present[0]]
+            else:
+                if present not in pools:
+                    pools[present] = np.sort(np.concatenate([by_task[t] for t in present]))
+                pool = pools[present]
+        negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool, top=inp.top, keys=inp.keys,
+                                             key_index=key_index))
     return negatives
 
 
