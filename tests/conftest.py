@@ -17,9 +17,17 @@ SLOW_FIXTURES = {"mined", "refreshed_run", "resumed_run", "code_mined", "toy_min
 
 
 def pytest_collection_modifyitems(items):
+    cuda = None
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
