@@ -155,11 +155,11 @@ def _publish(folder: Path, data: Path, version: int, seed: int, **meta) -> Path:
 
 
 def test_a_version_from_a_later_snapshot_waits_and_one_from_another_epoch_is_refused(tmp_path, toy_dataset):
-    """The trainer's accept rule (loop._fits_now): a schedule mined from a snapshot of a step not reached yet
+    """The trainer's accept rule (refreshing.fits_now): a schedule mined from a snapshot of a step not reached yet
     (a resumed run) is passed over until that step, not rejected; one mined apart for another epoch's
     remainder is refused for good."""
     from b3stream.train.hotswap import ScheduleWatcher
-    from b3stream.train.loop import _fits_now
+    from b3stream.train.refreshing import fits_now as _fits_now
 
     folder = tmp_path / "schedules"
     _publish(folder, toy_dataset, 0, seed=0)

@@ -1,5 +1,6 @@
 """The training recipe: config -> data and schedule -> student -> DeepSpeed engine -> loop -> checkpoints
--> evaluation -> export. Read :func:`train` top to bottom; the helpers below it are the details.
+-> evaluation -> export. Read :class:`Recipe` top to bottom (its setup steps, then :meth:`Recipe.train`);
+the helpers below it are the details.
 
 Each step trains on one global batch of the schedule (B3: |B|/K communities of K mined neighbours):
 
@@ -30,7 +31,7 @@ from ..data.reader import ShardedDataset
 from ..encoder import Encoder
 from ..evaluate import RetrievalSet
 from ..files import write_atomic
-from ..schedule import ScheduleError, load_schedule, version_path
+from ..schedule import load_schedule, version_path
 from ..snapshot import RunPaths
 from ..monitor import Monitor
 from .collate import step_loader
@@ -38,207 +39,270 @@ from . import run_folder
 from .distributed import DistInfo, barrier, init_distributed
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all
-from .hotswap import NotYet, ScheduleWatcher, refresh_due, source_step, wait_for_refresh
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
-from .refreshing import miner_config, miner_process, prepare_run, snapshot, snapshot_due
+from .refreshing import StepEnd, miner_config, miner_process, prepare_run, staleness
 from .sampler import ScheduleSampler, schedule_batch_size, split_bounds
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Run the recipe; returns the run summary (also written to ``RUN/summary.json``). ``progress``: the
     live step bar on a terminal."""
-    validate(cfg)  # a config built in code gets the checks load_config makes
-    dist = init_distributed()
-    run = Path(cfg.out)
+    return Recipe(cfg, progress).train()
 
-    # -- 1. Data and schedule. Everything wrong with the inputs fails here, before the model loads. ----
-    manifest = Manifest.load(cfg.data)
-    records = ShardedDataset(cfg.data, "train", manifest=manifest, verify=cfg.verify_data)
-    schedule = load_schedule(cfg.schedule, expect=manifest.stamp("train"))
-    check_dataset_negatives(cfg, manifest)
-    sampler = ScheduleSampler(schedule, len(records), dist.rank, dist.world_size, seed=cfg.seed,
-                              negatives=cfg.negatives, h_dataset=cfg.h_dataset)
-    batch_size = schedule_batch_size(schedule)  # |B|
-    total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * sampler.steps_per_epoch
-    precision = resolve_precision(cfg.precision, dist.device)
-    ds_config = build_ds_config(cfg, resolve_ds_path(cfg.deepspeed), dist.world_size, batch_size, total_steps,
-                                precision, dist.device.type)
-    eval_set = _eval_set(cfg, manifest)
-    # Refreshed mode: the miner publishes into RUN/schedules (which starts with the given schedule); static
-    # mode may watch the given folder for versions published by hand (watch_schedule_every).
-    refreshed = cfg.mode == "refreshed"
-    paths = RunPaths(run)
-    watch_folder = paths.schedules if refreshed else (Path(cfg.schedule) if Path(cfg.schedule).is_dir() else None)
-    watch_every = cfg.watch_schedule_every or (1 if refreshed else None)
-    # refresh.mine (and the teacher, |B| over the ranks) checked before any output
-    mine_cfg = miner_config(cfg, schedule, dist.world_size) if refreshed else None
-    # The run folder: new, resumed, or replaced with overwrite; never another's files lost. Every rank
-    # decides (so all refuse together) before the main rank changes anything.
-    start = run_folder.plan(run, cfg.resume, cfg.overwrite, schedule.path)
-    barrier()
-    if dist.is_main:
-        run_folder.claim(run, start)
-        dump_config(cfg, run / "config.yaml")
-        if refreshed:
-            prepare_run(cfg, schedule, mine_cfg, paths)
 
-    # -- 2. Student: HF encoder + pooling (+ LoRA), wrapped so one forward embeds every side. ----------
-    torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
-    encoder = Encoder(cfg.student, trainable=True, dtype=torch.float32)  # DeepSpeed casts for bf16/fp16
-    fuse = dist.device.type == "cuda" if cfg.fuse_sides == "auto" else cfg.fuse_sides
-    model = BatchEmbedder(encoder, chunk=cfg.grad_cache_chunk, fuse_sides=fuse,
-                          pad_id=encoder.tokenizer.pad_token_id or 0)
-    loss_fn = InfoNCE(temperature=cfg.temperature, symmetric=cfg.symmetric,
-                      mask_duplicates=cfg.mask_duplicate_positives)
+class Recipe:
+    """The training recipe: set up in dependency order (data and schedule, the run folder, the student,
+    the DeepSpeed engine, a resume), then :meth:`train` runs the loop, one :meth:`train_step` per global
+    batch, with the work between steps (snapshots, schedule versions, swaps) behind :class:`StepEnd`.
 
-    # -- 3. DeepSpeed engine: ZeRO stage, optimizer (AdamW) and warmup/decay schedule from the JSON. ---
-    import deepspeed
+    Features, and the keys that control them:
 
-    _quiet_known_noise()
-    ds_log = logging.getLogger("DeepSpeed")
-    level = ds_log.level
-    ds_log.setLevel(logging.ERROR)  # initialize() warns about reading the lr before the first step
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
-    ds_log.setLevel(max(level, logging.WARNING))
-    stage = zero_stage(ds_config)
-    from .checkpoints import weights_only_engine
+    - InfoNCE over the global batch with temperature tau (``temperature``), also positive -> query
+      (``symmetric``); same-text positives are never negatives (``mask_duplicate_positives``).
+    - Extra negatives in every denominator: the schedule's B3++ / random_hn ones and / or the examples'
+      stored ones (``negatives``, ``h_dataset``).
+    - LoRA / DoRA or full fine-tuning, pooling, lengths, a saved adapter to continue (``student.*``).
+    - DeepSpeed ZeRO 0-3 from a JSON (``deepspeed``), precision (``precision``: bf16 on a GPU, fp32 on CPU),
+      GradCache chunks (``grad_cache_chunk``), one fused forward for all sides (``fuse_sides``), gradient
+      clipping (``grad_clip``), warmup then decay (``lr``, ``warmup_ratio``, ``weight_decay``).
+    - Epochs or a step budget (``epochs``, ``max_steps``); every id once per epoch; checkpoints with the
+      sampler's position (``save_every``, ``keep_checkpoints``), resumed exactly (``resume``); a run
+      folder that is never another run's (``overwrite``).
+    - Evaluation before, during and after (``eval_split``, ``eval_every``, ``eval_corpus``,
+      ``eval_max_queries``); TensorBoard and the console line (``log_every``); ``trace_ids``.
+    - Hot swaps to newer schedule versions (``watch_schedule_every``) and refreshed mode with a background
+      miner (``mode: refreshed``, ``refresh.*``).
+    - Export of the adapter, the merged model and a sentence-transformers folder (``export``).
 
-    weights_only_engine(engine)  # resume unpickles no code (a checkpoint folder need not be trusted)
+    Limits: no gradient accumulation (|B| is one step's global batch); GradCache not under ZeRO-3; text only
+    (image fields are stored by ``prepare`` but not embedded); under ZeRO-3 every rank first loads the full
+    student; bf16 exports the bf16 weights, not the fp32 master copy.
+    """
 
-    # -- 4. Resume: model, optimizer, lr schedule and sampler position from RUN/checkpoints. ----------
-    step = 0
-    if start == "resume":
-        step, sampler = _restore(engine, sampler, cfg, manifest, run / "checkpoints", dist, watch_folder)
-    start_lr_schedule(engine.lr_scheduler)  # else the first two updates get warmup_min_lr (0)
-    monitor = Monitor(run, total_steps, start_step=step, log_every=cfg.log_every, enabled=dist.is_main,
-                      progress=progress)
-    monitor.write(_banner(cfg, dist, sampler, batch_size, total_steps, stage, precision, step))
-    watcher = ScheduleWatcher(watch_folder, manifest, dist, say=monitor.write) if watch_folder and watch_every \
-        else None
-    if watcher is not None:
-        watcher.accept = lambda schedule: _fits_now(schedule, step, sampler.epoch)
-    # (step, epoch, mined apart) of the snapshots whose schedules max_lag_steps may wait for; a resumed run
-    # takes its own from before the resume. Seconds waited for them.
-    snapshots = _own_snapshots(paths, step) if refreshed and start == "resume" else []
-    refresh_wait = 0.0
-    # A spawned miner (refreshed mode) runs while the block runs and is stopped however it ends.
-    with miner_process(cfg, paths, dist, monitor) as miner:
-        # -- 5. Zero-shot / resumed-model evaluation. --------------------------------------------------
-        evals = {}
-        if eval_set is not None and step == 0:
-            evals["before"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        validate(cfg)  # a config built in code gets the checks load_config makes
+        self.cfg, self.progress = cfg, progress
+        self.dist = init_distributed()
+        self.run = Path(cfg.out)
+        self.setup_data()
+        self.setup_run_folder()
+        self.setup_student()
+        self.setup_engine()
+        self.setup_resume()
 
-        # -- 6. The loop. -------------------------------------------------------------------------------
-        # from_pretrained leaves the backbone in eval mode while new LoRA modules start in train mode: set
-        # train mode explicitly, so every dropout is on in every run (with or without evaluations, resumed).
-        engine.module.train()
-        tokenize = encoder.tokenize
+    # -- 1. Data and schedule. Everything wrong with the inputs fails here, before the model loads. ------
+    def setup_data(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        self.manifest = Manifest.load(cfg.data)
+        self.records = ShardedDataset(cfg.data, "train", manifest=self.manifest, verify=cfg.verify_data)
+        schedule = load_schedule(cfg.schedule, expect=self.manifest.stamp("train"))
+        check_dataset_negatives(cfg, self.manifest)
+        self.sampler = ScheduleSampler(schedule, len(self.records), dist.rank, dist.world_size, seed=cfg.seed,
+                                       negatives=cfg.negatives, h_dataset=cfg.h_dataset)
+        self.batch_size = schedule_batch_size(schedule)  # |B|
+        self.total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * self.sampler.steps_per_epoch
+        self.precision = resolve_precision(cfg.precision, dist.device)
+        self.ds_config = build_ds_config(cfg, resolve_ds_path(cfg.deepspeed), dist.world_size, self.batch_size,
+                                         self.total_steps, self.precision, dist.device.type)
+        self.eval_set = _eval_set(cfg, self.manifest)
+
+    # -- 2. The run folder: new, resumed, or replaced with overwrite; never another's files lost. -------
+    def setup_run_folder(self) -> None:
+        cfg, schedule = self.cfg, self.sampler.schedule
+        # Refreshed mode: the miner publishes into RUN/schedules (which starts with the given schedule); static
+        # mode may watch the given folder for versions published by hand (watch_schedule_every).
+        self.refreshed = cfg.mode == "refreshed"
+        self.paths = RunPaths(self.run)
+        self.watch_folder = self.paths.schedules if self.refreshed else (
+            Path(cfg.schedule) if Path(cfg.schedule).is_dir() else None)
+        self.watch_every = cfg.watch_schedule_every or (1 if self.refreshed else None)
+        # refresh.mine (and the teacher, |B| over the ranks) checked before any output
+        mine_cfg = miner_config(cfg, schedule, self.dist.world_size) if self.refreshed else None
+        # Every rank decides (so all refuse together) before the main rank changes anything.
+        self.start = run_folder.plan(self.run, cfg.resume, cfg.overwrite, schedule.path)
+        barrier()
+        if self.dist.is_main:
+            run_folder.claim(self.run, self.start)
+            dump_config(cfg, self.run / "config.yaml")
+            if self.refreshed:
+                prepare_run(cfg, schedule, mine_cfg, self.paths)
+
+    # -- 3. Student: HF encoder + pooling (+ LoRA), wrapped so one forward embeds every side. -----------
+    def setup_student(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
+        self.encoder = Encoder(cfg.student, trainable=True, dtype=torch.float32)  # DeepSpeed casts for bf16/fp16
+        fuse = self.dist.device.type == "cuda" if cfg.fuse_sides == "auto" else cfg.fuse_sides
+        self.model = BatchEmbedder(self.encoder, chunk=cfg.grad_cache_chunk, fuse_sides=fuse,
+                                   pad_id=self.encoder.tokenizer.pad_token_id or 0)
+        self.loss_fn = InfoNCE(temperature=cfg.temperature, symmetric=cfg.symmetric,
+                               mask_duplicates=cfg.mask_duplicate_positives)
+
+    # -- 4. DeepSpeed engine: ZeRO stage, optimizer (AdamW) and warmup/decay schedule from the JSON. ----
+    def setup_engine(self) -> None:
+        import deepspeed
+
+        from .checkpoints import weights_only_engine
+
+        _quiet_known_noise()
+        ds_log = logging.getLogger("DeepSpeed")
+        level = ds_log.level
+        ds_log.setLevel(logging.ERROR)  # initialize() warns about reading the lr before the first step
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, model_parameters=[p for p in self.model.parameters() if p.requires_grad],
+            config=self.ds_config)
+        ds_log.setLevel(max(level, logging.WARNING))
+        self.stage = zero_stage(self.ds_config)
+        weights_only_engine(self.engine)  # resume unpickles no code (a checkpoint folder need not be trusted)
+
+    # -- 5. Resume: model, optimizer, lr schedule and sampler position from RUN/checkpoints. ------------
+    def setup_resume(self) -> None:
+        cfg = self.cfg
+        self.step = 0
+        if self.start == "resume":
+            self.step, self.sampler = _restore(self.engine, self.sampler, cfg, self.manifest, self.run / "checkpoints",
+                                               self.dist, self.watch_folder)
+        start_lr_schedule(self.engine.lr_scheduler)  # else the first two updates get warmup_min_lr (0)
+        self.monitor = Monitor(self.run, self.total_steps, start_step=self.step, log_every=cfg.log_every,
+                               enabled=self.dist.is_main, progress=self.progress)
+        self.monitor.write(_banner(cfg, self.dist, self.sampler, self.batch_size, self.total_steps, self.stage,
+                                   self.precision, self.step))
+        self.step_end = StepEnd(self)
+
+    # -- 6. The loop. -------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        # A spawned miner (refreshed mode) runs while the block runs and is stopped however it ends.
+        with miner_process(cfg, self.paths, self.dist, self.monitor) as miner:
+            self.step_end.miner = miner
+            evals = {}
+            if self.eval_set is not None and self.step == 0:  # zero-shot
+                evals["before"] = self.evaluate()
+            # from_pretrained leaves the backbone in eval mode while new LoRA modules start in train mode: set
+            # train mode explicitly, so every dropout is on in every run (with or without evaluations, resumed).
+            self.engine.module.train()
+            self.clock = Throughput(every_step_exact=self.dist.device.type != "cuda")
+            loader = step_loader(self.records, self.sampler, self.encoder.tokenize, cfg.num_workers)  # lives on
+            while self.step < self.total_steps:
+                self.clock.ready()
+                for batch in loader:  # the rest of the sampler's current plan; the next pass, the next plan's
+                    self.train_step(batch)
+                    if self.eval_set is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
+                            and self.step < self.total_steps:
+                        evals[f"step{self.step}"] = self.evaluate()
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                        self.save()
+                    if self.step >= self.total_steps:
+                        break
+                    if self.step_end.after_step(self.step, epoch_ended=self.sampler.epoch > batch.step.epoch):
+                        break  # swapped: this pass of the loader follows the old plan; the next, the new one
+                    self.clock.ready()
+            loader.close()
+            return self.finish(evals, miner)
+
+    def train_step(self, batch) -> None:
+        """One global batch: embed every side in one engine forward, InfoNCE over the gathered batch, one
+        backward and one optimizer step; then the sampler advances and the monitor records the step."""
+        cfg, dist, sampler, clock = self.cfg, self.dist, self.sampler, self.clock
+        if (batch.step.epoch, batch.step.index) != (sampler.epoch, sampler.position):
+            raise RuntimeError("data loader and sampler disagree on the step; this is a bug")
         # On CUDA the host runs ahead of the GPU; only steps that log wait for it (``_sync``), and their
         # examples/s covers every step since the last such wait. On CPU every step's clock is exact.
-        every_step_exact = dist.device.type != "cuda"
-        throughput, step_times = [], []
-        window_examples, window_seconds, window_steps = 0, 0.0, 0
-        loader = step_loader(records, sampler, tokenize, cfg.num_workers)  # workers live across swaps, epochs
-        while step < total_steps:
-            t_ready = time.perf_counter()
-            for batch in loader:  # the rest of the sampler's current plan; the next pass, the next plan's
-                if (batch.step.epoch, batch.step.index) != (sampler.epoch, sampler.position):
-                    raise RuntimeError("data loader and sampler disagree on the step; this is a bug")
-                exact = every_step_exact or monitor.due(step + 1)
-                t_fetched = time.perf_counter()
-                t_start = _sync(dist) if exact else t_fetched  # the split excludes earlier steps' GPU work
-                torch.manual_seed(_step_seed(cfg.seed, step, dist.rank))  # dropout replayable on resume
-                # Pinned by the loader on CUDA, so the copy does not wait for the previous step's kernels.
-                features = {side: {k: v.to(dist.device, non_blocking=True) for k, v in f.items()}
-                            for side, f in batch.features.items()}
-                keys = {side: v.to(dist.device, non_blocking=True) for side, v in batch.keys.items()}
-                emb = engine(features, batch.extents)
-                out = loss_fn(emb["query"], emb["positive"], emb.get("negative"), keys["positive"],
-                              keys.get("negative"), sizes=batch.step.sizes,
-                              # from the plan, no collective (dataset negatives: gathered, see Step)
-                              negative_sizes=batch.step.negative_sizes)
-                engine.backward(out.loss)
-                t_backward = _sync(dist) if exact else None
-                grad_norm = _grad_norm(engine) if stage == 0 and precision == "fp32" else None
-                lr = engine.get_lr()[0]  # the rate this update uses
-                engine.step()
-                t_end = _sync(dist) if exact else time.perf_counter()
-                if cfg.trace_ids:
-                    _trace(run, step + 1, batch.step, sampler.global_batch(sampler.position), out, dist)
-                sampler.advance()
-                step += 1
+        exact = clock.every_step_exact or self.monitor.due(self.step + 1)
+        t_fetched = time.perf_counter()
+        t_start = _sync(dist) if exact else t_fetched  # the split excludes earlier steps' GPU work
+        torch.manual_seed(_step_seed(cfg.seed, self.step, dist.rank))  # dropout replayable on resume
+        # Pinned by the loader on CUDA, so the copy does not wait for the previous step's kernels.
+        features = {side: {k: v.to(dist.device, non_blocking=True) for k, v in f.items()}
+                    for side, f in batch.features.items()}
+        keys = {side: v.to(dist.device, non_blocking=True) for side, v in batch.keys.items()}
+        emb = self.engine(features, batch.extents)
+        out = self.loss_fn(emb["query"], emb["positive"], emb.get("negative"), keys["positive"], keys.get("negative"),
+                           sizes=batch.step.sizes,
+                           # from the plan, no collective (dataset negatives: gathered, see Step)
+                           negative_sizes=batch.step.negative_sizes)
+        self.engine.backward(out.loss)
+        t_backward = _sync(dist) if exact else None
+        grad_norm = _grad_norm(self.engine) if self.stage == 0 and self.precision == "fp32" else None
+        lr = self.engine.get_lr()[0]  # the rate this update uses
+        self.engine.step()
+        t_end = _sync(dist) if exact else time.perf_counter()
+        if cfg.trace_ids:
+            _trace(self.run, self.step + 1, batch.step, sampler.global_batch(sampler.position), out, dist)
+        sampler.advance()
+        self.step += 1
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        rate = clock.add(out.batch_size, t_end, exact)
+        self.monitor.step(self.step, {
+            **out.device_stats(), "lr": lr, "grad_norm": grad_norm,  # tensors: read when it logs
+            "examples_per_s": rate, "time_data": t_fetched - clock.t_ready if exact else None,
+            "time_fwd_bwd": t_backward - t_start if exact else None,
+            "time_optimizer": t_end - t_backward if exact else None, "hard_negatives": out.negatives,
+            "epoch": batch.step.epoch, "schedule_version": batch.step.version,
+            "staleness": staleness(sampler.schedule, self.step),
+            "strategy": sampler.schedule.meta.get("strategy", "?"),
+        }, histograms={"pos_sim": out.pos_sims, "hardest_neg_sim": out.hardest_sims})
 
-                if grad_norm is None:
-                    grad_norm = engine.get_global_grad_norm()
-                window_examples += out.batch_size
-                window_seconds += t_end - t_ready
-                window_steps += 1
-                rate = None
-                if exact:
-                    rate = window_examples / window_seconds
-                    throughput.append(rate)
-                    step_times.append(window_seconds / window_steps)
-                    window_examples, window_seconds, window_steps = 0, 0.0, 0
-                monitor.step(step, {
-                    **out.device_stats(), "lr": lr, "grad_norm": grad_norm,  # tensors: read when it logs
-                    "examples_per_s": rate, "time_data": t_fetched - t_ready if exact else None,
-                    "time_fwd_bwd": t_backward - t_start if exact else None,
-                    "time_optimizer": t_end - t_backward if exact else None, "hard_negatives": out.negatives,
-                    "epoch": batch.step.epoch, "schedule_version": batch.step.version,
-                    "staleness": _staleness(sampler.schedule, step),
-                    "strategy": sampler.schedule.meta.get("strategy", "?"),
-                }, histograms={"pos_sim": out.pos_sims, "hardest_neg_sim": out.hardest_sims})
-                if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    evals[f"step{step}"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
-                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                    _save(engine, sampler, step, cfg, run / "checkpoints", dist)
-                if step >= total_steps:
-                    break
-                if refreshed and snapshot_due(cfg, step, sampler.epoch > batch.step.epoch, sampler.epoch):
-                    trained = sampler.consumed()
-                    snapshot(engine, encoder, cfg, manifest, paths, step, sampler.epoch, stage, dist, trained=trained)
-                    snapshots.append((step, sampler.epoch, len(trained) > 0))
-                if miner is not None:
-                    miner.check()
-                if watcher is not None and step % watch_every == 0:
-                    new = watcher.check(sampler.version)
-                    # a snapshot mined apart in an earlier epoch answers nothing now (_fits_now refuses it)
-                    due = [s for s, epoch, apart in snapshots if epoch == sampler.epoch or not apart]
-                    need = refresh_due(due, step, cfg.refresh.max_lag_steps)  # snapshots: refreshed only
-                    if need is not None and source_step(new or sampler.schedule) < need:
-                        new, waited = wait_for_refresh(watcher, sampler.version, new, need, cfg.refresh.poll_seconds,
-                                                       cfg.refresh.wait_timeout, miner=miner, say=monitor.write)
-                        refresh_wait += waited
-                        monitor.scalars(step, {"wait_seconds": waited}, group="refresh")
-                        snapshots = [x for x in snapshots if x[0] > need]  # a wait that gave up is not repeated
-                    if new is not None:
-                        _report_swap(monitor, step, sampler.schedule, new, len(sampler.history) + 1)
-                        sampler.swap(new, step=step)
-                        break  # this pass of the loader follows the old plan; the next, the new one
-                t_ready = time.perf_counter()
-        loader.close()
+    def evaluate(self) -> dict:
+        return _evaluate(self.encoder, self.eval_set, self.cfg, self.dist, self.stage, self.monitor, self.step)
 
-        # -- 7. Final checkpoint, evaluation, export. ---------------------------------------------------
-        _save(engine, sampler, step, cfg, run / "checkpoints", dist)
-        if eval_set is not None:
-            evals["after"] = _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step)
-        exported = _export(engine, encoder, cfg, manifest, run / "export", dist, stage, precision) if cfg.export else {}
+    def save(self) -> None:
+        _save(self.engine, self.sampler, self.step, self.cfg, self.run / "checkpoints", self.dist)
+
+    # -- 7. Final checkpoint, evaluation, export. ---------------------------------------------------------
+    def finish(self, evals: dict, miner) -> dict:
+        cfg, dist, sampler = self.cfg, self.dist, self.sampler
+        self.save()
+        if self.eval_set is not None:
+            evals["after"] = self.evaluate()
+        exported = _export(self.engine, self.encoder, cfg, self.manifest, self.run / "export", dist, self.stage,
+                           self.precision) if cfg.export else {}
         summary = {
-            "steps": step, "epoch": sampler.epoch, "batch_size": batch_size, "world_size": dist.world_size,
-            "zero_stage": stage, "precision": precision, "schedule_version": sampler.version,
+            "steps": self.step, "epoch": sampler.epoch, "batch_size": self.batch_size, "world_size": dist.world_size,
+            "zero_stage": self.stage, "precision": self.precision, "schedule_version": sampler.version,
             "strategy": sampler.schedule.meta.get("strategy"),
-            "examples_per_s": float(np.median(throughput)) if throughput else None,
-            "steps_per_s": 1.0 / float(np.median(step_times)) if step_times else None,
-            "ranks_in_sync": _ranks_in_sync(engine, dist, stage), "eval": evals, "export": exported,
-            "mode": cfg.mode, "swaps": sampler.history, "refresh_wait_seconds": refresh_wait if refreshed else None,
+            "examples_per_s": float(np.median(self.clock.rates)) if self.clock.rates else None,
+            "steps_per_s": 1.0 / float(np.median(self.clock.step_times)) if self.clock.step_times else None,
+            "ranks_in_sync": _ranks_in_sync(self.engine, dist, self.stage), "eval": evals, "export": exported,
+            "mode": cfg.mode, "swaps": sampler.history,
+            "refresh_wait_seconds": self.step_end.waited if self.refreshed else None,
             "miner_restarts": miner.restarts if miner is not None else None,
         }
         if dist.is_main:
-            write_atomic(run / "summary.json", json.dumps(summary, indent=2, default=str).encode())
-        monitor.close()
+            write_atomic(self.run / "summary.json", json.dumps(summary, indent=2, default=str).encode())
+        self.monitor.close()
         barrier()
         return summary
+
+
+class Throughput:
+    """examples/s and seconds per step over windows that end at a step whose clock is exact: every step on
+    CPU; on CUDA the steps that log, where the host waited for the GPU (a window covers the steps since)."""
+
+    def __init__(self, every_step_exact: bool):
+        self.every_step_exact = every_step_exact
+        self.rates: list[float] = []
+        self.step_times: list[float] = []
+        self.examples, self.seconds, self.steps = 0, 0.0, 0
+        self.t_ready = time.perf_counter()
+
+    def ready(self) -> None:
+        """The loop is ready for the next batch: the data wait starts here."""
+        self.t_ready = time.perf_counter()
+
+    def add(self, examples: int, t_end: float, exact: bool) -> float | None:
+        """Count a step that ended at ``t_end``; the window's examples/s when ``exact`` closes it."""
+        self.examples += examples
+        self.seconds += t_end - self.t_ready
+        self.steps += 1
+        if not exact:
+            return None
+        rate = self.examples / self.seconds
+        self.rates.append(rate)
+        self.step_times.append(self.seconds / self.steps)
+        self.examples, self.seconds, self.steps = 0, 0.0, 0
+        return rate
 
 
 # ======================================================================================================
@@ -385,28 +449,6 @@ def _restore(engine, sampler: ScheduleSampler, cfg: TrainConfig, manifest: Manif
     return int(client["step"]), sampler
 
 
-def _fits_now(schedule, step: int, epoch: int) -> None:
-    """Refuse a newer schedule that does not fit the trainer's position (the watcher's ``accept``): one
-    mined from a snapshot of a later step waits for that step (a resumed run re-reaching it: taking it
-    early would train on batches no uninterrupted run could have had), and one whose ids were mined apart
-    for the rest of another epoch is not used in this one (its communities were cut for that remainder)."""
-    meta = schedule.meta
-    if source_step(schedule) > step:
-        raise NotYet(f"mined from the snapshot of step {source_step(schedule)}, a step not reached yet")
-    if meta.get("trained_apart") and meta.get("source_epoch") not in (None, epoch):
-        raise ScheduleError(f"mined for the rest of epoch {meta['source_epoch']} ({meta['trained_apart']} ids "
-                            f"trained by then were mined apart), while training is in epoch {epoch}")
-
-
-def _own_snapshots(paths: RunPaths, step: int) -> list[tuple[int, int, bool]]:
-    """(step, epoch, mined apart) of the run's snapshots up to ``step``: a resumed run's max_lag_steps
-    bound counts the snapshots written before the resume too."""
-    from ..snapshot import list_snapshots
-
-    return [(s.step, int(s.meta.get("epoch", 0)), s.trained_ids is not None)
-            for s in list_snapshots(paths.run) if s.step <= step]
-
-
 def check_dataset_negatives(cfg: TrainConfig, manifest: Manifest) -> None:
     """``negatives: dataset | both`` needs stored negatives in the train split: refused before the model
     loads when there are none (the dataset was prepared without ``--negatives-field``)."""
@@ -416,40 +458,6 @@ def check_dataset_negatives(cfg: TrainConfig, manifest: Manifest) -> None:
     if not stored:
         raise ConfigError(f"negatives={cfg.negatives}: the train split of {cfg.data} stores no hard negatives; "
                           "prepare it with --negatives-field FIELD (e.g. neg) or train with negatives=mined")
-
-
-def _staleness(schedule, step: int) -> int | None:
-    """Steps between the snapshot a schedule answers and now (None: mined before training)."""
-    source = source_step(schedule)
-    return None if source < 0 else step - source
-
-
-def _report_swap(monitor: Monitor, step: int, old, new, count: int) -> None:
-    """Console line + TensorBoard ``refresh/*`` scalars for a swap: the new version, how stale it is, the
-    miner's time per stage, and the Theorem-1 bound and in-batch similarity of the upcoming batches under the
-    snapshot student's embeddings, for the new schedule and for the one it replaces."""
-    meta = new.meta
-    q, q_old = meta.get("quality") or {}, meta.get("quality_previous") or {}
-    timings = {k: v for k, v in (meta.get("timings") or {}).items() if isinstance(v, (int, float))}
-    stale = _staleness(new, step)
-    values = {"schedule_version": new.version, "swaps": count, "staleness_steps": stale,
-              "bound_new": q.get("theorem1_bound"), "neg_sim_new": q.get("neg_sim_mean"),
-              "hardest_neg_sim_new": q.get("neg_sim_hardest_mean"),
-              **{f"miner_seconds_{k}": v for k, v in timings.items()}}
-    if q_old.get("version") == old.version:
-        values.update(bound_replaced=q_old.get("theorem1_bound"), neg_sim_replaced=q_old.get("neg_sim_mean"),
-                      hardest_neg_sim_replaced=q_old.get("neg_sim_hardest_mean"))
-    monitor.scalars(step, values, group="refresh")
-    line = (f"swapped to schedule v{new.version} ({meta.get('strategy', '?')}) at step {step}"
-            + (f", mined for the snapshot of step {meta['source_step']} ({stale} steps ago) with "
-               f"{meta.get('source_model') or '?'}" if stale is not None else "")
-            + ("; miner " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) if timings else ""))
-    if q:
-        line += f"; upcoming batches: bound {q['theorem1_bound']:.3f}, neg sim {q['neg_sim_mean']:.3f}"
-        if "bound_replaced" in values:
-            line += (f" (v{old.version} under the same embeddings: bound {values['bound_replaced']:.3f}, "
-                     f"neg sim {values['neg_sim_replaced']:.3f})")
-    monitor.write(line)
 
 
 # -- export ------------------------------------------------------------------------------------------------

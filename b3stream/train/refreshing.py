@@ -19,9 +19,10 @@ from ..config import (ConfigError, MineConfig, TrainConfig, apply_overrides, def
                       from_dict)
 from ..data.manifest import Manifest
 from ..files import write_atomic, write_json
-from ..schedule import Schedule, sidecar, version_path
+from ..schedule import Schedule, ScheduleError, sidecar, version_path
 from ..snapshot import RunPaths, write_snapshot
 from .distributed import DistInfo, barrier
+from .hotswap import NotYet, ScheduleWatcher, refresh_due, source_step, wait_for_refresh
 from .sampler import schedule_batch_size
 
 # Schedule metadata that is also a MineConfig field: the miner mines as the running schedule was mined.
@@ -195,3 +196,112 @@ def miner_process(cfg: TrainConfig, paths: RunPaths, dist: DistInfo, monitor):
             miner.stop()
         elif refreshed and dist.is_main:
             paths.finished.touch()
+
+
+# -- between two training steps ---------------------------------------------------------------------
+
+
+class StepEnd:
+    """The work between two training steps besides training, behind one call, so the loop reads the same in
+    every mode: refreshed mode's snapshot when one is due, a look at the spawned miner, and every
+    ``watch_every`` steps a look for a newer schedule version (waiting for it where ``refresh.max_lag_steps``
+    says), ending in a hot swap. Static mode without a watched folder does nothing here.
+
+    ``recipe``: the training recipe (:class:`b3stream.train.loop.Recipe`) whose engine, sampler, monitor and
+    paths it uses; ``miner``: the spawned miner, set once it runs."""
+
+    def __init__(self, recipe):
+        self.r, self.miner, self.waited = recipe, None, 0.0
+        r = recipe
+        self.watcher = ScheduleWatcher(r.watch_folder, r.manifest, r.dist, say=r.monitor.write) \
+            if r.watch_folder and r.watch_every else None
+        if self.watcher is not None:
+            self.watcher.accept = lambda schedule: fits_now(schedule, r.step, r.sampler.epoch)
+        # (step, epoch, mined apart) of the snapshots whose schedules max_lag_steps may wait for; a resumed run
+        # takes its own from before the resume
+        self.snapshots = own_snapshots(r.paths, r.step) if r.refreshed and r.start == "resume" else []
+
+    def after_step(self, step: int, epoch_ended: bool) -> bool:
+        """Run after step ``step``; True when the sampler swapped to a new schedule version (the loader's
+        pass must end: it follows the old plan)."""
+        r, cfg = self.r, self.r.cfg
+        if r.refreshed and snapshot_due(cfg, step, epoch_ended, r.sampler.epoch):
+            trained = r.sampler.consumed()
+            snapshot(r.engine, r.encoder, cfg, r.manifest, r.paths, step, r.sampler.epoch, r.stage, r.dist,
+                     trained=trained)
+            self.snapshots.append((step, r.sampler.epoch, len(trained) > 0))
+        if self.miner is not None:
+            self.miner.check()
+        if self.watcher is None or step % r.watch_every:
+            return False
+        new = self.watcher.check(r.sampler.version)
+        # a snapshot mined apart in an earlier epoch answers nothing now (fits_now refuses it)
+        due = [s for s, epoch, apart in self.snapshots if epoch == r.sampler.epoch or not apart]
+        need = refresh_due(due, step, cfg.refresh.max_lag_steps)  # snapshots: refreshed only
+        if need is not None and source_step(new or r.sampler.schedule) < need:
+            new, waited = wait_for_refresh(self.watcher, r.sampler.version, new, need, cfg.refresh.poll_seconds,
+                                           cfg.refresh.wait_timeout, miner=self.miner, say=r.monitor.write)
+            self.waited += waited
+            r.monitor.scalars(step, {"wait_seconds": waited}, group="refresh")
+            self.snapshots = [x for x in self.snapshots if x[0] > need]  # a wait that gave up is not repeated
+        if new is None:
+            return False
+        report_swap(r.monitor, step, r.sampler.schedule, new, len(r.sampler.history) + 1)
+        r.sampler.swap(new, step=step)
+        return True
+
+
+def fits_now(schedule, step: int, epoch: int) -> None:
+    """Refuse a newer schedule that does not fit the trainer's position (the watcher's ``accept``): one
+    mined from a snapshot of a later step waits for that step (a resumed run re-reaching it: taking it
+    early would train on batches no uninterrupted run could have had), and one whose ids were mined apart
+    for the rest of another epoch is not used in this one (its communities were cut for that remainder)."""
+    meta = schedule.meta
+    if source_step(schedule) > step:
+        raise NotYet(f"mined from the snapshot of step {source_step(schedule)}, a step not reached yet")
+    if meta.get("trained_apart") and meta.get("source_epoch") not in (None, epoch):
+        raise ScheduleError(f"mined for the rest of epoch {meta['source_epoch']} ({meta['trained_apart']} ids "
+                            f"trained by then were mined apart), while training is in epoch {epoch}")
+
+
+def own_snapshots(paths: RunPaths, step: int) -> list[tuple[int, int, bool]]:
+    """(step, epoch, mined apart) of the run's snapshots up to ``step``: a resumed run's max_lag_steps
+    bound counts the snapshots written before the resume too."""
+    from ..snapshot import list_snapshots
+
+    return [(s.step, int(s.meta.get("epoch", 0)), s.trained_ids is not None)
+            for s in list_snapshots(paths.run) if s.step <= step]
+
+
+def staleness(schedule, step: int) -> int | None:
+    """Steps between the snapshot a schedule answers and now (None: mined before training)."""
+    source = source_step(schedule)
+    return None if source < 0 else step - source
+
+
+def report_swap(monitor, step: int, old, new, count: int) -> None:
+    """Console line + TensorBoard ``refresh/*`` scalars for a swap: the new version, how stale it is, the
+    miner's time per stage, and the Theorem-1 bound and in-batch similarity of the upcoming batches under the
+    snapshot student's embeddings, for the new schedule and for the one it replaces."""
+    meta = new.meta
+    q, q_old = meta.get("quality") or {}, meta.get("quality_previous") or {}
+    timings = {k: v for k, v in (meta.get("timings") or {}).items() if isinstance(v, (int, float))}
+    stale = staleness(new, step)
+    values = {"schedule_version": new.version, "swaps": count, "staleness_steps": stale,
+              "bound_new": q.get("theorem1_bound"), "neg_sim_new": q.get("neg_sim_mean"),
+              "hardest_neg_sim_new": q.get("neg_sim_hardest_mean"),
+              **{f"miner_seconds_{k}": v for k, v in timings.items()}}
+    if q_old.get("version") == old.version:
+        values.update(bound_replaced=q_old.get("theorem1_bound"), neg_sim_replaced=q_old.get("neg_sim_mean"),
+                      hardest_neg_sim_replaced=q_old.get("neg_sim_hardest_mean"))
+    monitor.scalars(step, values, group="refresh")
+    line = (f"swapped to schedule v{new.version} ({meta.get('strategy', '?')}) at step {step}"
+            + (f", mined for the snapshot of step {meta['source_step']} ({stale} steps ago) with "
+               f"{meta.get('source_model') or '?'}" if stale is not None else "")
+            + ("; miner " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) if timings else ""))
+    if q:
+        line += f"; upcoming batches: bound {q['theorem1_bound']:.3f}, neg sim {q['neg_sim_mean']:.3f}"
+        if "bound_replaced" in values:
+            line += (f" (v{old.version} under the same embeddings: bound {values['bound_replaced']:.3f}, "
+                     f"neg sim {values['neg_sim_replaced']:.3f})")
+    monitor.write(line)
