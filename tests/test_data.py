@@ -561,6 +561,7 @@ def test_prepare_hf_reads_a_save_to_disk_folder_like_jsonl(tmp_path):
     assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
 
 
+@pytest.mark.slow
 def test_prepare_hf_command(tmp_path):
     import datasets
 

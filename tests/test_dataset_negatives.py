@@ -52,6 +52,7 @@ def negatives_dataset(tmp_path_factory):
     return root / "ds"
 
 
+@pytest.mark.slow
 def test_the_manifest_and_the_schedule_say_what_is_stored(negatives_dataset, tmp_path):
     info = Manifest.load(negatives_dataset).split("train").negatives
     counts = [len(r.get("negatives") or []) for r in ShardedDataset(negatives_dataset, "train")]
@@ -131,6 +132,7 @@ def test_stored_negatives_sit_in_the_denominator_and_a_same_text_positive_is_mas
     assert unmasked - by_hand > 0.1  # without the mask a query's own positive would count against it
 
 
+@pytest.mark.slow
 def test_a_run_trains_with_its_stored_negatives(negatives_dataset, tmp_path):
     """`b3stream train negatives=dataset`: every step's denominator holds up to h_dataset stored negatives of
     each member (the trace records |N|)."""
@@ -148,6 +150,7 @@ def test_a_run_trains_with_its_stored_negatives(negatives_dataset, tmp_path):
     assert summary_["steps"] == 3
 
 
+@pytest.mark.slow
 def test_dataset_negatives_without_stored_ones_are_refused_before_the_model_loads(code_dataset, tmp_path):
     sched = random_schedule(code_dataset, batch_size=8, K=2, folder=tmp_path / "schedules")
     cfg = write_config(tmp_path / "train.yaml", data=str(code_dataset), schedule=str(sched.parent),

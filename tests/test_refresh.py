@@ -584,6 +584,7 @@ def test_refresh_when_bound_mines_only_a_snapshot_that_drifted(tmp_path, toy_dat
     assert json.loads((paths.refresh / "probe.json").read_text())["version"] == 1
 
 
+@pytest.mark.slow
 def test_a_mid_epoch_refresh_embeds_only_the_ids_to_come(tmp_path, toy_dataset, monkeypatch):
     """The rows of ids already trained this epoch are kept from the miner's previous embedding (the trainer
     skips those ids until the epoch ends); only the ids to come are embedded with the snapshot, and the
