@@ -634,3 +634,32 @@ def test_a_mid_epoch_refresh_embeds_only_the_ids_to_come(tmp_path, toy_dataset, 
     later = latest_snapshot(tmp_path / "run")
     embed_stage(replace(first, teacher_snapshot=str(later.path)), progress=False)
     assert sum(encoded) == 2 * n and "kept" not in load_embeddings(tmp_path / "mine").record
+
+
+def test_the_trainer_steps_aside_while_a_cpu_miner_works(tmp_path, monkeypatch):
+    """A spawned CPU miner beside a CPU trainer: while the miner's status says it works the trainer uses the
+    cores the miner leaves; while it waits, all of its threads again (round 8: ten times slower steps when the
+    two together oversubscribed the cores)."""
+    from b3stream.config import TrainConfig, from_dict
+    from b3stream.files import write_json
+    from b3stream.train.refreshing import ThreadShare
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    torch.set_num_threads(8)
+    try:
+        cfg = from_dict(TrainConfig, {"mode": "refreshed", "refresh": {"every_steps": 5, "threads": 3}})
+        paths = RunPaths(tmp_path)
+        cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+        share = ThreadShare.for_run(cfg, cpu, paths)
+        assert (share.full, share.shared) == (8, 5)
+        paths.refresh.mkdir(parents=True)
+        for state, threads in (("embed", 5), ("rank", 5), ("waiting", 8), ("probe", 5), ("stopped", 8)):
+            write_json(paths.status, {"state": state})
+            assert share.update() == threads == torch.get_num_threads()
+        assert ThreadShare.for_run(from_dict(TrainConfig, {"mode": "refreshed", "refresh": {
+            "every_steps": 5, "threads": 3, "device": "cuda:1"}}), cpu, paths) is None  # the miner has a GPU
+        assert ThreadShare.for_run(from_dict(TrainConfig, {}), cpu, paths) is None  # static mode
+    finally:
+        torch.set_num_threads(before)

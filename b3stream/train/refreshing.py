@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from ..config import (ConfigError, MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config,
                       from_dict)
@@ -177,6 +178,48 @@ class MinerProcess:
 
 
 
+class ThreadShare:
+    """A spawned miner on the trainer's own CPU cores: while it works, the trainer's threads step aside.
+
+    PyTorch's CPU kernels run OpenMP regions that wait for every thread at their end; with the trainer's
+    threads and a busy miner's together above the cores, a region waits for a thread the scheduler has
+    parked, and the trainer's steps were measured ten times slower (0.9 s to 9-10 s per step on 2 cores,
+    docs/quality.md round 8) for as long as the miner embedded. So while the miner's status says it works
+    (probe, embed, rank, partition, schedule) each rank on this host uses ``(cores - miner threads) /
+    ranks`` threads, and all of its own again when the miner waits for the next snapshot."""
+
+    IDLE = ("waiting", "stopped")
+
+    def __init__(self, status: Path, full: int, shared: int):
+        self.status, self.full, self.shared = status, full, shared
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, dist: DistInfo, paths: RunPaths) -> "ThreadShare | None":
+        """None unless a spawned miner runs on the CPU of a trainer that runs on the CPU, and would crowd it."""
+        device = cfg.refresh.device or ("cuda" if dist.device.type == "cuda" else "cpu")
+        if cfg.mode != "refreshed" or not cfg.refresh.spawn or dist.device.type != "cpu" or device != "cpu":
+            return None
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        full = torch.get_num_threads()
+        shared = max(1, min(full, (cores - (cfg.refresh.threads or default_miner_threads())) // ranks))
+        return cls(paths.status, full, shared) if shared < full else None
+
+    def update(self) -> int:
+        """Set this rank's threads from the miner's state; returns the number in use."""
+        import torch
+
+        from ..files import read_json
+
+        state = (read_json(self.status) or {}).get("state", "waiting")
+        want = self.full if state in self.IDLE else self.shared
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+        return want
+
+
 @contextmanager
 def miner_process(cfg: TrainConfig, paths: RunPaths, dist: DistInfo, monitor):
     """While the block runs: in refreshed mode with ``refresh.spawn``, a miner child of the main rank (yielded;
@@ -220,11 +263,17 @@ class StepEnd:
         # (step, epoch, mined apart) of the snapshots whose schedules max_lag_steps may wait for; a resumed run
         # takes its own from before the resume
         self.snapshots = own_snapshots(r.paths, r.step) if r.refreshed and r.start == "resume" else []
+        self.share = ThreadShare.for_run(r.cfg, r.dist, r.paths)  # a CPU miner beside a CPU trainer
+        if self.share is not None:
+            r.monitor.write(f"refreshed mode: the trainer uses {self.share.shared} thread(s) per rank while the "
+                            f"miner works, {self.share.full} while it waits")
 
     def after_step(self, step: int, epoch_ended: bool) -> bool:
         """Run after step ``step``; True when the sampler swapped to a new schedule version (the loader's
         pass must end: it follows the old plan)."""
         r, cfg = self.r, self.r.cfg
+        if self.share is not None:
+            self.share.update()
         if r.refreshed and snapshot_due(cfg, step, epoch_ended, r.sampler.epoch):
             trained = r.sampler.consumed()
             snapshot(r.engine, r.encoder, cfg, r.manifest, r.paths, step, r.sampler.epoch, r.stage, r.dist,
