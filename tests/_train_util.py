@@ -94,3 +94,19 @@ def gather_worker(rank: int, world: int, port: int, tensors: dict, sizes: list[i
                 "n": None if n is None else n.grad}, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def moved_student(cfg, seed: int = 0):
+    """A trainable Encoder of ``cfg`` whose trainable weights (a LoRA adapter, or all of them) moved off their
+    initialisation, so its embeddings differ from the base model's."""
+    import torch
+
+    from b3stream.encoder import Encoder
+
+    torch.manual_seed(seed)
+    student = Encoder(cfg, trainable=True)
+    with torch.no_grad():
+        for p in student.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return student

@@ -76,13 +76,9 @@ def test_a_saved_adapter_is_continued(tmp_path):
 
     from b3stream.config import ConfigError, LoraConfig, TrainConfig, from_dict, validate
 
-    cfg = EncoderConfig(lora=LoraConfig(r=4, alpha=8))
-    torch.manual_seed(0)
-    first = Encoder(cfg, trainable=True)
-    with torch.no_grad():
-        for p in first.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    from ._train_util import moved_student
+
+    first = moved_student(EncoderConfig(lora=LoraConfig(r=4, alpha=8)), seed=0)
     first.model.save_pretrained(str(tmp_path / "adapter"))
     texts = ["open a file and read its lines", "def read(path):\n    return open(path).read()"]
     before = first.encode(texts, "positive")

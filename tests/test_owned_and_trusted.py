@@ -181,16 +181,11 @@ def test_a_killed_prepare_leaves_nothing_for_good(tmp_path):
 @pytest.fixture(scope="module")
 def snapshot_run(tmp_path_factory):
     """A run folder holding one real LoRA snapshot of a student whose adapter moved off zero."""
-    from b3stream.encoder import Encoder
+    from ._train_util import moved_student
 
     root = tmp_path_factory.mktemp("snap")
     cfg = EncoderConfig(**TINY, lora=LoraConfig(enabled=True, r=4, alpha=8))
-    torch.manual_seed(0)
-    student = Encoder(cfg, trainable=True)
-    with torch.no_grad():
-        for p in student.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    student = moved_student(cfg, seed=0)
     write_snapshot(root, 4, student.model, cfg, {"n": 400})
     return root
 

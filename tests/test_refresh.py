@@ -60,16 +60,10 @@ def refreshed_config(mined, name: str, **extra) -> Path:
 
 def perturbed_student(lora: bool, seed: int):
     """(config, Encoder) of a student whose trainable weights moved away from the bundled model's."""
-    from b3stream.encoder import Encoder
+    from ._train_util import moved_student
 
     cfg = EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=lora, r=4, alpha=8)})
-    torch.manual_seed(seed)
-    student = Encoder(cfg, trainable=True)
-    with torch.no_grad():
-        for p in student.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return cfg, student
+    return cfg, moved_student(cfg, seed)
 
 
 def assert_exactly_once_per_epoch(trace: list[dict], n: int) -> None:
