@@ -101,7 +101,10 @@ class MineConfig:
     K: int = 32  # community size
     edges: str = "mutual"  # mutual | union
     rank_weights: bool = False  # weight edges by rank (closer ranks weigh more) for METIS
+    partitioner: str = "metis"  # metis (the paper's) | kaminpar (multi-threaded, exact K; extra b3stream[kaminpar])
     metis_ufactor: int = 30  # METIS load imbalance in 1/1000 (30: parts up to 3% over K before repair)
+    partition_threads: int | None = None  # kaminpar's threads; None: the process's torch thread count
+    kaminpar_context: str = "largek"  # a KaMinPar preset (largek: tuned for many small blocks)
     trained_ids: str | None = None  # .npy of ids already trained this epoch (refreshed mode sets it from the
     #   snapshot): they are ranked and partitioned apart from the rest, so the rest's communities reach the
     #   trainer whole and are cut from full neighbour lists
@@ -500,6 +503,8 @@ def _check_mine(c: MineConfig, v: _Checker) -> None:
     v.above("K", 0)
     v.one_of("edges", EDGES)
     v.at_least("metis_ufactor", 1)  # METIS refuses 0 ("Incorrect ufactor")
+    v.one_of("partitioner", ("metis", "kaminpar"))
+    v.above("partition_threads", 0, optional=True)
     v.one_of("strategy", tuple(STRATEGIES))
     v.above("batch_size", 0)
     v.at_least("h", 0)

@@ -257,3 +257,26 @@ def test_preflight_never_refuses_what_the_rank_stage_accepts(tmp_path, capsys):
     assert main(["mine", *flags, "--set", "task_params={c: {m: 5}}"]) == 2
     assert "task_params names task(s) ['c']" in capsys.readouterr().err
     assert snapshot(out) == before
+
+
+def test_kaminpar_partitioner_end_to_end(toy_mined, tmp_path):
+    """`--partitioner kaminpar` through the CLI: the record names it, its communities are exactly K (no
+    repair), and the schedule stage batches them like METIS's."""
+    data, out, cfg = toy_mined
+    work = tmp_path / "mine"
+    shutil.copytree(out, work)
+    flags = ["--config", str(cfg), "--out", str(work), *SMALL]
+    assert main(["mine", "partition", "--partitioner", "kaminpar", "--set", "partition_threads=1", *flags]) == 0
+    record = json.loads((work / "partition" / "partition.json").read_text())
+    assert record["params"]["partitioner"] == "kaminpar" and "metis_ufactor" not in record["params"]
+    assert all(g["partitioner"] == "kaminpar" and g["repaired"] is False for g in record["groups"].values())
+    comm = np.load(work / "partition" / "communities.npy")
+    sizes = (comm >= 0).sum(1)
+    assert (sizes == 4).sum() >= len(comm) - len(record["groups"])  # at most one short community per group
+    assert not list((work / "partition").glob(".kaminpar-*")), "the temporary graph file is removed"
+    assert main(["mine", "schedule", "--strategy", "b3", "--version", "20", *flags]) == 0
+    sched = load_schedule(work / "schedules" / "v000020.b3s")
+    sched.check_epoch(Manifest.load(data).stamp("train")["n"])
+    # a METIS partition of the same S is stale for a kaminpar config: the parameters differ
+    assert main(["mine", "partition", *flags]) == 0
+    assert json.loads((work / "partition" / "partition.json").read_text())["params"]["partitioner"] == "metis"

@@ -52,7 +52,7 @@ def test_repair_handles_empty_parts_isolated_nodes_and_oversized_parts():
     labels, stats = repair(g, bad, 4)
     sizes = np.bincount(labels, minlength=3)
     assert sizes.tolist() == [4, 4, 2]
-    assert stats["metis_empty_parts"] == 2 and stats["evicted"] >= 6
+    assert stats["unrepaired_empty_parts"] == 2 and stats["evicted"] >= 6
     comm = communities_from_labels(labels, 4)
     check_communities(comm, 10, 4)
     # the repair moves whole triangles together when it can: no triangle is split three ways
@@ -92,3 +92,63 @@ def test_global_ids_are_mapped_back():
     ids = np.arange(100) * 3 + 7
     comm, _ = partition(build_graph(S), 10, ids=ids)
     assert np.array_equal(np.sort(comm.ravel()), ids)
+
+
+# ---- KaMinPar ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,K", [(640, 32), (1000, 32), (517, 8), (33, 32), (7, 32)])
+def test_kaminpar_gives_exactly_K_without_repair(n, K):
+    q, p, _ = clustered(n, clusters=max(2, n // 40), seed=n)
+    S, _, _, _ = rank_group(q, p, RankParams(p=2, m=min(20, n - 3), index="flat"))
+    comm, stats = partition(build_graph(S, "mutual"), K, seed=0, partitioner="kaminpar", threads=1)
+    check_communities(comm, n, K)
+    assert stats["partitioner"] == "kaminpar"
+    if n > K:  # a single community needs no partitioner at all
+        assert stats["repaired"] is False and "evicted" not in stats
+
+
+def test_kaminpar_is_deterministic_for_a_seed_on_one_thread_and_keeps_more_edges_inside_than_metis():
+    q, p, labels = clustered(4000, clusters=50, seed=11)
+    S, _, _, _ = rank_group(q, p, RankParams(p=3, m=30, index="flat"))
+    g = build_graph(S, "mutual")
+    a, sa = partition(g, 32, seed=3, partitioner="kaminpar", threads=1)
+    b, _ = partition(g, 32, seed=3, partitioner="kaminpar", threads=1)
+    c, _ = partition(g, 32, seed=4, partitioner="kaminpar", threads=1)
+    assert np.array_equal(a, b)
+    assert {tuple(x) for x in a.tolist()} != {tuple(x) for x in c.tolist()}, "the seed reaches KaMinPar"
+    _, sm = partition(g, 32, seed=3)  # METIS + repair on the same graph
+    assert sa["internal_edge_fraction"] >= sm["internal_edge_fraction"] - 0.01, (sa, sm)
+    purity = np.mean([np.bincount(labels[x]).max() / len(x) for x in a])
+    assert purity > 0.8
+
+
+@pytest.mark.parametrize("rank_weights", [False, True])
+def test_the_parhip_file_is_the_graph(tmp_path, rank_weights):
+    """KaMinPar reads the graph back with the same edges and weights: its own edge cut of a labelling equals
+    ours (weighted cut when the graph is weighted)."""
+    import kaminpar
+
+    from b3stream.mining.partition import write_parhip
+
+    S = random_S(500, 12, seed=9)
+    g = build_graph(S, "union", rank_weights=rank_weights)
+    path = tmp_path / "g.parhip"
+    write_parhip(g, path, chunk=97)  # small chunks: the chunked writes must line up
+    kg = kaminpar.load_graph(str(path), kaminpar.GraphFileFormat.PARHIP)
+    assert (kg.n(), kg.m()) == (g.n, len(g.adjncy))
+    labels = np.random.default_rng(0).integers(0, 7, size=g.n)
+    src = g.rows()
+    cross = labels[src] != labels[g.adjncy]
+    w = np.ones(len(src), np.int64) if g.eweights is None else g.eweights
+    assert kaminpar.edge_cut(kg, labels.tolist()) == int(w[cross].sum()) // 2
+
+
+def test_unknown_partitioner_or_preset_is_refused():
+    from b3stream.config import ConfigError
+
+    g = build_graph(random_S(100, 5, seed=1))
+    with pytest.raises(ConfigError, match="partitioner must be one of"):
+        partition(g, 8, partitioner="scotch")
+    with pytest.raises(ConfigError, match="not one of KaMinPar's presets"):
+        partition(g, 8, partitioner="kaminpar", context="nope")

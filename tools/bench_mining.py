@@ -4,6 +4,7 @@
     python tools/bench_mining.py --n 100000              # embed(import) + rank + partition + schedule
     python tools/bench_mining.py --n 1000000 --no-rank   # partition + schedule from a generated S
     python tools/bench_mining.py --n 100000 --edges mutual,union --workdir /tmp/b3bench
+    python tools/bench_mining.py --n 100000 --no-rank --partitioner metis,kaminpar --json F.json
 
 Every stage runs in its own subprocess, which reports its wall time and its own peak resident set size
 (``getrusage(RUSAGE_SELF).ru_maxrss``, which counts the touched pages of memory-mapped inputs too), so one
@@ -83,6 +84,7 @@ def generate_data(work: Path, n: int, d: int, p: int, m: int, seed: int, block_S
     P.flush()
     stamp = {"dataset": "synthetic", "split": None, "n": n, "fingerprint": f"synthetic-{n}-{d}-{seed}"}
     np.save(emb_dir / "tasks.npy", np.zeros(n, dtype=np.int32))
+    np.save(emb_dir / "positive_keys.npy", np.arange(n, dtype=np.int64))  # every positive text distinct
     record = {"stamp": stamp, "params": {"source": "synthetic", "seed": seed}, "n": n, "dim": d, "rows_done": n,
               "complete": True, "task_names": ["default"], "token": new_token(), "source_model": "synthetic"}
     if raw:
@@ -140,7 +142,7 @@ def run_stage(args) -> None:
     work = Path(args.workdir)
     cfg = MineConfig(out=str(work), p=args.p, m=args.m, K=args.K, batch_size=args.batch_size, h=args.h,
                      edges=args.edges_one, strategy=args.strategy, quality_sample=args.quality_sample,
-                     version=args.version)
+                     version=args.version, partitioner=args.partitioner_one, partition_threads=args.threads)
     if args.stage == "embed":
         cfg.query_embeddings, cfg.positive_embeddings = str(work / "q.npy"), str(work / "p.npy")
     t0 = time.perf_counter()
@@ -156,7 +158,10 @@ def run_stage(args) -> None:
         extra = {"rank": json.loads((work / "rank" / "rank.json").read_text())["info"]}
     if args.stage == "partition":
         g = json.loads((work / "partition" / "partition.json").read_text())["groups"]
-        extra = {"partition": next(iter(g.values()))}
+        sizes = (np.load(work / "partition" / "communities.npy") >= 0).sum(1)
+        extra = {"partition": {**next(iter(g.values())), "sizes": {
+            "min": int(sizes.min()), "max": int(sizes.max()), "exactly_K": int((sizes == args.K).sum()),
+            "communities": int(len(sizes))}}}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
     print(json.dumps({"stage": args.stage, "seconds": round(seconds, 2), "peak_rss_gb": round(peak, 3), **extra}))
 
@@ -166,6 +171,8 @@ def child(args, stage: str, **kw) -> dict:
            "--n", str(args.n), "--p", str(args.p), "--m", str(args.m), "--K", str(args.K),
            "--batch-size", str(args.batch_size), "--h", str(args.h),
            "--quality-sample", str(args.quality_sample)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     t0 = time.perf_counter()
@@ -188,6 +195,9 @@ def main() -> None:
     ap.add_argument("--h", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--edges", default="mutual,union", help="comma-separated: mutual, union")
+    ap.add_argument("--partitioner", default="metis", help="comma-separated: metis, kaminpar (each on the same S)")
+    ap.add_argument("--threads", type=int, default=None, help="KaMinPar's threads (default: all cores)")
+    ap.add_argument("--json", default=None, help="write every stage's figures to this JSON file")
     ap.add_argument("--no-rank", action="store_true", help="generate S (exact within super-clusters) instead")
     ap.add_argument("--quality-sample", type=int, default=1024, help="queries scored for the Theorem-1 bound")
     ap.add_argument("--workdir", default=None, help="default: /tmp/b3bench-N")
@@ -197,6 +207,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--edges-one", default="mutual", help=argparse.SUPPRESS)
+    ap.add_argument("--partitioner-one", default="metis", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="b3", help=argparse.SUPPRESS)
     ap.add_argument("--version", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -223,10 +234,14 @@ def main() -> None:
         extra = ""
         if "partition" in res:
             pt = res["partition"]
-            extra = (f"edges {pt['edges']:,}, graph {pt['graph_s']} s, METIS {pt['metis_s']} s, repair "
-                     f"{pt['repair_s']} s, inside {pt['internal_edge_fraction']:.1%}, METIS sizes "
-                     f"{pt['metis_sizes_min']}-{pt['metis_sizes_max']} ({pt['metis_empty_parts']} empty), "
-                     f"moved {pt['evicted']:,} ({pt['moved_without_edges']:,} without an edge)")
+            sizes = pt.get("sizes", {})
+            extra = (f"edges {pt['edges']:,}, graph {pt['graph_s']} s, {pt['partitioner']} {pt['partitioner_s']} s, "
+                     f"repair {pt['repair_s']} s, inside {pt['internal_edge_fraction']:.1%}, "
+                     f"community sizes {sizes.get('min')}-{sizes.get('max')}")
+            if pt.get("repaired"):
+                extra += (f" (before repair {pt['unrepaired_sizes_min']}-{pt['unrepaired_sizes_max']}, "
+                          f"{pt['unrepaired_empty_parts']} empty; moved {pt['evicted']:,}, "
+                          f"{pt['moved_without_edges']:,} without an edge)")
         if "rank" in res:
             g = next(iter(res["rank"]["groups"].values()))
             extra = f"{g['kind']} {g.get('nlist', '')}/{g.get('nprobe', '')}, recall {g.get('recall', 'exact')}, " \
@@ -244,24 +259,39 @@ def main() -> None:
         report("rank", child(args, "rank"))
     version = 0
     totals = {}
+    partitioners = [p for p in args.partitioner.split(",") if p]
     for edges in [e for e in args.edges.split(",") if e]:
-        part = child(args, "partition", edges_one=edges)
-        report(f"partition ({edges})", part)
-        sched = child(args, "schedule", edges_one=edges, strategy="b3", version=version)
-        report(f"schedule b3 ({edges})", sched)
-        version += 1
-        totals[edges] = (part["seconds"] + sched["seconds"], max(part["peak_rss_gb"], sched["peak_rss_gb"]))
-        if edges == "mutual":
-            report("schedule b3pp (mutual)", child(args, "schedule", edges_one=edges, strategy="b3pp", version=version))
+        for part_name in partitioners:
+            tag = f"{edges}, {part_name}" if len(partitioners) > 1 else edges
+            part = child(args, "partition", edges_one=edges, partitioner_one=part_name)
+            report(f"partition ({tag})", part)
+            sched = child(args, "schedule", edges_one=edges, partitioner_one=part_name, strategy="b3",
+                          version=version)
+            report(f"schedule b3 ({tag})", sched)
             version += 1
+            totals[tag] = (part["seconds"] + sched["seconds"], max(part["peak_rss_gb"], sched["peak_rss_gb"]))
+            if edges == "mutual" and part_name == partitioners[0]:
+                report(f"schedule b3pp ({tag})", child(args, "schedule", edges_one=edges, partitioner_one=part_name,
+                                                       strategy="b3pp", version=version))
+                version += 1
     if not args.no_baseline:  # the same quality numbers for random batches, for scale
         report("schedule random", child(args, "schedule", strategy="random", version=version))
-    for edges, (secs, peak) in totals.items():
-        print(f"# partition + schedule b3 ({edges}): {secs:.1f} s, peak {peak:.2f} GB")
+    for tag, (secs, peak) in totals.items():
+        print(f"# partition + schedule b3 ({tag}): {secs:.1f} s, peak {peak:.2f} GB")
     if not args.no_rank:
         front = sum(r["seconds"] for name, r in rows if name in ("embed (import)", "rank"))
-        if "mutual" in totals:
-            print(f"# everything (import + rank + partition + schedule, mutual): {front + totals['mutual'][0]:.1f} s")
+        first = next(iter(totals), None)
+        if first is not None:
+            print(f"# everything (import + rank + partition + schedule, {first}): {front + totals[first][0]:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": {"cpus": os.cpu_count()}, "generated": info,
+            "params": {k: getattr(args, k) for k in ("n", "d", "p", "m", "K", "batch_size", "h", "seed", "edges",
+                                                      "partitioner", "threads", "no_rank")},
+            "stages": [{"name": name, **res} for name, res in rows],
+            "totals": {tag: {"seconds": round(secs, 2), "peak_rss_gb": peak} for tag, (secs, peak) in totals.items()},
+        }, indent=1))
+        print(f"# wrote {args.json}")
     if not args.keep:
         shutil.rmtree(args.workdir)
 

@@ -2,7 +2,8 @@
 # Install b3stream into a virtual environment (default: .venv in the repo root).
 #
 #   bash tools/install.sh          # the package and its runtime stack
-#   bash tools/install.sh --test   # ... plus the test extras (pytest, pyarrow, psutil)
+#   bash tools/install.sh --test   # ... plus the test extras (pytest, pyarrow, psutil, datasets, kaminpar)
+#   bash tools/install.sh --kaminpar  # ... plus KaMinPar (`partitioner: kaminpar`)
 #   bash tools/install.sh --gpu    # ... with faiss-gpu instead of faiss-cpu (CUDA machines)
 #   bash tools/install.sh --bench  # ... plus matplotlib for tools/bench_quality.py's plot
 #
@@ -20,7 +21,8 @@ for arg in "$@"; do
     --test) extras+=(test) ;;
     --gpu) extras+=(gpu) ;;
     --bench) extras+=(bench) ;;
-    *) echo "usage: bash tools/install.sh [--test] [--gpu] [--bench]" >&2; exit 2 ;;
+    --kaminpar) extras+=(kaminpar) ;;
+    *) echo "usage: bash tools/install.sh [--test] [--gpu] [--bench] [--kaminpar]" >&2; exit 2 ;;
   esac
 done
 

@@ -22,7 +22,7 @@ _FLAGS = {  # flag -> MineConfig key
     "data": "data", "split": "split", "out": "out", "strategy": "strategy", "p": "p", "m": "m", "K": "K",
     "batch_size": "batch_size", "h": "h", "seed": "seed", "query_embeddings": "query_embeddings",
     "positive_embeddings": "positive_embeddings", "index": "index", "edges": "edges", "version": "version",
-    "overwrite": "overwrite",
+    "overwrite": "overwrite", "partitioner": "partitioner",
 }
 
 
@@ -51,6 +51,8 @@ def register(sub) -> None:
     p.add_argument("--index", default=None, choices=["auto", "flat", "ivf", "hnsw", "torch"],
                    help="auto: exact up to exact_threshold, IVF above; torch: exact matmul + top-k (GPU if any)")
     p.add_argument("--edges", default=None, choices=["mutual", "union"])
+    p.add_argument("--partitioner", default=None, choices=["metis", "kaminpar"],
+                   help="metis (the paper's, default) or kaminpar (multi-threaded, exactly K; b3stream[kaminpar])")
     p.add_argument("--version", type=int, default=None, help="schedule version to write (default: next)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="let --version replace an existing schedule (a run trained on it can then no longer "

@@ -145,18 +145,22 @@ def _tasks(cfg: MineConfig, n: int | None = None) -> tuple[np.ndarray, list[str]
 
 def partition_params(cfg: MineConfig, rank_record: dict) -> dict:
     return {"K": cfg.K, "edges": cfg.edges, "rank_weights": cfg.rank_weights, "seed": cfg.seed,
-            "metis_ufactor": cfg.metis_ufactor, "per_task": cfg.per_task, "upstream": rank_record.get("token"),
+            "partitioner": cfg.partitioner,
+            **({"metis_ufactor": cfg.metis_ufactor} if cfg.partitioner == "metis" else
+               {"kaminpar_context": cfg.kaminpar_context}),
+            "per_task": cfg.per_task, "upstream": rank_record.get("token"),
             **({"trained_ids": sha256_file(cfg.trained_ids)[:16]} if cfg.trained_ids else {})}
 
 
 def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
     """Stage 3 (:mod:`b3stream.mining.graph` + :mod:`b3stream.mining.partition`): S -> communities."""
     from .graph import EDGES, Relabel, build_graph, subgraph_rows
-    from .partition import partition
+    from .partition import check_partitioner, partition
 
     t0 = time.perf_counter()
     if cfg.K < 1:
         raise ConfigError(f"K must be positive, got {cfg.K}")
+    check_partitioner(cfg.partitioner, cfg.kaminpar_context)
     if cfg.edges not in EDGES:
         raise ConfigError(f"edges must be one of {EDGES}, got {cfg.edges!r}")
     expect = expected_stamp(cfg)
@@ -177,7 +181,9 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
         graph = build_graph(local, edges=cfg.edges, rank_weights=cfg.rank_weights)
         del local
         t_graph = time.perf_counter() - t1
-        comm, stats = partition(graph, cfg.K, seed=cfg.seed, ufactor=cfg.metis_ufactor, ids=ids)
+        comm, stats = partition(graph, cfg.K, seed=cfg.seed, ufactor=cfg.metis_ufactor, ids=ids,
+                                partitioner=cfg.partitioner, threads=cfg.partition_threads,
+                                context=cfg.kaminpar_context, workdir=folder)
         stats.update(graph.stats, graph_s=round(t_graph, 3))
         del graph
         info[label] = stats
@@ -185,8 +191,8 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
         # communities of merged small tasks (or of everything) are batched as one group: task index -1
         all_task.append(np.full(len(comm), task_names.index(name) if name in task_names else -1, dtype=np.int32))
         log.info("partition %s: %d nodes, %d edges (%s), %d communities of K=%d, %.0f%% of edges inside, "
-                 "%d repair moves", label, stats["n"], stats["edges"], cfg.edges, stats["communities"],
-                 cfg.K, 100 * stats.get("internal_edge_fraction", 0), stats.get("evicted", 0))
+                 "%d repair moves (%s)", label, stats["n"], stats["edges"], cfg.edges, stats["communities"],
+                 cfg.K, 100 * stats.get("internal_edge_fraction", 0), stats.get("evicted", 0), cfg.partitioner)
     communities = np.concatenate(all_comm) if all_comm else np.zeros((0, cfg.K), np.int32)
     community_task = np.concatenate(all_task) if all_task else np.zeros(0, np.int32)
     (folder / PARTITION_RECORD).unlink(missing_ok=True)
@@ -396,6 +402,10 @@ def preflight(cfg: MineConfig, stage: str = "all") -> None:
     runs = _stages_to_run(cfg, stage)
     if "schedule" in runs:
         get_strategy(cfg.strategy).check_params(BatchParams.from_config(cfg))
+    if "partition" in runs:
+        from .partition import check_partitioner
+
+        check_partitioner(cfg.partitioner, cfg.kaminpar_context)
     if not runs & {"rank", "partition", "schedule"}:
         return
     space = _id_space(cfg)
