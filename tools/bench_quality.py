@@ -107,6 +107,7 @@ class Recipe:
     # [p, p+m); "union" when either is
     edges: str = "mutual"
     rank_weights: bool = False
+    partitioner: str = "metis"  # MineConfig partitioner: metis (the paper's) | kaminpar
     # rank and partition all tasks together (MineConfig per_task: false): the code-search "tasks" are packages
     # of one docstring -> code task; mined apart, a package's ids could only be each other's negatives
     # (docs/quality.md, round 3: b3 +2.2 nDCG@10 over random mined together, +1.3 mined per package)
@@ -115,7 +116,8 @@ class Recipe:
     @property
     def graph(self) -> str:
         """Name suffix of a non-default B3 graph (cache cells of b3 / b3pp and their mining folders)."""
-        return ("" if self.edges == "mutual" else f"-{self.edges}") + ("-rw" if self.rank_weights else "")
+        return (("" if self.edges == "mutual" else f"-{self.edges}") + ("-rw" if self.rank_weights else "")
+                + ("" if self.partitioner == "metis" else f"-{self.partitioner}"))
 
     @property
     def scope(self) -> str:
@@ -190,6 +192,8 @@ def _parse_args(argv=None):
     ap.add_argument("--edges", default="mutual", choices=EDGES,
                     help="the B3 graph's edges (MineConfig edges): mutual ranks only, or either direction")
     ap.add_argument("--rank-weights", action="store_true", help="weight the B3 graph's edges by rank for METIS")
+    ap.add_argument("--partitioner", default="metis", choices=("metis", "kaminpar"),
+                    help="the B3 graph's partitioner (MineConfig partitioner)")
     args = ap.parse_args(argv)
     if args.quick:
         args.pairs, args.batch_sizes, args.seeds = min(args.pairs, 500), "16", "0,1"
@@ -241,6 +245,7 @@ def _recipe(args) -> Recipe:
         if getattr(args, name) is not None:
             setattr(r, name, getattr(args, name))
     r.per_task, r.symmetric, r.edges, r.rank_weights = args.mine_per_task, args.symmetric, args.edges, args.rank_weights
+    r.partitioner = args.partitioner
     return r
 
 
@@ -320,7 +325,7 @@ def mine(args, data: Path, work: Path, recipe: Recipe, strategy: str, batch: int
         "teacher.model": recipe.teacher, "p": recipe.p, "m": recipe.m, "K": min(recipe.K, batch),
         "batch_size": batch, "h": recipe.h, "seed": seed, "strategy": strategy, "small_tasks": "merge",
         "per_task": recipe.per_task, "edges": recipe.edges, "rank_weights": recipe.rank_weights,
-        "quality_temperature": recipe.temperature, "schedule_dir": str(sched_dir), "version": 0,
+        "partitioner": recipe.partitioner, "quality_temperature": recipe.temperature, "schedule_dir": str(sched_dir), "version": 0,
         "device": args.device, "quality_sample": 1024})
     run_all(cfg, progress=False)
     if not (base / "embeddings" / "embeddings.json").is_file():

@@ -36,7 +36,7 @@ class Graph:
     ``adjncy[xadj[v]:xadj[v+1]]`` (weights ``eweights[...]`` alike, or None when unweighted)."""
 
     xadj: np.ndarray  # int64 (n+1,)
-    adjncy: np.ndarray  # int64 (2E,)
+    adjncy: np.ndarray  # int32 (2E,) when n < 2^31, else int64
     eweights: np.ndarray | None  # int64 (2E,) or None
     stats: dict = field(default_factory=dict)
 
@@ -116,8 +116,7 @@ def build_graph(S: np.ndarray, edges: str = "mutual", rank_weights: bool = False
             ident = keys
     del dup
     weights = (keys & ((1 << wbits) - 1)) if wbits else None
-    if wbits:
-        del keys
+    del keys  # without weights ``ident`` is the same buffer; either way the name must not keep it alive
     canon = np.right_shift(ident, 1, out=ident)  # undirected code lo*n+hi (in place; direction not needed)
 
     if edges == "mutual":
@@ -163,6 +162,9 @@ def csr_from_edges(codes: np.ndarray, n: int, weights: np.ndarray | None = None)
     # Row starts: entries of row v are the codes in [v*n, (v+1)*n).
     xadj = np.searchsorted(key, np.arange(n + 1, dtype=np.int64) * n64).astype(np.int64)
     adjncy = np.remainder(key, n64, out=key)
+    if n < 2**31:  # half the memory for the rest of the stage (and for what the partitioner is handed)
+        adjncy = adjncy.astype(np.int32)
+    del key
     return Graph(xadj=xadj, adjncy=adjncy, eweights=eweights)
 
 
@@ -176,6 +178,8 @@ class Relabel:
     def rows(self, S: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of ``S`` with entries relabelled to positions in ``ids`` (others -> -1)."""
         n_total = len(self.local) - 1
+        if len(ids) == n_total and np.array_equal(ids, np.arange(n_total)):
+            return S  # the identity: no relabelled copy (4 bytes per entry of S, 4 GB at 10M x 100)
         self.local[ids] = np.arange(len(ids), dtype=np.int32)
         try:
             rows = np.asarray(S[ids]) if len(ids) != n_total else np.asarray(S)
