@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .mining.commands import register as register_mine
     from .train.commands import register as register_train
 
-    from .refresh import register as register_refresh
+    from .refresh.miner import register as register_refresh
 
     register_mine(sub)
     register_train(sub)  # train, evaluate

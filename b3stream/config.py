@@ -157,7 +157,7 @@ class RefreshConfig:
     wait_timeout: float = 1800.0  # seconds one such wait may last; then training goes on with what it has
     # when: every - each snapshot is re-mined; bound - the miner first measures the Theorem-1 bound of the
     # schedule in use on a probe of probe_batches of its batches under the snapshot, and re-mines only when it
-    # rose by bound_drift nats or more over the bound when the schedule was mined (b3stream/drift.py)
+    # rose by bound_drift nats or more over the bound when the schedule was mined (b3stream/refresh/drift.py)
     when: str = "every"
     bound_drift: float = 0.1
     probe_batches: int = 64

@@ -59,7 +59,7 @@ def run_demo(args) -> int:
     _say(f"3/4 train: LoRA student on the b3 schedule for {args.steps} steps (DeepSpeed ZeRO-0)"
          + (f", refreshed mode: a student snapshot every {refresh_every} steps re-mined by a background miner"
             if args.refresh else ""))
-    from .train.distributed import shutdown, single_process_env
+    from .dist import shutdown, single_process_env
     from .train.loop import train
 
     tcfg = TrainConfig(

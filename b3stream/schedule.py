@@ -123,6 +123,22 @@ class Schedule:
     def version(self) -> int | None:
         return self.meta.get("version")
 
+    @property
+    def batch_size(self) -> int:
+        """|B| as the miner recorded it (else the largest batch)."""
+        size = self.meta.get("batch_size")
+        return int(size) if size else int(np.diff(self.offsets).max())
+
+    def check_trainable(self, n: int, world: int) -> None:
+        """Refuse, before training, a schedule that cannot be trained on ``world`` ranks: not each of ``n`` ids
+        exactly once, or a |B| that does not divide over the ranks."""
+        self.check_epoch(n)
+        if self.batch_size % world:
+            raise ScheduleError(f"schedule {self.path or ''} has |B|={self.batch_size}, which does not divide over "
+                                f"{world} ranks; mine it with a batch size that is a multiple of {world}")
+        if n < world:
+            raise ScheduleError(f"{n} examples cannot feed {world} ranks")
+
     def check_epoch(self, n: int) -> None:
         """Every id in 0..n-1 appears exactly once (the exactly-once-per-epoch contract). Ids outside that
         range are reported as such first: counting them would fail (negative) or miscount (too large)."""

@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from b3stream.train.distributed import finish, init_distributed
+from b3stream.dist import finish, init_distributed
 
 QUERIES = ["sort a list in place", "read a file line by line", "parse json from a string", "hash a password",
            "merge two dictionaries", "open a socket", "format a date", "reverse a string"]

@@ -13,7 +13,7 @@ import torch
 
 from b3stream.data.manifest import Manifest
 from b3stream.schedule import MAGIC, Schedule, load_schedule, version_path
-from b3stream.train.distributed import DistInfo
+from b3stream.dist import DistInfo
 from b3stream.train.sampler import ScheduleSampler
 
 
@@ -99,7 +99,7 @@ def _with_ids(good: Path, version: int, change) -> bytes:
 
 
 def test_the_watcher_skips_any_bad_newer_version_and_training_goes_on(tmp_path, toy_dataset):
-    from b3stream.train.hotswap import ScheduleWatcher
+    from b3stream.refresh.hotswap import ScheduleWatcher
 
     from ._train_util import random_schedule
 
@@ -158,8 +158,8 @@ def test_a_version_from_a_later_snapshot_waits_and_one_from_another_epoch_is_ref
     """The trainer's accept rule (refreshing.fits_now): a schedule mined from a snapshot of a step not reached yet
     (a resumed run) is passed over until that step, not rejected; one mined apart for another epoch's
     remainder is refused for good."""
-    from b3stream.train.hotswap import ScheduleWatcher
-    from b3stream.train.refreshing import fits_now as _fits_now
+    from b3stream.refresh.hotswap import ScheduleWatcher
+    from b3stream.refresh.trainer import fits_now as _fits_now
 
     folder = tmp_path / "schedules"
     _publish(folder, toy_dataset, 0, seed=0)
@@ -184,7 +184,7 @@ def _two_rank_watch(rank: int, world: int, port: int, root: str, data: str, out:
 
     import torch.distributed as tdist
 
-    from b3stream.train.hotswap import ScheduleWatcher
+    from b3stream.refresh.hotswap import ScheduleWatcher
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)
@@ -211,7 +211,7 @@ def test_a_version_one_rank_could_not_read_is_tried_again(tmp_path, toy_dataset)
 
     import torch.multiprocessing as mp
 
-    from b3stream.train.distributed import free_port
+    from b3stream.dist import free_port
 
     for version in (0, 1):
         _publish(tmp_path / "rank0", toy_dataset, version, seed=version)

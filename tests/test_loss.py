@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from b3stream.config import EncoderConfig, LoraConfig
-from b3stream.train.distributed import free_port
+from b3stream.dist import free_port
 from b3stream.train.loss import BatchEmbedder, InfoNCE
 
 from . import _train_util

@@ -243,7 +243,7 @@ def miner_run(root: Path, data: Path) -> Path:
 
 
 def test_the_miner_refuses_a_corrupt_snapshot_and_waits_for_the_next(snapshot_run, toy_dataset):
-    from b3stream.refresh import Miner
+    from b3stream.refresh.miner import Miner
 
     run_dir = miner_run(corrupt(snapshot_run, "flipped"), toy_dataset)
     assert Miner(run_dir).serve(once=True) == 0
@@ -258,7 +258,7 @@ def test_two_miners_never_serve_one_run(tmp_path, toy_dataset):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from b3stream.refresh import hold_lock
+        from b3stream.refresh.miner import hold_lock
         hold_lock(Path({str(run_dir / 'refresh' / 'miner.lock')!r})); print("held", flush=True); time.sleep(600)
     """)], stdout=subprocess.PIPE, text=True, env=env())
     try:
@@ -271,7 +271,7 @@ def test_two_miners_never_serve_one_run(tmp_path, toy_dataset):
         holder.kill()
         holder.wait()
     # The lock dies with its holder (SIGKILL included): the next miner serves.
-    from b3stream.refresh import hold_lock
+    from b3stream.refresh.miner import hold_lock
 
     os.close(hold_lock(run_dir / "refresh" / "miner.lock"))
 
@@ -279,7 +279,7 @@ def test_two_miners_never_serve_one_run(tmp_path, toy_dataset):
 def test_miner_restarts_are_counted_in_a_window():
     """A spawned miner that crashes now and then over a long run is always restarted; one that crashes
     max_restarts times within the window is given up on."""
-    from b3stream.train.refreshing import MinerProcess
+    from b3stream.refresh.trainer import MinerProcess
 
     class Crashing(MinerProcess):
         def command(self):

@@ -24,7 +24,7 @@ from b3stream.config import ConfigError, EncoderConfig, LoraConfig, MineConfig
 from b3stream.data.manifest import Manifest
 from b3stream.schedule import list_versions, load_schedule, publish_schedule, version_path
 from b3stream.snapshot import RunPaths, latest_snapshot, list_snapshots, load_snapshot_encoder, write_snapshot
-from b3stream.train.distributed import DistInfo, free_port
+from b3stream.dist import DistInfo, free_port
 
 from ._train_util import env, read_trace, run, torchrun, write_config
 
@@ -120,7 +120,7 @@ def test_the_refreshed_schedule_comes_from_the_student_snapshot(mined, refreshed
     from b3stream.data.reader import ShardedDataset
     from b3stream.encoder import Encoder
     from b3stream.mining.embed import load_embeddings
-    from b3stream.refresh import Miner
+    from b3stream.refresh.miner import Miner
 
     out = refreshed_run["out"]
     RunPaths(out).finished.unlink()
@@ -275,7 +275,7 @@ def test_a_killed_miner_comes_back_and_training_never_fails(mined):
 
 
 def test_watcher_takes_only_strictly_newer_good_versions(tmp_path, code_dataset):
-    from b3stream.train.hotswap import ScheduleWatcher
+    from b3stream.refresh.hotswap import ScheduleWatcher
 
     from ._train_util import random_schedule
 
@@ -466,7 +466,7 @@ def test_max_lag_zero_trains_every_refresh_from_the_step_of_its_snapshot(mined, 
 
 
 def test_refresh_due_bounds_the_lag():
-    from b3stream.train.hotswap import refresh_due
+    from b3stream.refresh.hotswap import refresh_due
 
     assert refresh_due([10, 20], 25, None) is None  # unbounded: never wait
     assert refresh_due([10, 20], 20, 0) == 20 and refresh_due([10, 20], 19, 0) == 10
@@ -494,7 +494,7 @@ def test_a_miner_slower_than_the_snapshots_still_lands_its_refreshes(mined):
 
 def test_refresh_with_the_teacher_embeds_with_the_teacher_that_mined_the_schedule(mined):
     from b3stream.config import TrainConfig, from_dict
-    from b3stream.train.refreshing import miner_config
+    from b3stream.refresh.trainer import miner_config
 
     schedule = load_schedule(mined["schedule"])
     assert schedule.meta["teacher"]["lora"]["enabled"] is False and schedule.meta["teacher"]["max_query_length"] == 32
@@ -539,7 +539,7 @@ def test_refresh_when_bound_mines_only_a_snapshot_that_drifted(tmp_path, toy_dat
     the drift in the status), at or above it the miner re-mines, and the new version gets its own probe."""
     from b3stream.config import dump_config
     from b3stream.mining.pipeline import run_all
-    from b3stream.refresh import Miner
+    from b3stream.refresh.miner import Miner
 
     run_dir = tmp_path / "run"
     paths = RunPaths(run_dir)
@@ -636,7 +636,7 @@ def test_the_trainer_steps_aside_while_a_cpu_miner_works(tmp_path, monkeypatch):
     two together oversubscribed the cores)."""
     from b3stream.config import TrainConfig, from_dict
     from b3stream.files import write_json
-    from b3stream.train.refreshing import ThreadShare
+    from b3stream.refresh.trainer import ThreadShare
 
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))

@@ -14,7 +14,7 @@ import torch
 
 from b3stream.data.manifest import Manifest
 from b3stream.schedule import load_schedule
-from b3stream.train.distributed import free_port
+from b3stream.dist import free_port
 from b3stream.train.sampler import ScheduleSampler
 
 from ._train_util import REPO, random_schedule, read_trace, torchrun, write_config

@@ -52,7 +52,7 @@ def test_monitor_reads_tensors_only_when_a_line_is_due_and_loses_no_step(tmp_pat
     TensorBoard with its own value, and close() writes the rest."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from b3stream.monitor import Monitor
+    from b3stream.train.monitor import Monitor
 
     mon = Monitor(tmp_path, total_steps=7, log_every=3, progress=False)
     for step in range(1, 6):
@@ -149,8 +149,8 @@ def _nccl_watcher_check(events: list, info, args: dict) -> dict:
     import torch.distributed as tdist
 
     from b3stream.data.manifest import Manifest
-    from b3stream.train.distributed import DistInfo
-    from b3stream.train.hotswap import ScheduleWatcher
+    from b3stream.dist import DistInfo
+    from b3stream.refresh.hotswap import ScheduleWatcher
 
     nccl = DistInfo(rank=info["rank"], world_size=info["world"], local_rank=info["rank"],
                     device=torch.device("cpu"), backend="nccl")
@@ -170,7 +170,7 @@ def _counting_run(args_path: str) -> None:
     """The torchrun side of the counting test: train with counted collectives, then the NCCL watcher check;
     each rank writes what it saw to ``rank<r>.json``."""
     from b3stream.config import TrainConfig, load_config
-    from b3stream.train.distributed import finish
+    from b3stream.dist import finish
     from b3stream.train.loop import train
 
     args = json.loads(Path(args_path).read_text())
@@ -215,7 +215,7 @@ def test_a_step_gathers_embeddings_only_and_the_watcher_agrees_off_the_nccl_grou
     own gloo group with CPU tensors. The batches after the swap are the new plan's."""
     from b3stream.data.manifest import Manifest
     from b3stream.schedule import load_schedule
-    from b3stream.train.distributed import free_port
+    from b3stream.dist import free_port
     from b3stream.train.sampler import ScheduleSampler
 
     from ._train_util import random_schedule, read_trace, torchrun, write_config

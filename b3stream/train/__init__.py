@@ -4,10 +4,10 @@
   the local slice's gradient), :class:`BatchEmbedder` (one forward per step; GradCache chunks).
 - ``sampler.py``: :class:`ScheduleSampler` (per-rank slices, exactly once per epoch, resume, hot swap).
 - ``collate.py``: records by id -> prompted, tokenised batches in DataLoader workers.
-- ``loop.py``: :class:`Recipe` (setup steps, the loop, one step) behind :func:`train`; ``refreshing.py``: the
-  trainer's side of refreshed mode (snapshots, the spawned miner, :class:`StepEnd` between steps);
-  ``ds_config.py`` fills ``ds_configs/*.json``; ``export.py``;
-  ``distributed.py`` (process group up and down on CPU/gloo and GPU/NCCL).
+- ``loop.py``: :class:`Recipe` (setup steps, the loop, one step) behind :func:`train`; refreshed mode's work
+  between steps comes from :mod:`b3stream.refresh.trainer` (``StepEnd``); ``monitor.py``: TensorBoard and the
+  console line; ``ds_config.py`` fills ``ds_configs/*.json``; ``export.py``; ``checkpoints.py``.
+  Process groups: :mod:`b3stream.dist`.
 
 Entry points: ``b3stream train`` (one process) and ``python -m b3stream.train`` (under torchrun/deepspeed).
 Heavy imports (DeepSpeed, transformers) happen inside the modules that need them.

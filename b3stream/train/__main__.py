@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..config import ConfigError, TrainConfig, load_config
     from ..data.manifest import DataError
     from ..schedule import ScheduleError
-    from .distributed import finish
+    from ..dist import finish
 
     args = parse_args(argv)
     code = 0

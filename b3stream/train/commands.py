@@ -48,7 +48,7 @@ def _run_train(args) -> int:
 
     overrides = list(args.overrides) + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
     cfg = load_config(TrainConfig, args.config, overrides)  # config errors before anything starts
-    from .distributed import shutdown, single_process_env  # these import torch and DeepSpeed: after the check
+    from ..dist import shutdown, single_process_env  # these import torch and DeepSpeed: after the check
     from .loop import train
 
     if args.quiet:

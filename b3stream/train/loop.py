@@ -32,16 +32,16 @@ from ..encoder import Encoder
 from ..evaluate import RetrievalSet
 from ..files import write_atomic
 from ..schedule import load_schedule, version_path
+from ..dist import DistInfo, barrier, init_distributed, split_bounds
+from ..refresh.trainer import StepEnd, miner_config, miner_process, prepare_run, staleness
 from ..snapshot import RunPaths
-from ..monitor import Monitor
 from .collate import step_loader
 from . import run_folder
-from .distributed import DistInfo, barrier, init_distributed
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
-from .refreshing import StepEnd, miner_config, miner_process, prepare_run, staleness
-from .sampler import ScheduleSampler, schedule_batch_size, split_bounds
+from .monitor import Monitor
+from .sampler import ScheduleSampler
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
@@ -99,7 +99,7 @@ class Recipe:
         check_dataset_negatives(cfg, self.manifest)
         self.sampler = ScheduleSampler(schedule, len(self.records), dist.rank, dist.world_size, seed=cfg.seed,
                                        negatives=cfg.negatives, h_dataset=cfg.h_dataset)
-        self.batch_size = schedule_batch_size(schedule)  # |B|
+        self.batch_size = schedule.batch_size  # |B|
         self.total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * self.sampler.steps_per_epoch
         self.precision = resolve_precision(cfg.precision, dist.device)
         self.ds_config = build_ds_config(cfg, resolve_ds_path(cfg.deepspeed), dist.world_size, self.batch_size,

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dist import split_bounds  # noqa: F401  (re-exported for the loop)
+from ..dist import split_bounds
 from ..schedule import Schedule, ScheduleError
 
 
@@ -69,25 +69,6 @@ def rank_sizes(n: int, world: int) -> list[int]:
     """Every rank's row count when ``n`` rows are cut by :func:`split_bounds`: a pure function of the plan,
     so each host knows all of them without a collective (and without a GPU sync to read one)."""
     return [hi - lo for lo, hi in (split_bounds(n, world, rank) for rank in range(world))]
-
-
-def schedule_batch_size(schedule: Schedule) -> int:
-    """|B| as the miner recorded it (else the largest batch)."""
-    size = schedule.meta.get("batch_size")
-    return int(size) if size else int(np.diff(schedule.offsets).max())
-
-
-def check_schedule(schedule: Schedule, n: int, world: int) -> None:
-    """Refuse, before training, a schedule that cannot be trained on ``world`` ranks."""
-    schedule.check_epoch(n)
-    size = schedule_batch_size(schedule)
-    if size % world:
-        raise ScheduleError(
-            f"schedule {schedule.path or ''} has |B|={size}, which does not divide over {world} ranks; "
-            f"mine it with a batch size that is a multiple of {world}"
-        )
-    if n < world:
-        raise ScheduleError(f"{n} examples cannot feed {world} ranks")
 
 
 def _merge_small(offsets: np.ndarray, world: int) -> np.ndarray:
@@ -121,7 +102,7 @@ class ScheduleSampler:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         if negatives not in ("mined", "dataset", "both"):
             raise ValueError(f"negatives={negatives!r}: expected mined, dataset or both")
-        check_schedule(schedule, n, world_size)
+        schedule.check_trainable(n, world_size)
         self.schedule, self.n, self.rank, self.world, self.seed = schedule, n, rank, world_size, seed
         # which extra negatives a step carries (TrainConfig negatives / h_dataset)
         self.mined = negatives != "dataset"
@@ -169,7 +150,7 @@ class ScheduleSampler:
         batch has no hard negatives: the pool drawn for another set of members may hold a new member's
         likely false negative, and the trainer holds no top-p lists to filter it.
         """
-        sched, size = self.schedule, schedule_batch_size(self.schedule)
+        sched, size = self.schedule, self.schedule.batch_size
         K = int(sched.meta.get("K") or 1)
         consumed = np.zeros(self.n, bool)
         consumed[self._before] = True
@@ -219,7 +200,7 @@ class ScheduleSampler:
     def whole_communities(self) -> bool:
         """True when every rank's slice is made of whole K-communities (|B|/K divisible by the world)."""
         k = self.schedule.meta.get("K")
-        size = schedule_batch_size(self.schedule)
+        size = self.schedule.batch_size
         return bool(k) and size % k == 0 and (size // k) % self.world == 0
 
     def global_batch(self, index: int) -> np.ndarray:
@@ -283,7 +264,7 @@ class ScheduleSampler:
         """Continue the epoch on ``schedule`` (a newer version for the same data): only the ids not yet
         consumed this epoch are re-batched, with the new schedule's communities. ``step``: the global
         training step, for the history."""
-        check_schedule(schedule, self.n, self.world)
+        schedule.check_trainable(self.n, self.world)
         self.history.append({"epoch": self.epoch, "position": self.position, "step": step,
                              "from": self.version, "to": schedule.version})
         self._continue_on(schedule, self.consumed(), self.swaps + 1)

@@ -2,7 +2,7 @@
 
 The trainer never imports the miner: it writes what the miner needs into the run folder
 (:class:`b3stream.snapshot.RunPaths`) and starts it as a command (``python -m b3stream refresh``). The miner
-publishes schedule versions into ``RUN/schedules``, which the loop watches (:mod:`b3stream.train.hotswap`).
+publishes schedule versions into ``RUN/schedules``, which the loop watches (:mod:`b3stream.refresh.hotswap`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from ..data.manifest import Manifest
 from ..files import write_atomic, write_json
 from ..schedule import Schedule, ScheduleError, sidecar, version_path
 from ..snapshot import RunPaths, write_snapshot
-from .distributed import DistInfo, barrier
+from ..dist import DistInfo, barrier
 from .hotswap import NotYet, ScheduleWatcher, refresh_due, source_step, wait_for_refresh
-from .sampler import schedule_batch_size
 
 # Schedule metadata that is also a MineConfig field: the miner mines as the running schedule was mined.
 _FROM_META = ("strategy", "seed", "per_task", "mix_tasks", "p", "m", "K", "h", "edges", "rank_weights", "margin",
@@ -50,7 +49,7 @@ def miner_config(cfg: TrainConfig, schedule: Schedule, world_size: int = 1) -> M
         teacher = dataclasses.asdict(dataclasses.replace(student, lora=dataclasses.replace(student.lora,
                                                                                            enabled=False)))
     values.update(
-        data=cfg.data, split="train", verify_data=cfg.verify_data, batch_size=schedule_batch_size(schedule),
+        data=cfg.data, split="train", verify_data=cfg.verify_data, batch_size=schedule.batch_size,
         # Tasks too small to rank alone are pooled rather than stopping the miner mid-run.
         small_tasks="merge", teacher=teacher,
     )

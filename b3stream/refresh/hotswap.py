@@ -17,8 +17,7 @@ import torch
 
 from ..data.manifest import Manifest
 from ..schedule import Schedule, ScheduleError, load_schedule, newest_schedule, version_path
-from .distributed import DistInfo
-from .sampler import check_schedule
+from ..dist import DistInfo
 
 
 class NotYet(ScheduleError):
@@ -84,7 +83,7 @@ class ScheduleWatcher:
         world size), which would otherwise stop the trainer mid-run."""
         if schedule.version is None or schedule.path != version_path(self.folder, schedule.version):
             raise ScheduleError(f"{schedule.path}: holds version {schedule.version!r}, not the one its name says")
-        check_schedule(schedule, self.manifest.split("train").n, self.dist.world_size)
+        schedule.check_trainable(self.manifest.split("train").n, self.dist.world_size)
         if self.accept is not None:
             self.accept(schedule)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import read_json, write_json
+from ..files import read_json, write_json
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Probe:
 
     def bound(self, queries: np.ndarray, positives: np.ndarray, K: int, temperature: float) -> float:
         """The probe's bound for embeddings of its members (row i: ``ids[i]``), the probe as the universe."""
-        from .mining.quality import batch_quality
+        from ..mining.quality import batch_quality
 
         local = np.arange(len(self.ids), dtype=np.int64)
         q = batch_quality(local, self.offsets, np.asarray(queries, np.float32), np.asarray(positives, np.float32),
@@ -81,7 +81,7 @@ class Probe:
 
 def embed_probe(encoder, data: str, ids: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Queries and positives of ``ids`` (train split of ``data``) embedded by ``encoder``, with their prompts."""
-    from .data.reader import ShardedDataset
+    from ..data.reader import ShardedDataset
 
     records = ShardedDataset(data, "train", verify=False)
     recs = [records[int(i)] for i in ids]

@@ -44,9 +44,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import EncoderConfig, MineConfig, RefreshConfig, default_miner_threads, from_dict, load_config
-from .files import read_json, write_json
-from .snapshot import RunPaths, Snapshot, latest_snapshot
+from ..config import EncoderConfig, MineConfig, RefreshConfig, default_miner_threads, from_dict, load_config
+from ..files import read_json, write_json
+from ..snapshot import RunPaths, Snapshot, latest_snapshot
 
 STOP = -1  # announced to the other processes under a launcher: no more snapshots
 PROBE_HISTORY = 500  # refresh.when: bound decisions kept in the status file
@@ -132,10 +132,10 @@ class Miner:
 
     def refresh(self, snapshot: Snapshot) -> Path | None:
         """Mine from ``snapshot`` and publish the next schedule version; returns its path. With ``refresh.when:
-        bound``, only when the schedule in use has drifted (:mod:`b3stream.drift`); None when it has not."""
-        from .dist import broadcast_int
-        from .mining.pipeline import run_all
-        from .snapshot import pin_snapshot
+        bound``, only when the schedule in use has drifted (:mod:`b3stream.refresh.drift`); None when it has not."""
+        from ..dist import broadcast_int
+        from ..mining.pipeline import run_all
+        from ..snapshot import pin_snapshot
 
         # Pinned before anything of it is read: the trainer prunes old snapshots, and this refresh may
         # outlast several of its snapshot intervals (a GPU trainer, a large split).
@@ -165,10 +165,10 @@ class Miner:
 
     def _drifted(self, snapshot: Snapshot) -> bool:
         """Embed the probe of the schedule in use with ``snapshot``; True when its bound rose by at least
-        ``refresh.bound_drift`` over the reference (:mod:`b3stream.drift`). Reported in the status."""
+        ``refresh.bound_drift`` over the reference (:mod:`b3stream.refresh.drift`). Reported in the status."""
         from .drift import Probe, embed_probe
-        from .schedule import newest_schedule
-        from .snapshot import load_snapshot_encoder, verify_snapshot
+        from ..schedule import newest_schedule
+        from ..snapshot import load_snapshot_encoder, verify_snapshot
 
         current = newest_schedule(self.paths.schedules)
         if current is None:
@@ -181,7 +181,7 @@ class Miner:
             probe = Probe.of(current, self.settings.probe_batches, seed=mine.seed)
             teacher = current.meta.get("teacher") if current.meta.get("source_step") is None else None
             if teacher is not None:
-                from .encoder import Encoder
+                from ..encoder import Encoder
 
                 encoder = Encoder(from_dict(EncoderConfig, teacher, where="schedule teacher"), trainable=False)
                 probe.reference = probe.bound(*embed_probe(encoder, mine.data, probe.ids), K, tau)
@@ -211,9 +211,9 @@ class Miner:
         already trained were kept from an earlier model (a mid-epoch refresh), since the probe's batches
         include theirs."""
         from .drift import Probe, embed_probe
-        from .mining.embed import load_embeddings
-        from .schedule import load_schedule
-        from .snapshot import load_snapshot_encoder
+        from ..mining.embed import load_embeddings
+        from ..schedule import load_schedule
+        from ..snapshot import load_snapshot_encoder
 
         schedule = load_schedule(path)
         emb = load_embeddings(Path(cfg.out) / "embeddings")
@@ -228,7 +228,7 @@ class Miner:
 
     def _published_steps(self) -> set[int]:
         """Snapshot steps already mined into a published schedule (a restarted miner does not redo them)."""
-        from .schedule import list_versions, sidecar, version_path
+        from ..schedule import list_versions, sidecar, version_path
 
         steps = set()
         for v in list_versions(self.paths.schedules):
@@ -239,8 +239,8 @@ class Miner:
 
     def serve(self, once: bool = False) -> int:
         """Refresh on every new snapshot until the run finishes (or after one refresh with ``once``)."""
-        from .dist import broadcast_int, world
-        from .files import sweep_temps
+        from ..dist import broadcast_int, world
+        from ..files import sweep_temps
 
         try:
             lock = hold_lock(self.paths.refresh / "miner.lock")
@@ -262,9 +262,9 @@ class Miner:
 
     def follow(self) -> int:
         """A process other than rank 0 under a launcher: embed a share of each snapshot rank 0 announces."""
-        from .dist import broadcast_int
-        from .mining.pipeline import embed_stage
-        from .snapshot import SnapshotError, read_snapshot
+        from ..dist import broadcast_int
+        from ..mining.pipeline import embed_stage
+        from ..snapshot import SnapshotError, read_snapshot
 
         while (step := broadcast_int(STOP)) != STOP:
             try:
@@ -278,7 +278,7 @@ class Miner:
         while not self.should_stop():
             snapshot = latest_snapshot(self.run)
             if snapshot is not None and snapshot.step > last:
-                from .snapshot import SnapshotError
+                from ..snapshot import SnapshotError
 
                 try:
                     self.refresh(snapshot)
@@ -325,7 +325,7 @@ def register(sub) -> None:
 def run_refresh(args) -> int:
     import logging
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if bool(args.run) == bool(args.run_folder):
         raise ConfigError("give the run folder once: `b3stream refresh RUN` or `b3stream refresh --run RUN`")
@@ -345,7 +345,7 @@ def run_refresh(args) -> int:
         handler.setFormatter(logging.Formatter("[miner] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-    from .dist import init_from_launcher, leave
+    from ..dist import init_from_launcher, leave
 
     try:
         miner = Miner(args.run, model=args.model, device=args.device, poll=args.poll, parent_pid=args.parent_pid,
