@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="default: /tmp/b3bench-N")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--no-baseline", action="store_true", help="skip the random schedule (quality reference)")
+    ap.add_argument("--no-b3pp", action="store_true", help="skip the B3++ schedule")
     # child mode
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
@@ -270,7 +271,7 @@ def main() -> None:
             report(f"schedule b3 ({tag})", sched)
             version += 1
             totals[tag] = (part["seconds"] + sched["seconds"], max(part["peak_rss_gb"], sched["peak_rss_gb"]))
-            if edges == "mutual" and part_name == partitioners[0]:
+            if edges == "mutual" and part_name == partitioners[0] and not args.no_b3pp:
                 report(f"schedule b3pp ({tag})", child(args, "schedule", edges_one=edges, partitioner_one=part_name,
                                                        strategy="b3pp", version=version))
                 version += 1
