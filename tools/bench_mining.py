@@ -202,6 +202,8 @@ def main() -> None:
     ap.add_argument("--quality-sample", type=int, default=1024, help="queries scored for the Theorem-1 bound")
     ap.add_argument("--workdir", default=None, help="default: /tmp/b3bench-N")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--reuse-data", action="store_true",
+                    help="use the data a kept (or failed) run left in --workdir instead of generating it again")
     ap.add_argument("--no-baseline", action="store_true", help="skip the random schedule (quality reference)")
     ap.add_argument("--no-b3pp", action="store_true", help="skip the B3++ schedule")
     # child mode
@@ -219,14 +221,21 @@ def main() -> None:
 
     import shutil
 
-    if args.workdir.exists():
+    reuse = args.reuse_data and (args.workdir / "embeddings" / "embeddings.json").is_file() and (
+        args.no_rank == (args.workdir / "rank" / "rank.json").is_file())
+    if args.workdir.exists() and not reuse:
         shutil.rmtree(args.workdir)
-    args.workdir.mkdir(parents=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"# b3stream mining benchmark: n={args.n:,} d={args.d} p={args.p} m={args.m} K={args.K} "
           f"|B|={args.batch_size} h={args.h}; {os.cpu_count()} CPUs; workdir {args.workdir}", flush=True)
     t0 = time.perf_counter()
-    info = generate_data(args.workdir, args.n, args.d, args.p, args.m, args.seed, block_S=args.no_rank,
-                         raw=not args.no_rank)
+    if reuse:
+        info = {"reused": str(args.workdir)}
+        for stage in ("partition", "schedules"):
+            shutil.rmtree(args.workdir / stage, ignore_errors=True)
+    else:
+        info = generate_data(args.workdir, args.n, args.d, args.p, args.m, args.seed, block_S=args.no_rank,
+                             raw=not args.no_rank)
     print(f"# generated data in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
     rows = []
 

@@ -236,47 +236,101 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     starts over (the single-process run resumes at its last recorded chunk)."""
     from ..data.reader import ShardedDataset
     from ..dist import barrier, split_bounds, world
-    from ..encoder import Encoder
 
     rank, size = world()
-
     if cfg.embed_chunk < 1 or cfg.embed_batch_size < 1:
         raise ConfigError("embed_chunk and embed_batch_size must be positive")
     manifest = Manifest.load(cfg.data)
     ds = ShardedDataset(cfg.data, cfg.split, manifest=manifest, verify=cfg.verify_data)
     stamp, n = ds.stamp, len(ds)
     folder = Path(cfg.out) / FOLDER
-    record = read_json(folder / RECORD)
-    params = {**embed_params(cfg, (record or {}).get("weight_files")), "prompts": manifest.prompts}
+    old = read_json(folder / RECORD)
+    params = {**embed_params(cfg, (old or {}).get("weight_files")), "prompts": manifest.prompts}
     weight_files = params.pop("_weight_files")
-    same = record is not None and record.get("stamp") == stamp and same_params({**record, "complete": True}, params)
-    if same and record.get("complete"):
+    same = old is not None and old.get("stamp") == stamp and same_params({**old, "complete": True}, params)
+    if same and old.get("complete"):
         log.info("embed: %s is up to date (%d rows)", folder, n)
         return folder
-    files_there = (folder / "queries.npy").is_file() and (folder / "positives.npy").is_file()
-    old_dim = (record or {}).get("dim")
-    kept = _kept_rows(cfg, record, params, stamp, n) if files_there else None
-    keep = load_trained_ids(cfg.trained_ids, n) if kept else None  # rows not to embed
+    start, kept = _starting_point(cfg, folder, old, params, stamp, n, resumable=same and size == 1, rank=rank)
     barrier()  # every rank has read the old record before rank 0 replaces it
+    encoder, snapshot = _embedding_model(cfg, rank, size)
+    if kept and (old or {}).get("dim") != encoder.dim:  # another model width: nothing can be kept
+        kept = None
+    record = {"stamp": stamp, "params": params, "n": n, "dim": encoder.dim, "rows_done": start, "complete": False,
+              "chunk": cfg.embed_chunk, "weight_files": weight_files,
+              "source_step": snapshot.step if snapshot is not None else None, "processes": size,
+              # the teacher's settings, so that refreshed mode's `model: teacher` re-mines with this teacher
+              "teacher": dataclasses.asdict(encoder.cfg) if snapshot is None else None,
+              **({"kept": kept, "trained_ids": sha256_file(cfg.trained_ids)[:16]} if kept else {})}
+    writer = _RowWriter.open(folder, record, rank, size, fresh=not (start > 0 or kept))
+    share_lo, share_hi = split_bounds(n, size, rank)
+    keep = load_trained_ids(cfg.trained_ids, n) if kept else None  # rows not to embed
+
+    def to_embed(lo: int, hi: int) -> int:  # rows of ids lo..hi-1 this stage embeds (not kept)
+        return max(0, hi - lo) - (int(keep[lo:hi].sum()) if keep is not None and hi > lo else 0)
+
+    bar = progress_bar(total=to_embed(share_lo, share_hi), initial=to_embed(share_lo, min(start, share_hi)),
+                       desc="embed", unit="pair", disable=not progress or rank != 0, file=sys.stderr)
+    tasks, keys, task_index = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int64), {}
+    chunk: list[dict] = []
+    for i, rec in enumerate(_in_id_order(ds, cfg, n)):
+        tasks[i] = task_index.setdefault(rec.get("task") or "default", len(task_index))
+        keys[i] = content_key(manifest.prompted(rec, "positive"))
+        if i < start or not share_lo <= i < share_hi or (keep is not None and keep[i]):
+            continue  # already embedded by an interrupted run, another process's share, or a kept row
+        chunk.append(rec)
+        if len(chunk) >= cfg.embed_chunk:
+            bar.update(writer.write(chunk, manifest, encoder, cfg.embed_batch_size))
+            chunk = []
+    if chunk:
+        bar.update(writer.write(chunk, manifest, encoder, cfg.embed_batch_size))
+    bar.close()
+    writer.close()
+    barrier()  # every share is on disk
+    if rank != 0:
+        return folder
+    _write_array(folder, "tasks.npy", tasks)
+    _write_array(folder, KEYS_FILE, keys)
+    record.update(complete=True, rows_done=n, task_names=list(task_index), token=new_token(),
+                  source_model=params["model"] if snapshot is None else f"student@step{snapshot.step}")
+    write_json(folder / RECORD, record)
+    log.info("embed: wrote %d x %d teacher embeddings to %s", n, encoder.dim, folder)
+    return folder
+
+
+def _starting_point(cfg: MineConfig, folder: Path, old: dict | None, params: dict, stamp: dict, n: int,
+                    resumable: bool, rank: int) -> tuple[int, dict | None]:
+    """(first row to embed, the kept rows' record or None): resume an interrupted single-process run of the
+    same settings, keep the rows of ids already trained this epoch (:func:`_kept_rows`), or start over (rank
+    0 removes the stage's own outputs, never other files in the folder)."""
+    files_there = (folder / "queries.npy").is_file() and (folder / "positives.npy").is_file()
+    kept = _kept_rows(cfg, old, params, stamp, n) if files_there else None
     start = 0
-    if same and size == 1 and files_there:
-        start = int(record.get("rows_done", 0))
+    if resumable and files_there:
+        start = int(old.get("rows_done", 0))
         log.info("embed: resuming at row %d of %d", start, n)
     elif kept:
         log.info("embed: %d of %d rows (ids already trained this epoch) kept from %s", kept["rows"], n,
                  kept["source_model"])
     elif rank == 0:
-        remove_outputs(folder, OUTPUTS)  # the folder may hold files of others: only the stage's own go
+        remove_outputs(folder, OUTPUTS)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         sweep_temps(folder)
+    return start, kept
 
+
+def _embedding_model(cfg: MineConfig, rank: int, size: int):
+    """(encoder, snapshot or None): the teacher, or the student snapshot of a refresh, on this process's
+    device; one GPU per process under a launcher. Half precision on a GPU: bf16 where the GPU has it (fp16
+    overflows in some decoder LLMs), else fp16."""
     import torch
 
+    from ..encoder import Encoder
+
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and size > 1:  # one GPU per process under a launcher
+    if device == "cuda" and size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    # Half precision on a GPU: bf16 where the GPU has it (fp16 overflows in some decoder LLMs), else fp16.
     dtype = None
     if device.startswith("cuda"):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -284,97 +338,70 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
         from ..snapshot import load_snapshot_encoder, read_snapshot
 
         snapshot = read_snapshot(cfg.teacher_snapshot)
-        encoder = load_snapshot_encoder(snapshot, device=device, dtype=dtype)
-    else:
-        snapshot = None
-        encoder = Encoder(cfg.teacher, trainable=False, device=device, dtype=dtype)
-    dim = encoder.dim
-    record = {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": start, "complete": False,
-              "chunk": cfg.embed_chunk, "weight_files": weight_files,
-              "source_step": snapshot.step if snapshot is not None else None, "processes": size,
-              # the teacher's settings, so that refreshed mode's `model: teacher` re-mines with this teacher
-              "teacher": dataclasses.asdict(encoder.cfg) if snapshot is None else None,
-              **({"kept": kept, "trained_ids": sha256_file(cfg.trained_ids)[:16]} if kept else {})}
-    if kept and old_dim != dim:  # another model width: nothing can be kept
-        kept = keep = None
-        record = {k: v for k, v in record.items() if k not in ("kept", "trained_ids")}
-    if rank == 0:  # creates the files; the other processes open them once they exist
-        mode = "r+" if start > 0 or kept else "w+"
-        qmm = np.lib.format.open_memmap(folder / "queries.npy", mode=mode, dtype=np.float16, shape=(n, dim))
-        pmm = np.lib.format.open_memmap(folder / "positives.npy", mode=mode, dtype=np.float16, shape=(n, dim))
-        write_json(folder / RECORD, record)
-    barrier()
-    if rank != 0:
-        qmm = np.lib.format.open_memmap(folder / "queries.npy", mode="r+")
-        pmm = np.lib.format.open_memmap(folder / "positives.npy", mode="r+")
-    if qmm.shape != (n, dim) or pmm.shape != (n, dim):
-        raise DataError(f"{folder}: existing embedding files have the wrong shape; delete the folder")
-    share_lo, share_hi = split_bounds(n, size, rank)
+        return load_snapshot_encoder(snapshot, device=device, dtype=dtype), snapshot
+    return Encoder(cfg.teacher, trainable=False, device=device, dtype=dtype), None
 
-    task_names: list[str] = []
-    task_index: dict[str, int] = {}
-    tasks = np.empty(n, dtype=np.int32)
-    keys = np.empty(n, dtype=np.int64)
-    def to_embed(lo: int, hi: int) -> int:  # rows of ids lo..hi-1 this stage embeds (not kept)
-        return max(0, hi - lo) - (int(keep[lo:hi].sum()) if keep is not None and hi > lo else 0)
 
-    bar = progress_bar(total=to_embed(share_lo, share_hi), initial=to_embed(share_lo, min(start, share_hi)),
-                       desc="embed", unit="pair", disable=not progress or rank != 0, file=sys.stderr)
-    chunk: list[dict] = []
-
-    def flush_chunk(rows: list[dict]) -> None:
-        ids = np.array([r["id"] for r in rows])  # ascending; not contiguous where rows are kept
-        lo, hi = int(ids[0]), int(ids[-1]) + 1
-        q_texts = [manifest.prompted(r, "query") for r in rows]
-        p_texts = [manifest.prompted(r, "positive") for r in rows]
-        q = encoder.encode(q_texts, side="query", batch_size=cfg.embed_batch_size)
-        p = encoder.encode(p_texts, side="positive", batch_size=cfg.embed_batch_size)
-        check_vectors(q, f"teacher query embeddings (ids {lo}..{hi - 1})")
-        check_vectors(p, f"teacher positive embeddings (ids {lo}..{hi - 1})")
-        qmm[ids] = q.astype(np.float16)
-        pmm[ids] = p.astype(np.float16)
-        # Flush before recording progress: the record must never claim rows that are not on disk.
-        qmm.flush()
-        pmm.flush()
-        if size == 1:  # several processes fill the rows out of order: no resume point to record
-            record["rows_done"] = hi
-            write_json(folder / RECORD, record)
-        bar.update(len(rows))
-
+def _in_id_order(ds, cfg: MineConfig, n: int):
+    """The split's records, refusing one that does not stream ids 0, 1, ..., n-1."""
     expected = 0
     for rec in ds:
-        i = rec["id"]
-        if i != expected:
-            raise DataError(f"{cfg.data}: split {cfg.split!r} streams id {i} where {expected} was expected")
+        if rec["id"] != expected:
+            raise DataError(f"{cfg.data}: split {cfg.split!r} streams id {rec['id']} where {expected} was expected")
         expected += 1
-        task = rec.get("task") or "default"
-        if task not in task_index:
-            task_index[task] = len(task_names)
-            task_names.append(task)
-        tasks[i] = task_index[task]
-        keys[i] = content_key(manifest.prompted(rec, "positive"))
-        if i < start or not share_lo <= i < share_hi or (keep is not None and keep[i]):
-            continue  # already embedded by an interrupted run, another process's share, or a kept row
-        chunk.append(rec)
-        if len(chunk) >= cfg.embed_chunk:
-            flush_chunk(chunk)
-            chunk = []
-    if chunk:
-        flush_chunk(chunk)
-    bar.close()
+        yield rec
     if expected != n:
         raise DataError(f"{cfg.data}: split {cfg.split!r} streamed {expected} records, manifest says {n}")
-    del qmm, pmm
-    barrier()  # every share is on disk
-    if rank != 0:
-        return folder
-    _write_array(folder, "tasks.npy", tasks.astype(np.int32))
-    _write_array(folder, KEYS_FILE, keys)
-    record.update(complete=True, rows_done=n, task_names=task_names, token=new_token(),
-                  source_model=params["model"] if snapshot is None else f"student@step{snapshot.step}")
-    write_json(folder / RECORD, record)
-    log.info("embed: wrote %d x %d teacher embeddings to %s", n, dim, folder)
-    return folder
+
+
+@dataclass
+class _RowWriter:
+    """The two float16 memory maps the embed stage fills, and its progress record (single process)."""
+
+    folder: Path
+    record: dict
+    single: bool
+    queries: np.ndarray
+    positives: np.ndarray
+
+    @classmethod
+    def open(cls, folder: Path, record: dict, rank: int, size: int, fresh: bool) -> "_RowWriter":
+        """Rank 0 creates (``fresh``) or reopens the files and writes the record; the other processes open
+        them once they exist."""
+        from ..dist import barrier
+
+        n, dim = record["n"], record["dim"]
+        if rank == 0:
+            mode = "w+" if fresh else "r+"
+            q = np.lib.format.open_memmap(folder / "queries.npy", mode=mode, dtype=np.float16, shape=(n, dim))
+            p = np.lib.format.open_memmap(folder / "positives.npy", mode=mode, dtype=np.float16, shape=(n, dim))
+            write_json(folder / RECORD, record)
+        barrier()
+        if rank != 0:
+            q = np.lib.format.open_memmap(folder / "queries.npy", mode="r+")
+            p = np.lib.format.open_memmap(folder / "positives.npy", mode="r+")
+        if q.shape != (n, dim) or p.shape != (n, dim):
+            raise DataError(f"{folder}: existing embedding files have the wrong shape; delete the folder")
+        return cls(folder, record, size == 1, q, p)
+
+    def write(self, rows: list[dict], manifest: Manifest, encoder, batch_size: int) -> int:
+        """Embed ``rows`` (ascending ids; not contiguous where rows are kept) into their rows; returns how many."""
+        ids = np.array([r["id"] for r in rows])
+        lo, hi = int(ids[0]), int(ids[-1]) + 1
+        for side, out in (("query", self.queries), ("positive", self.positives)):
+            vectors = encoder.encode([manifest.prompted(r, side) for r in rows], side=side, batch_size=batch_size)
+            check_vectors(vectors, f"teacher {side} embeddings (ids {lo}..{hi - 1})")
+            out[ids] = vectors.astype(np.float16)
+        # Flush before recording progress: the record must never claim rows that are not on disk.
+        self.queries.flush()
+        self.positives.flush()
+        if self.single:  # several processes fill the rows out of order: no resume point to record
+            self.record["rows_done"] = hi
+            write_json(self.folder / RECORD, self.record)
+        return len(rows)
+
+    def close(self) -> None:
+        del self.queries, self.positives
 
 
 def _write_array(folder: Path, name: str, array: np.ndarray) -> None:

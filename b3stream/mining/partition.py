@@ -43,10 +43,12 @@ communities; ``community_task`` int32 ``(n_comm,)``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 from ..config import ConfigError
+from ..files import tmp_name
 from .graph import Graph
 
 PARTITIONERS = ("metis", "kaminpar")
@@ -142,9 +144,8 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
     ``seed`` seeds KaMinPar's generator (one thread gives the same labels for the same seed; several threads
     may not, as its parallel label propagation races). ``threads`` None: ``torch.get_num_threads()``, the
     process's thread budget (the refresh miner sets it). The graph travels through a temporary ParHiP
-    file in ``workdir`` (default: the system's temporary folder), removed afterwards.
+    file in the existing folder ``workdir`` (default: the system's temporary folder), removed afterwards.
     """
-    import os
     import tempfile
 
     n = graph.n
@@ -161,13 +162,13 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
     capacity = [K] * nparts
     if n % K:
         capacity[-1] = n % K
-    fd, path = tempfile.mkstemp(prefix=".kaminpar-", suffix=".parhip", dir=workdir)
-    os.close(fd)
+    # a temporary name of this process: a killed run's leftover is swept like any other writer's
+    path = tmp_name(Path(workdir or tempfile.gettempdir()) / "kaminpar-graph.parhip")
     try:
         write_parhip(graph, path)
-        kgraph = kaminpar.load_graph(path, kaminpar.GraphFileFormat.PARHIP)
+        kgraph = kaminpar.load_graph(str(path), kaminpar.GraphFileFormat.PARHIP)
     finally:
-        os.unlink(path)
+        path.unlink(missing_ok=True)
     kaminpar.reseed(int(seed))
     solver = kaminpar.KaMinPar(max(1, int(threads)), kaminpar.context_by_name(context))
     labels = np.asarray(solver.compute_partition(kgraph, capacity), dtype=np.int64)

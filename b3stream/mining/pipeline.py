@@ -183,7 +183,7 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
         t_graph = time.perf_counter() - t1
         comm, stats = partition(graph, cfg.K, seed=cfg.seed, ufactor=cfg.metis_ufactor, ids=ids,
                                 partitioner=cfg.partitioner, threads=cfg.partition_threads,
-                                context=cfg.kaminpar_context, workdir=folder)
+                                context=cfg.kaminpar_context, workdir=cfg.out)
         stats.update(graph.stats, graph_s=round(t_graph, 3))
         del graph
         info[label] = stats
