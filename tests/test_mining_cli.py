@@ -277,6 +277,7 @@ def test_kaminpar_partitioner_end_to_end(toy_mined, tmp_path):
     assert main(["mine", "schedule", "--strategy", "b3", "--version", "20", *flags]) == 0
     sched = load_schedule(work / "schedules" / "v000020.b3s")
     sched.check_epoch(Manifest.load(data).stamp("train")["n"])
+    assert sched.meta["partitioner"] == "kaminpar"  # what refreshed mode's miner re-mines with
     # a METIS partition of the same S is stale for a kaminpar config: the parameters differ
     assert main(["mine", "partition", *flags]) == 0
     assert json.loads((work / "partition" / "partition.json").read_text())["params"]["partitioner"] == "metis"

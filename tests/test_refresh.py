@@ -503,6 +503,9 @@ def test_refresh_with_the_teacher_embeds_with_the_teacher_that_mined_the_schedul
                                   "mode": "refreshed", "refresh": {"every_steps": 4, "model": "teacher"}})
     mine = miner_config(cfg, schedule)
     assert mine.teacher.pooling == "mean" and mine.teacher.max_query_length == 32  # the teacher's, not the student's
+    assert mine.partitioner == schedule.meta["partitioner"] == "metis"
+    schedule.meta["partitioner"] = "kaminpar"  # the miner partitions as the running schedule was partitioned
+    assert miner_config(cfg, schedule).partitioner == "kaminpar"
     del schedule.meta["teacher"]
     with pytest.raises(ConfigError, match="does not record one"):
         miner_config(cfg, schedule)

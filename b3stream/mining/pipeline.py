@@ -291,6 +291,7 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
         "K": cfg.K if uses_k else None,
         "h": cfg.h if negatives is not None else None, "per_task": cfg.per_task, "mix_tasks": cfg.mix_tasks,
         "edges": pp.get("edges") if uses_k else None, "rank_weights": pp.get("rank_weights") if uses_k else None,
+        "partitioner": pp.get("partitioner") if uses_k else None,
         "data": stamp, "n": n, "num_batches": len(batches), "tasks": task_names,
         "source_model": emb.record.get("source_model") if emb is not None else None,
         "teacher": emb.record.get("teacher") if emb is not None else None,

@@ -26,8 +26,8 @@ from ..dist import DistInfo, barrier
 from .hotswap import NotYet, ScheduleWatcher, refresh_due, source_step, wait_for_refresh
 
 # Schedule metadata that is also a MineConfig field: the miner mines as the running schedule was mined.
-_FROM_META = ("strategy", "seed", "per_task", "mix_tasks", "p", "m", "K", "h", "edges", "rank_weights", "margin",
-              "task_params")
+_FROM_META = ("strategy", "seed", "per_task", "mix_tasks", "p", "m", "K", "h", "edges", "rank_weights",
+              "partitioner", "margin", "task_params")
 
 
 def miner_config(cfg: TrainConfig, schedule: Schedule, world_size: int = 1) -> MineConfig:
