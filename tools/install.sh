@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Install b3stream into a virtual environment (default: .venv in the repo root).
 #
-#   bash tools/install.sh          # the package and its runtime stack
+#   bash tools/install.sh          # the package, its runtime stack and KaMinPar (the recipe's partitioner)
 #   bash tools/install.sh --test   # ... plus the test extras (pytest, pyarrow, psutil, datasets, kaminpar)
-#   bash tools/install.sh --kaminpar  # ... plus KaMinPar (`partitioner: kaminpar`)
 #   bash tools/install.sh --gpu    # ... with faiss-gpu instead of faiss-cpu (CUDA machines)
 #   bash tools/install.sh --bench  # ... plus matplotlib for tools/bench_quality.py's plot
 #
@@ -21,8 +20,7 @@ for arg in "$@"; do
     --test) extras+=(test) ;;
     --gpu) extras+=(gpu) ;;
     --bench) extras+=(bench) ;;
-    --kaminpar) extras+=(kaminpar) ;;
-    *) echo "usage: bash tools/install.sh [--test] [--gpu] [--bench] [--kaminpar]" >&2; exit 2 ;;
+    *) echo "usage: bash tools/install.sh [--test] [--gpu] [--bench]" >&2; exit 2 ;;
   esac
 done
 
@@ -34,8 +32,8 @@ torch_args=("torch==$TORCH_VERSION")
 "$PY" -m pip install -q "${torch_args[@]}"
 before=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)
 
-spec="."
-if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
+extras+=(kaminpar)  # the recipe's partitioner (configs/mine_code_recipe.yaml); small, MIT
+spec=".[$(IFS=,; echo "${extras[*]}")]"
 "$PY" -m pip install -q -e "$spec" "torch==$before"
 if [[ " ${extras[*]-} " == *" gpu "* ]]; then
   # faiss-cpu and faiss-gpu both provide the `faiss` module; keep only the GPU build. Removing faiss-cpu
