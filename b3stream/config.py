@@ -104,7 +104,8 @@ class MineConfig:
     partitioner: str = "metis"  # metis (the paper's) | kaminpar (multi-threaded, exact K; extra b3stream[kaminpar])
     metis_ufactor: int = 30  # METIS load imbalance in 1/1000 (30: parts up to 3% over K before repair)
     partition_threads: int | None = None  # kaminpar's threads; None: the process's torch thread count
-    kaminpar_context: str = "largek"  # a KaMinPar preset (largek: tuned for many small blocks)
+    kaminpar_context: str = "largek"  # a KaMinPar preset (largek: many small blocks; terapart-largek: the same in
+    #   less memory, what 10M examples need in 24 GB)
     trained_ids: str | None = None  # .npy of ids already trained this epoch (refreshed mode sets it from the
     #   snapshot): they are ranked and partitioned apart from the rest, so the rest's communities reach the
     #   trainer whole and are cut from full neighbour lists

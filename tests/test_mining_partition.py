@@ -152,3 +152,13 @@ def test_unknown_partitioner_or_preset_is_refused():
         partition(g, 8, partitioner="scotch")
     with pytest.raises(ConfigError, match="not one of KaMinPar's presets"):
         partition(g, 8, partitioner="kaminpar", context="nope")
+
+
+def test_kaminpar_memory_lean_preset_gives_exactly_K_too():
+    """``terapart-largek`` (what 10M examples need in 24 GB) keeps the exact sizes and most edges inside."""
+    q, p, _ = clustered(1000, clusters=25, seed=8)
+    S, _, _, _ = rank_group(q, p, RankParams(p=2, m=20, index="flat"))
+    g = build_graph(S, "mutual")
+    comm, stats = partition(g, 32, partitioner="kaminpar", threads=1, context="terapart-largek")
+    check_communities(comm, 1000, 32)
+    assert stats["repaired"] is False and stats["internal_edge_fraction"] > 0.5

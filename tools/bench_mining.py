@@ -142,7 +142,8 @@ def run_stage(args) -> None:
     work = Path(args.workdir)
     cfg = MineConfig(out=str(work), p=args.p, m=args.m, K=args.K, batch_size=args.batch_size, h=args.h,
                      edges=args.edges_one, strategy=args.strategy, quality_sample=args.quality_sample,
-                     version=args.version, partitioner=args.partitioner_one, partition_threads=args.threads)
+                     version=args.version, partitioner=args.partitioner_one, partition_threads=args.threads,
+                     kaminpar_context=args.kaminpar_context)
     if args.stage == "embed":
         cfg.query_embeddings, cfg.positive_embeddings = str(work / "q.npy"), str(work / "p.npy")
     t0 = time.perf_counter()
@@ -173,6 +174,7 @@ def child(args, stage: str, **kw) -> dict:
            "--quality-sample", str(args.quality_sample)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--kaminpar-context", args.kaminpar_context]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     t0 = time.perf_counter()
@@ -197,6 +199,7 @@ def main() -> None:
     ap.add_argument("--edges", default="mutual,union", help="comma-separated: mutual, union")
     ap.add_argument("--partitioner", default="metis", help="comma-separated: metis, kaminpar (each on the same S)")
     ap.add_argument("--threads", type=int, default=None, help="KaMinPar's threads (default: all cores)")
+    ap.add_argument("--kaminpar-context", default="largek", help="KaMinPar preset (terapart-largek: less memory)")
     ap.add_argument("--json", default=None, help="write every stage's figures to this JSON file")
     ap.add_argument("--no-rank", action="store_true", help="generate S (exact within super-clusters) instead")
     ap.add_argument("--quality-sample", type=int, default=1024, help="queries scored for the Theorem-1 bound")
@@ -297,7 +300,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "machine": {"cpus": os.cpu_count()}, "generated": info,
             "params": {k: getattr(args, k) for k in ("n", "d", "p", "m", "K", "batch_size", "h", "seed", "edges",
-                                                      "partitioner", "threads", "no_rank")},
+                                                      "partitioner", "threads", "kaminpar_context", "no_rank")},
             "stages": [{"name": name, **res} for name, res in rows],
             "totals": {tag: {"seconds": round(secs, 2), "peak_rss_gb": peak} for tag, (secs, peak) in totals.items()},
         }, indent=1))
