@@ -266,6 +266,10 @@ def test_kaminpar_partitioner_end_to_end(toy_mined, tmp_path):
     work = tmp_path / "mine"
     shutil.copytree(out, work, ignore=shutil.ignore_patterns("partition"))  # a first partition: no folder yet
     flags = ["--config", str(cfg), "--out", str(work), *SMALL]
+    from b3stream.files import HOST
+
+    leftover = work / f".kaminpar-graph.parhip.tmp-{2**22 + 12345}@{HOST}"  # a killed run's graph file
+    leftover.write_bytes(b"partial")
     assert main(["mine", "partition", "--partitioner", "kaminpar", "--set", "partition_threads=1", *flags]) == 0
     record = json.loads((work / "partition" / "partition.json").read_text())
     assert record["params"]["partitioner"] == "kaminpar" and "metis_ufactor" not in record["params"]

@@ -52,6 +52,7 @@ from ..files import tmp_name
 from .graph import Graph
 
 PARTITIONERS = ("metis", "kaminpar")
+KAMINPAR_FILE = "kaminpar-graph.parhip"  # the graph handed to KaMinPar, under a writer's temporary name
 
 
 def metis_parts(graph: Graph, nparts: int, seed: int = 0, ufactor: int = 30) -> np.ndarray:
@@ -163,7 +164,7 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
     if n % K:
         capacity[-1] = n % K
     # a temporary name of this process: a killed run's leftover is swept like any other writer's
-    path = tmp_name(Path(workdir or tempfile.gettempdir()) / "kaminpar-graph.parhip")
+    path = tmp_name(Path(workdir or tempfile.gettempdir()) / KAMINPAR_FILE)
     try:
         write_parhip(graph, path)
         # compressed in memory: a third of the plain graph at 10M nodes, and no slower
@@ -388,10 +389,11 @@ def partition(graph: Graph, K: int, seed: int = 0, ufactor: int = 30, ids: np.nd
         if n % K:
             target[-1] = n % K
         exact = partitioner == "kaminpar" and np.array_equal(np.bincount(labels, minlength=nparts), target)
+        cut = first_cut
         if not exact:  # METIS always; KaMinPar only if a block missed its bound
             labels, repair_stats = repair(graph, labels, K)
             stats.update(repair_stats)
-        cut = edge_cut(graph, labels)
+            cut = edge_cut(graph, labels)
         stats.update(partitioner_edge_cut=first_cut, edge_cut=cut, repaired=not exact,
                      internal_edge_fraction=round(1 - cut / max(1, graph.num_edges), 4))
     stats.update(n=n, communities=nparts, short=int(n % K), partitioner_s=round(t1 - t0, 3),

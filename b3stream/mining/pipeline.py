@@ -25,7 +25,7 @@ from ..progress import progress_bar
 
 from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, Manifest, check_stamp, sha256_file
-from .artefacts import log, new_token, read_json, same_params, staged_arrays, write_json
+from .artefacts import log, new_token, read_json, same_params, staged_arrays, sweep_temps, write_json
 from .embed import (FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings,
                     load_trained_ids)
 from .rank import (FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, check_sizes, merge_threshold,
@@ -155,12 +155,13 @@ def partition_params(cfg: MineConfig, rank_record: dict) -> dict:
 def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
     """Stage 3 (:mod:`b3stream.mining.graph` + :mod:`b3stream.mining.partition`): S -> communities."""
     from .graph import EDGES, Relabel, build_graph, subgraph_rows
-    from .partition import check_partitioner, partition
+    from .partition import KAMINPAR_FILE, check_partitioner, partition
 
     t0 = time.perf_counter()
     if cfg.K < 1:
         raise ConfigError(f"K must be positive, got {cfg.K}")
     check_partitioner(cfg.partitioner, cfg.kaminpar_context)
+    sweep_temps(cfg.out, names=[KAMINPAR_FILE])  # a graph file a killed partition left behind
     if cfg.edges not in EDGES:
         raise ConfigError(f"edges must be one of {EDGES}, got {cfg.edges!r}")
     expect = expected_stamp(cfg)
