@@ -93,6 +93,14 @@ def metis_parts(graph: Graph, nparts: int, seed: int = 0, ufactor: int = 30) -> 
     return out
 
 
+def block_sizes(n: int, K: int) -> np.ndarray:
+    """The exact community sizes of ``n`` nodes: ``ceil(n/K)`` blocks of K, the last one ``n mod K`` if non-zero."""
+    sizes = np.full(-(-n // K), K, dtype=np.int64)
+    if n % K:
+        sizes[-1] = n % K
+    return sizes
+
+
 def check_partitioner(partitioner: str, context: str = "largek") -> None:
     """Refuse an unknown partitioner, and ``kaminpar`` without its bindings or with an unknown preset."""
     if partitioner not in PARTITIONERS:
@@ -160,9 +168,6 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
         import torch
 
         threads = torch.get_num_threads()
-    capacity = [K] * nparts
-    if n % K:
-        capacity[-1] = n % K
     # a temporary name of this process: a killed run's leftover is swept like any other writer's
     path = tmp_name(Path(workdir or tempfile.gettempdir()) / KAMINPAR_FILE)
     try:
@@ -173,7 +178,7 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
         path.unlink(missing_ok=True)
     kaminpar.reseed(int(seed))
     solver = kaminpar.KaMinPar(max(1, int(threads)), kaminpar.context_by_name(context))
-    labels = np.asarray(solver.compute_partition(kgraph, capacity), dtype=np.int64)
+    labels = np.asarray(solver.compute_partition(kgraph, block_sizes(n, K).tolist()), dtype=np.int64)
     del kgraph, solver
     return labels
 
@@ -385,10 +390,7 @@ def partition(graph: Graph, K: int, seed: int = 0, ufactor: int = 30, ids: np.nd
     stats: dict = {"partitioner": partitioner}
     if n:
         first_cut = edge_cut(graph, labels)
-        target = np.full(nparts, K, dtype=np.int64)
-        if n % K:
-            target[-1] = n % K
-        exact = partitioner == "kaminpar" and np.array_equal(np.bincount(labels, minlength=nparts), target)
+        exact = partitioner == "kaminpar" and np.array_equal(np.bincount(labels, minlength=nparts), block_sizes(n, K))
         cut = first_cut
         if not exact:  # METIS always; KaMinPar only if a block missed its bound
             labels, repair_stats = repair(graph, labels, K)
