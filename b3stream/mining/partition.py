@@ -248,7 +248,10 @@ def repair(graph: Graph, parts: np.ndarray, K: int, max_hops: int = 8, max_round
            ) -> tuple[np.ndarray, dict]:
     """Make METIS parts exactly K (one short part of n mod K if any). Returns (labels, stats).
 
-    Labels are in ``[0, ceil(n/K))``; the short part, if any, is the last label.
+    Labels are in ``[0, ceil(n/K))``; the short part, if any, is the last label. Each hop evicts the members of
+    over-full parts that lose least by leaving, re-homes the evicted by their strongest edges into parts with
+    room, and lets a node with no edge to such a part push into its strongest full part (an ejection chain);
+    what is left at the end fills the remaining room in the order it was evicted.
     """
     n = graph.n
     nparts = -(-n // K)
@@ -260,93 +263,32 @@ def repair(graph: Graph, parts: np.ndarray, K: int, max_hops: int = 8, max_round
         target[int(np.argmin(sizes))] = r  # the smallest part is cheapest to trim to r
     stats = {"unrepaired_sizes_min": int(sizes.min()), "unrepaired_sizes_max": int(sizes.max()),
              "unrepaired_empty_parts": int((sizes == 0).sum())}
-    everywhere = np.ones(nparts, dtype=np.int64)
-    pool = np.zeros(0, dtype=np.int64)
-    origin = np.zeros(0, dtype=np.int64)
+    pool = _Pool()
     evicted = by_edges = seeded = hops = 0
     last_pool = None
-
     for hops in range(1, max_hops + 1):
-        # 1. evict the members that lose least by leaving (weak ties home, strong ties to a part with room)
-        placed = parts >= 0
-        sizes = np.bincount(parts[placed], minlength=nparts)
-        excess = np.maximum(sizes - target, 0)
-        if excess.any():
-            room0 = target - sizes
-            cand = np.flatnonzero(placed & (excess[np.maximum(parts, 0)] > 0))
-            loss = _node_weight_to_own(graph, cand, parts)
-            node_i, _, strength = _open_strength(graph, cand, parts, room0, nparts)
-            outer = np.zeros(len(cand), dtype=np.int64)
-            np.maximum.at(outer, node_i, strength)
-            loss = loss - outer
-            order = np.lexsort((cand, loss, parts[cand]))  # by part, cheapest to move first, then id
-            cp = parts[cand][order]
-            grp = np.concatenate([[0], np.flatnonzero(cp[1:] != cp[:-1]) + 1])
-            rank_in = np.arange(len(cp)) - np.repeat(grp, np.diff(np.concatenate([grp, [len(cp)]])))
-            out = cand[order[rank_in < excess[cp]]]
-            evicted += len(out)
-            pool = np.concatenate([pool, out])
-            origin = np.concatenate([origin, parts[out]])
-            parts[out] = -1
+        out = _to_evict(graph, parts, target, nparts)
+        evicted += len(out)
+        pool.add(out, parts[out])
+        parts[out] = -1
         room = target - np.bincount(parts[parts >= 0], minlength=nparts)
-
-        # 2. re-home by strongest edges to parts with room, in rounds; seed empty parts
-        for _ in range(max_rounds):
-            if not len(pool):
-                break
-            node_i, part_i, strength = _open_strength(graph, pool, parts, room, nparts)
-            if len(node_i) == 0:
-                empty = np.flatnonzero((room == target) & (room > 0))
-                if len(empty) == 0:
-                    break
-                best = _independent_seeds(graph, pool, min(len(empty), len(pool)))
-                k = len(best)
-                parts[pool[best]] = empty[:k]
-                room[empty[:k]] -= 1
-                seeded += k
-                keep = np.ones(len(pool), dtype=bool)
-                keep[best] = False
-                pool, origin = pool[keep], origin[keep]
-                continue
-            best = _best_per_node(node_i, part_i, strength)
-            prop_node, prop_part, prop_w = node_i[best], part_i[best], strength[best]
-            # each part accepts its strongest proposals up to its free room
-            o2 = np.lexsort((prop_node, -prop_w, prop_part))
-            pp = prop_part[o2]
-            grp = np.concatenate([[0], np.flatnonzero(pp[1:] != pp[:-1]) + 1])
-            rank_in = np.arange(len(pp)) - np.repeat(grp, np.diff(np.concatenate([grp, [len(pp)]])))
-            accept = o2[rank_in < room[pp]]
-            parts[pool[prop_node[accept]]] = prop_part[accept]
-            np.subtract.at(room, prop_part[accept], 1)
-            by_edges += len(accept)
-            keep = np.ones(len(pool), dtype=bool)
-            keep[prop_node[accept]] = False
-            pool, origin = pool[keep], origin[keep]
-        if not len(pool) or hops == max_hops or (last_pool is not None and np.array_equal(np.sort(pool), last_pool)):
+        moved, new_seeds = _rehome(graph, parts, room, target, pool, nparts, max_rounds)
+        by_edges, seeded = by_edges + moved, seeded + new_seeds
+        if not len(pool) or hops == max_hops or (last_pool is not None and np.array_equal(np.sort(pool.nodes),
+                                                                                          last_pool)):
             break  # done, out of hops, or the chain brought back the same nodes
-        last_pool = np.sort(pool)
-
-        # 3. ejection chain: a node with no edge to a part with room joins its strongest (full) part;
-        #    the next eviction then pushes out that part's member best tied to a part with room.
-        node_i, part_i, strength = _open_strength(graph, pool, parts, everywhere, nparts)
-        if len(node_i) == 0:
+        last_pool = np.sort(pool.nodes)
+        if not _eject(graph, parts, pool, nparts):
             break
-        best = _best_per_node(node_i, part_i, strength)
-        parts[pool[node_i[best]]] = part_i[best]
-        keep = np.ones(len(pool), dtype=bool)
-        keep[node_i[best]] = False
-        pool, origin = pool[keep], origin[keep]
-
     stats.update(evicted=int(evicted), moved_by_edges=int(by_edges), seeded_empty=int(seeded), repair_hops=hops)
 
-    # 4. fill the remaining room with the nodes that have no edge to an open part.
+    # What is left has no edge to an open part: it fills the remaining room.
     room = target - np.bincount(parts[parts >= 0], minlength=nparts)
     if len(pool):
-        order = np.lexsort((pool, origin))
         slots = np.repeat(np.arange(nparts), np.maximum(room, 0))
-        parts[pool[order]] = slots
+        parts[pool.nodes[np.lexsort((pool.nodes, pool.origin))]] = slots
         np.subtract.at(room, slots, 1)
-    stats["moved_without_edges"] = int(len(pool))
+    stats["moved_without_edges"] = len(pool)
     if room.any() or (parts < 0).any():
         raise AssertionError("repair left parts unbalanced")  # a bug, never a data problem
 
@@ -358,6 +300,95 @@ def repair(graph: Graph, parts: np.ndarray, K: int, max_hops: int = 8, max_round
         relabel[short] = nparts - 1
         parts = relabel[parts]
     return parts, stats
+
+
+class _Pool:
+    """The nodes :func:`repair` holds outside every part, with the part each was evicted from."""
+
+    def __init__(self):
+        self.nodes = np.zeros(0, dtype=np.int64)
+        self.origin = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def add(self, nodes: np.ndarray, origin: np.ndarray) -> None:
+        self.nodes = np.concatenate([self.nodes, nodes])
+        self.origin = np.concatenate([self.origin, origin])
+
+    def remove(self, positions: np.ndarray) -> None:
+        keep = np.ones(len(self.nodes), dtype=bool)
+        keep[positions] = False
+        self.nodes, self.origin = self.nodes[keep], self.origin[keep]
+
+
+def _rank_in_runs(keys: np.ndarray) -> np.ndarray:
+    """Each element's position within its run of equal values in the sorted ``keys``."""
+    starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1])
+    return np.arange(len(keys)) - np.repeat(starts, np.diff(np.concatenate([starts, [len(keys)]])))
+
+
+def _to_evict(graph: Graph, parts: np.ndarray, target: np.ndarray, nparts: int) -> np.ndarray:
+    """The members each over-full part gives up: those that lose least by leaving (weak ties home, strong ties
+    to a part with room), as many as the part holds over its target."""
+    placed = parts >= 0
+    sizes = np.bincount(parts[placed], minlength=nparts)
+    excess = np.maximum(sizes - target, 0)
+    if not excess.any():
+        return np.zeros(0, dtype=np.int64)
+    cand = np.flatnonzero(placed & (excess[np.maximum(parts, 0)] > 0))
+    node_i, _, strength = _open_strength(graph, cand, parts, target - sizes, nparts)
+    outer = np.zeros(len(cand), dtype=np.int64)
+    np.maximum.at(outer, node_i, strength)
+    loss = _node_weight_to_own(graph, cand, parts) - outer
+    order = np.lexsort((cand, loss, parts[cand]))  # by part, cheapest to move first, then id
+    cp = parts[cand][order]
+    return cand[order[_rank_in_runs(cp) < excess[cp]]]
+
+
+def _rehome(graph: Graph, parts: np.ndarray, room: np.ndarray, target: np.ndarray, pool: _Pool, nparts: int,
+            max_rounds: int) -> tuple[int, int]:
+    """Place pooled nodes by their strongest edge to a part with room, in rounds (each part accepts its
+    strongest proposals up to its room); when no pooled node has such an edge, seed the empty parts.
+    Returns (placed by edges, seeded)."""
+    by_edges = seeded = 0
+    for _ in range(max_rounds):
+        if not len(pool):
+            break
+        node_i, part_i, strength = _open_strength(graph, pool.nodes, parts, room, nparts)
+        if len(node_i) == 0:
+            empty = np.flatnonzero((room == target) & (room > 0))
+            if len(empty) == 0:
+                break
+            best = _independent_seeds(graph, pool.nodes, min(len(empty), len(pool)))
+            k = len(best)
+            parts[pool.nodes[best]] = empty[:k]
+            room[empty[:k]] -= 1
+            seeded += k
+            pool.remove(best)
+            continue
+        best = _best_per_node(node_i, part_i, strength)
+        prop_node, prop_part, prop_w = node_i[best], part_i[best], strength[best]
+        o2 = np.lexsort((prop_node, -prop_w, prop_part))
+        pp = prop_part[o2]
+        accept = o2[_rank_in_runs(pp) < room[pp]]
+        parts[pool.nodes[prop_node[accept]]] = prop_part[accept]
+        np.subtract.at(room, prop_part[accept], 1)
+        by_edges += len(accept)
+        pool.remove(prop_node[accept])
+    return by_edges, seeded
+
+
+def _eject(graph: Graph, parts: np.ndarray, pool: _Pool, nparts: int) -> bool:
+    """Ejection chain: each pooled node with an edge anywhere joins its strongest (full) part; the next eviction
+    then pushes out that part's member best tied to a part with room. False when no pooled node has an edge."""
+    node_i, part_i, strength = _open_strength(graph, pool.nodes, parts, np.ones(nparts, dtype=np.int64), nparts)
+    if len(node_i) == 0:
+        return False
+    best = _best_per_node(node_i, part_i, strength)
+    parts[pool.nodes[node_i[best]]] = part_i[best]
+    pool.remove(node_i[best])
+    return True
 
 
 def communities_from_labels(labels: np.ndarray, K: int, ids: np.ndarray | None = None) -> np.ndarray:

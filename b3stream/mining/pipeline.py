@@ -243,32 +243,7 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
     strategy = get_strategy(cfg.strategy)
     prm = BatchParams.from_config(cfg)
     strategy.check_params(prm)
-    expect = expected_stamp(cfg)
-    S = scores = top = communities = community_task = None
-    records: dict[str, dict] = {}
-    if {"S", "scores", "top"} & set(strategy.needs):
-        S, scores, top, records["rank"] = load_rank(cfg, expect)
-        if "top" in strategy.needs and top is None:
-            raise DataError(f"{out_dir(cfg, RANK_FOLDER)}: the neighbour lists have no top-p lists ({TOP_FILE}), "
-                            f"which {cfg.strategy} needs to keep each member's likely false negatives out of the "
-                            "batch's hard negatives; re-run `b3stream mine rank`")
-    if "communities" in strategy.needs:
-        communities, community_task, records["partition"] = load_partition(cfg, expect)
-        # The communities must come from the neighbour lists now in OUT/rank, also for b3, which reads no S
-        # itself: after a rank re-run (other p, m, data or teacher) the old communities would be batched under
-        # the new lists' p and m (the metadata below reads them from the rank record).
-        current = records.get("rank") or read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD)
-        if current is None:
-            raise DataError(f"{out_dir(cfg, RANK_FOLDER)}: no neighbour lists ({RANK_RECORD}), so nothing shows "
-                            f"that the communities in {out_dir(cfg, PARTITION_FOLDER)} are current; re-run "
-                            "`b3stream mine rank` and `b3stream mine partition`")
-        if records["partition"]["params"].get("upstream") != current.get("token"):
-            raise ConfigError(f"the communities in {out_dir(cfg, PARTITION_FOLDER)} were built from other neighbour "
-                              f"lists than those now in {out_dir(cfg, RANK_FOLDER)} (the rank stage ran again "
-                              "since); re-run `b3stream mine partition`")
-        if records["partition"]["params"].get("K") != cfg.K:
-            raise ConfigError(f"the communities have K={records['partition']['params'].get('K')} but K={cfg.K} "
-                              "was asked for; re-run the partition stage with this K")
+    S, scores, top, communities, community_task, records = _mined_inputs(cfg, strategy)
     n_hint = len(S) if S is not None else (records["partition"]["n"] if "partition" in records else None)
     tasks, task_names, stamp = _tasks(cfg, n_hint)
     emb = _embeddings(cfg) if (out_dir(cfg, EMBED_FOLDER) / "embeddings.json").is_file() else None
@@ -282,34 +257,11 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
                          communities=communities, community_task=community_task,
                          keys=emb.keys if emb is not None else None)
     batches, negatives, extra = make_batches(cfg.strategy, inputs, prm)
-    uses_s, uses_k = bool(set(strategy.needs) & {"S", "communities"}), strategy.uses_communities
     # p, m, margin, edges describe the artefacts the batches came from, which may predate this config.
     rank_rec = records.get("rank") or read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
-    rp, pp = rank_rec.get("params", {}), records.get("partition", {}).get("params", {})
-    meta = {
-        "strategy": cfg.strategy, "batch_size": cfg.batch_size, "seed": cfg.seed,
-        "p": rp.get("p") if uses_s else None, "m": rp.get("m") if uses_s else None,
-        "K": cfg.K if uses_k else None,
-        "h": cfg.h if negatives is not None else None, "per_task": cfg.per_task, "mix_tasks": cfg.mix_tasks,
-        "edges": pp.get("edges") if uses_k else None, "rank_weights": pp.get("rank_weights") if uses_k else None,
-        "partitioner": pp.get("partitioner") if uses_k else None,
-        "data": stamp, "n": n, "num_batches": len(batches), "tasks": task_names,
-        "source_model": emb.record.get("source_model") if emb is not None else None,
-        "teacher": emb.record.get("teacher") if emb is not None else None,
-        "source_step": cfg.source_step if cfg.source_step is not None else
-        (emb.record.get("source_step") if emb is not None else None),
-        "margin": rp.get("margin") if uses_s else None,
-        "task_params": rp.get("task_params") if uses_s else None, **extra,
-        # the examples' stored negatives, which the trainer adds with `negatives: dataset | both`
-        "dataset_negatives": Manifest.load(cfg.data).split(cfg.split).negatives if cfg.data else None,
-        # A refresh: the snapshot's epoch, and how many of its ids were mined apart as already trained then
-        # (such a schedule's communities fit that epoch's remainder only; the trainer refuses it in another).
-        **({"source_epoch": cfg.source_epoch,
-            "trained_apart": int(trained.sum()) if trained is not None else 0,
-            # rows of trained ids the embed stage kept from an earlier model instead of embedding (embed.py)
-            "embed_kept": (emb.record.get("kept") or {}).get("rows", 0) if emb is not None else 0}
-           if cfg.source_epoch is not None else {}),
-    }
+    meta = _schedule_meta(cfg, strategy, rank_rec, records.get("partition", {}).get("params", {}), emb,
+                          trained, has_negatives=negatives is not None)
+    meta.update(data=stamp, n=n, num_batches=len(batches), tasks=task_names, **extra)
     schedule = Schedule.from_batches(batches, meta, negatives,
                                      batch_task=_batch_tasks(batches, tasks) if _tasks_apart(cfg, task_names) else None)
     schedule.check_epoch(n)
@@ -322,29 +274,9 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
         timings["embed"] = emb.record.get("seconds")
     timings["schedule"] = round(t_sched, 3)
     if emb is not None and cfg.quality_sample != 0:
-        from .quality import batch_quality, query_sample
-
         t1 = time.perf_counter()
-        # One exact top-K over all positives for the sampled queries, shared by both schedules scored below.
-        scored = query_sample(emb.queries, emb.positives, K=cfg.K, sample=cfg.quality_sample, seed=0,
-                              progress=progress)
-        # A refresh scores the batches still to come: the ids the trainer has not trained this epoch (it
-        # skips the others after the swap), as they will be batched in each schedule.
-        to_come = None if trained is None else ~trained
-
-        def score(s: Schedule) -> dict:
-            ids, offsets, negatives = _upcoming(s, to_come)
-            return {**batch_quality(ids, offsets, emb.queries, emb.positives, K=cfg.K,
-                                    temperature=cfg.quality_temperature, negatives=negatives,
-                                    sample=cfg.quality_sample, seed=0, scored=scored, only=to_come),
-                    "scope": "all ids" if to_come is None else "ids to come"}
-
-        schedule.meta["quality"] = score(schedule)
-        # The schedule this one will replace, scored under the same (newer) embeddings: whether a refresh
-        # actually makes the upcoming batches harder for the model the embeddings came from.
-        previous = _previous_schedule(publish_to, stamp, below=cfg.version)
-        if previous is not None:
-            schedule.meta["quality_previous"] = {**score(previous), "version": previous.version}
+        _score_schedule(cfg, schedule, emb, trained, _previous_schedule(publish_to, stamp, below=cfg.version),
+                        progress)
         timings["quality"] = round(time.perf_counter() - t1, 3)
     schedule.meta["timings"] = timings
     path = publish_schedule(schedule, publish_to, cfg.version, overwrite=cfg.overwrite)
@@ -353,6 +285,95 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
              f"; Theorem-1 bound {q['theorem1_bound']:.3f}, in-batch negative similarity mean "
              f"{q['neg_sim_mean']:.3f}, hardest {q['neg_sim_hardest_mean']:.3f}" if q else "")
     return path
+
+
+def _mined_inputs(cfg: MineConfig, strategy) -> tuple:
+    """(S, scores, top, communities, community_task, records): the mining artefacts ``strategy`` reads, each
+    checked against the data stamp and, for communities, against the neighbour lists they were cut from."""
+    expect = expected_stamp(cfg)
+    S = scores = top = communities = community_task = None
+    records: dict[str, dict] = {}
+    if {"S", "scores", "top"} & set(strategy.needs):
+        S, scores, top, records["rank"] = load_rank(cfg, expect)
+        if "top" in strategy.needs and top is None:
+            raise DataError(f"{out_dir(cfg, RANK_FOLDER)}: the neighbour lists have no top-p lists ({TOP_FILE}), "
+                            f"which {cfg.strategy} needs to keep each member's likely false negatives out of the "
+                            "batch's hard negatives; re-run `b3stream mine rank`")
+    if "communities" in strategy.needs:
+        communities, community_task, records["partition"] = load_partition(cfg, expect)
+        # The communities must come from the neighbour lists now in OUT/rank, also for b3, which reads no S
+        # itself: after a rank re-run (other p, m, data or teacher) the old communities would be batched under
+        # the new lists' p and m (the metadata reads them from the rank record).
+        current = records.get("rank") or read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD)
+        if current is None:
+            raise DataError(f"{out_dir(cfg, RANK_FOLDER)}: no neighbour lists ({RANK_RECORD}), so nothing shows "
+                            f"that the communities in {out_dir(cfg, PARTITION_FOLDER)} are current; re-run "
+                            "`b3stream mine rank` and `b3stream mine partition`")
+        if records["partition"]["params"].get("upstream") != current.get("token"):
+            raise ConfigError(f"the communities in {out_dir(cfg, PARTITION_FOLDER)} were built from other neighbour "
+                              f"lists than those now in {out_dir(cfg, RANK_FOLDER)} (the rank stage ran again "
+                              "since); re-run `b3stream mine partition`")
+        if records["partition"]["params"].get("K") != cfg.K:
+            raise ConfigError(f"the communities have K={records['partition']['params'].get('K')} but K={cfg.K} "
+                              "was asked for; re-run the partition stage with this K")
+    return S, scores, top, communities, community_task, records
+
+
+def _schedule_meta(cfg: MineConfig, strategy, rp: dict, pp: dict, emb, trained: np.ndarray | None,
+                   has_negatives: bool) -> dict:
+    """The schedule's metadata from the config and the records of the artefacts it was built from (``rp``
+    the rank record, ``pp`` the partition stage's parameters); p, m, K, edges only where the strategy read them."""
+    uses_s, uses_k = bool(set(strategy.needs) & {"S", "communities"}), strategy.uses_communities
+    params = rp.get("params", {})
+    return {
+        "strategy": cfg.strategy, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "p": params.get("p") if uses_s else None, "m": params.get("m") if uses_s else None,
+        "K": cfg.K if uses_k else None,
+        "h": cfg.h if has_negatives else None, "per_task": cfg.per_task, "mix_tasks": cfg.mix_tasks,
+        "edges": pp.get("edges") if uses_k else None, "rank_weights": pp.get("rank_weights") if uses_k else None,
+        "partitioner": pp.get("partitioner") if uses_k else None,
+        "source_model": emb.record.get("source_model") if emb is not None else None,
+        "teacher": emb.record.get("teacher") if emb is not None else None,
+        "source_step": cfg.source_step if cfg.source_step is not None else
+        (emb.record.get("source_step") if emb is not None else None),
+        "margin": params.get("margin") if uses_s else None,
+        "task_params": params.get("task_params") if uses_s else None,
+        # the examples' stored negatives, which the trainer adds with `negatives: dataset | both`
+        "dataset_negatives": Manifest.load(cfg.data).split(cfg.split).negatives if cfg.data else None,
+        # A refresh: the snapshot's epoch, and how many of its ids were mined apart as already trained then
+        # (such a schedule's communities fit that epoch's remainder only; the trainer refuses it in another).
+        **({"source_epoch": cfg.source_epoch,
+            "trained_apart": int(trained.sum()) if trained is not None else 0,
+            # rows of trained ids the embed stage kept from an earlier model instead of embedding (embed.py)
+            "embed_kept": (emb.record.get("kept") or {}).get("rows", 0) if emb is not None else 0}
+           if cfg.source_epoch is not None else {}),
+    }
+
+
+def _score_schedule(cfg: MineConfig, schedule: Schedule, emb, trained: np.ndarray | None,
+                    previous: Schedule | None, progress: bool) -> None:
+    """Theorem-1 bound and in-batch negative similarities of ``schedule`` (meta ``quality``) and of the schedule
+    it will replace, scored under the same (newer) embeddings (``quality_previous``): whether a refresh actually
+    makes the upcoming batches harder for the model the embeddings came from."""
+    from .quality import batch_quality, query_sample
+
+    # One exact top-K over all positives for the sampled queries, shared by both schedules scored below.
+    scored = query_sample(emb.queries, emb.positives, K=cfg.K, sample=cfg.quality_sample, seed=0,
+                          progress=progress)
+    # A refresh scores the batches still to come: the ids the trainer has not trained this epoch (it
+    # skips the others after the swap), as they will be batched in each schedule.
+    to_come = None if trained is None else ~trained
+
+    def score(s: Schedule) -> dict:
+        ids, offsets, negatives = _upcoming(s, to_come)
+        return {**batch_quality(ids, offsets, emb.queries, emb.positives, K=cfg.K,
+                                temperature=cfg.quality_temperature, negatives=negatives,
+                                sample=cfg.quality_sample, seed=0, scored=scored, only=to_come),
+                "scope": "all ids" if to_come is None else "ids to come"}
+
+    schedule.meta["quality"] = score(schedule)
+    if previous is not None:
+        schedule.meta["quality_previous"] = {**score(previous), "version": previous.version}
 
 
 def _upcoming(schedule: Schedule, to_come: np.ndarray | None
