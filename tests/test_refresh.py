@@ -77,11 +77,17 @@ def assert_exactly_once_per_epoch(trace: list[dict], n: int) -> None:
 
 @pytest.fixture(scope="module")
 def refreshed_run(mined):
+    """Two epochs in refreshed mode, stopped after 50 steps and resumed (one run serves the swap, the
+    exactly-once and the resume assertions: refreshed runs are the suite's slowest tests)."""
     cfg = refreshed_config(mined, "run", epochs=2)
-    res = run([*B3, "train", "--config", str(cfg)], threads=1, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    first = run([*B3, "train", "--config", str(cfg), "max_steps=50"], threads=1, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
     out = mined["root"] / "run"
-    return {"res": res, "out": out, "summary": json.loads((out / "summary.json").read_text())}
+    before = json.loads((out / "summary.json").read_text())
+    second = run([*B3, "train", "--config", str(cfg)], threads=1, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    return {"first": first, "second": second, "out": out, "before": before,
+            "summary": json.loads((out / "summary.json").read_text())}
 
 
 @pytest.mark.slow
@@ -106,7 +112,7 @@ def test_refreshed_run_swaps_mid_epoch_and_trains_each_id_once(mined, refreshed_
         assert meta["quality"]["theorem1_bound"] > 0 and meta["quality_previous"]["version"] == v - 1
         assert {"embed", "rank", "partition", "schedule"} <= set(meta["timings"])
     assert any(load_schedule(version_path(out / "schedules", v)).meta["trained_apart"] for v in versions[1:])
-    stderr = refreshed_run["res"].stderr
+    stderr = refreshed_run["first"].stderr + refreshed_run["second"].stderr
     assert "swapped to schedule v1" in stderr and "under the same embeddings" in stderr
     status = json.loads((out / "refresh" / "status.json").read_text())
     assert status["state"] == "stopped" and status["refreshes"] >= 2
@@ -221,7 +227,9 @@ def test_trained_ids_from_another_dataset_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_swap_at_the_same_step(mined):
-    cfg = refreshed_config(mined, "run2", epochs=2, deepspeed="zero2", refresh={"every_steps": 4})
+    # one epoch; max_lag_steps makes the first swap certain however slow the miner is on a loaded machine
+    cfg = refreshed_config(mined, "run2", epochs=1, deepspeed="zero2",
+                           refresh={"every_steps": 4, "max_lag_steps": 16, "wait_timeout": 300})
     res = torchrun(2, ["-m", "b3stream.train", "--config", str(cfg)], free_port(), timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     out = mined["root"] / "run2"
@@ -404,20 +412,15 @@ def test_mine_embed_on_two_processes_equals_one(mined, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resumed_refreshed_run_continues_the_epoch_on_its_swapped_schedule(mined):
-    """Stop a refreshed run after its first swaps, resume it: the resumed run starts on the schedule
+def test_a_resumed_refreshed_run_continues_the_epoch_on_its_swapped_schedule(mined, refreshed_run):
+    """A refreshed run stopped after its first swaps and resumed: the resumed run starts on the schedule
     version it had swapped to, keeps the swap history, restarts the miner, and the epoch still trains
     every id exactly once."""
-    cfg = refreshed_config(mined, "resumed", epochs=2, refresh={"every_steps": 4, "poll_seconds": 0.3})
-    out = mined["root"] / "resumed"
-    first = run([*B3, "train", "--config", str(cfg), "max_steps=50"], threads=1, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    before = json.loads((out / "summary.json").read_text())
+    before, after, out = refreshed_run["before"], refreshed_run["summary"], refreshed_run["out"]
     assert before["swaps"], "no swap in the first 50 steps"
-    second = run([*B3, "train", "--config", str(cfg)], threads=1, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    after = json.loads((out / "summary.json").read_text())
-    assert "resuming at step 50" in second.stderr and "miner started" in second.stderr
+    assert before["steps"] == 50 and after["steps"] > 50
+    second = refreshed_run["second"].stderr
+    assert "resuming at step 50" in second and "miner started" in second
     assert after["swaps"][: len(before["swaps"])] == before["swaps"]
     trace = read_trace(out)
     assert [t["step"] for t in trace] == list(range(1, len(trace) + 1))
@@ -447,13 +450,14 @@ def test_max_lag_zero_trains_every_refresh_from_the_step_of_its_snapshot(mined, 
     ids are still trained exactly once. With ``refresh.model: teacher`` the embeddings carry no snapshot step,
     and the schedule must still say which snapshot it answers (else the trainer waits until its timeout)."""
     cfg = refreshed_config(mined, f"sync-{model}", epochs=1,
-                           refresh={"every_steps": 10, "max_lag_steps": 0, "model": model, "wait_timeout": 300})
+                           refresh={"every_steps": 15, "max_lag_steps": 0, "model": model, "wait_timeout": 300})
     res = run([*B3, "train", "--config", str(cfg)], threads=1, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     out = mined["root"] / f"sync-{model}"
     summary = json.loads((out / "summary.json").read_text())
     n = Manifest.load(mined["data"]).split("train").n
-    snapshots = list(range(10, summary["steps"], 10))  # no snapshot at the last step: training has ended
+    snapshots = list(range(15, summary["steps"], 15))  # no snapshot at the last step: training has ended
+    assert len(snapshots) >= 2
     swaps = summary["swaps"]
     assert [s["step"] for s in swaps] == snapshots, swaps
     for s in swaps:
