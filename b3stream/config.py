@@ -190,7 +190,8 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # wins over epochs when set
     grad_cache_chunk: int | None = None  # None: no GradCache; else sub-batch size for cached embedding
-    fuse_sides: bool | str = "auto"  # one padded forward for all sides (auto: on CUDA, without GradCache)
+    # one padded forward for all sides (auto: on CUDA, without GradCache, in steps where it adds <= 10% padding)
+    fuse_sides: bool | str = "auto"
     grad_clip: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     deepspeed: str | None = None  # ZeRO JSON path or name in ds_configs/ ("zero2"); None: zero0

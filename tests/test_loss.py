@@ -215,6 +215,32 @@ def test_one_padded_forward_for_all_sides_equals_one_forward_per_side(lora_encod
     assert q["input_ids"].shape[1] != d["input_ids"].shape[1]
 
 
+def test_auto_fuses_only_sides_of_about_one_width(lora_encoder):
+    """fuse_sides="auto" runs one forward when padding the sides to one width adds at most 10% tokens, and a
+    forward per side otherwise (short queries beside long positives): counted at the encoder."""
+    from b3stream.train.loss import fusing_pays
+
+    calls = []
+    handle = lora_encoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        kwargs["input_ids"].shape), with_kwargs=True)
+    model = BatchEmbedder(lora_encoder, fuse_sides="auto", pad_id=lora_encoder.tokenizer.pad_token_id).eval()
+    q, d = dict(lora_encoder.tokenize(TEXTS_Q, "query")), dict(lora_encoder.tokenize(TEXTS_D, "positive"))
+    try:
+        with torch.no_grad():
+            assert not fusing_pays({"query": q, "positive": d})
+            model({"query": q, "positive": d})
+            assert len(calls) == 2  # short queries, long positives: apart
+            calls.clear()
+            model({"query": d, "positive": d})  # one width (a symmetric task)
+            assert len(calls) == 1 and calls[0][0] == 2 * len(TEXTS_D)
+    finally:
+        handle.remove()
+    wide = {"input_ids": torch.ones(10, 100, dtype=torch.long)}
+    assert fusing_pays({"query": {"input_ids": torch.ones(10, 95, dtype=torch.long)}, "positive": wide})
+    assert not fusing_pays({"query": {"input_ids": torch.ones(10, 60, dtype=torch.long)}, "positive": wide})
+    assert BatchEmbedder(lora_encoder, chunk=4, fuse_sides="auto").fuse_sides is False  # never with GradCache
+
+
 @pytest.mark.parametrize("chunk", [3, 4, 100])
 def test_gradcache_gradients_equal_plain(lora_encoder, chunk):
     loss_plain, plain = lora_grads(lora_encoder, None, train_mode=False)

@@ -132,7 +132,8 @@ class Recipe:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
         self.encoder = Encoder(cfg.student, trainable=True, dtype=torch.float32)  # DeepSpeed casts for bf16/fp16
-        fuse = self.dist.device.type == "cuda" if cfg.fuse_sides == "auto" else cfg.fuse_sides
+        # auto: on CUDA, in the steps whose sides have about one width (loss.fusing_pays); never on a CPU
+        fuse = ("auto" if self.dist.device.type == "cuda" else False) if cfg.fuse_sides == "auto" else cfg.fuse_sides
         self.model = BatchEmbedder(self.encoder, chunk=cfg.grad_cache_chunk, fuse_sides=fuse,
                                    pad_id=self.encoder.tokenizer.pad_token_id or 0)
         self.loss_fn = InfoNCE(temperature=cfg.temperature, symmetric=cfg.symmetric,

@@ -357,6 +357,20 @@ def _trim(features: dict[str, torch.Tensor], extents: torch.Tensor | None = None
     return {k: v[:, :keep] for k, v in features.items()}
 
 
+FUSE_MAX_PADDING = 0.1  # fuse_sides "auto": the most padding (a share of the real forwards' tokens) a fused step may add
+
+
+def fusing_pays(batch: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """Whether one padded forward over every side adds at most :data:`FUSE_MAX_PADDING` tokens to the separate
+    forwards (read from the tensors' shapes, so the host never waits for the device)."""
+    shapes = [tuple(f["input_ids"].shape) for f in batch.values() if f is not None and f["input_ids"].shape[0]]
+    if len(shapes) < 2:
+        return False
+    separate = sum(rows * width for rows, width in shapes)
+    fused = sum(rows for rows, _ in shapes) * max(width for _, width in shapes)
+    return fused <= (1 + FUSE_MAX_PADDING) * separate
+
+
 class BatchEmbedder(torch.nn.Module):
     """Embeds ``{"query": features, "positive": features, "negative": features}`` in one forward.
 
@@ -369,22 +383,28 @@ class BatchEmbedder(torch.nn.Module):
     the right to the longest side's width: half the kernel launches of a forward per side, which is what
     a small model on a GPU is bound by; on a CPU the extra padding of the shorter side costs more than
     the launches save. Padding is masked, so the embeddings are those of the separate forwards.
+    ``fuse_sides="auto"`` fuses a step only when the padding adds at most :data:`FUSE_MAX_PADDING` of the
+    separate forwards' tokens (sides of about one width, e.g. symmetric tasks): queries of 32 tokens padded
+    to positives of 128 would cost 60% more tokens, which a compute-bound student (any LLM) pays in full.
 
     Args:
         encoder: a :class:`b3stream.encoder.Encoder` (its ``forward(input_ids, attention_mask)``).
         chunk: GradCache sub-batch size; None embeds each side in one pass.
-        fuse_sides: one padded forward for all sides (ignored with ``chunk``).
+        fuse_sides: one padded forward for all sides: True, False, or "auto" (decided per step from the
+            sides' widths); ignored with ``chunk``.
         pad_id: the token id that pads ``input_ids`` when sides are fused (masked: any id works).
     """
 
-    def __init__(self, encoder: torch.nn.Module, chunk: int | None = None, fuse_sides: bool = False,
+    def __init__(self, encoder: torch.nn.Module, chunk: int | None = None, fuse_sides: bool | str = False,
                  pad_id: int = 0):
         super().__init__()
         if chunk is not None and chunk < 1:
             raise ValueError(f"grad_cache_chunk must be >= 1, got {chunk}")
+        if fuse_sides not in (True, False, "auto"):
+            raise ValueError(f"fuse_sides must be True, False or 'auto', got {fuse_sides!r}")
         self.encoder = encoder
         self.chunk = chunk
-        self.fuse_sides = fuse_sides and chunk is None
+        self.fuse_sides = fuse_sides if chunk is None else False
         self.pad_id = pad_id
 
     def _embed(self, features: dict[str, torch.Tensor], extents: torch.Tensor | None = None) -> torch.Tensor:
@@ -405,7 +425,7 @@ class BatchEmbedder(torch.nn.Module):
     def forward(self, batch: dict[str, dict[str, torch.Tensor]],
                 extents: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``extents``: optional host-side token extents per side (``LocalBatch.extents``)."""
-        if self.fuse_sides:
+        if self.fuse_sides is True or (self.fuse_sides == "auto" and fusing_pays(batch)):
             return self._fused(batch)
         out = {}
         for side in SIDES:
