@@ -4,33 +4,20 @@ checkpointing, LoRA on the architecture's own projection names."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from b3stream.config import EncoderConfig, LoraConfig
 from b3stream.encoder import Encoder
 
-WORDS = ["open", "a", "file", "and", "read", "its", "lines", "def", "return", "sorted", "list", "parse", "date",
-         "string", "the", "of", "to", "x", "y", "("]
-
+from ._train_util import write_tiny_llama
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A 2-layer Llama (hidden 32) and a word-level tokenizer whose EOS is never added by the tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(str(folder))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=1, pad_token_id=1)
-    LlamaModel(config).save_pretrained(str(folder))
-    return folder
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 TEXTS = ["open a file and read its lines", "return sorted list", "parse the date string to x and y of a list"]
@@ -81,3 +68,34 @@ def test_attention_checkpointing_and_lora_for_a_decoder(tiny_llama):
 
     with pytest.raises(ConfigError, match="attn_implementation: must be one of eager, sdpa, flash_attention_2"):
         validate(from_dict(TrainConfig, {"student": {"attn_implementation": "fast"}}))
+
+
+@pytest.mark.slow
+def test_zero3_loads_each_rank_a_share_of_the_student(tiny_llama, code_dataset, tmp_path):
+    """Two ranks, a LoRA decoder student with last-token pooling: under ZeRO-3 the backbone is built inside
+    zero.Init, so right after loading each rank holds about half of the weights (ZeRO-0: all of them), and
+    both train."""
+    from b3stream.dist import free_port
+
+    from ._train_util import random_schedule, torchrun, write_config
+
+    sched = random_schedule(code_dataset, batch_size=8, folder=tmp_path / "schedules")
+    held = {}
+    for stage in (0, 3):
+        cfg = write_config(tmp_path / f"zero{stage}.yaml", data=str(code_dataset), schedule=str(sched.parent),
+                           out=str(tmp_path / f"run{stage}"), deepspeed=f"zero{stage}", max_steps=2,
+                           student={"model": str(tiny_llama), "pooling": "last",
+                                    "max_query_length": 16, "max_positive_length": 24})
+        res = torchrun(2, ["-m", "b3stream.train", "--config", str(cfg)], free_port(), timeout=300)
+        assert res.returncode == 0, res.stderr[-4000:]
+        summary = json.loads((tmp_path / f"run{stage}" / "summary.json").read_text())
+        assert summary["zero_stage"] == stage and summary["steps"] == 2
+        held[stage] = summary["memory"]["student_bytes_at_load"]
+        assert len(held[stage]) == 2 and all(g > 0 for g in summary["memory"]["peak_rss_gb"])
+    whole = Encoder(EncoderConfig(model=str(tiny_llama), pooling="last", lora=LoraConfig(r=4, alpha=8)),
+                    trainable=True)
+    full = sum(p.numel() * p.element_size() for p in whole.parameters())
+    assert held[0] == [full, full]
+    lora = sum(p.numel() * p.element_size() for n, p in whole.named_parameters() if "lora_" in n)
+    for share in held[3]:  # the backbone split in two (up to padding), the small LoRA weights whole
+        assert share - lora == pytest.approx((full - lora) / 2, rel=0.02), (share, full, lora)

@@ -75,8 +75,8 @@ class Recipe:
     - Export of the adapter, the merged model and a sentence-transformers folder (``export``).
 
     Limits: no gradient accumulation (|B| is one step's global batch); GradCache not under ZeRO-3; text only
-    (image fields are stored by ``prepare`` but not embedded); under ZeRO-3 every rank first loads the full
-    student; bf16 exports the bf16 weights, not the fp32 master copy.
+    (image fields are stored by ``prepare`` but not embedded); bf16 exports the bf16 weights, not the fp32 master
+    copy.
     """
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
@@ -131,7 +131,13 @@ class Recipe:
     def setup_student(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
-        self.encoder = Encoder(cfg.student, trainable=True, dtype=torch.float32)  # DeepSpeed casts for bf16/fp16
+        self.stage = zero_stage(self.ds_config)
+        # Under ZeRO-3 the backbone is built inside deepspeed.zero.Init, so each rank holds its partition of the
+        # weights from the start (a 7B student in fp32 is 28 GB on every rank otherwise, before ZeRO shards it).
+        with _partitioned_loading(self.ds_config, self.stage == 3):
+            # DeepSpeed casts for bf16/fp16; a bf16 run reads the weights straight into bf16 (half the memory)
+            self.encoder = Encoder(cfg.student, trainable=True, dtype=_load_dtype(self.precision, self.stage))
+        self.loaded_bytes = _local_bytes(self.encoder)  # what this rank holds of the student right after loading
         # auto: on CUDA, in the steps whose sides have about one width (loss.fusing_pays); never on a CPU
         fuse = ("auto" if self.dist.device.type == "cuda" else False) if cfg.fuse_sides == "auto" else cfg.fuse_sides
         self.model = BatchEmbedder(self.encoder, chunk=cfg.grad_cache_chunk, fuse_sides=fuse,
@@ -153,7 +159,6 @@ class Recipe:
             model=self.model, model_parameters=[p for p in self.model.parameters() if p.requires_grad],
             config=self.ds_config)
         ds_log.setLevel(max(level, logging.WARNING))
-        self.stage = zero_stage(self.ds_config)
         weights_only_engine(self.engine)  # resume unpickles no code (a checkpoint folder need not be trusted)
 
     # -- 5. Resume: model, optimizer, lr schedule and sampler position from RUN/checkpoints. ------------
@@ -269,6 +274,8 @@ class Recipe:
             "mode": cfg.mode, "swaps": sampler.history,
             "refresh_wait_seconds": self.step_end.waited if self.refreshed else None,
             "miner_restarts": miner.restarts if miner is not None else None,
+            # per rank: the student's bytes right after loading (a share under ZeRO-3), the process's peak RSS
+            "memory": _per_rank({"student_bytes_at_load": self.loaded_bytes, "peak_rss_gb": _peak_rss_gb()}, dist),
         }
         if dist.is_main:
             write_atomic(self.run / "summary.json", json.dumps(summary, indent=2, default=str).encode())
@@ -389,6 +396,64 @@ def _trace(run: Path, step: int, s, global_ids: np.ndarray, out, dist: DistInfo)
         f.write(json.dumps({"step": step, "epoch": s.epoch, "index": s.index, "version": s.version,
                             "loss": out.global_loss, "negatives": out.negatives,
                             "ids": [int(i) for i in global_ids]}) + "\n")
+
+
+class _partitioned_loading:
+    """Within the block, ``from_pretrained`` builds the model under ``deepspeed.zero.Init`` and loads each rank's
+    partition (transformers' DeepSpeed integration, switched on while its ``HfDeepSpeedConfig`` lives). Switched
+    off afterwards: a model loaded later (the export's merge, a teacher) is a whole one on one rank."""
+
+    def __init__(self, ds_config: dict, enabled: bool):
+        self.ds_config, self.enabled = ds_config, enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.hf_config = HfDeepSpeedConfig(self.ds_config)  # held: transformers keeps only a weak reference
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            del self.hf_config
+        return False
+
+
+def _load_dtype(precision: str, stage: int) -> torch.dtype:
+    """The dtype the student's weights are read in: bf16 for a bf16 run (half the host memory of fp32, and
+    nothing lost: DeepSpeed casts the module to bf16 before its optimizer makes the fp32 master copy), except
+    under ZeRO-3, where zero.Init gives each partition the run's dtype itself. fp32 otherwise (DeepSpeed casts
+    an fp16 run's module)."""
+    return torch.bfloat16 if precision == "bf16" and stage != 3 else torch.float32
+
+
+def _local_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameter storage this process holds: of a ZeRO-3 partitioned parameter, its partition."""
+    total = 0
+    for p in module.parameters():
+        held = p.ds_tensor if getattr(p, "ds_tensor", None) is not None else p
+        total += held.numel() * held.element_size()
+    return int(total)
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # kB on Linux
+
+
+def _per_rank(values: dict, dist: DistInfo) -> dict:
+    """``{key: [rank 0's value, rank 1's, ...]}`` on every rank."""
+    if dist.world_size == 1:
+        return {k: [v] for k, v in values.items()}
+    import torch.distributed as tdist
+
+    every = [None] * dist.world_size
+    tdist.all_gather_object(every, values)
+    return {k: [v[k] for v in every] for k in values}
 
 
 def _ranks_in_sync(engine, dist: DistInfo, stage: int) -> bool | None:
