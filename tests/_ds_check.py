@@ -1,6 +1,6 @@
 """Run under ``torchrun --nproc_per_node 2``: real DeepSpeed engines (ZeRO 0-3) on a LoRA MiniLM.
 
-For each stage, one engine computes the plain loss and (ZeRO 0-2) one the GradCache loss (chunks of 2) of the same
+For each stage, one engine computes the plain loss and one the GradCache loss (chunks of 2) of the same
 global batch, each rank holding half of it. Their full gradients (``safe_get_full_grad``, after DeepSpeed's
 cross-rank averaging) are compared with each other and with the gradient of one process holding the whole
 batch without DeepSpeed. Rank 0 writes the differences to ``argv[1]`` as JSON.
@@ -68,7 +68,7 @@ def main(out_path: str) -> None:
 
     for stage in (0, 1, 2, 3):
         grads = {}
-        for chunk in ((None,) if stage == 3 else (None, 2)):  # GradCache is for ZeRO 0-2
+        for chunk in (None, 2):
             enc = encoder()
             model = BatchEmbedder(enc, chunk=chunk)
             cfg = TrainConfig(lr=1e-4, grad_cache_chunk=chunk)

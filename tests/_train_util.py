@@ -112,24 +112,9 @@ def moved_student(cfg, seed: int = 0):
     return student
 
 
-TINY_LLAMA_WORDS = ["open", "a", "file", "and", "read", "its", "lines", "def", "return", "sorted", "list", "parse",
-                    "date", "string", "the", "of", "to", "x", "y", "("]
+def write_tiny_llama(folder: Path) -> Path:
+    """A 2-layer Llama (hidden 32) and a word-level tokenizer whose EOS the tokenizer never adds, in ``folder``."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_rank_memory import write_llama
 
-
-def write_tiny_llama(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
-    """A randomly initialised Llama and a word-level tokenizer (EOS ``</s>``, never added by the tokenizer)
-    saved in ``folder``: a decoder student with no download."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *TINY_LLAMA_WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(str(folder))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, eos_token_id=1, pad_token_id=1)
-    LlamaModel(config).save_pretrained(str(folder))
-    return folder
+    return write_llama(folder, hidden=32, layers=2)

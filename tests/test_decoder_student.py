@@ -99,3 +99,25 @@ def test_zero3_loads_each_rank_a_share_of_the_student(tiny_llama, code_dataset, 
     lora = sum(p.numel() * p.element_size() for n, p in whole.named_parameters() if "lora_" in n)
     for share in held[3]:  # the backbone split in two (up to padding), the small LoRA weights whole
         assert share - lora == pytest.approx((full - lora) / 2, rel=0.02), (share, full, lora)
+
+
+@pytest.mark.slow
+def test_a_bf16_run_exports_the_fp32_master_weights(tiny_llama, code_dataset, tmp_path):
+    """bf16 full fine-tuning under ZeRO-2 and ZeRO-3 (two ranks, on CPU), three optimizer steps, then the
+    trainer's export: the merged model on disk is DeepSpeed's fp32 master copy, not the bf16 weights the
+    forward ran on, and the module holds its bf16 weights again afterwards."""
+    from b3stream.dist import free_port
+
+    from ._train_util import REPO, torchrun
+
+    out = tmp_path / "export.json"
+    res = torchrun(2, [str(REPO / "tests" / "_export_check.py"), str(out), str(tiny_llama), str(code_dataset)],
+                   free_port(), timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    results = json.loads(out.read_text())
+    for stage in ("zero2", "zero3"):
+        r = results[stage]
+        assert r["module_dtype"] == "torch.bfloat16" and r["dtype_on_disk"] == ["torch.float32"], r
+        assert r["vs_master"] == 0.0, r
+        assert r["vs_bf16_module"] > 1e-4, r  # the masters are not the bf16 copy: the check can tell them apart
+    assert results["zero2"]["restored"] is True

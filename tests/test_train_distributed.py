@@ -23,7 +23,7 @@ from ._train_util import REPO, random_schedule, read_trace, torchrun, write_conf
 @pytest.mark.slow
 def test_gradients_match_one_process_and_gradcache_under_zero(tmp_path):
     """Per ZeRO stage: plain-loss gradients of the 2-rank gathered batch == one process holding the whole
-    batch, and GradCache gradients == plain gradients (ZeRO 0-2), read with ``safe_get_full_grad``."""
+    batch, and GradCache gradients == plain gradients (ZeRO 0-3), read with ``safe_get_full_grad``."""
     out = tmp_path / "grads.json"
     res = torchrun(2, [str(REPO / "tests" / "_ds_check.py"), str(out)], free_port(), timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -33,9 +33,9 @@ def test_gradients_match_one_process_and_gradcache_under_zero(tmp_path):
         assert scale > 0
         assert r[f"zero{stage}_plain_vs_ref"] <= 1e-4 * scale, (stage, r)
         assert r[f"zero{stage}_chunkNone_loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
-        if stage < 3:
-            assert r[f"zero{stage}_cached_vs_plain"] <= 1e-4 * scale, (stage, r)
-            assert r[f"zero{stage}_chunk2_loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
+        # GradCache under every stage (ZeRO-3 gathers the parameters again for each recomputed chunk)
+        assert r[f"zero{stage}_cached_vs_plain"] <= 1e-4 * scale, (stage, r)
+        assert r[f"zero{stage}_chunk2_loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -8,13 +8,15 @@
 
 The merge happens on a fresh base model loaded from disk, not on the live training model, so exporting
 never alters the weights of a run that may continue (and works the same for any ZeRO stage once the
-adapter is on disk).
+adapter is on disk). A bf16 / fp16 run exports DeepSpeed's fp32 master weights (:func:`master_weights`), not
+the rounded copy the forward runs on.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -98,3 +100,27 @@ def export_all(encoder: Encoder, out: Path, prompts: dict[str, str] | None = Non
     if adapter is not None:
         paths["adapter"] = str(adapter)
     return paths
+
+
+@contextmanager
+def master_weights(engine):
+    """Within the block every trainable parameter of ``engine.module`` holds DeepSpeed's full fp32 master copy
+    (``safe_get_full_fp32_param``: ZeRO 1-3 and the bf16 optimizer keep one) instead of the bf16 / fp16 copy
+    the forward runs on; restored afterwards, so a run may go on. Yields the number of parameters swapped (0:
+    the optimizer keeps no fp32 copy, and the module's own weights are what there is). Under ZeRO-3 every rank
+    must enter (the masters are gathered), inside ``GatheredParameters``."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    saved = []
+    try:
+        for p in engine.module.parameters():
+            if not p.requires_grad:
+                continue
+            master = safe_get_full_fp32_param(p)
+            if master is not None:
+                saved.append((p, p.data))
+                p.data = master.detach().to(p.device).reshape(p.data.shape)
+        yield len(saved)
+    finally:
+        for p, data in saved:
+            p.data = data

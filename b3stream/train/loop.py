@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from ..snapshot import RunPaths
 from .collate import step_loader
 from . import run_folder
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
-from .export import export_all
+from .export import export_all, master_weights
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
 from .monitor import Monitor
 from .sampler import ScheduleSampler
@@ -74,9 +75,9 @@ class Recipe:
       miner (``mode: refreshed``, ``refresh.*``).
     - Export of the adapter, the merged model and a sentence-transformers folder (``export``).
 
-    Limits: no gradient accumulation (|B| is one step's global batch); GradCache not under ZeRO-3; text only
-    (image fields are stored by ``prepare`` but not embedded); bf16 exports the bf16 weights, not the fp32 master
-    copy.
+    Limits: no gradient accumulation (|B| is one step's global batch); text only (image fields are stored by
+    ``prepare`` but not embedded); a bf16 run's snapshots (refreshed mode) are its bf16 weights (the export
+    takes the fp32 master copy).
     """
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
@@ -535,17 +536,20 @@ def _export(engine, encoder: Encoder, cfg: TrainConfig, manifest: Manifest, out:
     for task in manifest.tasks:
         prompts[f"{task}-query"] = manifest.prompt(task, "query")
         prompts[f"{task}-document"] = manifest.prompt(task, "positive")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     paths = {}
-    if stage == 3:  # parameters are partitioned: gather them on every rank, rank 0 writes
-        import deepspeed
+    import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            if dist.is_main:
-                paths = export_all(encoder, out, prompts, dtype)
-    elif dist.is_main:
-        paths = export_all(encoder, out, prompts, dtype)
+    # ZeRO-3: parameters are partitioned; gather them on every rank, rank 0 writes
+    gathered = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None) \
+        if stage == 3 else nullcontext()
+    with gathered, (master_weights(engine) if precision != "fp32" else nullcontext(0)) as masters:
+        # fp32 master weights where DeepSpeed keeps them; else the weights as trained
+        dtype = torch.float32 if masters else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision,
+                                                                                                    torch.float32)
+        if dist.is_main:
+            paths = export_all(encoder, out, prompts, dtype)
     barrier()
     if dist.is_main:
-        print(f"exported to {out}: {', '.join(sorted(paths))}", flush=True)
+        print(f"exported to {out}: {', '.join(sorted(paths))}" + (f" (fp32 master weights of a {precision} run)"
+                                                                  if masters else ""), flush=True)
     return paths
