@@ -72,9 +72,9 @@ def test_attention_checkpointing_and_lora_for_a_decoder(tiny_llama):
 
 @pytest.mark.slow
 def test_zero3_loads_each_rank_a_share_of_the_student(tiny_llama, code_dataset, tmp_path):
-    """Two ranks, a LoRA decoder student with last-token pooling: under ZeRO-3 the backbone is built inside
-    zero.Init, so right after loading each rank holds about half of the weights (ZeRO-0: all of them), and
-    both train."""
+    """Two ranks, a LoRA decoder student with last-token pooling and GradCache: under ZeRO-3 the backbone is
+    built inside zero.Init, so right after loading each rank holds about half of the weights (ZeRO-0: all of
+    them), and both train."""
     from b3stream.dist import free_port
 
     from ._train_util import random_schedule, torchrun, write_config
@@ -84,6 +84,7 @@ def test_zero3_loads_each_rank_a_share_of_the_student(tiny_llama, code_dataset, 
     for stage in (0, 3):
         cfg = write_config(tmp_path / f"zero{stage}.yaml", data=str(code_dataset), schedule=str(sched.parent),
                            out=str(tmp_path / f"run{stage}"), deepspeed=f"zero{stage}", max_steps=2,
+                           grad_cache_chunk=2,  # the 7B recipe's combination: ZeRO-3, LoRA, GradCache
                            student={"model": str(tiny_llama), "pooling": "last",
                                     "max_query_length": 16, "max_positive_length": 24})
         res = torchrun(2, ["-m", "b3stream.train", "--config", str(cfg)], free_port(), timeout=300)

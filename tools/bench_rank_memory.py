@@ -77,7 +77,7 @@ def run_cell(work: Path, model: Path, data: Path, schedules: Path, stage: int, m
     out = work / f"run-zero{stage}-{mode}"
     cfg = {"data": str(data), "schedule": str(schedules), "out": str(out), "overwrite": True, "resume": False,
            "deepspeed": f"zero{stage}", "max_steps": steps, "log_every": 1, "num_workers": 0, "eval_split": None,
-           "export": False, "save_every": 0,
+           "export": False, "save_every": None,
            "student": {"model": str(model), "pooling": "last", "max_query_length": 16, "max_positive_length": 32,
                        "lora": {"enabled": mode == "lora", "r": 8, "alpha": 16}}}
     path = work / f"zero{stage}-{mode}.yaml"
@@ -92,7 +92,8 @@ def run_cell(work: Path, model: Path, data: Path, schedules: Path, stage: int, m
     memory = json.loads((out / "summary.json").read_text())["memory"]
     return {"stage": stage, "mode": mode, "ranks": ranks,
             "student_gb_at_load": [round(b / 2**30, 3) for b in memory["student_bytes_at_load"]],
-            "peak_rss_gb": memory["peak_rss_gb"]}
+            "peak_rss_gb": memory["peak_rss_gb"], "peak_rss_gb_loaded": memory["peak_rss_gb_loaded"],
+            "peak_rss_gb_engine": memory["peak_rss_gb_engine"], "peak_rss_gb_trained": memory["peak_rss_gb_trained"]}
 
 
 def main() -> None:
@@ -116,13 +117,15 @@ def main() -> None:
     print(f"Llama hidden {args.hidden}, {args.layers} layers: {params / 1e6:.0f}M parameters "
           f"({params * 4 / 2**30:.2f} GB in fp32); {args.ranks} ranks, {args.steps} steps, fp32 on CPU", flush=True)
     rows = []
-    print("| ZeRO | mode | student held at load, GB per rank | peak RSS, GB per rank |\n|---|---|---|---|")
+    print("| ZeRO | mode | student held at load, GB per rank | peak RSS after loading | ... after the engine | "
+          "... after the steps | ... at the end (checkpoint saved) |\n|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         for stage in (int(s) for s in args.stages.split(",")):
             row = run_cell(work, model, data, schedules, stage, mode, args.ranks, args.steps)
             rows.append(row)
-            print(f"| {stage} | {mode} | {' / '.join(map(str, row['student_gb_at_load']))} | "
-                  f"{' / '.join(map(str, row['peak_rss_gb']))} |", flush=True)
+            print(f"| {stage} | {mode} | " + " | ".join(" / ".join(map(str, row[k])) for k in (
+                "student_gb_at_load", "peak_rss_gb_loaded", "peak_rss_gb_engine", "peak_rss_gb_trained",
+                "peak_rss_gb")) + " |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"params": params, "hidden": args.hidden, "layers": args.layers,
                                                "rows": rows}, indent=2))

@@ -40,7 +40,7 @@ from .collate import step_loader
 from . import run_folder
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all, master_weights
-from .loss import BatchEmbedder, InfoNCE, all_gather_rows, gather_sizes
+from .loss import BatchEmbedder, InfoNCE, all_gather_rows, bound_cpu_heap, gather_sizes
 from .monitor import Monitor
 from .sampler import ScheduleSampler
 
@@ -135,10 +135,16 @@ class Recipe:
         self.stage = zero_stage(self.ds_config)
         # Under ZeRO-3 the backbone is built inside deepspeed.zero.Init, so each rank holds its partition of the
         # weights from the start (a 7B student in fp32 is 28 GB on every rank otherwise, before ZeRO shards it).
+        if self.stage == 3 and self.dist.device.type == "cpu":
+            # ZeRO-3 gathers and frees every layer's weights each forward and backward; glibc's heap keeps the freed
+            # blocks and fragments unless its mmap threshold stays at its initial 128 KiB (measured, LoRA on a
+            # 189M-parameter Llama, 2 ranks: peak RSS per rank 3.3 GB -> 1.6 GB; tools/bench_rank_memory.py)
+            bound_cpu_heap(128 << 10)
         with _partitioned_loading(self.ds_config, self.stage == 3):
             # DeepSpeed casts for bf16/fp16; a bf16 run reads the weights straight into bf16 (half the memory)
             self.encoder = Encoder(cfg.student, trainable=True, dtype=_load_dtype(self.precision, self.stage))
         self.loaded_bytes = _local_bytes(self.encoder)  # what this rank holds of the student right after loading
+        self.peak_rss = {"loaded": _peak_rss_gb()}
         # auto: on CUDA, in the steps whose sides have about one width (loss.fusing_pays); never on a CPU
         fuse = ("auto" if self.dist.device.type == "cuda" else False) if cfg.fuse_sides == "auto" else cfg.fuse_sides
         self.model = BatchEmbedder(self.encoder, chunk=cfg.grad_cache_chunk, fuse_sides=fuse,
@@ -160,6 +166,7 @@ class Recipe:
             model=self.model, model_parameters=[p for p in self.model.parameters() if p.requires_grad],
             config=self.ds_config)
         ds_log.setLevel(max(level, logging.WARNING))
+        self.peak_rss["engine"] = _peak_rss_gb()
         weights_only_engine(self.engine)  # resume unpickles no code (a checkpoint folder need not be trusted)
 
     # -- 5. Resume: model, optimizer, lr schedule and sampler position from RUN/checkpoints. ------------
@@ -260,6 +267,7 @@ class Recipe:
     # -- 7. Final checkpoint, evaluation, export. ---------------------------------------------------------
     def finish(self, evals: dict, miner) -> dict:
         cfg, dist, sampler = self.cfg, self.dist, self.sampler
+        self.peak_rss["trained"] = _peak_rss_gb()
         self.save()
         if self.eval_set is not None:
             evals["after"] = self.evaluate()
@@ -276,7 +284,9 @@ class Recipe:
             "refresh_wait_seconds": self.step_end.waited if self.refreshed else None,
             "miner_restarts": miner.restarts if miner is not None else None,
             # per rank: the student's bytes right after loading (a share under ZeRO-3), the process's peak RSS
-            "memory": _per_rank({"student_bytes_at_load": self.loaded_bytes, "peak_rss_gb": _peak_rss_gb()}, dist),
+            # once the student had loaded, once the engine stood, and at the end
+            "memory": _per_rank({"student_bytes_at_load": self.loaded_bytes, "peak_rss_gb": _peak_rss_gb(),
+                                 **{f"peak_rss_gb_{k}": v for k, v in self.peak_rss.items()}}, dist),
         }
         if dist.is_main:
             write_atomic(self.run / "summary.json", json.dumps(summary, indent=2, default=str).encode())
