@@ -163,3 +163,20 @@ def test_a_missing_bench_extra_is_reported_before_any_work(bench, tmp_path, monk
             bench.check_optional_imports()
     else:
         bench.check_optional_imports()  # installed here: no complaint
+
+
+def test_encoded_counts_what_the_trainer_embeds(bench, tmp_path):
+    """Per step: the members' queries and positives, and the union of their hard negatives outside the step
+    (a negative two members share, or one that is itself a member, is embedded once or not at all)."""
+    from b3stream.schedule import Schedule, publish_schedule
+
+    batches = [np.array([0, 1, 2, 3]), np.array([4, 5, 6, 7])]
+    negatives = [np.array([[4, 5], [4, 6], [1, -1], [7, 5]]),  # batch 0: {4, 5, 6, 7} outside; 1 is a member
+                 np.array([[0, 0], [-1, -1], [-1, -1], [-1, -1]])]  # batch 1: {0}
+    path = publish_schedule(Schedule.from_batches(batches, {"strategy": "random_hn", "batch_size": 4, "h": 2},
+                                                  negatives), tmp_path, 0)
+    enc = bench.encoded_per_epoch(path)
+    assert (enc["queries"], enc["positives"], enc["negatives"], enc["steps"]) == (8, 8, 5, 2)
+    assert enc["documents_per_step"] == pytest.approx((8 + 5) / 2)
+    plain = publish_schedule(Schedule.from_batches(batches, {"strategy": "random", "batch_size": 4}), tmp_path, 1)
+    assert bench.encoded_per_epoch(plain)["documents_per_step"] == 4

@@ -359,6 +359,24 @@ def batch_stats(work: Path, schedule: Path) -> dict:
             "neg_above_positive_share": float(np.concatenate(above).mean())}
 
 
+def encoded_per_epoch(schedule: Path) -> dict:
+    """The texts one epoch of ``schedule`` makes the student embed, as the trainer builds its steps: every
+    query and positive once, and per step the union of its members' hard negatives not already in the step
+    (B3++, random_hn). The compute of the arms differs by these counts (queries are the shorter texts)."""
+    from b3stream.schedule import load_schedule
+
+    s = load_schedule(schedule)
+    negatives = 0
+    if s.negatives is not None:
+        for b in range(len(s.offsets) - 1):
+            ids = np.asarray(s.ids[s.offsets[b]:s.offsets[b + 1]])
+            pool = np.unique(np.asarray(s.negatives[s.offsets[b]:s.offsets[b + 1]]).ravel())
+            negatives += int(np.setdiff1d(pool[pool >= 0], ids).size)
+    steps = len(s.offsets) - 1
+    return {"queries": len(s.ids), "positives": len(s.ids), "negatives": negatives,
+            "documents_per_step": (len(s.ids) + negatives) / steps, "steps": steps}
+
+
 def teacher_seconds(work: Path, recipe: Recipe) -> float | None:
     """Wall time of the teacher pass over the training split, as its stage record measured it."""
     teacher = "minilm" if recipe.teacher is None else Path(recipe.teacher).name
@@ -515,7 +533,11 @@ def summarise(cells: dict, args) -> list[dict]:
                 spread = float(np.std(per_seed, ddof=1)) if len(runs) > 1 else 0.0
                 row = {"arm": arm, "batch_size": batch, "split": split, "metric": metric, "seeds": len(runs),
                        "mean": float(np.mean(per_seed)), "std": spread, "per_seed": per_seed,
-                       "ci": bootstrap_mean(a, args.bootstrap)}
+                       "ci": bootstrap_mean(a, args.bootstrap),
+                       "documents_per_step": float(np.mean([r["encoded"]["documents_per_step"] for r in runs
+                                                            if r.get("encoded")] or [np.nan])),
+                       "train_seconds": float(np.mean([r["train"]["train_seconds"] for r in runs if "train" in r]
+                                                      or [np.nan]))}
                 if base and arm != "random":
                     diff = paired_difference(runs, base, split, metric, args.bootstrap)
                     if diff is not None:
@@ -586,7 +608,7 @@ def run_cell(args, data, work, recipe, arm, batch, seed, extra_steps: int | None
     return {"arm": arm, "strategy": strategy, "batch_size": batch, "seed": seed, "recipe": dataclasses.asdict(recipe),
             "schedule": str(schedule), "schedule_meta": meta, "mine_seconds_this_cell": mine_seconds,
             "train": trained, "metrics": metrics, "eval_dir": str(work / "eval" / name), "max_steps": steps,
-            "batch_stats": batch_stats(work, schedule)}
+            "batch_stats": batch_stats(work, schedule), "encoded": encoded_per_epoch(schedule)}
 
 
 def compute_matched(args, data, work, recipe: Recipe, cells: dict, batch: int, seed: int) -> dict:
@@ -808,11 +830,11 @@ def refresh_table(runs: list[dict]) -> str:
 def markdown_table(rows: list[dict], zero: dict) -> str:
     """nDCG@10 / MRR@10 / Recall@1 on test (mean ± seed std) and nDCG@10 vs random with its interval."""
     out = ["| arm | \\|B\\| | seeds | test nDCG@10 (± seed sd) | test MRR@10 | test R@1 | "
-           "Δ nDCG@10 vs random [paired 95% CI] | val nDCG@10 |",
-           "|---|---|---|---|---|---|---|---|"]
+           "Δ nDCG@10 vs random [paired 95% CI] | val nDCG@10 | documents embedded per step | train s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     z = zero["test"]
     out.append(f"| zero-shot | - | - | {100 * z['ndcg@10']:.2f} | {100 * z['mrr@10']:.2f} | {100 * z['recall@1']:.2f} | "
-               f"| {100 * zero['validation']['ndcg@10']:.2f} |")
+               f"| {100 * zero['validation']['ndcg@10']:.2f} | | |")
     index = {(r["arm"], r["batch_size"], r["split"], r["metric"]): r for r in rows}
     for (arm, batch, split, metric), r in index.items():
         if split != "test" or metric != "ndcg@10":
@@ -823,7 +845,8 @@ def markdown_table(rows: list[dict], zero: dict) -> str:
         delta = f"{100 * vs['diff']:+.2f} [{100 * vs['ci'][0]:+.2f}, {100 * vs['ci'][1]:+.2f}]" if vs else ""
         sd = f" ± {100 * r['std']:.2f}" if r["seeds"] > 1 else ""
         out.append(f"| {arm} | {batch} | {r['seeds']} | {100 * r['mean']:.2f}{sd} | {100 * mrr['mean']:.2f} | "
-                   f"{100 * r1['mean']:.2f} | {delta} | {100 * val['mean']:.2f} |")
+                   f"{100 * r1['mean']:.2f} | {delta} | {100 * val['mean']:.2f} | {r['documents_per_step']:.1f} | "
+                   f"{r['train_seconds']:.0f} |")
     return "\n".join(out)
 
 
