@@ -61,6 +61,14 @@ def run(args: list[str], timeout: int = 300, threads: int = 1, cwd: Path = REPO)
     return subprocess.run(args, cwd=cwd, env=env(threads), capture_output=True, text=True, timeout=timeout)
 
 
+def run_side_by_side(*commands: list[str], timeout: int = 300, threads: int = 1) -> list[subprocess.CompletedProcess]:
+    """Independent single-threaded commands at once (a test that waits on them one by one leaves a core idle)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: run(args, timeout=timeout, threads=threads), commands))
+
+
 def torchrun(nproc: int, module_args: list[str], port: int, timeout: int = 300) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 f"--master_port={port}", *module_args], timeout=timeout)

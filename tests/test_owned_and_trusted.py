@@ -24,7 +24,7 @@ from b3stream.schedule import list_versions
 from b3stream.snapshot import RunPaths, SnapshotError, latest_snapshot, write_snapshot
 from b3stream.train import run_folder
 
-from ._train_util import env, random_schedule, read_trace, run, write_config
+from ._train_util import env, random_schedule, read_trace, run, run_side_by_side, write_config
 
 B3 = [sys.executable, "-m", "b3stream"]
 TINY = dict(max_query_length=16, max_positive_length=16)
@@ -337,18 +337,18 @@ def test_resume_loads_no_code_from_a_checkpoint(tmp_path, toy_dataset):
     assert first.returncode == 0, first.stderr[-3000:]
     planted = tmp_path / "planted"
     shutil.copytree(out, planted)
-
-    resumed = run([*B3, "train", "--config", str(cfg), "--quiet", "max_steps=2"], threads=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming at step 1" in resumed.stderr and [t["step"] for t in read_trace(out)] == [1, 2]
-
     marker = tmp_path / "PWNED"
     tag = (planted / "checkpoints" / "latest").read_text().strip()
     states = next((planted / "checkpoints" / tag).glob("*model_states.pt"))
     sd = torch.load(states, weights_only=False)  # our own file, trusted here
     sd["extra"] = Planted(marker)
     torch.save(sd, states)
-    res = run([*B3, "train", "--config", str(cfg), "--quiet", f"out={planted}", "max_steps=2"], threads=2)
+
+    # the honest resume and the planted one are independent: side by side
+    resumed, res = run_side_by_side([*B3, "train", "--config", str(cfg), "--quiet", "max_steps=2"],
+                                    [*B3, "train", "--config", str(cfg), "--quiet", f"out={planted}", "max_steps=2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 1" in resumed.stderr and [t["step"] for t in read_trace(out)] == [1, 2]
     assert res.returncode == 2, res.stderr[-3000:]
     assert "refused to load" in res.stderr and "posix.system" in res.stderr and "Traceback" not in res.stderr
     assert not marker.exists()
