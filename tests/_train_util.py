@@ -61,12 +61,15 @@ def run(args: list[str], timeout: int = 300, threads: int = 1, cwd: Path = REPO)
     return subprocess.run(args, cwd=cwd, env=env(threads), capture_output=True, text=True, timeout=timeout)
 
 
-def run_side_by_side(*commands: list[str], timeout: int = 300, threads: int = 1) -> list[subprocess.CompletedProcess]:
-    """Independent single-threaded commands at once (a test that waits on them one by one leaves a core idle)."""
+def run_side_by_side(*commands: list[str], timeout: int = 300, threads: int | tuple[int, ...] = 1
+                     ) -> list[subprocess.CompletedProcess]:
+    """Independent commands at once (a test that waits on single-threaded ones one by one leaves a core idle);
+    ``threads``: one count for all, or one per command."""
     from concurrent.futures import ThreadPoolExecutor
 
+    counts = threads if isinstance(threads, tuple) else (threads,) * len(commands)
     with ThreadPoolExecutor(len(commands)) as pool:
-        return list(pool.map(lambda args: run(args, timeout=timeout, threads=threads), commands))
+        return list(pool.map(lambda job: run(job[0], timeout=timeout, threads=job[1]), zip(commands, counts)))
 
 
 def torchrun(nproc: int, module_args: list[str], port: int, timeout: int = 300) -> subprocess.CompletedProcess:

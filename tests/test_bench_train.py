@@ -62,12 +62,12 @@ print(json.dumps({"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 """
 
 
-def _peaks(*sizes: tuple[int, int]) -> list[float]:
-    """Peak RSS (GB) of one GradCache step per (|B|, chunk), each in its own single-threaded process, all at
-    once (peak RSS is per process)."""
+def _peaks(*sizes: tuple[int, int, int]) -> list[float]:
+    """Peak RSS (GB) of one GradCache step per (|B|, chunk, threads), each in its own process, all at once
+    (peak RSS is per process; the longest probe gets the core the others leave)."""
     out = []
-    for res in run_side_by_side(*([sys.executable, "-c", MEMORY_PROBE, str(n), str(chunk)] for n, chunk in sizes),
-                                timeout=600):
+    for res in run_side_by_side(*([sys.executable, "-c", MEMORY_PROBE, str(n), str(chunk)] for n, chunk, _ in sizes),
+                                timeout=600, threads=tuple(t for *_, t in sizes)):
         assert res.returncode == 0, res.stderr[-3000:]
         out.append(json.loads(res.stdout.strip().splitlines()[-1])["peak_gb"])
     return out
@@ -80,5 +80,5 @@ def test_gradcache_peak_memory_flat_in_batch_size():
     Without the fixed mmap threshold (B3STREAM_MMAP_THRESHOLD=0) glibc's heap keeps about a chunk's blocks
     per chunk: measured 2.81 GB at 1 chunk and 4.32 GB at 4 (1.71 and 1.74 GB with it, 2 cores, 24 GiB).
     Three chunks would tell them apart only barely (3.56 GB without the fix: 1.27x)."""
-    one, four = _peaks((32, 32), (128, 32))
+    one, four = _peaks((32, 32, 1), (128, 32, 2))
     assert four <= 1.25 * one, f"peak RSS {one:.2f} GB at 1 chunk, {four:.2f} GB at 4 chunks"
