@@ -138,7 +138,8 @@ class Recipe:
         if self.stage == 3 and self.dist.device.type == "cpu":
             # ZeRO-3 gathers and frees every layer's weights each forward and backward; glibc's heap keeps the freed
             # blocks and fragments unless its mmap threshold stays at its initial 128 KiB (measured, LoRA on a
-            # 189M-parameter Llama, 2 ranks: peak RSS per rank 3.3 GB -> 1.6 GB; tools/bench_rank_memory.py)
+            # 189M-parameter Llama, 2 ranks: peak RSS per rank 3.3 GB -> 2.0 GB, and 1.6 GB with zero3.json's
+            # 1e7 live parameters; tools/bench_rank_memory.py)
             bound_cpu_heap(128 << 10)
         with _partitioned_loading(self.ds_config, self.stage == 3):
             # DeepSpeed casts for bf16/fp16; a bf16 run reads the weights straight into bf16 (half the memory)
