@@ -137,3 +137,17 @@ def test_a_root_without_the_packages_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="python tools/mixture.py fetch"):
         mixture.build(tmp_path, tmp_path / "out", code=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_sources_are_named(root, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    data = broken / "usr/share/dictd/foldoc.dict.dz"
+    data.write_bytes(data.read_bytes()[:20])  # truncated
+    with pytest.raises(SystemExit, match="foldoc.dict.dz: not a readable dictzip file"):
+        mixture.dictd_entries(broken, "foldoc")
+    (broken / "usr/share/wordnet/data.noun").write_text(WORDNET + "0001 zz n xx | a line that lost its fields\n")
+    with pytest.raises(SystemExit, match="data.noun: not a WordNet data line"):
+        mixture.wordnet_pairs(broken)

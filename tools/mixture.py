@@ -90,15 +90,19 @@ def wordnet_pairs(root: Path) -> list[dict]:
                 continue  # the licence header
             fields, gloss = line.split("|", 1)
             f = fields.split()
-            count = int(f[3], 16)
-            words = [f[4 + 2 * i].replace("_", " ") for i in range(count)]
+            try:
+                count = int(f[3], 16)
+                words = [f[4 + 2 * i].replace("_", " ") for i in range(count)]
+                category = LEXNAMES[int(f[1])]
+            except (IndexError, ValueError):
+                raise SystemExit(f"{path}: not a WordNet data line: {line[:80]!r}") from None
             words = [re.sub(r"\([a-z]+\)$", "", w) for w in words]  # adjective markers: "(a)", "(p)"
             definition = _clean(gloss.split(";")[0].strip().strip('"'))
             if not definition or not words:
                 continue
             group = f"wordnet:{words[0].lower()}"
             rows.append({"query": definition, "positive": ", ".join(words), "task": "wordnet-words", "group": group})
-            rows.append({"query": definition, "positive": LEXNAMES[int(f[1])], "task": "wordnet-category",
+            rows.append({"query": definition, "positive": category, "task": "wordnet-category",
                          "group": group})
     return rows
 
@@ -121,7 +125,10 @@ def dictd_entries(root: Path, name: str) -> list[tuple[str, str]]:
     index, data = folder / f"{name}.index", folder / f"{name}.dict.dz"
     if not (index.is_file() and data.is_file()):
         return []
-    body = gzip.open(data).read()
+    try:
+        body = gzip.open(data).read()
+    except (OSError, EOFError) as e:
+        raise SystemExit(f"{data}: not a readable dictzip file ({e}); unpack the package again") from None
     seen, out = set(), []
     for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split("\t")
