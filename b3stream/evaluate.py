@@ -120,20 +120,26 @@ def search(queries: np.ndarray, corpus: np.ndarray, k: int = 10, relevant: list[
 class RetrievalSet:
     """Distinct prompted queries of one split and the corpus they are searched in, with the relevance
     between them. ``corpus``: ``split`` (that split's positives) or ``all`` (the positives of every split,
-    in the manifest's split order, so every split's set shares one corpus list and one embedding of it)."""
+    in the manifest's split order, so every split's set shares one corpus list and one embedding of it).
+    ``task``: only that task's records, queries and corpus both (a multi-task set scored task by task, as MMEB
+    scores each of its datasets against its own candidates)."""
 
     def __init__(self, data: str | Path, split: str = "test", max_queries: int | None = None, seed: int = 0,
-                 corpus: str = "split"):
+                 corpus: str = "split", task: str | None = None):
         if corpus not in CORPORA:
             raise ConfigError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}")
         manifest = Manifest.load(data)
         manifest.split(split)  # a DataError naming the splits there are
+        if task is not None and task not in manifest.tasks:
+            raise ConfigError(f"task {task!r} is not in {data}; its tasks: {', '.join(manifest.tasks) or 'none'}")
         docs: dict[str, int] = {}
         rel: dict[str, set[int]] = {}  # query text of `split` -> its positives
         others: dict[str, set[int]] = {}  # query text of another split -> its positives
         for name in (manifest.splits if corpus == "all" else [split]):
             answers = rel if name == split else others
             for rec in ShardedDataset(data, name, manifest=manifest):  # every rank streams it, in id order
+                if task is not None and rec.get("task") != task:
+                    continue
                 doc, query = manifest.prompted(rec, "positive"), manifest.prompted(rec, "query")
                 answers.setdefault(query, set()).add(docs.setdefault(doc, len(docs)))
         queries = list(rel)
@@ -141,6 +147,7 @@ class RetrievalSet:
             keep = np.sort(np.random.default_rng(seed).choice(len(queries), max_queries, replace=False))
             queries = [queries[i] for i in keep]
         self.split = split
+        self.task = task
         self.corpus_mode = corpus
         self.queries = queries
         # Another split's record with a held-out query's text answers that query too: its positive is

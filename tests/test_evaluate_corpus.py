@@ -95,3 +95,25 @@ def test_evaluate_command_all_corpus_per_query(code_dataset, tmp_path):
     bad = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--corpus", "train"],
               threads=1, timeout=120)
     assert bad.returncode != 0 and "--corpus" in bad.stderr and "invalid choice" in bad.stderr
+
+
+def test_a_task_is_scored_against_its_own_candidates(toy_dataset):
+    """``task``: the queries and the corpus of one task only (a multi-task set scored task by task, as MMEB)."""
+    from b3stream.config import ConfigError
+    from b3stream.data.manifest import Manifest
+    from b3stream.data.reader import ShardedDataset
+
+    manifest = Manifest.load(toy_dataset)
+    task = sorted(manifest.tasks)[0]
+    every = RetrievalSet(toy_dataset, "test", corpus="all")
+    one = RetrievalSet(toy_dataset, "test", corpus="all", task=task)
+    records = [r for s in manifest.splits for r in ShardedDataset(toy_dataset, s, manifest=manifest)]
+    own_docs = {manifest.prompted(r, "positive") for r in records if r["task"] == task}
+    own_queries = {manifest.prompted(r, "query") for r in ShardedDataset(toy_dataset, "test", manifest=manifest)
+                   if r["task"] == task}
+    assert set(one.corpus) == own_docs and len(one.corpus) < len(every.corpus)
+    assert set(one.queries) == own_queries and 0 < len(one.queries) < len(every.queries)
+    for q, rel in zip(one.queries, one.relevant):  # relevance points into the task's own corpus
+        assert rel and all(one.corpus[d] in own_docs for d in rel)
+    with pytest.raises(ConfigError, match="task 'nope' is not in"):
+        RetrievalSet(toy_dataset, "test", task="nope")
