@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def main() -> None:
     from safetensors import safe_open
 
     with safe_open(str(model / "model.safetensors"), "pt") as f:
-        params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     print(f"Llama hidden {args.hidden}, {args.layers} layers: {params / 1e6:.0f}M parameters "
           f"({params * 4 / 2**30:.2f} GB in fp32); {args.ranks} ranks, {args.steps} steps, fp32 on CPU", flush=True)
     rows = []
@@ -129,13 +130,6 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"params": params, "hidden": args.hidden, "layers": args.layers,
                                                "rows": rows}, indent=2))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -410,28 +410,23 @@ def _trace(run: Path, step: int, s, global_ids: np.ndarray, out, dist: DistInfo)
                             "ids": [int(i) for i in global_ids]}) + "\n")
 
 
-class _partitioned_loading:
+@contextmanager
+def _partitioned_loading(ds_config: dict, enabled: bool):
     """Within the block, ``from_pretrained`` builds the model under ``deepspeed.zero.Init`` and loads each rank's
     partition (transformers' DeepSpeed integration, switched on while its ``HfDeepSpeedConfig`` lives). Switched
     off afterwards: a model loaded later (the export's merge, a teacher) is a whole one on one rank."""
+    if not enabled:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    def __init__(self, ds_config: dict, enabled: bool):
-        self.ds_config, self.enabled = ds_config, enabled
-
-    def __enter__(self):
-        if self.enabled:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self.hf_config = HfDeepSpeedConfig(self.ds_config)  # held: transformers keeps only a weak reference
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
-            del self.hf_config
-        return False
+    hf_config = HfDeepSpeedConfig(ds_config)  # held here: transformers keeps only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_config
 
 
 def _load_dtype(precision: str, stage: int) -> torch.dtype:
