@@ -110,7 +110,7 @@ class MineConfig:
     #   snapshot): they are ranked and partitioned apart from the rest, so the rest's communities reach the
     #   trainer whole and are cut from full neighbour lists
     # -- schedule ---------------------------------------------------------------------------------
-    strategy: str = "b3"  # random | random_hn | task | gcbs | b3 | b3pp
+    strategy: str = "b3"  # random | random_hn | task | task_hn | gcbs | b3 | b3pp
     batch_size: int = 1024  # |B|, global batch
     h: int = 5  # B3++ hard negatives per example
     seed: int = 0
@@ -179,7 +179,7 @@ class TrainConfig:
     symmetric: bool = False  # also the positive -> query InfoNCE term
     mask_duplicate_positives: bool = True  # a same-text positive under another id is not a negative
     # Extra negatives in every query's InfoNCE denominator, pooled over the global batch like B3++'s:
-    # mined - the schedule's B3++ / random_hn negatives (none for the other strategies); dataset - up to
+    # mined - the schedule's B3++ / random_hn / task_hn negatives (none for the other strategies); dataset - up to
     # h_dataset of each example's stored negatives (`prepare --negatives-field`), drawn per epoch with the
     # seed, instead of the schedule's; both - the two together
     negatives: str = "mined"

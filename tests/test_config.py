@@ -142,7 +142,7 @@ OUT_OF_RANGE = {
     (MineConfig, "small_tasks=drop"): "small_tasks: must be one of error, merge",
     (MineConfig, "index=annoy"): "index: must be one of auto, flat, ivf, hnsw, torch",
     (MineConfig, "edges=both"): "edges: must be one of mutual, union",
-    (MineConfig, "strategy=hardest"): "strategy: must be one of random, random_hn, task, gcbs, b3, b3pp",
+    (MineConfig, "strategy=hardest"): "strategy: must be one of random, random_hn, task, task_hn, gcbs, b3, b3pp",
     (MineConfig, "task_params={t0: {p: -1}}"): "task_params.t0.p: must be an integer >= 0, got -1",
     (MineConfig, "task_params={t0: {m: 0}}"): "task_params.t0.m: must be an integer >= 1, got 0",
     (MineConfig, "task_params={t0: {q: 1}}"): "task_params.t0: must map to p and/or m",

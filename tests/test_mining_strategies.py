@@ -1,4 +1,4 @@
-"""strategies.py: random / random_hn / task / gcbs / b3 / b3pp behind one interface."""
+"""strategies.py: random / random_hn / task / task_hn / gcbs / b3 / b3pp behind one interface."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_every_id_exactly_once_and_full_batches(inputs, name):
     s.check_epoch(inputs.n)
     sizes = np.diff(s.offsets)
     assert np.all(sizes[:-1] == 64) and 0 < sizes[-1] <= 64, "only the last batch may be short"
-    assert (s.negatives is not None) == (name in ("b3pp", "random_hn"))
+    assert (s.negatives is not None) == (name in ("b3pp", "random_hn", "task_hn"))
 
 
 @pytest.mark.parametrize("name", STRATS)
@@ -65,7 +65,7 @@ def test_byte_identical_reruns_and_seed_matters(inputs, name):
         assert a != schedule(inputs, name, seed=1).to_bytes()
 
 
-@pytest.mark.parametrize("name", ["task", "b3", "b3pp", "gcbs"])
+@pytest.mark.parametrize("name", ["task", "task_hn", "b3", "b3pp", "gcbs"])
 def test_batches_stay_within_one_task(inputs, name):
     s = schedule(inputs, name)
     mixed = [len(np.unique(inputs.tasks[b])) > 1 for b in s.batches]
@@ -92,10 +92,11 @@ def test_b3_batches_are_whole_communities_and_b3pp_shares_them(inputs):
         assert not np.isin(negs, top[top >= 0]).any(), "no member's top-p is a hard negative of the batch"
 
 
-def test_random_hn_is_random_batches_with_hard_negatives_from_S(inputs):
-    """The B3 paper's Table 2 baseline: random's batches, plus h negatives per example drawn from the
-    batch's S rows, never a member or a member's top-p."""
-    plain, hn = schedule(inputs, "random"), schedule(inputs, "random_hn")
+@pytest.mark.parametrize("base", ["random", "task"])
+def test_random_hn_and_task_hn_are_their_base_batches_with_hard_negatives_from_S(inputs, base):
+    """The B3 paper's Table 2 baseline: the base strategy's batches (random, or one task at a time as MMEB
+    trains), plus h negatives per example drawn from the batch's S rows, never a member or a member's top-p."""
+    plain, hn = schedule(inputs, base), schedule(inputs, f"{base}_hn")
     assert np.array_equal(plain.ids, hn.ids) and np.array_equal(plain.offsets, hn.offsets)
     from_s = 0
     for b, negs in zip(hn.batches, hn.hard_negatives):
@@ -106,10 +107,10 @@ def test_random_hn_is_random_batches_with_hard_negatives_from_S(inputs):
         rows = inputs.S[b]
         from_s += np.isin(negs, rows[rows >= 0]).sum()
     assert from_s > 0.9 * hn.ids.size * 2, "the negatives come from the members' ranks p..p+m"
-    with pytest.raises(ConfigError, match="h=0: random_hn needs h >= 1"):
-        make_batches("random_hn", inputs, BatchParams(batch_size=64, h=0))
+    with pytest.raises(ConfigError, match=f"h=0: {base}_hn needs h >= 1"):
+        make_batches(f"{base}_hn", inputs, BatchParams(batch_size=64, h=0))
     with pytest.raises(ConfigError, match="needs S"):
-        make_batches("random_hn", replace(inputs, S=None), BatchParams(batch_size=64))
+        make_batches(f"{base}_hn", replace(inputs, S=None), BatchParams(batch_size=64))
 
 
 def test_mix_tasks_draws_communities_from_all_tasks(inputs):

@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--data", default=None, help="prepared dataset folder")
     p.add_argument("--split", default=None)
     p.add_argument("--out", default=None, help="mining folder (stages write under it)")
-    p.add_argument("--strategy", default=None, choices=["random", "random_hn", "task", "gcbs", "b3", "b3pp"])
+    p.add_argument("--strategy", default=None,
+                   choices=["random", "random_hn", "task", "task_hn", "gcbs", "b3", "b3pp"])
     p.add_argument("--p", type=int, default=None, help="ranks skipped as likely false negatives")
     p.add_argument("--m", type=int, default=None, help="ranks kept after the skip (S = R[:, p:p+m])")
     p.add_argument("--K", type=int, default=None, help="community size")

@@ -38,7 +38,7 @@ TOP_FILE = "top.npy"  # T: the top-p ranks each query skipped (see rank.py), nex
 SCHEDULE_FOLDER = "schedules"
 STAGES = ("embed", "rank", "partition", "schedule")
 NEEDS = {"random": (), "task": (), "gcbs": ("rank",), "b3": ("rank", "partition"),
-         "b3pp": ("rank", "partition"), "random_hn": ("rank",)}
+         "b3pp": ("rank", "partition"), "random_hn": ("rank",), "task_hn": ("rank",)}
 
 
 def out_dir(cfg: MineConfig, folder: str) -> Path:

@@ -1,4 +1,5 @@
-"""Batch strategies behind one interface: ``random``, ``random_hn``, ``task``, ``gcbs``, ``b3``, ``b3pp``.
+"""Batch strategies behind one interface: ``random``, ``random_hn``, ``task``, ``task_hn``, ``gcbs``, ``b3``,
+``b3pp``.
 
 Each strategy turns the mined artefacts into one epoch of global batches of ``|B|`` ids, every id exactly
 once. They differ only in *which* ids share a batch:
@@ -8,6 +9,8 @@ once. They differ only in *which* ids share a batch:
   baseline of the B3 paper's Table 2 (random batches with mined hard negatives), which B3 is reported to
   beat at half the compute. With the same seed its batches equal ``random``'s.
 - ``task``: task-homogeneous random batches (as GritLM trains): each task's ids permuted and cut every |B|.
+- ``task_hn``: ``task`` plus h hard negatives per example from S, as ``random_hn`` adds them to ``random``: the
+  Table 2 baseline where batches are one task (dataset) at a time, as MMEB's training batches are.
 - ``gcbs``: Global Contrastive Batch Sampling (Sachidananda, Yang and Zhu, ICML 2023), in our reading: keep
   the similarity-graph edges whose teacher score reaches a threshold, order the examples by the Reverse
   Cuthill-McKee permutation of that graph (which keeps linked examples close, i.e. a small bandwidth), and
@@ -242,6 +245,13 @@ class RandomHnBatches(WithHardNegatives, RandomBatches):
     needs = ("S", "top")
 
 
+class TaskHnBatches(WithHardNegatives, TaskBatches):
+    """Task-homogeneous random batches plus h hard negatives per example from S."""
+
+    name = "task_hn"
+    needs = ("S", "top")
+
+
 def hard_negatives_for(batches: list[np.ndarray], inp: BatchInputs, prm: BatchParams) -> list[np.ndarray]:
     """h hard negatives per example of every batch, from the batch's pooled S rows (:mod:`negatives`), with
     the seed's own generator (so the batches are the same with and without them)."""
@@ -269,7 +279,8 @@ def hard_negatives_for(batches: list[np.ndarray], inp: BatchInputs, prm: BatchPa
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RandomBatches, RandomHnBatches, TaskBatches, GcbsBatches, B3Batches, B3ppBatches)
+    cls.name: cls for cls in (RandomBatches, RandomHnBatches, TaskBatches, TaskHnBatches, GcbsBatches, B3Batches,
+                           B3ppBatches)
 }
 
 
