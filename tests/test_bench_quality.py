@@ -138,8 +138,8 @@ def test_differences_pair_both_sides_on_shared_seeds(bench, tmp_path):
     args = bench._parse_args(["--grid", "random,b3:32:0,1", "--compare", "b3:random", "--bootstrap", "200"])
     row = next(r for r in bench.summarise(cells, args)
                if r["arm"] == "b3" and r["split"] == "test" and r["metric"] == "ndcg@10")
-    assert row["mean"] == pytest.approx(0.75) and row["vs_random"]["seeds"] == [0]
-    assert row["vs_random"]["diff"] == pytest.approx(0.1)  # seed 0 against seed 0, not (0.6 + 0.9) / 2 - 0.5
+    assert row["mean"] == pytest.approx(0.75) and row["vs_baseline"]["seeds"] == [0]
+    assert row["vs_baseline"]["diff"] == pytest.approx(0.1)  # seed 0 against seed 0, not (0.6 + 0.9) / 2 - 0.5
     assert bench.compare(cells, args)[0]["test"]["diff"] == pytest.approx(0.1)
 
 

@@ -51,19 +51,26 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from b3stream.evaluate import RetrievalSet, read_per_query  # noqa: E402
+from b3stream.evaluate import METRICS, RetrievalSet, read_per_query  # noqa: E402
 from b3stream.mining.graph import EDGES  # noqa: E402
 
-STRATEGY_OF = {"random": "random", "random_hn": "random_hn", "task": "task", "gcbs": "gcbs", "b3": "b3", "b3pp": "b3pp",
-               "b3-refreshed": "b3", "b3-bound": "b3", "random+compute": "random", "random-redrawn": "random"}
+STRATEGY_OF = {"random": "random", "random_hn": "random_hn", "task": "task", "task_hn": "task_hn", "gcbs": "gcbs",
+               "b3": "b3", "b3pp": "b3pp", "b3-refreshed": "b3", "b3-bound": "b3", "b3-epoch": "b3",
+               "b3-noinstr": "b3", "b3-taskp": "b3", "random+compute": "random", "random-redrawn": "random",
+               "task-redrawn": "task"}
 ARMS = tuple(STRATEGY_OF)  # an arm may name another teacher: "b3@mpnet" (--teacher mpnet=PATH)
 # trained in refreshed mode, with a miner beside them; b3-bound: a snapshot every refresh_every steps, re-mined
-# only when the schedule in use has drifted (refresh.when: bound)
-REFRESHED_ARMS = ("b3-refreshed", "b3-bound", "random-redrawn")
-# random-redrawn differs from random only over epochs; b3-bound is a variant of b3-refreshed, asked for by name
-DEFAULT_ARMS = tuple(a for a in ARMS if a not in ("random-redrawn", "b3-bound"))
-MINED = ("random_hn", "gcbs", "b3", "b3pp")  # strategies that read the teacher's ranking
+# only when the schedule in use has drifted (refresh.when: bound); b3-epoch: re-mined from the student at every
+# epoch start; random-redrawn / task-redrawn: new batches of their strategy at every epoch start
+REFRESHED_ARMS = ("b3-refreshed", "b3-bound", "b3-epoch", "random-redrawn", "task-redrawn")
+EPOCH_ARMS = ("b3-epoch", "random-redrawn", "task-redrawn")  # they differ from their static arm only over epochs
+# b3-noinstr: b3 trained (and scored) without the instruction prompts (the B3 paper's Table 2 ablation);
+# b3-taskp: b3 with per-task p (--task-p, MineConfig task_params; the paper skips 30 ranks for retrieval, 70 for
+# VQA)
+DEFAULT_ARMS = ("random", "random_hn", "task", "gcbs", "b3", "b3pp", "b3-refreshed", "random+compute")
+MINED = ("random_hn", "task_hn", "gcbs", "b3", "b3pp")  # strategies that read the teacher's ranking
 SPLITS = ("validation", "test")
+DATASETS = ("code", "mixture")  # code-search pairs; the multi-task mixture of tools/mixture.py
 
 
 def base_arm(arm: str) -> str:
@@ -112,6 +119,14 @@ class Recipe:
     # of one docstring -> code task; mined apart, a package's ids could only be each other's negatives
     # (docs/quality.md, round 3: b3 +2.2 nDCG@10 over random mined together, +1.3 mined per package)
     per_task: bool = False
+    # b3-taskp: per-task p as "task=p,task=p" (MineConfig task_params), e.g. the label tasks' p above the rest
+    task_p: str | None = None
+
+    @property
+    def task_params(self) -> dict | None:
+        if not self.task_p:
+            return None
+        return {task: {"p": int(p)} for task, _, p in (item.partition("=") for item in self.task_p.split(","))}
 
     @property
     def graph(self) -> str:
@@ -135,6 +150,7 @@ class Recipe:
             t = "minilm" if self.teacher is None else Path(self.teacher).name
             out += f"-p{self.p}-m{self.m}" + (f"-K{self.K}{self.graph}" if strategy in ("b3", "b3pp") else "") + \
                 (f"-h{self.h}" if strategy in ("b3pp", "random_hn") else "") + f"-{t}{self.scope}"
+        out += variant(self, arm)
         if arm and base_arm(arm) in ("b3-refreshed", "b3-bound"):
             # "-apart": the miner ranks and partitions the ids trained before a snapshot apart (whole communities
             # from full neighbour lists after a swap); the cells of rounds 3-5, mined before that, keep their old
@@ -146,6 +162,14 @@ class Recipe:
         return out
 
 
+def variant(recipe: Recipe, arm: str | None) -> str:
+    """Name suffix of an arm whose mining inputs differ from its strategy's: per-task p, or no prompts."""
+    arm = base_arm(arm or "")
+    if arm == "b3-taskp":
+        return "-tp" + (recipe.task_p or "").replace("=", "").replace(",", "-")
+    return "-noinstr" if arm == "b3-noinstr" else ""
+
+
 def _parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +179,19 @@ def _parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny data, |B| 16, 2 seeds, random and b3: a machinery check")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per process (OMP_NUM_THREADS)")
+    ap.add_argument("--dataset", default="code", choices=DATASETS,
+                    help="code: docstring -> code pairs of the installed packages; mixture: the multi-task text "
+                         "mixture of tools/mixture.py (retrieval, definitions, label classification), each task "
+                         "with its instruction prompts, mined per task, scored per task and averaged over tasks")
+    ap.add_argument("--mixture-root", default=None,
+                    help="mixture: the unpacked Debian packages (python tools/mixture.py fetch ROOT); default "
+                         "WORK/debian, fetched there when missing")
+    ap.add_argument("--per-task", type=int, default=500, help="mixture: pairs sampled per task")
+    ap.add_argument("--baseline", default=None,
+                    help="the arm every other is compared with (default: random for code, task for the mixture, "
+                         "whose training batches are one task at a time as MMEB's are)")
+    ap.add_argument("--task-p", default=None, metavar="TASK=P,...",
+                    help="arm b3-taskp: per-task p (MineConfig task_params), e.g. wordnet-category=20,fortunes=20")
     ap.add_argument("--pairs", type=int, default=3000, help="code-search pairs sampled for the dataset")
     ap.add_argument("--pairs-file", default=None,
                     help="JSONL of pairs (query, positive, task, group) to sample from instead of scanning the "
@@ -195,6 +232,14 @@ def _parse_args(argv=None):
     ap.add_argument("--partitioner", default="metis", choices=("metis", "kaminpar"),
                     help="the B3 graph's partitioner (MineConfig partitioner)")
     args = ap.parse_args(argv)
+    args.baseline = args.baseline or ("task" if args.dataset == "mixture" else "random")
+    if args.baseline not in ARMS:
+        ap.error(f"--baseline {args.baseline!r}: not an arm ({', '.join(ARMS)})")
+    if args.task_p:
+        try:
+            Recipe(task_p=args.task_p).task_params
+        except ValueError:
+            ap.error(f"--task-p {args.task_p!r}: expected TASK=P,... with integer p")
     if args.quick:
         args.pairs, args.batch_sizes, args.seeds = min(args.pairs, 500), "16", "0,1"
         if args.arms == ",".join(DEFAULT_ARMS):
@@ -220,10 +265,14 @@ def _parse_args(argv=None):
                 ap.error(f"unknown arm {arm!r}; known: {', '.join(ARMS)}, optionally @NAME of a --teacher")
             if teacher and STRATEGY_OF[base] not in MINED:
                 ap.error(f"arm {arm!r}: only mined strategies ({', '.join(MINED)}) use a teacher")
-        if "random-redrawn" in block_[0] and (args.epochs or 1) < 2:
-            ap.error("arm random-redrawn draws new batches at every epoch start: it needs --epochs 2 or more")
-        if "random" not in block_[0]:  # (--compare may name another baseline besides)
-            ap.error(f"--grid {block!r}: every block must include random (the other arms are compared with it)")
+        for arm in set(block_[0]) & set(EPOCH_ARMS):
+            if (args.epochs or 1) < 2:
+                ap.error(f"arm {arm} re-mines at every epoch start: it needs --epochs 2 or more")
+        if "b3-taskp" in block_[0] and not args.task_p:
+            ap.error("arm b3-taskp needs --task-p TASK=P,... (the per-task p it mines with)")
+        if args.baseline not in block_[0]:  # (--compare may name others besides)
+            ap.error(f"--grid {block!r}: every block must include {args.baseline} (the baseline the other arms are "
+                     "compared with)")
         args.blocks.append(block_)
     listed = {arm for arms, _, _ in args.blocks for arm in arms}
     for spec in args.compare:
@@ -244,8 +293,11 @@ def _recipe(args) -> Recipe:
                  "refresh_lag", "bound_drift", "epochs"):
         if getattr(args, name) is not None:
             setattr(r, name, getattr(args, name))
-    r.per_task, r.symmetric, r.edges, r.rank_weights = args.mine_per_task, args.symmetric, args.edges, args.rank_weights
-    r.partitioner = args.partitioner
+    r.symmetric, r.edges, r.rank_weights = args.symmetric, args.edges, args.rank_weights
+    r.partitioner, r.task_p = args.partitioner, args.task_p
+    # the mixture's tasks are tasks: mined apart (the paper mines each dataset apart); the code-search "tasks"
+    # are packages of one task, mined together unless asked
+    r.per_task = args.mine_per_task or args.dataset == "mixture"
     return r
 
 
@@ -272,6 +324,32 @@ def _cli(args, *argv: str, log: Path) -> float:
 # --------------------------------------------------------------------------------------------------
 # 1. Data: a seeded sample of the code-search pairs, prepared through `b3stream prepare jsonl`
 # --------------------------------------------------------------------------------------------------
+
+
+def mixture_dataset(args, work: Path) -> tuple[Path, Path]:
+    """The multi-task mixture (tools/mixture.py, --per-task pairs of each task) prepared twice: with each task's
+    instruction prompts, and without any (for b3-noinstr). Split by group, so held-out queries share no word,
+    headword, page or package with training."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import mixture
+
+    root = Path(args.mixture_root or work / "debian")
+    if not mixture.package_versions(root):
+        print(f"mixture: unpacking the Debian packages into {root}", flush=True)
+        mixture.fetch(root)
+    pairs = work / f"mixture-{args.per_task}"
+    if not (pairs / "sources.json").is_file():
+        mixture.build(root, pairs, per_task=args.per_task)
+    out = {}
+    for name, prompts in (("", ["--prompts", str(pairs / "prompts.yaml")]), ("-noinstr", [])):
+        folder = work / f"data-mixture-{args.per_task}-{args.held_out:g}{name}"
+        if not (folder / "manifest.json").is_file():
+            _cli(args, "prepare", "jsonl", str(pairs / "pairs.jsonl"), "--out", str(folder), "--query-field",
+                 "query", "--positive-field", "positive", "--task-field", "task", "--group-field", "group",
+                 "--test-fraction", str(args.held_out), "--validation-fraction", str(args.held_out), "--quiet",
+                 *prompts, log=work / f"prepare{name}.log")
+        out[name] = folder
+    return out[""], out["-noinstr"]
 
 
 def dataset(args, work: Path) -> Path:
@@ -302,24 +380,29 @@ def dataset(args, work: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def mine(args, data: Path, work: Path, recipe: Recipe, strategy: str, batch: int, seed: int) -> tuple[Path, dict]:
+def mine(args, data: Path, work: Path, recipe: Recipe, arm: str, batch: int, seed: int) -> tuple[Path, dict]:
     """The schedule for one cell (cached) and its timings. The mining folder is per (teacher, p, m, K), and
-    its embeddings are copied from the teacher's first folder, so the teacher runs once per dataset."""
+    its embeddings are copied from the teacher's first folder, so the teacher runs once per dataset (once
+    more for the unprompted texts of b3-noinstr)."""
     from b3stream.config import MineConfig, apply_overrides
     from b3stream.mining.pipeline import run_all
     from b3stream.schedule import load_schedule
 
-    teacher = "minilm" if recipe.teacher is None else Path(recipe.teacher).name
-    sched_dir = work / "schedules" / f"{strategy}-B{batch}-s{seed}-{recipe.key(strategy)}"
+    strategy, extra = STRATEGY_OF[base_arm(arm)], variant(recipe, arm)
+    teacher = ("minilm" if recipe.teacher is None else Path(recipe.teacher).name) + \
+        ("-noinstr" if extra == "-noinstr" else "")
+    sched_dir = work / "schedules" / f"{strategy}-B{batch}-s{seed}-{recipe.key(strategy)}{extra}"
     path = sched_dir / "v000000.b3s"
     if path.is_file():
         return path, load_schedule(path).meta
     base = work / "mine" / teacher / "embed-only"
-    folder = work / "mine" / teacher / f"p{recipe.p}-m{recipe.m}-K{recipe.K}{recipe.graph}{recipe.scope}"
+    folder = work / "mine" / teacher / (f"p{recipe.p}-m{recipe.m}-K{recipe.K}{recipe.graph}{recipe.scope}"
+                                        + (extra if extra != "-noinstr" else ""))
     if (base / "embeddings" / "embeddings.json").is_file() and not (folder / "embeddings").is_dir():
         shutil.copytree(base / "embeddings", folder / "embeddings")
     # random and task batches need only the embeddings (for their batch-quality figures)
-    cfg = MineConfig(data=str(data), out=str(base if strategy in ("random", "task") else folder))
+    cfg = MineConfig(data=str(data), out=str(base if strategy in ("random", "task") else folder),
+                     task_params=recipe.task_params if base_arm(arm) == "b3-taskp" else None)
     cfg = apply_overrides(cfg, {
         "teacher.max_query_length": recipe.query_length, "teacher.max_positive_length": recipe.positive_length,
         "teacher.model": recipe.teacher, "p": recipe.p, "m": recipe.m, "K": min(recipe.K, batch),
@@ -421,8 +504,10 @@ def train(args, data: Path, schedule: Path, run: Path, recipe: Recipe, seed: int
             overrides += ["refresh.when=bound", f"refresh.bound_drift={recipe.bound_drift}"]
         if recipe.refresh_lag is not None:
             overrides.append(f"refresh.max_lag_steps={recipe.refresh_lag}")
-    if arm == "random-redrawn":  # new random batches (seed + step) for every epoch, before it starts
+    if arm in ("random-redrawn", "task-redrawn"):  # new batches (seed + step) for every epoch, before it starts
         overrides += ["refresh.every_epochs=1", "refresh.model=teacher", "refresh.max_lag_steps=0"]
+    if arm == "b3-epoch":  # re-mined from the student at every epoch start, before the epoch's first step
+        overrides += ["refresh.every_epochs=1", "refresh.model=student", "refresh.max_lag_steps=0"]
     config = run / "bench-train.yaml"
     config.write_text("")  # every value comes from the overrides; the file documents nothing else
     seconds = _cli(args, "train", "--config", str(config), "--quiet", *overrides, log=run / "train.log")
@@ -458,9 +543,15 @@ def _probes(run: Path) -> list[dict] | None:
 # --------------------------------------------------------------------------------------------------
 
 
+def per_query_file(folder: Path, split: str, task: str | None = None) -> Path:
+    return folder / (f"{split}.jsonl" if task is None else f"{split}.{task}.jsonl")
+
+
 def evaluate(args, data: Path, model: str | None, folder: Path, recipe: Recipe) -> dict:
     """Validation and test metrics of ``model`` (an export folder; None: the zero-shot MiniLM) with
-    ``--corpus all``; the corpus is embedded once and shared by both splits."""
+    ``--corpus all``; the corpus is embedded once and shared by both splits. On the mixture each task's
+    queries are searched among that task's documents only (as MMEB scores each dataset against its own
+    candidates), and a split's metrics are the mean over tasks (MMEB's average), with ``per_task`` beside."""
     done = folder / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -476,13 +567,27 @@ def evaluate(args, data: Path, model: str | None, folder: Path, recipe: Recipe) 
     cfg = encoder_config_for(model)
     cfg.max_query_length, cfg.max_positive_length = recipe.query_length, recipe.positive_length
     encoder = Encoder(cfg, trainable=False, device=args.device if args.device == "cpu" else "cuda")
-    sets = {s: RetrievalSet(data, s, corpus="all") for s in SPLITS}
+    from b3stream.data.manifest import Manifest
+
+    tasks = Manifest.load(data).tasks if args.dataset == "mixture" else [None]
     t0 = time.perf_counter()
-    corpus = encoder.encode(sets["test"].corpus, "positive", batch_size=128)
-    out = {}
-    for s, es in sets.items():
-        out[s] = evaluate_encoder(encoder, data, s, eval_set=es, corpus_emb=corpus, per_query=folder / f"{s}.jsonl",
-                                  batch_size=128)
+    out = {s: {"per_task": {}} for s in SPLITS}
+    for task in tasks:
+        sets = {s: RetrievalSet(data, s, corpus="all", task=task) for s in SPLITS}
+        corpus = encoder.encode(sets["test"].corpus, "positive", batch_size=128)
+        for s, es in sets.items():
+            if not es.queries:  # a task the group split left without queries here
+                continue
+            out[s]["per_task"][task] = evaluate_encoder(encoder, data, s, eval_set=es, corpus_emb=corpus,
+                                                        per_query=per_query_file(folder, s, task), batch_size=128)
+    for s in SPLITS:
+        per_task = out[s].pop("per_task")
+        if tasks == [None]:
+            out[s] = per_task[None]
+        else:
+            out[s] = {m: float(np.mean([v[m] for v in per_task.values()])) for m in METRICS}
+            out[s].update(per_task=per_task, queries=sum(v["queries"] for v in per_task.values()),
+                          corpus=sum(v["corpus"] for v in per_task.values()))
     out["eval_seconds"] = time.perf_counter() - t0
     done.write_text(json.dumps(out, indent=2))
     return out
@@ -493,68 +598,93 @@ def evaluate(args, data: Path, model: str | None, folder: Path, recipe: Recipe) 
 # --------------------------------------------------------------------------------------------------
 
 
-def per_query_matrix(folders: list[Path], split: str, metric: str) -> np.ndarray:
+def _same_query(a: str, b: str) -> bool:
+    """One query in two files: the same text, or the same text with and without its instruction prompt (a
+    prompt is a prefix; b3-noinstr is scored on the unprompted texts)."""
+    return a == b or a.endswith(b) or b.endswith(a)
+
+
+def per_query_matrix(folders: list[Path], split: str, metric: str, task: str | None = None) -> np.ndarray:
     """(seeds, queries) of one metric; every file must list the same queries in the same order."""
-    rows = [read_per_query(f / f"{split}.jsonl") for f in folders]
+    rows = [read_per_query(per_query_file(f, split, task)) for f in folders]
     queries = [r["query"] for r in rows[0]]
     for other in rows[1:]:
-        if [r["query"] for r in other] != queries:
+        if len(other) != len(queries) or not all(_same_query(r["query"], q) for r, q in zip(other, queries)):
             raise RuntimeError("per-query files disagree on the queries; they cannot be paired")
     return np.array([[r[metric] for r in rs] for rs in rows])
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a - b over queries and its 95% percentile interval, resampling queries with replacement
-    (Koehn 2004, "Statistical significance tests for machine translation evaluation"; the same pairing as
-    in retrieval: both systems scored on the same resampled queries). a, b: per-query values."""
-    diff = a - b
+def strata(runs: list[dict], split: str, metric: str, task: str | None = None) -> list[np.ndarray]:
+    """Per-query values averaged over ``runs``' seeds: one array per task of the split (one array for a
+    single-task dataset, or when ``task`` picks one), the strata of :func:`stratified_bootstrap`."""
+    per_task = runs[0]["metrics"][split].get("per_task")
+    tasks = [task] if task is not None or per_task is None else sorted(per_task)
+    return [per_query_matrix([Path(r["eval_dir"]) for r in runs], split, metric, t).mean(axis=0) for t in tasks]
+
+
+def stratified_bootstrap(values: list[np.ndarray], reps: int, seed: int = 0) -> tuple[float, float, float]:
+    """The mean over strata (tasks) of each stratum's mean, and its 95% percentile interval, resampling the
+    queries of each stratum with replacement (Koehn 2004, "Statistical significance tests for machine
+    translation evaluation"). Paired when the values are per-query differences of two systems (both scored on
+    the same resampled queries). Tasks are fixed, not resampled: the average is over these tasks, as MMEB's is
+    over its datasets. One stratum: the plain bootstrap over queries."""
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(reps, len(diff)))
-    means = diff[idx].mean(axis=1)
-    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    means = np.zeros(reps)
+    for v in values:
+        means += v[rng.integers(0, len(v), size=(reps, len(v)))].mean(axis=1)
+    means /= len(values)
+    centre = float(np.mean([v.mean() for v in values]))
+    return centre, float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over queries and its 95% interval (a, b: per-query values of two systems)."""
+    return stratified_bootstrap([a - b], reps, seed)
 
 
 def bootstrap_mean(a: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = a[rng.integers(0, len(a), size=(reps, len(a)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return stratified_bootstrap([a], reps, seed)[1:]
 
 
 def summarise(cells: dict, args) -> list[dict]:
-    """One row per (arm, |B|, split, metric): mean over seeds, seed spread, and vs random the paired
-    difference with its bootstrap interval (per-query values averaged over seeds first)."""
+    """One row per (arm, |B|, split, metric): mean over seeds, seed spread, and vs the baseline arm the paired
+    difference with its bootstrap interval (per-query values averaged over seeds first). On the mixture the
+    metric is the mean over tasks, and each task has its own nDCG@10 rows (``task``)."""
     rows = []
     for (arm, batch), runs in sorted(cells.items(), key=lambda kv: (kv[0][1], arm_order(kv[0][0]))):
-        base = cells.get(("random", batch))
+        base = cells.get((args.baseline, batch))
         for split in SPLITS:
+            tasks = [None] + sorted(runs[0]["metrics"][split].get("per_task") or [])
             for metric in ("ndcg@10", "mrr@10", "recall@1"):
-                per_seed = [r["metrics"][split][metric] for r in runs]
-                a = per_query_matrix([Path(r["eval_dir"]) for r in runs], split, metric).mean(axis=0)
-                spread = float(np.std(per_seed, ddof=1)) if len(runs) > 1 else 0.0
-                row = {"arm": arm, "batch_size": batch, "split": split, "metric": metric, "seeds": len(runs),
-                       "mean": float(np.mean(per_seed)), "std": spread, "per_seed": per_seed,
-                       "ci": bootstrap_mean(a, args.bootstrap),
-                       "documents_per_step": float(np.mean([r["encoded"]["documents_per_step"] for r in runs
-                                                            if r.get("encoded")] or [np.nan])),
-                       "train_seconds": float(np.mean([r["train"]["train_seconds"] for r in runs if "train" in r]
-                                                      or [np.nan]))}
-                if base and arm != "random":
-                    diff = paired_difference(runs, base, split, metric, args.bootstrap)
-                    if diff is not None:
-                        row["vs_random"] = diff
-                rows.append(row)
+                for task in tasks if metric == "ndcg@10" else [None]:
+                    per_seed = [(r["metrics"][split] if task is None else r["metrics"][split]["per_task"][task])
+                                [metric] for r in runs]
+                    spread = float(np.std(per_seed, ddof=1)) if len(runs) > 1 else 0.0
+                    row = {"arm": arm, "batch_size": batch, "split": split, "metric": metric, "task": task,
+                           "seeds": len(runs), "mean": float(np.mean(per_seed)), "std": spread, "per_seed": per_seed,
+                           "ci": list(stratified_bootstrap(strata(runs, split, metric, task), args.bootstrap)[1:]),
+                           "documents_per_step": float(np.mean([r["encoded"]["documents_per_step"] for r in runs
+                                                                if r.get("encoded")] or [np.nan])),
+                           "train_seconds": float(np.mean([r["train"]["train_seconds"] for r in runs
+                                                           if "train" in r] or [np.nan]))}
+                    if base and arm != args.baseline:
+                        diff = paired_difference(runs, base, split, metric, args.bootstrap, task)
+                        if diff is not None:
+                            row["vs_baseline"] = diff
+                    rows.append(row)
     return rows
 
 
-def paired_difference(runs_a: list[dict], runs_b: list[dict], split: str, metric: str, reps: int) -> dict | None:
-    """A - B over queries with its paired bootstrap interval, both sides on the seeds both have (each query's
-    metric averaged over those seeds); None when they share no seed."""
+def paired_difference(runs_a: list[dict], runs_b: list[dict], split: str, metric: str, reps: int,
+                      task: str | None = None) -> dict | None:
+    """A - B over queries (over tasks' queries, then averaged over tasks) with its paired bootstrap interval,
+    both sides on the seeds both have (each query's metric averaged over those seeds); None when they share no
+    seed."""
     seeds = sorted({r["seed"] for r in runs_a} & {r["seed"] for r in runs_b})
     if not seeds:
         return None
-    a, b = (per_query_matrix([Path(r["eval_dir"]) for r in runs if r["seed"] in seeds], split, metric).mean(axis=0)
-            for runs in (runs_a, runs_b))
-    d, lo, hi = paired_bootstrap(a, b, reps)
+    a, b = (strata([r for r in runs if r["seed"] in seeds], split, metric, task) for runs in (runs_a, runs_b))
+    d, lo, hi = stratified_bootstrap([x - y for x, y in zip(a, b)], reps)
     return {"diff": d, "ci": [lo, hi], "seeds": seeds}
 
 
@@ -593,8 +723,10 @@ def run_cell(args, data, work, recipe, arm, batch, seed, extra_steps: int | None
     strategy = STRATEGY_OF[base_arm(arm)]
     if "@" in arm:
         recipe = dataclasses.replace(recipe, teacher=args.teachers[arm.partition("@")[2]])
+    if base_arm(arm) == "b3-noinstr":
+        data = args.data_noinstr
     t0 = time.perf_counter()
-    schedule, meta = mine(args, data, work, recipe, strategy, batch, seed)
+    schedule, meta = mine(args, data, work, recipe, arm, batch, seed)
     mine_seconds = time.perf_counter() - t0
     name = f"{base_arm(arm)}-B{batch}-s{seed}-{recipe.key(arm)}"
     run = work / "runs" / name
@@ -651,9 +783,9 @@ def tune(args, data, work, recipe: Recipe) -> tuple[Recipe, list[dict]]:
     return recipe, trials
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, baseline: str = "random") -> None:
     """Left: test nDCG@10 against |B| per arm, bands = bootstrap 95% interval of the mean over queries.
-    Right: the same minus random, bands = the paired bootstrap interval (the comparison that matters: the
+    Right: the same minus the baseline, bands = the paired bootstrap interval (the comparison that matters: the
     queries' own spread cancels). An arm run at one |B| only is a point with an error bar."""
     import matplotlib
 
@@ -664,16 +796,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     arms = sorted({r["arm"] for r in rows}, key=arm_order)
     sizes = sorted({r["batch_size"] for r in rows})
     for i, arm in enumerate(arms):
-        mine = sorted((r for r in rows if r["arm"] == arm and r["split"] == "test" and r["metric"] == "ndcg@10"),
+        mine = sorted((r for r in rows if r["arm"] == arm and r["split"] == "test" and r["metric"] == "ndcg@10"
+                       and r.get("task") is None),
                       key=lambda r: r["batch_size"])
         if not mine:
             continue
         x = np.array([r["batch_size"] for r in mine], dtype=float) * (1 + 0.012 * (i - len(arms) / 2))  # no overlap
         for ax, y, lo, hi in (
                 (axes[0], [r["mean"] for r in mine], [r["ci"][0] for r in mine], [r["ci"][1] for r in mine]),
-                (axes[1], *([r["vs_random"]["diff"] if "vs_random" in r else 0.0 for r in mine],
-                            [r["vs_random"]["ci"][0] if "vs_random" in r else 0.0 for r in mine],
-                            [r["vs_random"]["ci"][1] if "vs_random" in r else 0.0 for r in mine]))):
+                (axes[1], *([r["vs_baseline"]["diff"] if "vs_baseline" in r else 0.0 for r in mine],
+                            [r["vs_baseline"]["ci"][0] if "vs_baseline" in r else 0.0 for r in mine],
+                            [r["vs_baseline"]["ci"][1] if "vs_baseline" in r else 0.0 for r in mine]))):
             y, lo, hi = 100 * np.array(y), 100 * np.array(lo), 100 * np.array(hi)
             if len(x) > 1:
                 line, = ax.plot(x, y, marker="o", label=arm)
@@ -681,7 +814,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             else:
                 ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=arm, linestyle="none")
     axes[1].axhline(0, color="black", linewidth=0.8)
-    for ax, label in ((axes[0], "test nDCG@10 (corpus: every split)"), (axes[1], "test nDCG@10 minus random (points)")):
+    for ax, label in ((axes[0], "test nDCG@10 (corpus: every split)"), (axes[1], f"test nDCG@10 minus {baseline} (points)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes)
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -717,7 +850,10 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    data = dataset(args, work)
+    if args.dataset == "mixture":
+        data, args.data_noinstr = mixture_dataset(args, work)
+    else:
+        data = args.data_noinstr = dataset(args, work)
     recipe = _recipe(args)
     manifest = json.loads((data / "manifest.json").read_text())
     print(f"data {data}: " + ", ".join(f"{k} {v['n']}" for k, v in manifest["splits"].items()), flush=True)
@@ -726,6 +862,11 @@ def main(argv=None) -> int:
                     recipe)
     print(f"zero-shot: val nDCG@10 {zero['validation']['ndcg@10']:.4f} test {zero['test']['ndcg@10']:.4f} "
           f"({zero['test']['corpus']} documents)", flush=True)
+    if args.data_noinstr != data and any(base_arm(a) == "b3-noinstr" for arms, _, _ in args.blocks for a in arms):
+        zero_noinstr = evaluate(args, args.data_noinstr, None, work / "eval" / f"zero-shot-noinstr-L"
+                                f"{recipe.query_length}x{recipe.positive_length}", recipe)
+        print(f"zero-shot without instructions: val nDCG@10 {zero_noinstr['validation']['ndcg@10']:.4f} test "
+              f"{zero_noinstr['test']['ndcg@10']:.4f}", flush=True)
     # How good is each teacher on this data (the same exact search, zero-shot)?
     teacher_zero = {name: evaluate(args, data, path, work / "eval" / f"teacher-{name}-L{recipe.query_length}x"
                                    f"{recipe.positive_length}", recipe) for name, path in args.teachers.items()}
@@ -763,6 +904,7 @@ def main(argv=None) -> int:
                                      f"{args.threads}; CPU timings are upper bounds when other jobs share the cores")
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "conditions": conditions, "dataset": {k: v["n"] for k, v in manifest["splits"].items()},
+              "baseline": args.baseline, "tasks": manifest.get("tasks"),
               "recipe": dataclasses.asdict(recipe), "tuning": trials, "zero_shot": zero,
               "teacher_zero_shot": teacher_zero, "teacher_seconds": teacher_seconds(work, recipe),
               "runs": runs, "table": rows, "comparisons": comparisons, "seconds": time.perf_counter() - t_start,
@@ -770,10 +912,14 @@ def main(argv=None) -> int:
                             if refresh_summary(c) is not None}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1, default=str))
-    title = (f"code-search, {manifest['splits']['test']['n']} test queries vs {zero['test']['corpus']} documents, "
+    what = ("code-search" if args.dataset == "code" else
+            f"mixture of {len(manifest['tasks'])} tasks (mean over tasks, each against its own documents)")
+    title = (f"{what}, {manifest['splits']['test']['n']} test queries vs {zero['test']['corpus']} documents, "
              f"seeds {sorted({c['seed'] for c in runs})} (fewer where the table says so)\n{recipe.key()}")
-    plot(rows, args.plot, title)
-    print(markdown_table(rows, zero), flush=True)
+    plot(rows, args.plot, title, args.baseline)
+    print(markdown_table(rows, zero, args.baseline), flush=True)
+    for split in SPLITS if args.dataset == "mixture" else ():
+        print(task_table(rows, split), flush=True)
     if any(refresh_summary(c) for c in runs):
         print(refresh_table(runs), flush=True)
     print(f"wrote {args.json} and {args.plot} in {result['seconds'] / 60:.1f} min", flush=True)
@@ -827,26 +973,53 @@ def refresh_table(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def markdown_table(rows: list[dict], zero: dict) -> str:
-    """nDCG@10 / MRR@10 / Recall@1 on test (mean ± seed std) and nDCG@10 vs random with its interval."""
+def markdown_table(rows: list[dict], zero: dict, baseline: str = "random") -> str:
+    """nDCG@10 / MRR@10 / Recall@1 on test (mean ± seed std) and nDCG@10 vs the baseline with its interval
+    (on the mixture: means over tasks)."""
     out = ["| arm | \\|B\\| | seeds | test nDCG@10 (± seed sd) | test MRR@10 | test R@1 | "
-           "Δ nDCG@10 vs random [paired 95% CI] | val nDCG@10 | documents embedded per step | train s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           f"Δ nDCG@10 vs {baseline} [paired 95% CI] | val nDCG@10 | Δ val | documents embedded per step | train s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     z = zero["test"]
     out.append(f"| zero-shot | - | - | {100 * z['ndcg@10']:.2f} | {100 * z['mrr@10']:.2f} | {100 * z['recall@1']:.2f} | "
-               f"| {100 * zero['validation']['ndcg@10']:.2f} | | |")
-    index = {(r["arm"], r["batch_size"], r["split"], r["metric"]): r for r in rows}
+               f"| {100 * zero['validation']['ndcg@10']:.2f} | | | |")
+    index = {(r["arm"], r["batch_size"], r["split"], r["metric"]): r for r in rows if r.get("task") is None}
     for (arm, batch, split, metric), r in index.items():
         if split != "test" or metric != "ndcg@10":
             continue
         mrr, r1 = index[(arm, batch, "test", "mrr@10")], index[(arm, batch, "test", "recall@1")]
         val = index[(arm, batch, "validation", "ndcg@10")]
-        vs = r.get("vs_random")
-        delta = f"{100 * vs['diff']:+.2f} [{100 * vs['ci'][0]:+.2f}, {100 * vs['ci'][1]:+.2f}]" if vs else ""
+        delta, val_delta = _delta(r), _delta(val)
         sd = f" ± {100 * r['std']:.2f}" if r["seeds"] > 1 else ""
         out.append(f"| {arm} | {batch} | {r['seeds']} | {100 * r['mean']:.2f}{sd} | {100 * mrr['mean']:.2f} | "
-                   f"{100 * r1['mean']:.2f} | {delta} | {100 * val['mean']:.2f} | {r['documents_per_step']:.1f} | "
+                   f"{100 * r1['mean']:.2f} | {delta} | {100 * val['mean']:.2f} | {val_delta} | {r['documents_per_step']:.1f} | "
                    f"{r['train_seconds']:.0f} |")
+    return "\n".join(out)
+
+
+
+def _delta(row: dict) -> str:
+    vs = row.get("vs_baseline")
+    return f"{100 * vs['diff']:+.2f} [{100 * vs['ci'][0]:+.2f}, {100 * vs['ci'][1]:+.2f}]" if vs else ""
+
+
+def task_table(rows: list[dict], split: str = "test") -> str:
+    """The mixture per task: each arm's nDCG@10 on ``split`` (mean over seeds) and its difference to the
+    baseline, starred where the paired 95% interval excludes zero; one column per task."""
+    mine = [r for r in rows if r["split"] == split and r["metric"] == "ndcg@10" and r.get("task") is not None]
+    tasks = sorted({r["task"] for r in mine})
+    if not tasks:
+        return ""
+    out = [f"| arm ({split} nDCG@10, Δ vs baseline) | \\|B\\| | " + " | ".join(tasks) + " |",
+           "|---|---|" + "---|" * len(tasks)]
+    for arm, batch in dict.fromkeys((r["arm"], r["batch_size"]) for r in mine):
+        cells = []
+        for task in tasks:
+            r = next((x for x in mine if (x["arm"], x["batch_size"], x["task"]) == (arm, batch, task)), None)
+            vs = (r or {}).get("vs_baseline")
+            star = "*" if vs and (vs["ci"][0] > 0 or vs["ci"][1] < 0) else ""
+            cells.append("" if r is None else f"{100 * r['mean']:.1f}" + (f" ({100 * vs['diff']:+.1f}{star})" if vs
+                                                                          else ""))
+        out.append(f"| {arm} | {batch} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
