@@ -49,6 +49,10 @@ def test_per_query_matrix_refuses_unpaired_files(bench, tmp_path):
     assert bench.per_query_matrix([tmp_path / "a", tmp_path / "a"], "test", "ndcg@10").shape == (2, 2)
     with pytest.raises(RuntimeError, match="cannot be paired"):
         bench.per_query_matrix([tmp_path / "a", tmp_path / "b"], "test", "ndcg@10")
+    # the same queries with and without one instruction prompt pair; a text that merely ends alike does not
+    assert bench._paired(["Find: q1", "Find: q2"], ["q1", "q2"])
+    assert not bench._paired(["aq1", "bq2"], ["q1", "q2"]) and not bench._paired(["Find: q1", "q2"], ["q1", "q2"])
+    assert not bench._paired(["q1"], ["q1", "q2"])
 
 
 def test_grid_arguments(bench, capsys):
@@ -58,11 +62,16 @@ def test_grid_arguments(bench, capsys):
     assert "random-redrawn" not in bench._parse_args([]).blocks[0][0]  # it differs from random only over epochs
     assert bench._parse_args(["--epochs", "2", "--grid", "random,random-redrawn:32:0"]).blocks[0][0][1] == \
         "random-redrawn"
+    assert bench._parse_args(["--dataset", "mixture", "--grid", "task,b3:32:0"]).baseline == "task"
     for bad, why in ((["--grid", "b3,b3pp:32:0"], "every block must include random"),
+                     (["--dataset", "mixture", "--grid", "random,b3:32:0"], "every block must include task"),
+                     (["--grid", "random,b3-taskp:32:0"], "needs --task-p"),
+                     (["--grid", "random,b3-taskp:32:0", "--task-p", "wordnet-category=x"], "integer p"),
+                     (["--baseline", "task-redrawn", "--grid", "task-redrawn,b3-epoch:32:0"], "b3-epoch re-mines"),
                      (["--grid", "random,b4:32:0"], "unknown arm 'b4'"),
                      (["--grid", "random:32"], "expected ARMS:BATCHES:SEEDS"),
                      (["--grid", "random,b3@big:32:0"], "unknown arm 'b3@big'"),
-                     (["--grid", "random,random-redrawn:32:0"], "needs --epochs 2 or more"),
+                     (["--grid", "random,random-redrawn:32:0"], "random-redrawn re-mines at every epoch start"),
                      (["--grid", "random,b3:32:0", "--compare", "b3:b3pp"], "two arms of the grid")):
         with pytest.raises(SystemExit):
             bench._parse_args(bad)
@@ -90,6 +99,11 @@ def test_cache_keys_share_random_runs_across_mining_knobs(bench):
     assert union.key("random") == r.key("random") and union.key("gcbs") == r.key("gcbs")
     sym = bench._recipe(bench._parse_args(["--symmetric"]))
     assert sym.symmetric and all(sym.key(a) != r.key(a) for a in ("random", "task", "b3", "b3-refreshed"))
+    # the mixture's tasks are mined apart; per-task p and the unprompted data are cells of their own
+    mix = bench._recipe(bench._parse_args(["--dataset", "mixture", "--task-p", "fortunes=20,wordnet-category=10"]))
+    assert mix.per_task and mix.task_params == {"fortunes": {"p": 20}, "wordnet-category": {"p": 10}}
+    assert len({mix.key(a) for a in ("b3", "b3-taskp", "b3-noinstr")}) == 3
+    assert mix.key("b3-taskp") != bench.Recipe(per_task=True, task_p="fortunes=30").key("b3-taskp")
 
 
 def test_parallel_runner_merges_finished_cells_once_and_leaves_weights_behind(bench, tmp_path):
@@ -180,3 +194,62 @@ def test_encoded_counts_what_the_trainer_embeds(bench, tmp_path):
     assert enc["documents_per_step"] == pytest.approx((8 + 5) / 2)
     plain = publish_schedule(Schedule.from_batches(batches, {"strategy": "random", "batch_size": 4}), tmp_path, 1)
     assert bench.encoded_per_epoch(plain)["documents_per_step"] == 4
+
+
+def _cell(tmp_path, name: str, seed: int, per_task: dict[str, list[float]], prompt: str = "") -> dict:
+    """A finished mixture cell: per-query nDCG@10 (and MRR, R@1 alike) of each task on both splits."""
+    folder = tmp_path / f"{name}-{seed}"
+    folder.mkdir()
+    metrics = {}
+    for split in ("validation", "test"):
+        for task, values in per_task.items():
+            (folder / f"{split}.{task}.jsonl").write_text("".join(
+                json.dumps({"query": f"{prompt}{task} query {i}", "rank": 1,
+                            **{m: v for m in ("ndcg@10", "mrr@10", "recall@1")}}) + "\n"
+                for i, v in enumerate(values)))
+        tasks = {t: {m: float(np.mean(v)) for m in ("ndcg@10", "mrr@10", "recall@1")} for t, v in per_task.items()}
+        metrics[split] = {**{m: float(np.mean([x[m] for x in tasks.values()])) for m in ("ndcg@10", "mrr@10",
+                                                                                          "recall@1")},
+                          "per_task": tasks}
+    return {"arm": name, "seed": seed, "eval_dir": str(folder), "metrics": metrics}
+
+
+def test_the_mixture_is_averaged_over_tasks_and_bootstrapped_within_them(bench, tmp_path):
+    """MMEB's average is the mean over datasets, not over queries: a task of 10 queries weighs as much as one of
+    200. The interval resamples queries inside each task (one stratum: the plain bootstrap, unchanged)."""
+    rng = np.random.default_rng(0)
+    big, small = rng.uniform(size=200), rng.uniform(size=10)
+    centre, lo, hi = bench.stratified_bootstrap([big, small], reps=2000)
+    assert centre == pytest.approx((big.mean() + small.mean()) / 2)
+    assert centre != pytest.approx(np.concatenate([big, small]).mean())
+    assert lo < centre < hi
+    assert bench.stratified_bootstrap([big], reps=500)[1:] == bench.bootstrap_mean(big, reps=500)
+    # a shift in one task only moves the average by its share
+    shifted = [big + 0.1, small]
+    d, lo, hi = bench.stratified_bootstrap([a - b for a, b in zip(shifted, [big, small])], reps=500)
+    assert d == pytest.approx(0.05) and lo == pytest.approx(0.05) and hi == pytest.approx(0.05)
+
+
+def test_summary_rows_per_task_and_on_the_average_against_the_baseline(bench, tmp_path):
+    """On the mixture: the baseline is task batches; every arm gets an average row (what MMEB reports) and a
+    row per task, each with its paired difference; b3-noinstr's queries carry no prompt and still pair."""
+    base = {"wordnet-category": [0.5] * 40, "code": [0.8] * 10}
+    better = {"wordnet-category": [0.7] * 40, "code": [0.8] * 10}
+    cells = {("task", 32): [_cell(tmp_path, "task", 0, base, prompt="Classify: ")],
+             ("b3", 32): [_cell(tmp_path, "b3", 0, better, prompt="Classify: ")],
+             ("b3-noinstr", 32): [_cell(tmp_path, "b3-noinstr", 0, base)]}
+    args = bench._parse_args(["--dataset", "mixture", "--grid", "task,b3,b3-noinstr:32:0", "--bootstrap", "200"])
+    rows = bench.summarise(cells, args)
+    b3 = {r["task"]: r for r in rows if r["arm"] == "b3" and r["split"] == "test" and r["metric"] == "ndcg@10"}
+    assert set(b3) == {None, "wordnet-category", "code"}
+    assert b3[None]["mean"] == pytest.approx(0.75)  # (0.7 + 0.8) / 2, not the query-weighted 0.72
+    assert b3[None]["vs_baseline"]["diff"] == pytest.approx(0.1)
+    assert b3["wordnet-category"]["vs_baseline"]["diff"] == pytest.approx(0.2)
+    assert b3["code"]["vs_baseline"]["diff"] == pytest.approx(0.0)
+    assert not any("vs_baseline" in r for r in rows if r["arm"] == "task")
+    noinstr = next(r for r in rows if r["arm"] == "b3-noinstr" and r["task"] is None and r["split"] == "test"
+                   and r["metric"] == "ndcg@10")
+    assert noinstr["vs_baseline"]["diff"] == pytest.approx(0.0)
+    table = bench.task_table(rows)
+    assert "| b3 | 32 | 80.0 (+0.0) | 70.0 (+20.0*) |" in table
+    assert "vs task" in bench.markdown_table(rows, cells[("task", 32)][0]["metrics"], "task")

@@ -598,10 +598,14 @@ def evaluate(args, data: Path, model: str | None, folder: Path, recipe: Recipe) 
 # --------------------------------------------------------------------------------------------------
 
 
-def _same_query(a: str, b: str) -> bool:
-    """One query in two files: the same text, or the same text with and without its instruction prompt (a
-    prompt is a prefix; b3-noinstr is scored on the unprompted texts)."""
-    return a == b or a.endswith(b) or b.endswith(a)
+def _paired(a: list[str], b: list[str]) -> bool:
+    """Two files list the same queries: the same texts, or the same texts with and without one instruction
+    prompt (a prefix of every query of the task; b3-noinstr is scored on the unprompted texts)."""
+    if len(a) != len(b):
+        return False
+    long, short = (a, b) if sum(map(len, a)) >= sum(map(len, b)) else (b, a)
+    prefixes = {x[: len(x) - len(y)] if x.endswith(y) else None for x, y in zip(long, short)}
+    return len(prefixes) <= 1 and None not in prefixes
 
 
 def per_query_matrix(folders: list[Path], split: str, metric: str, task: str | None = None) -> np.ndarray:
@@ -609,7 +613,7 @@ def per_query_matrix(folders: list[Path], split: str, metric: str, task: str | N
     rows = [read_per_query(per_query_file(f, split, task)) for f in folders]
     queries = [r["query"] for r in rows[0]]
     for other in rows[1:]:
-        if len(other) != len(queries) or not all(_same_query(r["query"], q) for r, q in zip(other, queries)):
+        if not _paired([r["query"] for r in other], queries):
             raise RuntimeError("per-query files disagree on the queries; they cannot be paired")
     return np.array([[r[metric] for r in rs] for rs in rows])
 
