@@ -10,6 +10,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # `pytest -n 2` (the README's command): each worker gets a core, not both (two workers of two torch
+    # threads each on two cores spin against each other). Subprocesses the tests start choose their own.
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # Fixtures that train or mine with the real model: a test using one is slow whatever it does itself (the
 # others carry @pytest.mark.slow where they train, launch processes or embed a dataset).

@@ -67,7 +67,7 @@ def test_grid_arguments(bench, capsys):
                      (["--dataset", "mixture", "--grid", "random,b3:32:0"], "every block must include task"),
                      (["--grid", "random,b3-taskp:32:0"], "needs --task-p"),
                      (["--grid", "random,b3-taskp:32:0", "--task-p", "wordnet-category=x"], "integer p"),
-                     (["--baseline", "task-redrawn", "--grid", "task-redrawn,b3-epoch:32:0"], "b3-epoch re-mines"),
+                     (["--baseline", "task-redrawn", "--grid", "task-redrawn,b3-epoch:32:0"], "task-redrawn re-mines"),
                      (["--grid", "random,b4:32:0"], "unknown arm 'b4'"),
                      (["--grid", "random:32"], "expected ARMS:BATCHES:SEEDS"),
                      (["--grid", "random,b3@big:32:0"], "unknown arm 'b3@big'"),

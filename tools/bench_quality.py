@@ -265,7 +265,7 @@ def _parse_args(argv=None):
                 ap.error(f"unknown arm {arm!r}; known: {', '.join(ARMS)}, optionally @NAME of a --teacher")
             if teacher and STRATEGY_OF[base] not in MINED:
                 ap.error(f"arm {arm!r}: only mined strategies ({', '.join(MINED)}) use a teacher")
-        for arm in set(block_[0]) & set(EPOCH_ARMS):
+        for arm in [a for a in block_[0] if a in EPOCH_ARMS]:
             if (args.epochs or 1) < 2:
                 ap.error(f"arm {arm} re-mines at every epoch start: it needs --epochs 2 or more")
         if "b3-taskp" in block_[0] and not args.task_p:
