@@ -129,3 +129,14 @@ def write_tiny_llama(folder: Path) -> Path:
     from bench_rank_memory import write_llama
 
     return write_llama(folder, hidden=32, layers=2)
+
+
+REFRESH_STUDENT = {"max_query_length": 32, "max_positive_length": 48, "lora": {"r": 4, "alpha": 8}}
+
+
+def perturbed_student(lora: bool, seed: int):
+    """(config, Encoder) of a refreshed-mode test student whose trainable weights moved off the bundled model's."""
+    from b3stream.config import EncoderConfig, LoraConfig
+
+    cfg = EncoderConfig(**{**REFRESH_STUDENT, "lora": LoraConfig(enabled=lora, r=4, alpha=8)})
+    return cfg, moved_student(cfg, seed)

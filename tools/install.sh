@@ -2,7 +2,7 @@
 # Install b3stream into a virtual environment (default: .venv in the repo root).
 #
 #   bash tools/install.sh          # the package, its runtime stack and KaMinPar (the recipe's partitioner)
-#   bash tools/install.sh --test   # ... plus the test extras (pytest, pyarrow, psutil, datasets, kaminpar)
+#   bash tools/install.sh --test   # ... plus the test extras (pytest, pytest-xdist, pyarrow, psutil, datasets, kaminpar)
 #   bash tools/install.sh --gpu    # ... with faiss-gpu instead of faiss-cpu (CUDA machines)
 #   bash tools/install.sh --bench  # ... plus matplotlib for tools/bench_quality.py's plot
 #
