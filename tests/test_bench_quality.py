@@ -196,6 +196,32 @@ def test_encoded_counts_what_the_trainer_embeds(bench, tmp_path):
     assert bench.encoded_per_epoch(plain)["documents_per_step"] == 4
 
 
+def test_batch_hardness_does_not_count_a_shared_label_as_a_negative(bench, tmp_path):
+    """Two members of one class share the positive text (its label): the loss masks that pair, so the batch
+    figures must too; the rest of the batch is scored as before, and each task gets its own figures."""
+    from b3stream.schedule import Schedule, publish_schedule
+
+    emb = tmp_path / "mine" / "minilm" / "embed-only" / "embeddings"
+    emb.mkdir(parents=True)
+    q = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], np.float32)
+    pos = np.array([[1, 0], [1, 0], [0, 1], [0.6, 0.8]], np.float32)
+    np.save(emb / "queries.npy", q)
+    np.save(emb / "positives.npy", pos)
+    np.save(emb / "positive_keys.npy", np.array([7, 7, 8, 9]))  # ids 0 and 1: one label
+    np.save(emb / "tasks.npy", np.array([0, 0, 1, 1]))
+    (emb / "embeddings.json").write_text(json.dumps({"task_names": ["labels", "retrieval"]}))
+    path = publish_schedule(Schedule.from_batches([np.arange(4)], {"strategy": "random", "batch_size": 4}),
+                            tmp_path / "schedules", 0)
+    stats = bench.batch_stats(tmp_path, path)
+    # id 0: its negatives are 2 and 3 (scores 0 and 0.6), never id 1's identical label (score 1)
+    labels = stats["per_task"]["labels"]
+    assert labels["neg_sim_mean"] == pytest.approx((0 + 0.6) / 2)
+    assert labels["same_text_share"] == pytest.approx(1 / 3) and labels["neg_above_positive_share"] == 0
+    # id 3 (own positive scores 0.8): id 2's positive (1.0) scores above it, ids 0 and 1 (0) do not
+    assert stats["per_task"]["retrieval"]["neg_above_positive_share"] == pytest.approx((0 + 1 / 3) / 2)
+    assert stats["same_text_share"] == pytest.approx(1 / 6)
+
+
 def _cell(tmp_path, name: str, seed: int, per_task: dict[str, list[float]], prompt: str = "") -> dict:
     """A finished mixture cell: per-query nDCG@10 (and MRR, R@1 alike) of each task on both splits."""
     folder = tmp_path / f"{name}-{seed}"

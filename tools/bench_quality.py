@@ -420,7 +420,10 @@ def batch_stats(work: Path, schedule: Path) -> dict:
     """How hard the schedule's in-batch negatives are under the bundled MiniLM teacher's embeddings (the same
     yardstick for every arm): mean negative similarity, and the share of negatives the teacher scores above
     the query's own positive - hard negatives, or false negatives (another function that answers the
-    docstring as well), which InfoNCE then pushes away from the query."""
+    docstring as well), which InfoNCE then pushes away from the query. A member whose positive has the
+    query's positive text (a label shared by a class, a duplicate) is no negative, as in the loss
+    (``mask_duplicate_positives``); ``same_text_share`` is the share of in-batch pairs masked so. Per task
+    (``per_task``, by the query's task) where the data has several."""
     from b3stream.schedule import load_schedule
 
     emb = work / "mine" / "minilm" / "embed-only" / "embeddings"
@@ -428,18 +431,39 @@ def batch_stats(work: Path, schedule: Path) -> dict:
         return {}
     q = np.load(emb / "queries.npy").astype(np.float32)
     pos = np.load(emb / "positives.npy").astype(np.float32)
+    keys = np.load(emb / "positive_keys.npy") if (emb / "positive_keys.npy").is_file() else np.arange(len(q))
+    tasks = np.load(emb / "tasks.npy") if (emb / "tasks.npy").is_file() else np.zeros(len(q), np.int64)
+    names = json.loads((emb / "embeddings.json").read_text()).get("task_names") or ["all"]
     s = load_schedule(schedule)
-    sims, above = [], []
+    members, sims, above, same = [], [], [], []
     for b in range(len(s.offsets) - 1):
         ids = np.asarray(s.ids[s.offsets[b]:s.offsets[b + 1]])
+        if len(ids) < 2:
+            continue
         scores = q[ids] @ pos[ids].T
         own = np.diag(scores).copy()
-        np.fill_diagonal(scores, np.nan)
-        if len(ids) > 1:
-            sims.append(np.nanmean(scores, axis=1))
-            above.append(np.nanmean(scores > own[:, None], axis=1) * len(ids) / (len(ids) - 1))
-    return {"neg_sim_mean": float(np.concatenate(sims).mean()),
-            "neg_above_positive_share": float(np.concatenate(above).mean())}
+        alike = keys[ids][:, None] == keys[ids][None, :]
+        others = len(ids) - 1
+        same.append((alike.sum(axis=1) - 1) / others)
+        scores[alike] = np.nan  # the own positive and every same-text one
+        valid = ~alike
+        with np.errstate(invalid="ignore"):
+            sims.append(np.where(valid.any(axis=1), np.nansum(scores, axis=1) / np.maximum(valid.sum(axis=1), 1),
+                                 np.nan))
+            above.append(np.where(valid.any(axis=1), (scores > own[:, None]).sum(axis=1) /
+                                  np.maximum(valid.sum(axis=1), 1), np.nan))
+        members.append(ids)
+    members, sims, above, same = (np.concatenate(x) for x in (members, sims, above, same))
+
+    def stats(rows: np.ndarray) -> dict:
+        return {"neg_sim_mean": float(np.nanmean(sims[rows])), "neg_above_positive_share":
+                float(np.nanmean(above[rows])), "same_text_share": float(np.mean(same[rows]))}
+
+    out = stats(np.ones(len(members), bool))
+    if len(names) > 1:
+        out["per_task"] = {name: stats(tasks[members] == t) for t, name in enumerate(names)
+                           if (tasks[members] == t).any()}
+    return out
 
 
 def encoded_per_epoch(schedule: Path) -> dict:
