@@ -446,12 +446,10 @@ def batch_stats(work: Path, schedule: Path) -> dict:
         others = len(ids) - 1
         same.append((alike.sum(axis=1) - 1) / others)
         scores[alike] = np.nan  # the own positive and every same-text one
-        valid = ~alike
-        with np.errstate(invalid="ignore"):
-            sims.append(np.where(valid.any(axis=1), np.nansum(scores, axis=1) / np.maximum(valid.sum(axis=1), 1),
-                                 np.nan))
-            above.append(np.where(valid.any(axis=1), (scores > own[:, None]).sum(axis=1) /
-                                  np.maximum(valid.sum(axis=1), 1), np.nan))
+        count = (~alike).sum(axis=1)
+        with np.errstate(invalid="ignore"):  # a member with no negative left: 0 / 0, NaN, skipped in the means
+            sims.append(np.nansum(scores, axis=1) / count)
+            above.append((scores > own[:, None]).sum(axis=1) / count)
         members.append(ids)
     members, sims, above, same = (np.concatenate(x) for x in (members, sims, above, same))
 
