@@ -125,23 +125,23 @@ class RetrievalSet:
     scores each of its datasets against its own candidates)."""
 
     def __init__(self, data: str | Path, split: str = "test", max_queries: int | None = None, seed: int = 0,
-                 corpus: str = "split", task: str | None = None):
+                 corpus: str = "split", task: str | None = None, pairs: list[tuple] | None = None):
+        """``pairs``: :func:`prompted_pairs` of ``data`` already read, so that the sets of several tasks or
+        splits share one pass over the shards instead of streaming them once each."""
         if corpus not in CORPORA:
             raise ConfigError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}")
         manifest = Manifest.load(data)
         manifest.split(split)  # a DataError naming the splits there are
         if task is not None and task not in manifest.tasks:
             raise ConfigError(f"task {task!r} is not in {data}; its tasks: {', '.join(manifest.tasks) or 'none'}")
+        names = manifest.splits if corpus == "all" else [split]
         docs: dict[str, int] = {}
         rel: dict[str, set[int]] = {}  # query text of `split` -> its positives
         others: dict[str, set[int]] = {}  # query text of another split -> its positives
-        for name in (manifest.splits if corpus == "all" else [split]):
-            answers = rel if name == split else others
-            for rec in ShardedDataset(data, name, manifest=manifest):  # every rank streams it, in id order
-                if task is not None and rec.get("task") != task:
-                    continue
-                doc, query = manifest.prompted(rec, "positive"), manifest.prompted(rec, "query")
-                answers.setdefault(query, set()).add(docs.setdefault(doc, len(docs)))
+        for name, rec_task, query, doc in pairs if pairs is not None else prompted_pairs(data, names):
+            if name not in names or (task is not None and rec_task != task):
+                continue
+            (rel if name == split else others).setdefault(query, set()).add(docs.setdefault(doc, len(docs)))
         queries = list(rel)
         if max_queries is not None and len(queries) > max_queries:
             keep = np.sort(np.random.default_rng(seed).choice(len(queries), max_queries, replace=False))
@@ -168,6 +168,14 @@ class RetrievalSet:
         if per_query is not None:
             write_per_query(per_query, self.queries, ranks, values)
         return out
+
+
+def prompted_pairs(data: str | Path, splits: list[str] | None = None) -> list[tuple[str, str | None, str, str]]:
+    """(split, task, prompted query, prompted positive) of every record of ``splits`` (default: every split, in
+    the manifest's order), in id order: what :class:`RetrievalSet` reads. Every rank streams it."""
+    manifest = Manifest.load(data)
+    return [(name, rec.get("task"), manifest.prompted(rec, "query"), manifest.prompted(rec, "positive"))
+            for name in (splits or manifest.splits) for rec in ShardedDataset(data, name, manifest=manifest)]
 
 
 def write_per_query(path: str | Path, queries: list[str], ranks: np.ndarray, values: dict[str, np.ndarray]) -> None:

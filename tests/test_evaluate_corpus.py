@@ -117,3 +117,12 @@ def test_a_task_is_scored_against_its_own_candidates(toy_dataset):
         assert rel and all(one.corpus[d] in own_docs for d in rel)
     with pytest.raises(ConfigError, match="task 'nope' is not in"):
         RetrievalSet(toy_dataset, "test", task="nope")
+    # the sets of every task and split built from one read of the shards are the sets streamed one by one
+    from b3stream.evaluate import prompted_pairs
+
+    pairs = prompted_pairs(toy_dataset)
+    for t in manifest.tasks:
+        for split, corpus in (("test", "all"), ("validation", "split")):
+            a = RetrievalSet(toy_dataset, split, corpus=corpus, task=t)
+            b = RetrievalSet(toy_dataset, split, corpus=corpus, task=t, pairs=pairs)
+            assert (a.queries, a.relevant, a.corpus) == (b.queries, b.relevant, b.corpus)

@@ -590,12 +590,14 @@ def evaluate(args, data: Path, model: str | None, folder: Path, recipe: Recipe) 
     cfg.max_query_length, cfg.max_positive_length = recipe.query_length, recipe.positive_length
     encoder = Encoder(cfg, trainable=False, device=args.device if args.device == "cpu" else "cuda")
     from b3stream.data.manifest import Manifest
+    from b3stream.evaluate import prompted_pairs
 
     tasks = Manifest.load(data).tasks if args.dataset == "mixture" else [None]
     t0 = time.perf_counter()
+    pairs = prompted_pairs(data)  # one pass over the shards for every task's and split's set
     out = {s: {"per_task": {}} for s in SPLITS}
     for task in tasks:
-        sets = {s: RetrievalSet(data, s, corpus="all", task=task) for s in SPLITS}
+        sets = {s: RetrievalSet(data, s, corpus="all", task=task, pairs=pairs) for s in SPLITS}
         corpus = encoder.encode(sets["test"].corpus, "positive", batch_size=128)
         for s, es in sets.items():
             if not es.queries:  # a task the group split left without queries here
