@@ -574,3 +574,102 @@ def test_prepare_hf_command(tmp_path):
     res = run([sys.executable, "-m", "b3stream", "prepare", "jsonl", str(tmp_path / "x.jsonl"), "--out",
                str(tmp_path / "ds2"), "--hf-split", "train"])
     assert res.returncode != 0 and "--hf-split is for `prepare hf` only" in res.stderr
+
+
+# -- a named field that no record has; an empty source (issue 31) --------------------------------------------
+
+
+def _source(tmp_path: Path, fmt: str, rows: list[dict]) -> Path:
+    """``rows`` written as a ``fmt`` source (hf: a save_to_disk folder)."""
+    if fmt == "jsonl":
+        return write_jsonl(tmp_path / "src.jsonl", rows)
+    if fmt == "csv":
+        path = tmp_path / "src.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "src.parquet")
+        return tmp_path / "src.parquet"
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "src"))
+    return tmp_path / "src"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "hf"])
+@pytest.mark.parametrize("field", ["negatives", "query_image", "positive_image", "id", "task", "group"])
+def test_a_named_field_that_no_record_has_is_an_error(tmp_path, fmt, field):
+    """Naming a column that no record has used to be accepted in silence for negatives and images (a dataset
+    without the negatives asked for) and, for ids, refused without saying which columns there are."""
+    src = _source(tmp_path, fmt, [{"q": r["q"], "p": r["p"]} for r in toy_rows(20)])
+    fields = FieldMap(query="q", positive="p", **{field: "nope"})
+    with pytest.raises(DataError, match=r"'nope'.*columns.*\['p', 'q'\]"):
+        prepare_file(str(src), fmt, str(tmp_path / "out"), fields, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_hf_with_a_negatives_field_no_record_has_fails_and_writes_nothing(tmp_path, capsys):
+    src = _source(tmp_path, "hf", toy_rows(30))
+    out = tmp_path / "ds"
+    assert main(["prepare", "hf", str(src), "--out", str(out), "--query-field", "q", "--positive-field", "p",
+                 "--task-field", "task", "--group-field", "g", "--negatives-field", "negs", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no record has the column 'negs' named for negatives" in err
+    assert "['g', 'p', 'q', 'task']" in err
+    assert not out.exists()
+
+
+def test_a_field_some_records_have_is_still_allowed(tmp_path):
+    (tmp_path / "cat.png").write_bytes(b"\x89PNG fake image bytes")
+    rows = toy_rows(40)
+    for i, r in enumerate(rows[:10]):
+        r.update(negs=[f"wrong {i}"], img="cat.png")
+    fields = FieldMap(query="q", positive="p", task="task", group="g", negatives="negs", query_image="img")
+    m = Manifest.load(_prepare(tmp_path, rows, fields=fields))
+    assert m.N == 40 and sum((s.negatives or {}).get("examples", 0) for s in m.splits.values()) == 10
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "hf", "hf-dict"])
+def test_an_empty_source_says_it_has_no_records(tmp_path, fmt):
+    """An empty save_to_disk Dataset (or DatasetDict split) used to be "not a dataset saved with save_to_disk
+    ... (list index out of range)"."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = datasets.Dataset.from_dict({"q": [], "p": []})
+    src = {"jsonl": tmp_path / "e.jsonl", "csv": tmp_path / "e.csv", "parquet": tmp_path / "e.parquet",
+           "hf": tmp_path / "e", "hf-dict": tmp_path / "d"}[fmt]
+    if fmt == "jsonl":
+        src.write_text("\n")
+    elif fmt == "csv":
+        src.write_text("q,p\n")
+    elif fmt == "parquet":
+        pq.write_table(pa.table({"q": pa.array([], pa.string()), "p": pa.array([], pa.string())}), src)
+    elif fmt == "hf":
+        empty.save_to_disk(str(src))
+    else:
+        datasets.DatasetDict({"train": empty}).save_to_disk(str(src))
+    with pytest.raises(DataError, match="no records") as err:
+        prepare_file(str(src), fmt[:2] if fmt.startswith("hf") else fmt, str(tmp_path / "out"),
+                     FieldMap(query="q", positive="p"), progress=False)
+    assert "not a dataset" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_split_does_not_hide_the_others(tmp_path):
+    """A DatasetDict with an empty split: the other splits are read (loading the whole dict used to fail)."""
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(toy_rows(40)),
+                          "test": datasets.Dataset.from_dict({"q": [], "p": [], "task": [], "g": []})}
+                         ).save_to_disk(str(tmp_path / "d"))
+    assert prepare_file(str(tmp_path / "d"), "hf", str(tmp_path / "out"), FIELDS, progress=False).N == 40
+    with pytest.raises(DataError, match=r"test: the dataset has no records"):
+        prepare_file(str(tmp_path / "d"), "hf", str(tmp_path / "out2"), FIELDS, hf_split="test", progress=False)

@@ -97,6 +97,20 @@ def _hf_rows(path: Path, split: str | None) -> Iterator[tuple[str, dict]]:
             from None
     if not path.exists():
         raise DataError(f"{path}: no such dataset folder or .arrow file")
+    splits = path / "dataset_dict.json"
+    if path.is_dir() and splits.is_file():  # a DatasetDict: only the chosen split is loaded
+        try:
+            names = sorted(json.loads(splits.read_text())["splits"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not a DatasetDict saved with save_to_disk ({splits.name}: {e})") from None
+        chosen = split or ("train" if "train" in names else names[0] if len(names) == 1 else None)
+        if chosen not in names:
+            raise DataError(f"{path}: a DatasetDict with splits {names}; choose one with --hf-split"
+                            + (f" ({split!r} is not one of them)" if split else ""))
+        path, split = path / chosen, None
+    if path.is_dir() and _saved_without_rows(path):
+        # save_to_disk writes no Arrow file for 0 rows, and load_from_disk then fails (an IndexError)
+        raise DataError(f"{path}: the dataset has no records (saved with 0 rows)")
     try:
         if path.is_file():
             ds = datasets.Dataset.from_file(str(path))
@@ -104,17 +118,21 @@ def _hf_rows(path: Path, split: str | None) -> Iterator[tuple[str, dict]]:
             ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises FileNotFoundError, ValueError, pyarrow errors, ...
         raise DataError(f"{path}: not a dataset saved with save_to_disk or an Arrow file of one ({e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        names = sorted(ds)
-        chosen = split or ("train" if "train" in ds else names[0] if len(names) == 1 else None)
-        if chosen not in ds:
-            raise DataError(f"{path}: a DatasetDict with splits {names}; choose one with --hf-split"
-                            + (f" ({split!r} is not one of them)" if split else ""))
-        ds, path = ds[chosen], path / chosen
-    elif split is not None:
+    if split is not None:
         raise DataError(f"{path}: a single Dataset has no splits; drop --hf-split {split}")
+    if len(ds) == 0:
+        raise DataError(f"{path}: the dataset has no records")
     for i, row in enumerate(ds):
         yield f"{path}:row {i}", row
+
+
+def _saved_without_rows(folder: Path) -> bool:
+    """Whether ``folder`` is a Dataset that ``save_to_disk`` wrote with 0 rows: its state lists no data files."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
 
 
 def _text(row: dict, column: str, where: str, what: str) -> str:
@@ -165,7 +183,7 @@ def to_record(row: dict, fields: FieldMap, where: str, base: Path) -> dict:
             rec["negatives"] = negs
     if fields.id:
         if row.get(fields.id) in (None, ""):
-            raise DataError(f"{where}: record has no id (column {fields.id!r})")
+            raise DataError(f"{where}: record has no id (column {fields.id!r}); columns: {sorted(row)}")
         rec["source_id"] = str(row[fields.id])
     for side in ("query_image", "positive_image"):
         img = _image(row, getattr(fields, side), base, where)
@@ -176,10 +194,16 @@ def to_record(row: dict, fields: FieldMap, where: str, base: Path) -> dict:
 
 def read_records(path: str | Path, fmt: str, fields: FieldMap, hf_split: str | None = None
                  ) -> Iterator[tuple[str, dict]]:
-    """Validated records of one source, with duplicate source ids refused."""
+    """Validated records of one source, with duplicate source ids refused. An optional column that the field
+    map names (negatives, images) may be missing from some records, but not from all: that is a
+    :class:`DataError` (a misspelt column), raised after the last record (before a caller that collects them
+    writes anything). The required ones (query, positive, and task, group and id when named) are checked on
+    each record."""
     base = Path(path).parent
     seen: dict[str, str] = {}
+    columns: set[str] = set()
     for where, row in read_rows(path, fmt, hf_split):
+        columns.update(row)
         rec = to_record(row, fields, where, base)
         sid = rec.get("source_id")
         if sid is not None:
@@ -187,3 +211,9 @@ def read_records(path: str | Path, fmt: str, fields: FieldMap, hf_split: str | N
                 raise DataError(f"{where}: duplicate id {sid!r} (first seen at {seen[sid]})")
             seen[sid] = where
         yield where, rec
+    if columns:  # no rows at all is the caller's to report
+        for what in ("negatives", "query_image", "positive_image"):
+            column = getattr(fields, what)
+            if column is not None and column not in columns:
+                raise DataError(f"{path}: no record has the column {column!r} named for {what}; the records' "
+                                f"columns: {sorted(columns)}")
