@@ -8,7 +8,9 @@ The mining and training subcommands register their own arguments (``b3stream.min
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -178,7 +180,7 @@ def _run_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="b3stream",
         description="Contrastive embedding training with smart batch mining (B3 / B3++ / GCBS / random / task).",
     )
@@ -198,14 +200,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (the subcommands' too: ``add_parser`` makes its own class) whose :meth:`error` raises
+    :class:`_ParseError` instead of exiting while ``hand_back`` is set (see :func:`parse_args`)."""
+
+    hand_back = False
+
+    def error(self, message):
+        if self.hand_back:
+            raise _ParseError(message)
+        super().error(message)
+
+
+class _ParseError(Exception):
+    pass
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """``parser.parse_args``, except that a flag the subcommand does not know is reported by the subcommand.
 
     argparse hands a subcommand's unknown arguments back to the top-level parser, which then prints its own
-    usage (``b3stream [-h] [--version] COMMAND ...``): no help for someone who mistyped a ``mine`` flag.
+    usage (``b3stream [-h] [--version] COMMAND ...``): no help for someone who mistyped a ``mine`` flag. And
+    the value after a misspelt flag is taken for a positional argument, whose error hides the flag
+    (``b3stream mine --Kk 4``: "argument stage: invalid choice: '4'"): when parsing fails and the subcommand's
+    arguments hold flags it does not know, those flags are the error, with the closest known one.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, unknown = parser.parse_known_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no flag with a value
+    sub = _subparsers(parser).get(command)
+    strays = _unknown_flags(sub, argv[argv.index(command) + 1:]) if sub is not None else []
+    if strays:
+        sub.hand_back = True
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except _ParseError:
+        sub.hand_back = False
+        sub.error("unrecognized arguments: " + " ".join(_with_hint(a, _option_strings(sub)) for a in strays))
+    finally:
+        if sub is not None:
+            sub.hand_back = False
     if unknown:
         command = getattr(args, "command", None)
         # Blame the subcommand only for what came after its name (``b3stream --bogus mine`` is the top's).
@@ -214,6 +247,35 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         owner = _subparsers(parser).get(command, parser) if after_command else parser
         owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # what argparse takes for a value, not a flag
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def _with_hint(arg: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.75)
+    return f"{arg} (did you mean {close[0]}?)" if close else arg
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """The arguments that argparse will take for flags and that are not ``parser``'s (nor abbreviations of
+    them); erring on the side of none: it is argparse that parses."""
+    known = _option_strings(parser)
+    found = []
+    for arg in args:
+        if arg == "--":
+            break
+        if len(arg) < 2 or not arg.startswith("-") or " " in arg or _NEGATIVE_NUMBER.fullmatch(arg):
+            continue
+        name = arg.split("=", 1)[0]
+        if any(s.startswith(name) for s in known) or (not arg.startswith("--") and arg[:2] in known):
+            continue
+        found.append(arg)
+    return found
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -285,3 +285,37 @@ def test_kaminpar_partitioner_end_to_end(toy_mined, tmp_path):
     # a METIS partition of the same S is stale for a kaminpar config: the parameters differ
     assert main(["mine", "partition", *flags]) == 0
     assert json.loads((work / "partition" / "partition.json").read_text())["params"]["partitioner"] == "metis"
+
+
+# -- a misspelt flag is named, not the stage its value lands on (issue 31) -----------------------------------
+
+
+@pytest.mark.parametrize("argv, unknown, hint", [
+    (["mine", "--Kk", "4"], "--Kk", "--K"),  # used to be "argument stage: invalid choice: '4'"
+    (["mine", "--K", "4", "--batchsize", "16"], "--batchsize", "--batch-size"),
+    (["mine", "rank", "--pp", "3"], "--pp 3", None),  # after the stage: parsed, then left over as before
+])
+def test_a_misspelt_mine_flag_is_named(capsys, argv, unknown, hint):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: b3stream mine")
+    assert "argument stage" not in err
+    assert f"error: unrecognized arguments: {unknown}" in err
+    assert hint is None or f"did you mean {hint}?" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["mine"], {"stage": "all"}),
+    (["mine", "rank", "--p", "10", "--m", "50"], {"stage": "rank", "p": 10, "m": 50}),
+    (["mine", "--K", "4", "schedule", "--batch", "16"], {"stage": "schedule", "K": 4, "batch_size": 16}),
+    (["mine", "--seed", "-1", "--set", "per_task=false", "--out=x"], {"seed": -1, "overrides": ["per_task=false"],
+                                                                    "out": "x"}),
+    (["mine", "embed", "--"], {"stage": "embed"}),
+])
+def test_valid_mine_invocations_still_parse(argv, expected):
+    from b3stream.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), argv)
+    assert {k: getattr(args, k) for k in expected} == expected
