@@ -77,7 +77,9 @@ class MineConfig:
     out: str = "runs/mine"
     # -- embed ------------------------------------------------------------------------------------
     teacher: EncoderConfig = field(default_factory=lambda: EncoderConfig(lora=LoraConfig(enabled=False)))
-    teacher_snapshot: str | None = None  # a student snapshot folder (refreshed mode): embed with it instead
+    # a student snapshot folder (refreshed mode): embed with its weights, loaded into `teacher`, which must then
+    # be that run's student (the snapshot's own record is checked against it, never obeyed)
+    teacher_snapshot: str | None = None
     device: str | None = None  # embedding device (cpu, cuda, cuda:1); None: the first GPU if any, else cpu
     embed_batch_size: int = 64
     embed_chunk: int = 2048  # rows embedded between two progress records (the resume granularity)
@@ -273,6 +275,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if tp is int and abs(out) > 2**62:  # no setting needs more, and numpy's int64 overflows beyond
+            raise ConfigError(f"{where}: {out} is out of range")
         return out
     if tp is str:
         if isinstance(value, (dict, list)):
@@ -283,9 +287,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError` naming them."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {type(data).__name__}")
     hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(map(str, data)) - names)
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
@@ -335,7 +341,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict | 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"{path}: not a YAML file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+                from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}

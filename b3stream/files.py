@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 HOST = socket.gethostname().replace("/", "_").replace("@", "_")
-_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-[0-9a-f]+)?@(?P<host>[^@/]+)$")
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d{1,19})(?:-[0-9a-f]+)?@(?P<host>[^@/]+)$")
 FOREIGN_TMP_AGE = 24 * 3600.0  # seconds after which another host's temporary file counts as abandoned
 
 
@@ -32,10 +32,17 @@ def tmp_name(path: Path, token: str | None = None) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}{'-' + token if token else ''}@{HOST}")
 
 
+PID_MAX = 2**22  # Linux's largest pid_max: a number above it (or below 1) names no process
+
+
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (a process of another user counts as running)."""
+    """Whether process ``pid`` runs on this host (a process of another user counts as running). A number
+    that no process can have (read from a crafted file or temporary name) is no running process: ``kill``
+    would overflow on it, and 0 or a negative number would signal a whole process group."""
     if pid == os.getpid():
         return True
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= PID_MAX:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -122,11 +129,14 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def read_json(path: str | Path) -> dict | None:
-    """The JSON object in ``path``; None when the file is missing or not valid JSON."""
+    """The JSON object in ``path``; None when the file is missing, unreadable, not UTF-8, not JSON or not an
+    object (a list, a string). Files read back from a folder are a stranger's data: this never raises on
+    their content, and what the object holds is checked by its caller (:mod:`b3stream.records`)."""
     path = Path(path)
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, int digit limit
         return None
+    return data if isinstance(data, dict) else None

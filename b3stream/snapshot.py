@@ -18,6 +18,12 @@ slower than ``keep`` snapshot intervals still finishes its refresh. The weights'
 embed stage keys "up to date" on, and it is checked against the files every time a snapshot is used
 (:func:`verify_snapshot`): a snapshot corrupted on disk, before or after it was first embedded, is refused
 (:class:`SnapshotError`), never embedded.
+
+A snapshot folder is data, like everything in a run folder: ``snapshot.json`` is typed
+(:class:`b3stream.records.SnapshotMeta`), and its ``encoder`` never chooses what is loaded. The weights go
+into the encoder the *reader* was configured with (the run's own student, ``RUN/config.yaml``), with
+``trust_remote_code`` as the reading command says, once the record agrees with it on model, pooling and
+lengths (:func:`snapshot_encoder`); a snapshot written for another student is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import torch
 from .config import EncoderConfig, LoraConfig, from_dict
 from .data.manifest import DataError
 from .encoder import Encoder, weights_digest
-from .files import HOST, read_json, sweep_temps, tmp_name, write_json, writer_gone
+from .files import HOST, sweep_temps, tmp_name, write_json, writer_gone
+from .records import Lease, RecordError, SnapshotMeta, read_record, read_record_or_none
 
 FOLDER = "snapshots"
 META = "snapshot.json"
@@ -87,6 +94,10 @@ class RunPaths:
     def lease(self) -> Path:  # the snapshot a miner is mining from: never pruned while the miner lives
         return self.refresh / "lease.json"
 
+    @property
+    def run_config(self) -> Path:  # the trainer's settled TrainConfig: the student snapshots must match
+        return self.run / "config.yaml"
+
 
 class SnapshotError(DataError):
     """A student snapshot whose files do not match its record or do not load: the miner skips it."""
@@ -100,7 +111,15 @@ class Snapshot:
 
     @property
     def encoder_config(self) -> EncoderConfig:
-        return from_dict(EncoderConfig, self.meta["encoder"], where=f"{self.path / META}: encoder")
+        """The student the snapshot says it was written by, as recorded (``trust_remote_code`` never taken
+        from it: see :func:`snapshot_encoder`)."""
+        from .config import ConfigError
+
+        try:
+            cfg = from_dict(EncoderConfig, self.meta["encoder"], where=f"{self.path / META}: encoder")
+        except ConfigError as e:
+            raise SnapshotError(str(e)) from None
+        return dataclasses.replace(cfg, trust_remote_code=False)
 
     @property
     def weights_sha256(self) -> str:
@@ -117,28 +136,40 @@ def snapshot_folder(run: str | Path) -> Path:
     return RunPaths(Path(run)).snapshots
 
 
+def _snapshot_at(path: Path) -> Snapshot:
+    """The snapshot in folder ``path``: a ``step-NNNNNNN`` name and a valid ``snapshot.json`` of that step;
+    :class:`SnapshotError` otherwise (missing, crafted, or half a folder)."""
+    m = _NAME.match(path.name)
+    if m is None:
+        raise SnapshotError(f"{path}: not a student snapshot folder (step-NNNNNNN/)")
+    try:
+        meta = read_record(path / META, SnapshotMeta)
+    except RecordError as e:
+        raise SnapshotError(str(e)) from None
+    if meta is None or meta.step != int(m.group(1)):
+        raise SnapshotError(f"{path}: not a complete student snapshot (step-NNNNNNN/ with {META} of that step)")
+    return Snapshot(path=path, step=meta.step, meta=meta.model_dump())
+
+
 def list_snapshots(run: str | Path) -> list[Snapshot]:
-    """Complete snapshots of ``run``, oldest first."""
+    """Complete snapshots of ``run``, oldest first; a folder whose record is missing or not valid is passed
+    over (the folder is watched while training runs: nothing in it may stop the reader)."""
     folder = snapshot_folder(run)
     if not folder.is_dir():
         return []
     found = []
     for path in folder.iterdir():
-        m = _NAME.match(path.name)
-        meta = read_json(path / META) if m else None
-        if meta is not None and meta.get("step") == int(m.group(1)):
-            found.append(Snapshot(path=path, step=int(m.group(1)), meta=meta))
+        if _NAME.match(path.name):
+            try:
+                found.append(_snapshot_at(path))
+            except SnapshotError:
+                continue
     return sorted(found, key=lambda s: s.step)
 
 
 def read_snapshot(path: str | Path) -> Snapshot:
-    """The snapshot in folder ``path``; ValueError when it is not a complete snapshot."""
-    path = Path(path)
-    m = _NAME.match(path.name)
-    meta = read_json(path / META)
-    if m is None or meta is None or meta.get("step") != int(m.group(1)):
-        raise ValueError(f"{path}: not a complete student snapshot (step-NNNNNNN/ with {META})")
-    return Snapshot(path=path, step=int(m.group(1)), meta=meta)
+    """The snapshot in folder ``path``; :class:`SnapshotError` when it is not a complete, valid snapshot."""
+    return _snapshot_at(Path(path))
 
 
 def latest_snapshot(run: str | Path) -> Snapshot | None:
@@ -205,12 +236,12 @@ def pin_snapshot(run: str | Path, step: int | None) -> None:
 
 
 def pinned_steps(run: str | Path) -> set[int]:
-    """Snapshot steps a live miner holds a lease on (see :func:`pin_snapshot`)."""
-    lease = read_json(RunPaths(Path(run)).lease)
-    if not isinstance(lease, dict) or not isinstance(lease.get("step"), int) or not isinstance(lease.get("pid"), int):
+    """Snapshot steps a live miner holds a lease on (see :func:`pin_snapshot`). A lease file that is not
+    one (crafted, damaged) pins nothing: the trainer reads it at every snapshot and must never stop on it."""
+    lease = read_record_or_none(RunPaths(Path(run)).lease, Lease)
+    if lease is None or writer_gone(lease.host, lease.pid, lease.time):
         return set()
-    gone = writer_gone(str(lease.get("host")), lease["pid"], float(lease.get("time") or 0))
-    return set() if gone else {lease["step"]}
+    return {lease.step}
 
 
 def verify_snapshot(snapshot: Snapshot) -> None:
@@ -223,20 +254,50 @@ def verify_snapshot(snapshot: Snapshot) -> None:
                             f"({str(recorded)[:12]}... recorded, {actual[:12]}... on disk); the snapshot is corrupt")
 
 
-def load_snapshot_encoder(snapshot: Snapshot, device: str | torch.device | None = None,
-                          dtype: torch.dtype | None = None):
-    """The student of ``snapshot`` as a frozen :class:`b3stream.encoder.Encoder` in eval mode; a snapshot
-    whose files do not load is a :class:`SnapshotError`."""
+# What a snapshot's record must share with the student it is loaded into: the backbone, how it pools and
+# how long its inputs are. (LoRA's shape is checked by loading: an adapter of another r does not fit.)
+_SAME = ("model", "pooling", "normalize", "max_query_length", "max_positive_length", "attn_implementation")
+
+
+def snapshot_encoder(snapshot: Snapshot, student: EncoderConfig) -> EncoderConfig:
+    """The encoder ``snapshot``'s weights are loaded into: ``student`` (the run's own, as the reading
+    command settled it, ``trust_remote_code`` included), once the snapshot's record agrees with it on
+    :data:`_SAME`; :class:`SnapshotError` naming the first difference otherwise. So a ``snapshot.json``
+    edited to name another model folder, or to ask for remote code, loads nothing. The LoRA shape (r,
+    alpha, target modules) is the snapshot's: it describes the adapter file, and loading checks that the
+    file fits it."""
+    from .encoder import resolve_model, settled
+
+    recorded, want = snapshot.encoder_config, settled(student)
+    if resolve_model(recorded.model) == resolve_model(want.model):  # only then is its folder read (settled)
+        recorded = settled(recorded)
+    for key in _SAME:
+        a, b = getattr(recorded, key), getattr(want, key)
+        if key == "model":
+            a, b = resolve_model(a), resolve_model(b)
+        if a != b:
+            raise SnapshotError(f"{snapshot.path}: written for a student with {key} {a!r}, but this run's student "
+                                f"has {b!r}; the snapshot is not this run's")
+    return dataclasses.replace(want, lora=recorded.lora)
+
+
+def load_snapshot_encoder(snapshot: Snapshot, student: EncoderConfig | None = None,
+                          device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """The student of ``snapshot`` as a frozen :class:`b3stream.encoder.Encoder` in eval mode, built as
+    ``student`` says (:func:`snapshot_encoder`; None: as the snapshot records, without remote code, for
+    a snapshot of your own); a snapshot whose files do not load is a :class:`SnapshotError`."""
     from safetensors import SafetensorError
 
+    cfg = snapshot.encoder_config if student is None else snapshot_encoder(snapshot, student)
     try:
-        return _load_snapshot_encoder(snapshot, device, dtype)
-    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        return _load_snapshot_encoder(snapshot, cfg, device, dtype)
+    except SnapshotError:
+        raise
+    except (SafetensorError, OSError, KeyError, RuntimeError, ValueError) as e:
         raise SnapshotError(f"{snapshot.path}: the snapshot does not load ({type(e).__name__}: {e})") from None
 
 
-def _load_snapshot_encoder(snapshot: Snapshot, device, dtype):
-    cfg = snapshot.encoder_config
+def _load_snapshot_encoder(snapshot: Snapshot, cfg: EncoderConfig, device, dtype):
     if snapshot.meta["kind"] == "lora":
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file

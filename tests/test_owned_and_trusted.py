@@ -186,7 +186,7 @@ def snapshot_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("snap")
     cfg = EncoderConfig(**TINY, lora=LoraConfig(enabled=True, r=4, alpha=8))
     student = moved_student(cfg, seed=0)
-    write_snapshot(root, 4, student.model, cfg, {"n": 400})
+    write_snapshot(root, 4, student.model, cfg, {"dataset": "toy", "split": "train", "n": 400, "fingerprint": "0" * 16})
     return root
 
 
@@ -222,7 +222,8 @@ def test_corruption_after_a_snapshot_was_embedded_is_seen(snapshot_run, toy_data
     run = tmp_path / "run"
     shutil.copytree(snapshot_run, run)
     snap = latest_snapshot(run)
-    cfg = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"), teacher_snapshot=str(snap.path))
+    cfg = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"), teacher_snapshot=str(snap.path),
+                     teacher=EncoderConfig(**TINY))  # the student the snapshot was written by
     embed_stage(cfg, progress=False)
     adapter = snap.path / "adapter" / "adapter_model.safetensors"
     data = bytearray(adapter.read_bytes())
@@ -239,6 +240,9 @@ def miner_run(root: Path, data: Path) -> Path:
     dump_config(MineConfig(data=str(data), strategy="random", batch_size=8, quality_sample=0,
                            teacher=EncoderConfig(**TINY, lora=LoraConfig(enabled=False))), paths.mine_config)
     paths.refresh_config.write_text(json.dumps({"poll_seconds": 0.1}))
+    # the trainer's settled config: the student every snapshot of the run must have been written by
+    dump_config(TrainConfig(data=str(data), student=EncoderConfig(**TINY, lora=LoraConfig(r=4, alpha=8))),
+                paths.run_config)
     return root
 
 

@@ -60,33 +60,39 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
+        return cls.from_json(json.dumps(d), where)
+
+    @classmethod
+    def from_json(cls, data: bytes | str, where: str = "manifest") -> "Manifest":
+        """The manifest in ``data`` (JSON), typed field by field (pydantic, strict: a count is an integer,
+        a fingerprint a string); :class:`DataError` naming ``where`` for anything else."""
+        from pydantic import TypeAdapter, ValidationError
+
         try:
-            if d.get("schema_version") != SCHEMA_VERSION:
-                raise DataError(
-                    f"{where}: schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}; "
-                    "re-run `b3stream prepare`"
-                )
-            splits = {
-                name: SplitInfo(
-                    n=s["n"], fingerprint=s["fingerprint"], tasks=s["tasks"], groups=s["groups"],
-                    shards=[ShardInfo(**sh) for sh in s["shards"]], negatives=s.get("negatives"),
-                )
-                for name, s in d["splits"].items()
-            }
-            return cls(**{**d, "splits": splits})
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{where}: malformed manifest ({e!r})") from None
+            d = json.loads(data)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, digit limits
+            raise DataError(f"{where}: not valid JSON ({e})") from None
+        version = d.get("schema_version") if isinstance(d, dict) else None
+        if version != SCHEMA_VERSION:
+            raise DataError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}; re-run `b3stream prepare`")
+        try:
+            m = TypeAdapter(cls).validate_json(data, strict=True)
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            raise DataError(f"{where}: malformed manifest ({'.'.join(map(str, first['loc']))}: {first['msg']})") \
+                from None
+        counts = [m.N] + [v for s in m.splits.values() for v in (s.n, s.groups, *s.tasks.values())] + \
+            [v for s in m.splits.values() for sh in s.shards for v in (sh.nsamples, sh.first_id, sh.bytes)]
+        if not all(0 <= c <= 2**62 for c in counts):
+            raise DataError(f"{where}: malformed manifest (a count outside 0..2^62)")
+        return m
 
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":
         path = Path(root) / MANIFEST_NAME
         if not path.is_file():
             raise DataError(f"{path}: no manifest; is {root} a folder made by `b3stream prepare`?")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        m = cls.from_dict(d, where=str(path))
+        m = cls.from_json(path.read_bytes(), where=str(path))
         total = sum(s.n for s in m.splits.values())
         if total != m.N:
             raise DataError(f"{path}: N={m.N} but the splits hold {total} records")

@@ -145,7 +145,7 @@ def _listed_files(manifest: Path) -> set[str]:
     try:
         d = json.loads(manifest.read_text())
         urls = [sh["url"] for split in d["splits"].values() for sh in split["shards"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise DataError(f"{manifest}: unreadable manifest ({e!r}); not replacing its folder") from None
     return {u for u in urls if isinstance(u, str) and "/" not in u and "://" not in u}
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..files import (json_default, read_json, remove_outputs, sweep_temps, tmp_name, write_atomic,  # noqa: F401
                      write_json)
+from ..records import RecordError, StageRecord, parse_record
 
 log = logging.getLogger("b3stream.mining")
 
@@ -56,6 +57,21 @@ def staged_arrays(folder: Path):
         raise
     for tmp, final in pending:
         os.replace(tmp, final)
+
+
+def read_record(path: str | Path) -> dict | None:
+    """A stage's commit record, or None when there is none or it is not one (not JSON, wrong types: a
+    damaged or crafted record vouches for nothing, so its stage is rebuilt, and a stage that needs it
+    refuses as without one)."""
+    raw = read_json(path)
+    if raw is None:
+        return None
+    try:
+        parse_record(raw, StageRecord, path)
+    except RecordError as e:
+        log.warning("%s; ignored", e)
+        return None
+    return raw
 
 
 def same_params(record: dict | None, params: dict) -> bool:

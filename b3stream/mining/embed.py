@@ -35,7 +35,7 @@ from ..progress import progress_bar
 from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, Manifest, check_stamp, sha256_file
 from ..data.dedup import content_key, content_keys
-from .artefacts import log, new_token, read_json, remove_outputs, same_params, sweep_temps, tmp_name, write_json
+from .artefacts import log, new_token, read_record, remove_outputs, same_params, sweep_temps, tmp_name, write_json
 
 FOLDER = "embeddings"
 RECORD = "embeddings.json"
@@ -116,7 +116,7 @@ def load_embeddings(folder: str | Path, expect: dict | None = None) -> Embedding
     folder = Path(folder)
     if not (folder / RECORD).is_file() and (folder / FOLDER / RECORD).is_file():
         folder = folder / FOLDER
-    record = read_json(folder / RECORD)
+    record = read_record(folder / RECORD)
     if record is None:
         raise DataError(f"{folder}: no embeddings record ({RECORD}); run `b3stream mine embed` first")
     if not record.get("complete"):
@@ -200,11 +200,11 @@ def embed_params(cfg: MineConfig, known_files: dict | None = None) -> dict:
     from ..encoder import model_name, resolve_model, settled, weights_digest
 
     if cfg.teacher_snapshot:
-        from ..snapshot import Snapshot, read_snapshot, verify_snapshot
+        from ..snapshot import Snapshot, read_snapshot, snapshot_encoder, verify_snapshot
 
         snap: Snapshot = read_snapshot(cfg.teacher_snapshot)
         verify_snapshot(snap)  # every time: corruption after an earlier embedding must not go unseen
-        t = snap.encoder_config
+        t = snapshot_encoder(snap, cfg.teacher)  # the student it must be (cfg.teacher), never what it says
         source = {"source": "snapshot", "snapshot_weights": snap.weights_sha256, "kind": snap.meta["kind"]}
     else:
         t = cfg.teacher
@@ -244,7 +244,7 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     ds = ShardedDataset(cfg.data, cfg.split, manifest=manifest, verify=cfg.verify_data)
     stamp, n = ds.stamp, len(ds)
     folder = Path(cfg.out) / FOLDER
-    old = read_json(folder / RECORD)
+    old = read_record(folder / RECORD)
     params = {**embed_params(cfg, (old or {}).get("weight_files")), "prompts": manifest.prompts}
     weight_files = params.pop("_weight_files")
     same = old is not None and old.get("stamp") == stamp and same_params({**old, "complete": True}, params)
@@ -338,7 +338,7 @@ def _embedding_model(cfg: MineConfig, rank: int, size: int):
         from ..snapshot import load_snapshot_encoder, read_snapshot
 
         snapshot = read_snapshot(cfg.teacher_snapshot)
-        return load_snapshot_encoder(snapshot, device=device, dtype=dtype), snapshot
+        return load_snapshot_encoder(snapshot, cfg.teacher, device=device, dtype=dtype), snapshot
     return Encoder(cfg.teacher, trainable=False, device=device, dtype=dtype), None
 
 
@@ -439,7 +439,7 @@ def import_embeddings(cfg: MineConfig, progress: bool = True, chunk: int = 65536
                             f"{stamp['n']} examples; row i must be id i")
     else:
         ds, stamp = None, None
-    record = read_json(folder / RECORD)
+    record = read_record(folder / RECORD)
     if record is not None and record.get("complete") and same_params(record, params) and \
             (stamp is None or record.get("stamp") == stamp):
         log.info("embed: %s is up to date (imported %d rows)", folder, n)

@@ -24,6 +24,13 @@ Everything the miner needs is in the run folder, written by the trainer when it 
 A snapshot whose weights do not match the digest it was written with, or that does not load, is refused
 (logged in the status as ``rejected``) and the miner waits for the next one.
 
+The run folder is data, never orders to run code: every file above is validated before use (a bad
+``refresh.json`` or ``mine.yaml`` is a ConfigError naming it), a snapshot's weights are loaded into the run's
+own student (``RUN/config.yaml``) only when its record agrees with it, a schedule's recorded teacher is used
+only when it is the one ``mine.yaml`` names, and ``trust_remote_code`` comes from this command alone
+(``--trust-remote-code``, which the trainer passes only when its own config sets it): a value of it in any
+file of the run folder is ignored.
+
 The ids the trainer has already trained on in the snapshot's epoch (``trained.npy`` in the snapshot) are
 ranked and partitioned apart from the rest (MineConfig ``trained_ids``): after the swap the trainer skips
 them, so the rest of the epoch is made of whole communities mined from full neighbour lists of the ids still
@@ -44,8 +51,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import EncoderConfig, MineConfig, RefreshConfig, default_miner_threads, from_dict, load_config
+from ..config import (ConfigError, EncoderConfig, MineConfig, RefreshConfig, TrainConfig, default_miner_threads,
+                      from_dict, load_config, validate)
 from ..files import read_json, write_json
+from ..records import RecordError, Sidecar, read_record
 from ..snapshot import RunPaths, Snapshot, latest_snapshot
 
 STOP = -1  # announced to the other processes under a launcher: no more snapshots
@@ -75,19 +84,58 @@ def hold_lock(path: Path) -> int:
     return fd
 
 
+def read_settings(paths: RunPaths) -> RefreshConfig:
+    """``RUN/refresh/refresh.json`` as a validated RefreshConfig (defaults when there is none); a file that
+    is not one (not JSON, a list, a string for a number, a negative interval, a niceness below 0) is a
+    :class:`ConfigError` naming it."""
+    path = paths.refresh_config
+    raw = read_json(path)
+    if raw is None and path.exists():
+        raise ConfigError(f"{path}: not a JSON object of refresh settings")
+    try:
+        return validate(from_dict(RefreshConfig, raw or {}, where=str(path)))
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+
+
+def run_student(paths: RunPaths, trust_remote_code: bool) -> EncoderConfig:
+    """The run's own student (``RUN/config.yaml``, written by the trainer), the one every snapshot must have
+    been written by, with ``trust_remote_code`` as this command says (never as the file says)."""
+    if not paths.run_config.is_file():
+        raise ConfigError(f"{paths.run_config}: missing; the miner loads snapshots into the run's own student, "
+                          "and reads it there")
+    student = load_config(TrainConfig, paths.run_config).student
+    return dataclasses.replace(student, trust_remote_code=trust_remote_code)
+
+
+def same_encoder(a: EncoderConfig, b: EncoderConfig) -> bool:
+    """Whether two encoder settings describe one model (pooling and normalisation as settled from the model
+    folder), ``trust_remote_code`` aside."""
+    from ..encoder import resolve_model, settled
+
+    a, b = (dataclasses.replace(settled(x), model=resolve_model(x.model), trust_remote_code=False) for x in (a, b))
+    return a == b
+
+
 class Miner:
-    """One run's miner. ``model``, ``device``, ``threads``, ``nice``, ``poll`` default to RUN's refresh.json."""
+    """One run's miner. ``model``, ``device``, ``threads``, ``nice``, ``poll`` default to RUN's refresh.json.
+    ``trust_remote_code``: the models may run their folders' own code (this command's decision alone)."""
 
     def __init__(self, run: str | Path, model: str | None = None, device: str | None = None,
-                 poll: float | None = None, parent_pid: int | None = None, progress: bool = False):
+                 poll: float | None = None, parent_pid: int | None = None, progress: bool = False,
+                 trust_remote_code: bool = False):
         self.run = Path(run)
         self.paths = RunPaths(self.run)
         if not self.paths.mine_config.is_file():
             raise FileNotFoundError(f"{self.paths.mine_config}: no miner configuration; is {run} the folder of a "
                                     "run started with mode=refreshed?")
-        settings = from_dict(RefreshConfig, read_json(self.paths.refresh_config) or {},
-                             where=str(self.paths.refresh_config))
+        self.trust_remote_code = trust_remote_code
+        settings = read_settings(self.paths)
         self.settings = settings
+        self.mine_config()  # a mine.yaml that is not a MineConfig stops the miner here, before any model loads
+        self._student: EncoderConfig | None = None
+        if (model or settings.model) == "student" or settings.when == "bound":
+            self._student = run_student(self.paths, trust_remote_code)  # and so does a config.yaml
         self.model = model or settings.model
         if self.model not in ("student", "teacher"):
             raise ValueError(f"model must be student or teacher, got {self.model!r}")
@@ -120,11 +168,25 @@ class Miner:
             raise SystemExit(0)  # between stages: stage outputs are complete or absent, never partial
         self._report(state=name)
 
+    # -- what the run folder says, validated ------------------------------------------------------
+    def mine_config(self) -> MineConfig:
+        """``RUN/refresh/mine.yaml``, its teacher's ``trust_remote_code`` as this command says."""
+        cfg = load_config(MineConfig, self.paths.mine_config)
+        return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher,
+                                                                    trust_remote_code=self.trust_remote_code))
+
+    @property
+    def student(self) -> EncoderConfig:
+        if self._student is None:
+            self._student = run_student(self.paths, self.trust_remote_code)
+        return self._student
+
     # -- one refresh ------------------------------------------------------------------------------
     def config_for(self, snapshot: Snapshot) -> MineConfig:
-        cfg = load_config(MineConfig, self.paths.mine_config)
+        cfg = self.mine_config()
         return dataclasses.replace(
-            cfg, out=str(self.paths.refresh / "mine"), schedule_dir=str(self.paths.schedules), version=None,
+            cfg, teacher=self.student if self.model == "student" else cfg.teacher,
+            out=str(self.paths.refresh / "mine"), schedule_dir=str(self.paths.schedules), version=None,
             seed=cfg.seed + snapshot.step, device=self.device, source_step=snapshot.step,
             source_epoch=int(snapshot.meta.get("epoch", 0)),
             teacher_snapshot=str(snapshot.path) if self.model == "student" else None,
@@ -173,21 +235,21 @@ class Miner:
         current = newest_schedule(self.paths.schedules)
         if current is None:
             return True
-        mine = load_config(MineConfig, self.paths.mine_config)
+        mine = self.mine_config()
         K, tau = int(current.meta.get("K") or mine.K), mine.quality_temperature
         self._report(state="probe", snapshot_step=snapshot.step)
         probe = Probe.load(self.probe_path, current)
         if probe is None:  # no reference yet: the model that mined the schedule in use, where it is known
             probe = Probe.of(current, self.settings.probe_batches, seed=mine.seed)
             teacher = current.meta.get("teacher") if current.meta.get("source_step") is None else None
-            if teacher is not None:
+            if teacher is not None and self._is_mine_teacher(teacher, mine):
                 from ..encoder import Encoder
 
-                encoder = Encoder(from_dict(EncoderConfig, teacher, where="schedule teacher"), trainable=False)
+                encoder = Encoder(mine.teacher, trainable=False)  # as configured, not as the schedule says
                 probe.reference = probe.bound(*embed_probe(encoder, mine.data, probe.ids), K, tau)
                 probe.save(self.probe_path)
         verify_snapshot(snapshot)
-        encoder = load_snapshot_encoder(snapshot)
+        encoder = load_snapshot_encoder(snapshot, self.student)
         now = probe.bound(*embed_probe(encoder, mine.data, probe.ids, mine.embed_batch_size), K, tau)
         if probe.reference is None:  # nothing known of the schedule's own model: this snapshot is the reference
             probe.reference = now
@@ -205,6 +267,15 @@ class Miner:
               + ("refreshing" if due else "skipped"), flush=True)
         return due
 
+    @staticmethod
+    def _is_mine_teacher(recorded, mine: MineConfig) -> bool:
+        """Whether a schedule's recorded teacher is the teacher ``mine.yaml`` configures (only then is it
+        loaded, as configured): a schedule's metadata never names a model to load."""
+        try:
+            return same_encoder(from_dict(EncoderConfig, recorded, where="schedule teacher"), mine.teacher)
+        except ConfigError:
+            return False
+
     def _reference_from_refresh(self, path: Path, cfg: MineConfig, snapshot: Snapshot) -> None:
         """The new schedule's probe and its reference bound under the snapshot that mined it: read from the
         miner's stage folder when every row there is the snapshot's; embedded anew when the rows of ids
@@ -220,7 +291,8 @@ class Miner:
         probe = Probe.of(schedule, self.settings.probe_batches, seed=cfg.seed)
         K = int(schedule.meta.get("K") or cfg.K)
         if emb.record.get("kept"):
-            vectors = embed_probe(load_snapshot_encoder(snapshot), cfg.data, probe.ids, cfg.embed_batch_size)
+            vectors = embed_probe(load_snapshot_encoder(snapshot, self.student), cfg.data, probe.ids,
+                                  cfg.embed_batch_size)
         else:
             vectors = emb.queries[probe.ids], emb.positives[probe.ids]
         probe.reference = probe.bound(*vectors, K, cfg.quality_temperature)
@@ -232,9 +304,12 @@ class Miner:
 
         steps = set()
         for v in list_versions(self.paths.schedules):
-            meta = (read_json(sidecar(version_path(self.paths.schedules, v))) or {}).get("meta", {})
-            if meta.get("source_step") is not None:
-                steps.add(int(meta["source_step"]))
+            try:
+                side = read_record(sidecar(version_path(self.paths.schedules, v)), Sidecar)
+            except RecordError:
+                continue  # a sidecar is informational: a damaged one only means that snapshot may be redone
+            if side is not None and side.meta.source_step is not None:
+                steps.add(side.meta.source_step)
         return steps
 
     def serve(self, once: bool = False) -> int:
@@ -317,6 +392,9 @@ def register(sub) -> None:
     p.add_argument("--nice", type=int, default=None, help="niceness increment (default: refresh.nice)")
     p.add_argument("--poll", type=float, default=None, help="seconds between looks for a new snapshot")
     p.add_argument("--once", action="store_true", help="one refresh from the newest snapshot, then exit")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the student and teacher model folders run their own modelling code (never taken "
+                        "from a file of the run folder; the trainer passes it when its own config sets it)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_refresh)
@@ -330,9 +408,9 @@ def run_refresh(args) -> int:
     if bool(args.run) == bool(args.run_folder):
         raise ConfigError("give the run folder once: `b3stream refresh RUN` or `b3stream refresh --run RUN`")
     args.run = args.run or args.run_folder
-    settings = read_json(RunPaths(Path(args.run)).refresh_config) or {}
-    threads = args.threads or settings.get("threads") or default_miner_threads()
-    nice = args.nice if args.nice is not None else settings.get("nice", 10)
+    settings = read_settings(RunPaths(Path(args.run)))  # refused here, before any model loads
+    threads = args.threads or settings.threads or default_miner_threads()
+    nice = args.nice if args.nice is not None else settings.nice
     if nice:
         os.nice(nice)
     import torch
@@ -349,7 +427,7 @@ def run_refresh(args) -> int:
 
     try:
         miner = Miner(args.run, model=args.model, device=args.device, poll=args.poll, parent_pid=args.parent_pid,
-                      progress=not args.quiet)
+                      progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     rank, size = init_from_launcher()  # torchrun --nproc_per_node N: each refresh's embedding split N ways

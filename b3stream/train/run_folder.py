@@ -9,19 +9,26 @@ run starts, the folder is one of:
   (checkpoints, TensorBoard events, traces, summary, schedule versions, snapshots: by name, see
   :data:`EARLIER_RUN`) are removed so that they cannot pass for the new run's, and every other file stays.
   A folder that is no b3stream run (a mining folder, a folder of notes) is used with ``overwrite`` only if
-  none of the sub-folders the run writes into and prunes already holds files: the run cannot tell its own
-  from a stranger's there.
+  it holds none of the names the run writes (``config.yaml``, ``summary.json``, traces, the marker) and none
+  of the sub-folders the run writes into and prunes already holds files: the run cannot tell its own from a
+  stranger's there.
+
+The marker is a record (:class:`b3stream.records.RunMarker`: a format, a run id, when and by which process),
+not any JSON: ``[]`` or a hand-made file is no marker, and a folder holding one is no run.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 from ..config import ConfigError
-from ..files import read_json, sweep_temps, write_json
+from ..files import HOST, sweep_temps, write_json
+from ..records import LegacyRunMarker, RecordError, RunMarker, read_record
 
 MARKER = ".b3stream-run.json"
 # Sub-folders a run writes into and prunes (old checkpoints, schedule versions, snapshots, refresh state).
@@ -38,6 +45,21 @@ EARLIER_RUN = (
     ("snapshots", ("step-[0-9]*",)),
     ("refresh", ("status.json", "finished")),
 )
+
+
+# Names a run writes at the top of its folder: a folder that is no run and holds one of them is refused even
+# with overwrite (it would replace config.yaml and summary.json, and delete traces, of somebody else's).
+RUN_FILES = (MARKER, "config.yaml", "summary.json", "trace.jsonl", "trace.rank*.jsonl")
+
+
+def marker(run: Path) -> RunMarker | LegacyRunMarker | None:
+    """The folder's run marker, or None: none there, or a file that is no marker b3stream writes."""
+    for schema in (RunMarker, LegacyRunMarker):
+        try:
+            return read_record(run / MARKER, schema)
+        except RecordError:
+            continue
+    return None
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -58,7 +80,7 @@ def plan(run: Path, resume: bool, overwrite: bool, schedule: Path | None = None)
     (``overwrite`` must not remove the schedule it is about to train on)."""
     if run.exists() and not run.is_dir():
         raise ConfigError(f"out={run} exists and is not a folder")
-    ours = read_json(run / MARKER) is not None
+    ours = marker(run) is not None
     if resume and ours and has_checkpoint(run):
         return "resume"
     present = _entries(run)
@@ -71,6 +93,11 @@ def plan(run: Path, resume: bool, overwrite: bool, schedule: Path | None = None)
                           "to start afresh there (an earlier run's checkpoints, schedules, snapshots and logs are "
                           "removed; files it did not write are kept)")
     if not ours:
+        taken = [name for name in present if any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES)]
+        if taken:
+            raise ConfigError(f"out={run} is not a b3stream run folder (no valid {MARKER}), and it holds "
+                              f"{_shown(taken)}, names the run writes: overwrite=true would replace or delete "
+                              "them. Give a new out, or move them")
         busy = [name for name in OWN_FOLDERS if _entries(run / name)]
         if busy:
             raise ConfigError(f"out={run} is not a b3stream run folder, and its {', '.join(busy)} hold files: the "
@@ -98,5 +125,6 @@ def claim(run: Path, how: str) -> None:
                     else:
                         path.unlink(missing_ok=True)
     sweep_temps(run)
-    if how != "resume" or read_json(run / MARKER) is None:
-        write_json(run / MARKER, {"created": time.time(), "pid": os.getpid()})
+    if how != "resume" or not isinstance(marker(run), RunMarker):  # a run of an older b3stream: upgraded
+        write_json(run / MARKER, {"format": 1, "run_id": uuid.uuid4().hex, "created": time.time(),
+                                  "pid": os.getpid(), "host": HOST})
