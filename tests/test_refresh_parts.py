@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from b3stream.config import EncoderConfig, LoraConfig, MineConfig
+from b3stream.config import EncoderConfig, LoraConfig, MineConfig, TrainConfig
 from b3stream.data.manifest import Manifest
 from b3stream.dist import DistInfo
 from b3stream.schedule import list_versions, load_schedule, publish_schedule, version_path
@@ -78,7 +78,7 @@ def test_snapshot_round_trip(tmp_path, lora):
     (tmp_path / "snapshots").mkdir()
     (tmp_path / "snapshots" / ".step-0000009.tmp-1").mkdir()  # a writer that died
     for step in (3, 6, 9):
-        write_snapshot(tmp_path, step, student.model, cfg, {"n": 1}, keep=2)
+        write_snapshot(tmp_path, step, student.model, cfg, {"dataset": "toy", "split": "train", "n": 1, "fingerprint": "0" * 16}, keep=2)
     assert [s.step for s in list_snapshots(tmp_path)] == [6, 9]
     snap = latest_snapshot(tmp_path)
     assert snap.meta["kind"] == ("lora" if lora else "full")
@@ -137,7 +137,7 @@ def test_a_snapshot_missing_adapter_weights_is_refused(tmp_path):
     from b3stream.snapshot import SnapshotError
 
     cfg, student = perturbed_student(lora=True, seed=0)
-    path = write_snapshot(tmp_path, 3, student.model, cfg, {"n": 1})
+    path = write_snapshot(tmp_path, 3, student.model, cfg, {"dataset": "toy", "split": "train", "n": 1, "fingerprint": "0" * 16})
     adapter = path / "adapter" / "adapter_model.safetensors"
     weights = load_file(str(adapter))
     dropped = sorted(weights)[0]
@@ -169,6 +169,7 @@ def test_refresh_when_bound_mines_only_a_snapshot_that_drifted(tmp_path, toy_dat
     dump_config(MineConfig(data=str(toy_dataset), strategy="random", batch_size=8, teacher=teacher, quality_sample=0),
                 paths.mine_config)
     cfg, student = perturbed_student(lora=True, seed=0)
+    dump_config(TrainConfig(data=str(toy_dataset), student=cfg), paths.run_config)  # as the trainer writes it
     write_snapshot(run_dir, 5, student.model, cfg, Manifest.load(toy_dataset).stamp("train"))
 
     def serve(threshold: float) -> dict:
