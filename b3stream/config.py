@@ -487,6 +487,11 @@ def _check_refresh(c: RefreshConfig, v: _Checker) -> None:
     v.above("wait_timeout", 0)
     if c.device is not None and not (c.device == "cpu" or c.device == "cuda" or c.device.startswith("cuda:")):
         v.fail("device", "must be cpu, cuda or cuda:<index>")
+    if c.when == "bound" and c.model == "teacher":
+        # the drift is the rise of the schedule's bound under the *student*; a teacher's embeddings never move,
+        # so the miner would compare a student probe with a teacher reference: the gap, not staleness
+        raise ConfigError(f"{v.prefix}when: bound measures how far the student drifted from the schedule's "
+                          "embeddings; with model: teacher they never drift. Use when: every")
 
 
 def _check_mine(c: MineConfig, v: _Checker) -> None:

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,27 +213,56 @@ def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_c
             "step": int(step), "epoch": int(epoch), "kind": kind, "data": stamp, "created": time.time(),
             "encoder": dataclasses.asdict(encoder_cfg), "weights_sha256": weights_digest(tmp)[0],
         })
-        if final.exists():  # a resumed run re-reaching a step it snapshotted before
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with pins_locked(run):
+            if final.exists():  # a resumed run re-reaching a step it snapshotted before
+                if step in pinned_steps(run):  # a miner reads it: it stays, and the new copy is dropped
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    shutil.rmtree(final)
+            if tmp.exists():
+                os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pinned = pinned_steps(run)
-    for old in list_snapshots(run)[:-keep] if keep > 0 else []:
-        if old.step not in pinned:
-            shutil.rmtree(old.path, ignore_errors=True)
+    with pins_locked(run):  # the lease is read and the snapshots pruned with no pin in between
+        pinned = pinned_steps(run)
+        for old in list_snapshots(run)[:-keep] if keep > 0 else []:
+            if old.step not in pinned:
+                shutil.rmtree(old.path, ignore_errors=True)
     return final
 
 
-def pin_snapshot(run: str | Path, step: int | None) -> None:
-    """The miner's lease on the snapshot of ``step`` (None: release it). One miner serves a run, so one
-    lease file; it names the miner's process, so a lease of a miner that died is ignored."""
+@contextmanager
+def pins_locked(run: str | Path):
+    """Hold the run's pin lock (``RUN/refresh/pins.lock``, flock) for the block: a miner pinning a snapshot
+    and the trainer pruning or replacing snapshots never interleave (check-then-act on both sides)."""
+    import fcntl
+
+    paths = RunPaths(Path(run))
+    paths.refresh.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.refresh / "pins.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def pin_snapshot(run: str | Path, step: int | None) -> bool:
+    """The miner's lease on the snapshot of ``step`` (None: release it); returns whether the snapshot is
+    there, pinned (False: it was pruned before the pin, and nothing is pinned). Taken under the pin lock, so
+    the trainer prunes either before the pin (the miner sees it gone) or after (it sees the pin). One miner
+    serves a run, so one lease file; it names the miner's process, so a lease of a miner that died is
+    ignored."""
     lease = RunPaths(Path(run)).lease
-    if step is None:
-        lease.unlink(missing_ok=True)
-    else:
+    with pins_locked(run):
+        if step is None:
+            lease.unlink(missing_ok=True)
+            return True
+        if not (snapshot_folder(run) / f"step-{step:07d}" / META).is_file():
+            return False
         write_json(lease, {"step": int(step), "pid": os.getpid(), "host": HOST, "time": time.time()})
+        return True
 
 
 def pinned_steps(run: str | Path) -> set[int]:

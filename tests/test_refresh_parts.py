@@ -276,3 +276,33 @@ def test_the_trainer_steps_aside_while_a_cpu_miner_works(tmp_path, monkeypatch):
         assert ThreadShare.for_run(from_dict(TrainConfig, {}), cpu, paths) is None  # static mode
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_pinned_snapshot_survives_a_resume_that_re_reaches_its_step(tmp_path):
+    """A resumed run re-reaching a step it snapshotted replaced that folder whatever its pin; a miner reading
+    it lost it mid-refresh. Now the pinned folder stays (the new copy is dropped), and an unpinned one is
+    replaced. A pin on a snapshot already pruned is refused (pin_snapshot says so) instead of pinning air."""
+    from b3stream.snapshot import pin_snapshot, pinned_steps
+
+    cfg, student = perturbed_student(lora=True, seed=0)
+    stamp = {"dataset": "toy", "split": "train", "n": 1, "fingerprint": "0" * 16}
+    first = write_snapshot(tmp_path, 5, student.model, cfg, stamp, keep=3)
+    marker = first / "miner-reads-this"
+    marker.write_text("x")
+    assert pin_snapshot(tmp_path, 5) and pinned_steps(tmp_path) == {5}
+    write_snapshot(tmp_path, 5, student.model, cfg, stamp, keep=3)  # the resumed run, same step
+    assert marker.exists()
+    pin_snapshot(tmp_path, None)
+    write_snapshot(tmp_path, 5, student.model, cfg, stamp, keep=3)
+    assert not marker.exists() and latest_snapshot(tmp_path).step == 5
+    assert not pin_snapshot(tmp_path, 7) and pinned_steps(tmp_path) == set()
+
+
+def test_when_bound_with_the_teacher_is_refused():
+    """refresh.when: bound with refresh.model: teacher compared a student probe with a teacher reference (the
+    gap between them, not staleness): refused when the config loads."""
+    from b3stream.config import ConfigError, RefreshConfig, validate
+
+    with pytest.raises(ConfigError, match="when: bound measures how far the student drifted"):
+        validate(RefreshConfig(every_steps=5, when="bound", model="teacher"))
+    validate(RefreshConfig(every_steps=5, when="bound", model="student"))

@@ -320,20 +320,28 @@ def _starting_point(cfg: MineConfig, folder: Path, old: dict | None, params: dic
     return start, kept
 
 
-def _embedding_model(cfg: MineConfig, rank: int, size: int):
-    """(encoder, snapshot or None): the teacher, or the student snapshot of a refresh, on this process's
-    device; one GPU per process under a launcher. Half precision on a GPU: bf16 where the GPU has it (fp16
-    overflows in some decoder LLMs), else fp16."""
+def placement(device: str | None, rank: int = 0, size: int = 1):
+    """(device, dtype) an embedding model runs with: ``device`` (None: the first GPU if any, else the CPU;
+    one GPU per process under a launcher), in half precision on a GPU (bf16 where the GPU has it: fp16
+    overflows in some decoder LLMs), else fp32 (None)."""
     import torch
 
-    from ..encoder import Encoder
-
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     dtype = None
     if device.startswith("cuda"):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, dtype
+
+
+def _embedding_model(cfg: MineConfig, rank: int, size: int):
+    """(encoder, snapshot or None): the teacher, or the student snapshot of a refresh, on this process's
+    device; one GPU per process under a launcher. Half precision on a GPU: bf16 where the GPU has it (fp16
+    overflows in some decoder LLMs), else fp16."""
+    from ..encoder import Encoder
+
+    device, dtype = placement(cfg.device, rank, size)
     if cfg.teacher_snapshot:
         from ..snapshot import load_snapshot_encoder, read_snapshot
 

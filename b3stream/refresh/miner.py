@@ -199,12 +199,11 @@ class Miner:
         from ..mining.pipeline import run_all
         from ..snapshot import pin_snapshot
 
-        # Pinned before anything of it is read: the trainer prunes old snapshots, and this refresh may
-        # outlast several of its snapshot intervals (a GPU trainer, a large split).
-        pin_snapshot(self.run, snapshot.step)
+        # Pinned before anything of it is read, and until its last read (the new schedule's probe reference):
+        # the trainer prunes old snapshots, and this refresh may outlast several of its snapshot intervals.
+        if not pin_snapshot(self.run, snapshot.step):  # pruned just before the pin
+            raise FileNotFoundError(snapshot.path)
         try:
-            if not (snapshot.path / "snapshot.json").is_file():  # pruned just before the pin
-                raise FileNotFoundError(snapshot.path)
             if self.settings.when == "bound" and not self._drifted(snapshot):
                 return None
             broadcast_int(snapshot.step)  # under a launcher: the other processes embed their share of it
@@ -212,10 +211,10 @@ class Miner:
             self._report(state="embed", snapshot_step=snapshot.step)
             cfg = self.config_for(snapshot)
             path = run_all(cfg, progress=self.progress, on_stage=self._stage)
+            if self.settings.when == "bound":
+                self._reference_from_refresh(path, cfg, snapshot)
         finally:
             pin_snapshot(self.run, None)
-        if self.settings.when == "bound":
-            self._reference_from_refresh(path, cfg, snapshot)
         self._report(state="waiting", last_published=str(path), last_snapshot_step=snapshot.step,
                      refreshes=self.status["refreshes"] + 1, last_seconds=round(time.perf_counter() - t0, 3))
         return path
@@ -229,9 +228,11 @@ class Miner:
         """Embed the probe of the schedule in use with ``snapshot``; True when its bound rose by at least
         ``refresh.bound_drift`` over the reference (:mod:`b3stream.refresh.drift`). Reported in the status."""
         from .drift import Probe, embed_probe
+        from ..mining.embed import placement
         from ..schedule import newest_schedule
         from ..snapshot import load_snapshot_encoder, verify_snapshot
 
+        device, dtype = placement(self.device)
         current = newest_schedule(self.paths.schedules)
         if current is None:
             return True
@@ -245,11 +246,12 @@ class Miner:
             if teacher is not None and self._is_mine_teacher(teacher, mine):
                 from ..encoder import Encoder
 
-                encoder = Encoder(mine.teacher, trainable=False)  # as configured, not as the schedule says
+                # as configured, not as the schedule says; where and in the precision the miner embeds
+                encoder = Encoder(mine.teacher, trainable=False, device=device, dtype=dtype)
                 probe.reference = probe.bound(*embed_probe(encoder, mine.data, probe.ids), K, tau)
                 probe.save(self.probe_path)
         verify_snapshot(snapshot)
-        encoder = load_snapshot_encoder(snapshot, self.student)
+        encoder = load_snapshot_encoder(snapshot, self.student, device=device, dtype=dtype)
         now = probe.bound(*embed_probe(encoder, mine.data, probe.ids, mine.embed_batch_size), K, tau)
         if probe.reference is None:  # nothing known of the schedule's own model: this snapshot is the reference
             probe.reference = now
@@ -282,7 +284,7 @@ class Miner:
         already trained were kept from an earlier model (a mid-epoch refresh), since the probe's batches
         include theirs."""
         from .drift import Probe, embed_probe
-        from ..mining.embed import load_embeddings
+        from ..mining.embed import load_embeddings, placement
         from ..schedule import load_schedule
         from ..snapshot import load_snapshot_encoder
 
@@ -291,8 +293,9 @@ class Miner:
         probe = Probe.of(schedule, self.settings.probe_batches, seed=cfg.seed)
         K = int(schedule.meta.get("K") or cfg.K)
         if emb.record.get("kept"):
-            vectors = embed_probe(load_snapshot_encoder(snapshot, self.student), cfg.data, probe.ids,
-                                  cfg.embed_batch_size)
+            device, dtype = placement(self.device)
+            vectors = embed_probe(load_snapshot_encoder(snapshot, self.student, device=device, dtype=dtype),
+                                  cfg.data, probe.ids, cfg.embed_batch_size)
         else:
             vectors = emb.queries[probe.ids], emb.positives[probe.ids]
         probe.reference = probe.bound(*vectors, K, cfg.quality_temperature)
