@@ -56,9 +56,12 @@ def run_demo(args) -> int:
         print_quality(load_schedule(path).meta.get("quality"))
 
     refresh_every = max(5, args.steps // 4)
+    # Bounded staleness: the schedule mined from the snapshot of step s is in use by step s + lag (the trainer
+    # waits for the miner there if it must). Unbounded, a CPU trainer can finish before any refresh lands.
+    lag = max(2, refresh_every // 3)
     _say(f"3/4 train: LoRA student on the b3 schedule for {args.steps} steps (DeepSpeed ZeRO-0)"
-         + (f", refreshed mode: a student snapshot every {refresh_every} steps re-mined by a background miner"
-            if args.refresh else ""))
+         + (f", refreshed mode: a student snapshot every {refresh_every} steps re-mined by a background miner, "
+            f"each new schedule in use at most {lag} steps after its snapshot" if args.refresh else ""))
     from .dist import shutdown, single_process_env
     from .train.loop import train
 
@@ -68,7 +71,7 @@ def run_demo(args) -> int:
         lr=args.lr, log_every=5, eval_every=None, eval_max_queries=args.eval_queries, save_every=None,
         resume=False, overwrite=True, deepspeed="zero0",  # a second demo trains afresh over the first
         mode="refreshed" if args.refresh else "static",
-        refresh=RefreshConfig(every_steps=refresh_every, poll_seconds=1.0),
+        refresh=RefreshConfig(every_steps=refresh_every, poll_seconds=1.0, max_lag_steps=lag),
     )
     single_process_env()
     try:
@@ -83,10 +86,31 @@ def run_demo(args) -> int:
         if name in result["eval"]:
             print(f"{name:>7}: {format_metrics(result['eval'][name])}")
     if args.refresh:
-        print(f"\nrefreshed mode: {len(result['swaps'])} hot swap(s): "
-              + ", ".join(f"v{s['from']}->v{s['to']} at step {s['step']}" for s in result["swaps"]))
+        print(f"\nrefreshed mode: {len(result['swaps'])} hot swap(s)")
+        for swap in result["swaps"]:
+            print("  " + _swap_line(swap, out / "train" / "schedules"))
     print(f"\ntrained {result['steps']} steps at {result['examples_per_s'] or 0:.1f} examples/s; "
           f"demo took {time.perf_counter() - t0:.0f} s")
     print(f"TensorBoard: tensorboard --logdir {out / 'train' / 'tb'}")
     print(f"model: {out / 'train' / 'export'}  (b3stream evaluate --model {out / 'train' / 'export'} ...)")
     return 0
+
+
+def _swap_line(swap: dict, folder: Path) -> str:
+    """One hot swap: versions, step, and the Theorem-1 bound of the batches still to come under the
+    snapshot's embeddings, for the new schedule and for the one it replaced (lower: harder batches)."""
+    from .schedule import ScheduleError, load_schedule, version_path
+
+    line = f"v{swap['from']} -> v{swap['to']} at step {swap['step']}"
+    try:
+        meta = load_schedule(version_path(folder, swap["to"])).meta
+    except (ScheduleError, OSError):
+        return line
+    q, old = meta.get("quality") or {}, meta.get("quality_previous") or {}
+    if meta.get("source_step") is not None:
+        line += f" (mined from the snapshot of step {meta['source_step']})"
+    if "theorem1_bound" in q:
+        line += f": bound {q['theorem1_bound']:.3f}"
+        if old.get("version") == swap["from"] and "theorem1_bound" in old:
+            line += f" vs {old['theorem1_bound']:.3f} for v{swap['from']} on the same embeddings"
+    return line
