@@ -113,9 +113,10 @@ def test_hard_negative_pool_is_shared_unique_and_outside_the_batch():
 def test_swap_rebatches_only_unconsumed_ids_exactly_once():
     n, size = 800, 64
     old = make_schedule(n, size, 8, seed=0, version=0)
-    new = make_schedule(n, 32, 4, seed=1, version=1)
+    new = make_schedule(n, size, 4, seed=1, version=1)
     world = 2
     samplers = [ScheduleSampler(old, n, r, world, seed=2) for r in range(world)]
+    steps = samplers[0].epoch_steps
     for _ in range(5):
         for s in samplers:
             s.advance()
@@ -127,8 +128,9 @@ def test_swap_rebatches_only_unconsumed_ids_exactly_once():
     after = np.concatenate([ids for step in rest for ids in step])
     assert not np.isin(after, consumed).any()
     assert np.array_equal(np.sort(np.concatenate([consumed, after])), np.arange(n))
-    # The new batches follow the new schedule's batch size (32), except a possible tail.
-    assert all(sum(len(i) for i in step) == 32 for step in rest[:-1])
+    # The epoch keeps its number of steps; the new batches are |B|, except one short one.
+    assert 5 + len(rest) == steps == samplers[0].epoch_steps
+    assert sum(sum(len(i) for i in step) != size for step in rest) <= 1
 
     # A sampler resumed from a post-swap state on the new schedule replays the same plan.
     fresh = ScheduleSampler(old, n, 0, world, seed=2)
@@ -140,6 +142,16 @@ def test_swap_rebatches_only_unconsumed_ids_exactly_once():
     resumed = ScheduleSampler(new, n, 0, world, seed=2)
     resumed.load_state_dict(state)
     assert np.array_equal(resumed.step().ids, rest[1][0])
+
+
+def test_a_swap_to_another_batch_size_or_an_older_version_is_refused():
+    """The run's step budget, LR schedule and DeepSpeed batch size are built for one |B|."""
+    n = 800
+    s = ScheduleSampler(make_schedule(n, 64, 8, version=3), n)
+    with pytest.raises(ScheduleError, match="[|]B[|]=32, this run trains [|]B[|]=64"):
+        s.swap(make_schedule(n, 32, 4, version=4))
+    with pytest.raises(ScheduleError, match="older than v3"):
+        s.swap(make_schedule(n, 64, 8, version=2))
 
 
 def test_resume_onto_a_newer_schedule_swaps():
@@ -199,7 +211,8 @@ def two_task_schedule(n: int, size: int, K: int, seed: int, version: int, h: int
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_swap_keeps_one_task_per_batch(world):
-    """Post-swap batches are re-cut within each task of the new schedule, never across tasks."""
+    """Post-swap batches are re-cut within each task of the new schedule; only what is left of each task
+    (fewer than |B| ids) is pooled, as the miner pools its tails, into the last steps. Tasks interleave."""
     n = 800
     old, new = two_task_schedule(n, 32, 4, seed=0, version=0), two_task_schedule(n, 32, 4, seed=1, version=1)
     samplers = [ScheduleSampler(old, n, r, world, seed=2) for r in range(world)]
@@ -209,10 +222,14 @@ def test_a_swap_keeps_one_task_per_batch(world):
     for s in samplers:
         s.swap(new)
     rest = run_epoch(samplers)
-    for step in rest:
-        batch = np.concatenate(step)
-        assert len(set(batch >= n // 2)) == 1, "a post-swap batch mixes tasks"
-    seen = np.concatenate([samplers[0].consumed()[:0], *[np.concatenate(s) for s in rest]])
+    tasks = [set((np.concatenate(step) >= n // 2).tolist()) for step in rest]
+    mixed = [i for i, t in enumerate(tasks) if len(t) > 1]
+    assert mixed == list(range(len(rest) - len(mixed), len(rest))) and len(mixed) <= 2, \
+        "a post-swap batch mixes tasks (other than the pooled tails at the end)"
+    order = [t.pop() for t in tasks if len(t) == 1]
+    assert sum(a != b for a, b in zip(order, order[1:])) >= 4, f"tasks one after the other: {order}"
+    assert 7 + len(rest) == samplers[0].epoch_steps
+    seen = np.concatenate([np.concatenate(s) for s in rest])
     assert len(seen) == n - 7 * 32 and len(np.unique(seen)) == len(seen)
 
 

@@ -154,8 +154,8 @@ def partition_params(cfg: MineConfig, rank_record: dict) -> dict:
 
 def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
     """Stage 3 (:mod:`b3stream.mining.graph` + :mod:`b3stream.mining.partition`): S -> communities."""
-    from .graph import EDGES, Relabel, build_graph, subgraph_rows
-    from .partition import KAMINPAR_FILE, check_partitioner, partition
+    from .graph import EDGES
+    from .partition import KAMINPAR_FILE, check_partitioner
 
     t0 = time.perf_counter()
     if cfg.K < 1:
@@ -169,10 +169,33 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
     N = len(S)
     tasks, task_names, _ = _tasks(cfg, N)
     rp = rank_record.get("params", {})
-    groups = task_groups(tasks, task_names, cfg.per_task,
-                         merge_threshold(rp.get("small_tasks", "error"), rp.get("p", cfg.p), rp.get("m", cfg.m)))
-    groups = split_trained(groups, load_trained_ids(cfg.trained_ids, N))
+    merge_below = merge_threshold(rp.get("small_tasks", "error"), rp.get("p", cfg.p), rp.get("m", cfg.m))
     folder = out_dir(cfg, PARTITION_FOLDER)
+    communities, community_task, info = cut_communities(S, tasks, task_names, cfg, merge_below,
+                                                        load_trained_ids(cfg.trained_ids, N), progress)
+    (folder / PARTITION_RECORD).unlink(missing_ok=True)
+    with staged_arrays(folder) as put:
+        put("communities.npy", communities)
+        put("community_task.npy", community_task)
+    write_json(folder / PARTITION_RECORD, {
+        "stamp": rank_record["stamp"], "params": partition_params(cfg, rank_record), "n": N,
+        "communities": int(len(communities)), "groups": info, "token": new_token(),
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+    return folder
+
+
+def cut_communities(S: np.ndarray, tasks: np.ndarray, task_names: list[str], cfg: MineConfig, merge_below: int = 0,
+                    trained: np.ndarray | None = None, progress: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(communities, community_task, info per group): the partition stage's work on arrays. Each group mined
+    apart (a task, the merged small tasks, everything) and, with ``trained`` (a mask of the ids trained this
+    epoch), its trained and untrained ids apart, is cut into communities of ``cfg.K``."""
+    from .graph import Relabel, build_graph, subgraph_rows
+    from .partition import partition
+
+    N = len(S)
+    groups = split_trained(task_groups(tasks, task_names, cfg.per_task, merge_below), trained)
     all_comm, all_task, info = [], [], {}
     relabel = Relabel(N)
     for label, name, ids in progress_bar(groups, desc="partition", unit="task",
@@ -196,16 +219,7 @@ def partition_stage(cfg: MineConfig, progress: bool = True) -> Path:
                  cfg.K, 100 * stats.get("internal_edge_fraction", 0), stats.get("evicted", 0), cfg.partitioner)
     communities = np.concatenate(all_comm) if all_comm else np.zeros((0, cfg.K), np.int32)
     community_task = np.concatenate(all_task) if all_task else np.zeros(0, np.int32)
-    (folder / PARTITION_RECORD).unlink(missing_ok=True)
-    with staged_arrays(folder) as put:
-        put("communities.npy", communities)
-        put("community_task.npy", community_task)
-    write_json(folder / PARTITION_RECORD, {
-        "stamp": rank_record["stamp"], "params": partition_params(cfg, rank_record), "n": N,
-        "communities": int(len(communities)), "groups": info, "token": new_token(),
-        "seconds": round(time.perf_counter() - t0, 3),
-    })
-    return folder
+    return communities, community_task, info
 
 
 def load_partition(cfg: MineConfig, expect: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -255,15 +269,14 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
     trained = load_trained_ids(cfg.trained_ids, n)  # a refresh: the ids the trainer has trained this epoch
     inputs = BatchInputs(n=n, tasks=tasks, task_names=task_names, S=S, scores=scores, top=top,
                          communities=communities, community_task=community_task,
-                         keys=emb.keys if emb is not None else None)
-    batches, negatives, extra = make_batches(cfg.strategy, inputs, prm)
+                         keys=emb.keys if emb is not None else None, trained=trained)
+    batches, negatives, extra, batch_task = plan_batches(cfg, inputs, prm)
     # p, m, margin, edges describe the artefacts the batches came from, which may predate this config.
     rank_rec = records.get("rank") or read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
     meta = _schedule_meta(cfg, strategy, rank_rec, records.get("partition", {}).get("params", {}), emb,
                           trained, has_negatives=negatives is not None)
     meta.update(data=stamp, n=n, num_batches=len(batches), tasks=task_names, **extra)
-    schedule = Schedule.from_batches(batches, meta, negatives,
-                                     batch_task=_batch_tasks(batches, tasks) if _tasks_apart(cfg, task_names) else None)
+    schedule = Schedule.from_batches(batches, meta, negatives, batch_task=batch_task)
     schedule.check_epoch(n)
     t_sched = time.perf_counter() - t0
     timings = {name: rec.get("seconds") for name, rec in records.items()}
@@ -285,6 +298,15 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
              f"; Theorem-1 bound {q['theorem1_bound']:.3f}, in-batch negative similarity mean "
              f"{q['neg_sim_mean']:.3f}, hardest {q['neg_sim_hardest_mean']:.3f}" if q else "")
     return path
+
+
+def plan_batches(cfg: MineConfig, inputs: BatchInputs, prm: BatchParams | None = None
+                 ) -> tuple[list[np.ndarray], list[np.ndarray] | None, dict, np.ndarray | None]:
+    """(batches, hard negatives or None, strategy metadata, each batch's task or None): the schedule stage's
+    batching of ``inputs`` (with ``inputs.trained``, the ids to come apart from the trained ones)."""
+    batches, negatives, extra = make_batches(cfg.strategy, inputs, prm or BatchParams.from_config(cfg))
+    batch_task = _batch_tasks(batches, inputs.tasks) if _tasks_apart(cfg, inputs.task_names) else None
+    return batches, negatives, extra, batch_task
 
 
 def _mined_inputs(cfg: MineConfig, strategy) -> tuple:

@@ -33,6 +33,7 @@ Everything is a pure function of the inputs and ``seed`` (numpy PCG64): reruns a
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -57,6 +58,13 @@ class BatchInputs:
     communities: np.ndarray | None = None  # (n_comm, K) int32, -1 padded
     community_task: np.ndarray | None = None  # (n_comm,) int32
     keys: np.ndarray | None = None  # (n,) int64 content key of each positive (b3stream.data.dedup)
+    # (n,) bool, a refresh: the ids the trainer has trained this epoch, batched apart from the ids to come
+    trained: np.ndarray | None = None
+    subset: np.ndarray | None = None  # (n,) bool: batch only these ids (set by make_batches; None: all)
+
+    def only(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` restricted to :attr:`subset`."""
+        return ids if self.subset is None else ids[self.subset[ids]]
 
 
 @dataclass
@@ -134,8 +142,9 @@ class RandomBatches(Strategy):
 
     def batches(self, inp, prm):
         rng, _ = rngs(prm.seed)
-        perm = rng.permutation(inp.n)
-        return [perm[i : i + prm.batch_size] for i in range(0, inp.n, prm.batch_size)], None
+        ids = inp.only(np.arange(inp.n))
+        perm = ids[rng.permutation(len(ids))]
+        return [perm[i : i + prm.batch_size] for i in range(0, len(perm), prm.batch_size)], None
 
 
 class TaskBatches(Strategy):
@@ -143,8 +152,8 @@ class TaskBatches(Strategy):
 
     def batches(self, inp, prm):
         rng, _ = rngs(prm.seed)
-        groups = task_groups(inp.tasks, inp.task_names, per_task=True)
-        units = [(rng.permutation(ids).reshape(-1, 1), []) for _, ids in groups]
+        groups = [inp.only(ids) for _, ids in task_groups(inp.tasks, inp.task_names, per_task=True)]
+        units = [(rng.permutation(ids).reshape(-1, 1), []) for ids in groups if len(ids)]
         return pack(units, prm.batch_size, rng), None
 
 
@@ -168,6 +177,9 @@ class GcbsBatches(Strategy):
         out = []
         relabel = Relabel(inp.n)
         for _, ids in task_groups(inp.tasks, inp.task_names, prm.per_task and not prm.mix_tasks):
+            ids = inp.only(ids)
+            if not len(ids):
+                continue
             local = subgraph_rows(inp.S, ids, inp.n, relabel)
             sc = np.asarray(inp.scores[ids] if len(ids) != inp.n else inp.scores, dtype=np.float32)
             keep = (local >= 0) & (sc >= tau)
@@ -197,6 +209,14 @@ class B3Batches(Strategy):
         comm, ctask = inp.communities, inp.community_task
         if prm.mix_tasks or ctask is None:
             ctask = np.zeros(len(comm), dtype=np.int32)
+        if inp.subset is not None:  # the communities of the subset (the partition cut it apart already)
+            inside = (comm >= 0) & inp.subset[np.maximum(comm, 0)]
+            comm = np.where(inside, comm, -1)  # a community across the subset's edge: its part, as a short one
+            ctask = ctask[inside.any(axis=1)]
+            comm = comm[inside.any(axis=1)]
+            full = (comm >= 0).all(axis=1)  # full ones first, as the partition stores them
+            comm = np.concatenate([comm[full], np.sort(comm[~full], axis=1)[:, ::-1]])
+            ctask = np.concatenate([ctask[full], ctask[~full]])
         groups = []
         for t in np.unique(ctask):
             mine = np.flatnonzero(ctask == t)
@@ -292,10 +312,24 @@ def get_strategy(name: str) -> Strategy:
 
 def make_batches(name: str, inp: BatchInputs, prm: BatchParams
                  ) -> tuple[list[np.ndarray], list[np.ndarray] | None, dict]:
-    """Run strategy ``name``: (batches, B3++ negatives or None, strategy-specific metadata)."""
+    """Run strategy ``name``: (batches, B3++ negatives or None, strategy-specific metadata).
+
+    With ``inp.trained`` (a refresh in the middle of an epoch) the ids still to come and the trained ones are
+    batched apart, each as the strategy batches a whole epoch, the ids to come first: so the rest of the
+    epoch is made of whole batches of the miner's (with their hard negatives), none of them holding an id
+    the trainer skips. The trained ids' batches matter only if the schedule is still in use when the next
+    epoch starts."""
     strategy = get_strategy(name)
     strategy.check(inp, prm)
-    batches, negatives = strategy.batches(inp, prm)
+    trained = inp.trained
+    if trained is None or not trained.any() or trained.all():
+        batches, negatives = strategy.batches(dataclasses.replace(inp, subset=None), prm)
+    else:
+        batches, negatives = [], []
+        for part in (~trained, trained):
+            b, negs = strategy.batches(dataclasses.replace(inp, subset=part), prm)
+            batches += b
+            negatives = None if negs is None else negatives + negs
     extra = {}
     if hasattr(strategy, "used_threshold"):
         extra["gcbs_threshold"] = round(float(strategy.used_threshold), 6)

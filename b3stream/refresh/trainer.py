@@ -56,6 +56,10 @@ def miner_config(cfg: TrainConfig, schedule: Schedule, world_size: int = 1) -> M
     mine = from_dict(MineConfig, values, where="refresh (from the schedule's metadata)")
     if cfg.refresh.mine:
         mine = apply_overrides(mine, {f"{k}": v for k, v in cfg.refresh.mine.items()})
+    if mine.batch_size != schedule.batch_size:
+        raise ConfigError(f"refresh.mine.batch_size={mine.batch_size}: the run trains |B|={schedule.batch_size} (its "
+                          "step budget, learning-rate schedule and DeepSpeed batch size are built for it), and the "
+                          "trainer refuses schedules of another |B|; leave refresh.mine.batch_size out")
     if mine.batch_size % world_size:
         raise ConfigError(f"the miner would publish schedules of |B|={mine.batch_size}, which does not divide over "
                           f"{world_size} ranks; set refresh.mine.batch_size to a multiple of {world_size}")
@@ -258,7 +262,9 @@ class StepEnd:
         self.watcher = ScheduleWatcher(r.watch_folder, r.manifest, r.dist, say=r.monitor.write) \
             if r.watch_folder and r.watch_every else None
         if self.watcher is not None:
-            self.watcher.accept = lambda schedule: fits_now(schedule, r.step, r.sampler.epoch)
+            # the sampler's refusals too (another |B|, an older version): skipped with a message, not raised mid-run
+            self.watcher.accept = lambda schedule: (fits_now(schedule, r.step, r.sampler.epoch),
+                                                    r.sampler.check_swap(schedule))
         # (step, epoch, mined apart) of the snapshots whose schedules max_lag_steps may wait for; a resumed run
         # takes its own from before the resume
         self.snapshots = own_snapshots(r.paths, r.step) if r.refreshed and r.start == "resume" else []

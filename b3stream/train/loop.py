@@ -101,7 +101,8 @@ class Recipe:
         self.sampler = ScheduleSampler(schedule, len(self.records), dist.rank, dist.world_size, seed=cfg.seed,
                                        negatives=cfg.negatives, h_dataset=cfg.h_dataset)
         self.batch_size = schedule.batch_size  # |B|
-        self.total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * self.sampler.steps_per_epoch
+        # every epoch has the first plan's number of steps, swaps or not (ScheduleSampler.epoch_steps)
+        self.total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * self.sampler.epoch_steps
         self.precision = resolve_precision(cfg.precision, dist.device)
         self.ds_config = build_ds_config(cfg, resolve_ds_path(cfg.deepspeed), dist.world_size, self.batch_size,
                                          self.total_steps, self.precision, dist.device.type)
@@ -336,7 +337,7 @@ def _banner(cfg, dist: DistInfo, sampler, batch_size, total_steps, stage, precis
     return (f"b3stream train: {dist.world_size} rank(s) on {dist.device.type} ({dist.backend}), ZeRO-{stage}, "
             f"{precision}; schedule v{sampler.version} {meta.get('strategy', '?')} |B|={batch_size} "
             f"K={meta.get('K', '-')} h={meta.get('h', '-')} ({whole}); tau={cfg.temperature}; "
-            f"{sampler.steps_per_epoch} steps/epoch, {total_steps} steps"
+            f"{sampler.epoch_steps} steps/epoch, {total_steps} steps"
             + (f", resuming at step {step}" if step else "")
             + (f"; GradCache chunk {cfg.grad_cache_chunk}" if cfg.grad_cache_chunk else ""))
 

@@ -86,6 +86,31 @@ def _merge_small(offsets: np.ndarray, world: int) -> np.ndarray:
     return np.asarray(keep, np.int64)
 
 
+@dataclass
+class _Piece:
+    """One step of a plan in the making: rows of ``schedule.ids``, whether they are one of the miner's batches
+    untouched (and keep its hard negatives), and where in the plan it goes."""
+
+    rows: np.ndarray
+    whole: bool
+    key: float
+
+
+def _cut_sizes(total: int, k: int, size: int, world: int) -> list[int]:
+    """Sizes of ``k`` consecutive pieces of ``total`` ids (``total >= k * world``): as many of |B| = ``size``
+    first as leave the others at least ``size // 2`` (or ``world``) ids, the others balanced; all balanced
+    when there is more than ``k * size``."""
+    if k == 0:
+        return []
+    if total >= k * size:
+        full = 0
+    else:
+        low = max(world, size // 2) if total >= k * max(world, size // 2) else world
+        full = k - 1 if size == low else min(k - 1, (total - k * low) // (size - low))
+    rest, parts = total - full * size, k - full
+    return [size] * full + [rest // parts + (1 if i < rest % parts else 0) for i in range(parts)]
+
+
 class ScheduleSampler:
     """Per-rank view of a schedule's epoch plan (see the module docstring).
 
@@ -109,84 +134,145 @@ class ScheduleSampler:
         self.h_dataset = h_dataset if negatives != "mined" else 0
         self.epoch, self.position, self.swaps = 0, 0, 0
         self._before = np.empty(0, np.int64)  # ids consumed this epoch before the current plan
+        self._done = 0  # steps trained this epoch before the current plan
+        self._epoch_steps: int | None = None  # set by the first plan
         self.history: list[dict] = []  # every swap: {"epoch", "position", "step", "from", "to"}
         self._make_plan()
 
     # -- the plan ----------------------------------------------------------------------------------
     def _make_plan(self) -> None:
-        """Epoch plan from ``schedule``, excluding ``_before``: flat ids, offsets, aligned negative rows."""
+        """The plan for the rest of the epoch from ``schedule``, excluding ``_before``: flat ids, offsets and
+        aligned negative rows. It has exactly :attr:`epoch_steps` minus the steps trained before it (the first
+        plan of a run fixes that number)."""
         sched = self.schedule
         rng = np.random.default_rng([self.seed, self.epoch, self.swaps])
         order = rng.permutation(len(sched.offsets) - 1)
-        starts, stops = sched.offsets[order], sched.offsets[order + 1]
-        rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(order) else \
-            np.empty(0, np.int64)
-        keep_negatives = None
-        if len(self._before):
-            rows, offsets, keep_negatives = self._recut(rows, order, stops - starts)
-        else:
-            offsets = np.concatenate([[0], np.cumsum(stops - starts)])
+        pieces = self._pieces(order, sched.offsets[order], np.diff(sched.offsets)[order])
+        target = None if self._epoch_steps is None else self._epoch_steps - self._done
+        rows, offsets, keep = self._fit(pieces, target)
+        if target is not None and len(offsets) - 1 != target:  # the invariant the step budget rests on
+            raise RuntimeError(f"the plan has {len(offsets) - 1} steps where the epoch has {target} left; "
+                               "this is a bug")
         self._ids = sched.ids[rows]
         self._negs = None if sched.negatives is None else sched.negatives[rows]  # a copy (fancy indexing)
-        merged = _merge_small(offsets.astype(np.int64), self.world)
         if self._negs is not None:
-            if keep_negatives is not None:
-                self._negs[~keep_negatives] = -1
-            for cut in np.setdiff1d(offsets, merged):  # a tail merged into a neighbour: no miner's batch now
-                b = np.searchsorted(merged, cut) - 1
-                self._negs[merged[b] : merged[b + 1]] = -1
-        self._offsets = merged
+            self._negs[~keep] = -1
+        self._offsets = offsets
+        if self._epoch_steps is None:
+            self._epoch_steps = len(offsets) - 1
 
-    def _recut(self, rows: np.ndarray, order: np.ndarray, sizes: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """After a swap: the rows (in plan order) of the ids not consumed yet, cut into batches of |B| within
-        each task of the schedule's ``batch_task``; returns the rows in their new order, the batch offsets
-        and which rows keep their B3++ negatives.
-
-        Within a task the material goes in this order: the miner's batches none of whose members was
-        consumed (each stays one batch, exactly as mined, so its hard negatives are still the ones drawn
-        for it: never a member, a member's top-p or a same-text positive), then whole communities, then
-        the survivors of broken ones. Batches of whole miner batches come first, re-cut ones after. A re-cut
-        batch has no hard negatives: the pool drawn for another set of members may hold a new member's
-        likely false negative, and the trainer holds no top-p lists to filter it.
-        """
-        sched, size = self.schedule, self.schedule.batch_size
-        K = int(sched.meta.get("K") or 1)
+    def _pieces(self, order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> list[_Piece]:
+        """The schedule's batches in plan order as pieces of the plan (rows of ``schedule.ids``), without the
+        ids consumed this epoch: a batch none of whose members was consumed stays whole (the miner's batch,
+        with its hard negatives); the survivors of the others are re-cut within each task of ``batch_task``
+        (whole K-communities first, then fragments, cut every |B|, each piece placed where its first batch
+        was), and what is left of each task is pooled at the end and cut every |B|, as the miner pools its
+        tails."""
+        sched = self.schedule
+        if not len(self._before):
+            return [_Piece(np.arange(a, a + n), True, float(i)) for i, (a, n) in enumerate(zip(starts, sizes))]
+        size, K = sched.batch_size, int(sched.meta.get("K") or 1)
         consumed = np.zeros(self.n, bool)
         consumed[self._before] = True
-        alive = ~consumed[sched.ids[rows]]
-        batch_of = np.repeat(np.arange(len(sizes)), sizes)  # plan-order batch of each row
-        position = np.arange(len(rows)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        unit = batch_of * (int(sizes.max(initial=1)) // K + 1) + position // K  # its community
-        _, inverse, unit_size = np.unique(unit, return_inverse=True, return_counts=True)
-        whole_unit = np.bincount(inverse, weights=alive, minlength=len(unit_size)) == unit_size
-        whole_unit &= unit_size == K
-        whole_batch = (np.bincount(batch_of, weights=alive, minlength=len(sizes)) == sizes) & (sizes == size)
-        kind = np.where(whole_batch[batch_of], 0, np.where(whole_unit[inverse], 1, 2))
-        task = sched.batch_task[order][batch_of] if sched.batch_task is not None else np.zeros(len(rows), np.int64)
-        _, first_seen = np.unique(task, return_index=True)
-        group = np.argsort(np.argsort(first_seen))[np.unique(task, return_inverse=True)[1]]  # tasks by first row
-        sel = np.flatnonzero(alive)
-        sel = sel[np.lexsort((sel, kind[sel], group[sel]))]
-        # Cut every |B| within each task: a batch's number = its task's first batch + position // |B|.
-        g = group[sel]
-        start = np.searchsorted(g, g, side="left")
-        chunk = np.cumsum(np.concatenate([[0], np.diff(g) != 0]))  # task ordinal
-        chunk = chunk * (len(sel) + 1) + (np.arange(len(sel)) - start) // size
-        bounds = np.flatnonzero(np.concatenate([[True], chunk[1:] != chunk[:-1], [True]]))
-        pieces = [sel[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        clean = [bool((kind[p] == 0).all()) for p in pieces]  # one whole miner batch
-        ranked = sorted(range(len(pieces)), key=lambda i: (not clean[i], i))  # miner's batches first
-        pieces, clean = [pieces[i] for i in ranked], [clean[i] for i in ranked]
-        new_rows = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
-        offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
-        keep = np.repeat(np.asarray(clean, bool), [len(p) for p in pieces])
-        return rows[new_rows], offsets, keep
+        task_of = sched.batch_task[order] if sched.batch_task is not None else np.zeros(len(order), np.int64)
+        pieces: list[_Piece] = []
+        survivors: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # task -> [(units, fragments)], plan order
+        where: dict[int, np.ndarray] = {}  # plan position of a broken batch -> its surviving rows
+        for pos, (a, n) in enumerate(zip(starts, sizes)):
+            rows = np.arange(a, a + n)
+            alive = ~consumed[sched.ids[rows]]
+            if alive.all():
+                if n:
+                    pieces.append(_Piece(rows, True, float(pos)))
+                continue
+            if not alive.any():
+                continue
+            unit = np.arange(n) // K  # a batch is laid out community by community
+            whole_unit = (np.bincount(unit, weights=alive) == K)[unit]
+            survivors.setdefault(int(task_of[pos]), []).append((rows[alive & whole_unit], rows[alive & ~whole_unit]))
+            where[pos] = rows[alive]
+        position = np.full(len(sched.ids), np.inf)
+        for pos, rows in where.items():
+            position[rows] = pos
+        tails = []
+        for task, parts in survivors.items():  # tasks in plan order of their first broken batch
+            material = np.concatenate([u for u, _ in parts] + [f for _, f in parts])
+            full = len(material) // size * size
+            for lo in range(0, full, size):
+                piece = material[lo : lo + size]
+                pieces.append(_Piece(piece, False, float(position[piece].min())))
+            tails.append(material[full:])
+        pool = np.concatenate(tails) if tails else np.empty(0, np.int64)
+        if len(pool) % size:  # one short step in the epoch, not two: a short batch of the miner's joins the pool
+            short = [p for p in pieces if p.whole and len(p.rows) < size]
+            pieces = [p for p in pieces if not (p.whole and len(p.rows) < size)]
+            pool = np.concatenate([pool, *[p.rows for p in short]])
+        pieces += [_Piece(pool[lo : lo + size], False, np.inf) for lo in range(0, len(pool), size)]
+        pieces.sort(key=lambda p: p.key)  # stable: whole batches before re-cut pieces of the same place
+        return pieces
+
+    def _fit(self, pieces: list[_Piece], target: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, offsets and which rows keep their hard negatives, in exactly ``target`` steps (None: as many
+        as the pieces make, the first plan of a run) of at least ``world`` ids each.
+
+        The pieces as they are, a piece smaller than the world size merged into a neighbour, when that
+        gives ``target`` steps: always so for schedules of the same |B| mined for the ids to come, since the
+        epoch's ids are then |B| a step but one step. Else (ids trained between a snapshot and its swap leave
+        two short pieces, or a schedule batched otherwise than the one the epoch started on), as few whole
+        batches as needed (the smallest, then the last) give up their hard negatives and join the re-cut
+        material, which is cut into the steps left, every |B| where it can."""
+        world, size = self.world, self.schedule.batch_size
+        lengths = np.array([len(p.rows) for p in pieces], np.int64)
+        rows = np.concatenate([p.rows for p in pieces]) if pieces else np.empty(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        merged = _merge_small(offsets, world)
+        if target is None or len(merged) - 1 == target:
+            keep = np.repeat(np.array([p.whole for p in pieces], bool), lengths)
+            for cut in np.setdiff1d(offsets, merged):  # a tail merged into a neighbour: no miner's batch now
+                b = np.searchsorted(merged, cut) - 1
+                keep[merged[b] : merged[b + 1]] = False
+            return rows, merged, keep
+        total = int(lengths.sum())
+        kept = np.array([p.whole and n >= world for p, n in zip(pieces, lengths)], bool)
+
+        def feasible() -> bool:
+            k, flex = target - int(kept.sum()), total - int(lengths[kept].sum())
+            return (k == 0 and flex == 0) or (k >= 1 and flex >= k * world)
+
+        # whole batches that give up their negatives first: short ones, then full ones, the last first
+        candidates = sorted(np.flatnonzero(kept), key=lambda i: (lengths[i] >= size, -i))
+        while not feasible():
+            if not candidates:
+                raise ScheduleError(f"{total} ids left cannot fill the {target} steps left of the epoch on "
+                                    f"{world} ranks (at least {world} ids a step)")
+            kept[candidates.pop(0)] = False
+        flex_order = [i for i in range(len(pieces)) if not kept[i] and not pieces[i].whole] + \
+                     [i for i in range(len(pieces)) if not kept[i] and pieces[i].whole]
+        flex = np.concatenate([pieces[i].rows for i in flex_order]) if flex_order else np.empty(0, np.int64)
+        # a demoted batch joins the pooled tails at the end of the plan
+        source = np.repeat(np.array([np.inf if pieces[i].whole else pieces[i].key for i in flex_order]),
+                           lengths[flex_order])
+        out = [(pieces[i].key, 0, i, pieces[i].rows, True) for i in np.flatnonzero(kept)]
+        k, lo = target - int(kept.sum()), 0
+        for j, n in enumerate(_cut_sizes(len(flex), k, size, world)):
+            out.append((float(source[lo]), 1, j, flex[lo : lo + n], False))
+            lo += n
+        out.sort(key=lambda x: x[:3])
+        lengths = np.array([len(x[3]) for x in out], np.int64)
+        rows = np.concatenate([x[3] for x in out]) if out else np.empty(0, np.int64)
+        keep = np.repeat(np.array([x[4] for x in out], bool), lengths)
+        return rows, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), keep
 
     @property
     def steps_per_epoch(self) -> int:
-        """Steps in the current plan (the full epoch unless a swap happened mid-epoch)."""
+        """Steps in the current plan (the rest of the epoch after a mid-epoch swap; see :attr:`epoch_steps`)."""
         return len(self._offsets) - 1
+
+    @property
+    def epoch_steps(self) -> int:
+        """Steps of every epoch: fixed by the run's first plan and kept by every swap and every new epoch,
+        so a step budget of ``epochs * epoch_steps`` trains each id exactly once per epoch."""
+        return self._epoch_steps
 
     @property
     def steps_left(self) -> int:
@@ -249,31 +335,44 @@ class ScheduleSampler:
 
     def _next_epoch(self) -> None:
         self.epoch += 1
-        self.position, self.swaps = 0, 0
+        self.position, self.swaps, self._done = 0, 0, 0
         self._before = np.empty(0, np.int64)
         self._make_plan()
 
-    def _continue_on(self, schedule: Schedule, consumed: np.ndarray, swaps: int) -> None:
-        """Plan the rest of the epoch on ``schedule``: every id not in ``consumed``, re-batched."""
-        self.schedule, self._before, self.swaps, self.position = schedule, consumed, swaps, 0
+    def _continue_on(self, schedule: Schedule, consumed: np.ndarray, swaps: int, done: int) -> None:
+        """Plan the rest of the epoch on ``schedule``: every id not in ``consumed`` (trained in the epoch's
+        first ``done`` steps), re-batched into the epoch's steps left."""
+        self.schedule, self._before, self.swaps, self._done, self.position = schedule, consumed, swaps, done, 0
         self._make_plan()
         if self.steps_per_epoch == 0:  # nothing left: the swap came exactly at the end of an epoch
             self._next_epoch()
 
-    def swap(self, schedule: Schedule, step: int | None = None) -> None:
-        """Continue the epoch on ``schedule`` (a newer version for the same data): only the ids not yet
-        consumed this epoch are re-batched, with the new schedule's communities. ``step``: the global
-        training step, for the history."""
+    def check_swap(self, schedule: Schedule) -> None:
+        """Refuse (:class:`ScheduleError`) a schedule this run cannot swap to: one not trainable here, one
+        of another |B| (the run's step budget, learning-rate schedule and DeepSpeed batch size are built
+        for its |B|), or an older version than the one in use."""
         schedule.check_trainable(self.n, self.world)
+        if schedule.batch_size != self.schedule.batch_size:
+            raise ScheduleError(f"schedule v{schedule.version} has |B|={schedule.batch_size}, this run trains "
+                                f"|B|={self.schedule.batch_size}")
+        if schedule.version is not None and self.version is not None and schedule.version < self.version:
+            raise ScheduleError(f"schedule v{schedule.version} is older than v{self.version}, which is in use")
+
+    def swap(self, schedule: Schedule, step: int | None = None) -> None:
+        """Continue the epoch on ``schedule`` (a newer version for the same data and |B|): only the ids not
+        yet consumed this epoch are re-batched, with the new schedule's batches, into the same number of
+        steps as the epoch had left. ``step``: the global training step, for the history."""
+        self.check_swap(schedule)
         self.history.append({"epoch": self.epoch, "position": self.position, "step": step,
                              "from": self.version, "to": schedule.version})
-        self._continue_on(schedule, self.consumed(), self.swaps + 1)
+        self._continue_on(schedule, self.consumed(), self.swaps + 1, self._done + self.position)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"version": self.version, "epoch": self.epoch, "position": self.position, "swaps": self.swaps,
                 "seed": self.seed, "n": self.n, "world": self.world, "before": self._before.copy(),
-                "consumed": self.consumed(), "history": list(self.history)}
+                "consumed": self.consumed(), "history": list(self.history), "done": self._done,
+                "epoch_steps": self._epoch_steps}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved position. If the saved schedule version is the one this sampler holds, the plan
@@ -287,9 +386,16 @@ class ScheduleSampler:
         self.epoch = int(state["epoch"])
         self.history = list(state.get("history", []))
         consumed = np.asarray(state["consumed"], np.int64)
-        if state["version"] == self.version:
+        legacy = state.get("epoch_steps") is None  # saved before epochs had a fixed number of steps
+        if not legacy:
+            self._epoch_steps = int(state["epoch_steps"])
+        # steps trained this epoch before the saved plan (older states: from the swaps' positions)
+        done = int(state["done"]) if "done" in state else \
+            sum(int(h["position"]) for h in self.history if h.get("epoch") == self.epoch)
+        if state["version"] == self.version and not (legacy and int(state["swaps"])):
             self.swaps = int(state["swaps"])
             self._before = np.asarray(state["before"], np.int64)
+            self._done = done
             self._make_plan()
             self.position = int(state["position"])
             if self.position > self.steps_per_epoch or not np.array_equal(self.consumed(), consumed):
@@ -297,7 +403,7 @@ class ScheduleSampler:
                     f"schedule version {self.version} does not reproduce the saved sampler position; "
                     "was the schedule file replaced?"
                 )
-        else:  # the saved version is gone or superseded: continue the epoch on this one
+        else:  # the saved version is gone or superseded (or its plan came from an older sampler): re-batch
             self.history.append({"epoch": self.epoch, "position": int(state["position"]), "step": None,
                                  "from": state["version"], "to": self.version})
-            self._continue_on(self.schedule, consumed, int(state["swaps"]) + 1)
+            self._continue_on(self.schedule, consumed, int(state["swaps"]) + 1, done + int(state["position"]))
