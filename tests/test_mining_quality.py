@@ -239,9 +239,31 @@ def test_a_refresh_scores_only_the_batches_still_to_come(tmp_path):
         expected = batch_quality(ids, offsets, emb.queries, emb.positives, 4, temperature=got["temperature"],
                                  sample=None, only=to_come)
         assert {k: v for k, v in got.items() if k not in ("scope", "version")} == expected
-        assert got["scope"] == "ids to come" and got["queries"] == 240
+        assert got["scope"] == "ids to come" and got["queries"] == got["N"] == 240
     whole = batch_quality(new.ids, new.offsets, emb.queries, emb.positives, 4, sample=None)
     assert whole["queries"] == 400 and whole["theorem1_bound"] != new.meta["quality"]["theorem1_bound"]
+
+
+def test_the_bound_of_the_ids_to_come_is_the_bound_of_their_data_alone():
+    """A refresh's bound ranges over the ids to come only (issue 32): scoring with ``only`` gives what scoring
+    the data made of those ids alone gives: queries, global top-K (no stale trained row in it) and the floor
+    log(N/K) with N the ids to come."""
+    q, p, _ = clustered(300, d=16, clusters=15, seed=4)
+    rng = np.random.default_rng(1)
+    to_come = np.zeros(300, bool)
+    to_come[rng.choice(300, size=170, replace=False)] = True
+    universe = np.flatnonzero(to_come)
+    ids = universe[rng.permutation(len(universe))]
+    offsets = np.array([0, 40, 80, 120, 160, 170])
+    negatives = rng.choice(universe, size=(170, 2))
+    got = batch_quality(ids, offsets, q, p, 5, temperature=0.05, negatives=negatives, sample=None, only=to_come)
+    local = np.full(300, -1)
+    local[universe] = np.arange(len(universe))
+    alone = batch_quality(local[ids], offsets, q[universe], p[universe], 5, temperature=0.05,
+                          negatives=local[negatives], sample=None)
+    assert got == alone and got["N"] == 170 and got["theorem1_floor"] == pytest.approx(np.log(170 / 5), rel=1e-5)
+    sampled = batch_quality(ids, offsets, q, p, 5, temperature=0.05, sample=50, seed=2, only=to_come)
+    assert sampled["queries"] == 50 and sampled["N"] == 170
 
 
 @pytest.fixture(scope="module")

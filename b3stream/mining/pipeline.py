@@ -379,12 +379,14 @@ def _score_schedule(cfg: MineConfig, schedule: Schedule, emb, trained: np.ndarra
     makes the upcoming batches harder for the model the embeddings came from."""
     from .quality import batch_quality, query_sample
 
-    # One exact top-K over all positives for the sampled queries, shared by both schedules scored below.
-    scored = query_sample(emb.queries, emb.positives, K=cfg.K, sample=cfg.quality_sample, seed=0,
-                          progress=progress)
     # A refresh scores the batches still to come: the ids the trainer has not trained this epoch (it
-    # skips the others after the swap), as they will be batched in each schedule.
+    # skips the others after the swap), as they will be batched in each schedule; they are the bound's whole
+    # data (its queries, global top-K and floor log(N/K); the trained ids' rows may be stale), which the
+    # record's scope and N say.
     to_come = None if trained is None else ~trained
+    # One exact top-K over those positives for the sampled queries, shared by both schedules scored below.
+    scored = query_sample(emb.queries, emb.positives, K=cfg.K, sample=cfg.quality_sample, seed=0,
+                          progress=progress, universe=None if to_come is None else np.flatnonzero(to_come))
 
     def score(s: Schedule) -> dict:
         ids, offsets, negatives = _upcoming(s, to_come)

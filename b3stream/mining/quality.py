@@ -24,6 +24,12 @@ Bounded memory: the global part is an exact top-K over all positives for a seede
 blocks of positives (never N x N; ``sample=None`` uses every query); the batch part multiplies each sampled
 query with its own batch only.
 
+A refresh in the middle of an epoch scores the ids still to come (``only``): the rest of the epoch trains
+them, and only them, so they are the whole data of the bound: the queries, the global top-K ``H_i^K`` (over
+their positives only; the trained ids' rows are stale, kept from an earlier model, and never trained again
+this epoch) and the floor ``log(N/K)`` (N = the number of ids to come) all range over them; the record's
+``N`` says how many.
+
 One global part, several schedules: ``H_i^K`` depends on the embeddings, the sample and K, not on the
 batches, so scoring a new schedule and the one it replaces under the same embeddings (refreshed mode's
 ``quality`` and ``quality_previous``) shares one :func:`query_sample` (the exact top-K, the costly pass)
@@ -65,15 +71,18 @@ class QuerySample:
 
     chosen: np.ndarray  # the sampled query ids, sorted
     vectors: np.ndarray  # their embeddings, float32
-    top: np.ndarray  # (len(chosen), K): the K largest s_ij over all j != i
+    top: np.ndarray  # (len(chosen), K): the K largest s_ij over all j != i in the universe
     K: int  # the top-K size, after clipping to N - 1
-    N: int
+    N: int  # the universe's size
     sample: int | None  # queries asked for (None: every query)
     seed: int
+    universe: np.ndarray | None = None  # the ids the bound ranges over, sorted (None: all)
 
-    def fits(self, N: int, K: int, sample: int | None, seed: int) -> bool:
+    def fits(self, N: int, K: int, sample: int | None, seed: int, universe: np.ndarray | None = None) -> bool:
         """Whether this is the sample :func:`query_sample` would compute for these arguments."""
-        return (self.N, self.K, self.sample, self.seed) == (N, _clip_k(K, N), _all_or(sample, N), seed)
+        same = (universe is None and self.universe is None) or (
+            universe is not None and self.universe is not None and np.array_equal(universe, self.universe))
+        return same and (self.N, self.K, self.sample, self.seed) == (N, _clip_k(K, N), _all_or(sample, N), seed)
 
 
 def _clip_k(K: int, N: int) -> int:
@@ -86,16 +95,20 @@ def _all_or(sample: int | None, N: int) -> int | None:
 
 
 def query_sample(queries: np.ndarray, positives: np.ndarray, K: int, sample: int | None = 2048, seed: int = 0,
-                 progress: bool = False) -> QuerySample:
+                 progress: bool = False, universe: np.ndarray | None = None) -> QuerySample:
     """The seeded query sample of :func:`batch_quality` and its exact top-K over all positives (the costly
-    part: one pass over every positive), for one or more ``batch_quality(..., scored=...)`` calls."""
-    N = len(positives)
+    part: one pass over every positive), for one or more ``batch_quality(..., scored=...)`` calls.
+    ``universe``: the sorted ids the bound ranges over (queries and positives; None: all)."""
+    N = len(positives) if universe is None else len(universe)
     rng = np.random.default_rng(seed)
-    chosen = np.arange(N) if sample is None or sample >= N else np.sort(rng.choice(N, size=sample, replace=False))
+    pick = np.arange(N) if sample is None or sample >= N else np.sort(rng.choice(N, size=sample, replace=False))
+    chosen = pick if universe is None else np.asarray(universe, np.int64)[pick]
     qv = np.asarray(queries[chosen], dtype=np.float32)
     K = _clip_k(K, N)
-    top = global_topk(qv, chosen, positives, K, progress=progress)
-    return QuerySample(chosen=chosen, vectors=qv, top=top, K=K, N=N, sample=_all_or(sample, N), seed=seed)
+    base = positives if universe is None else np.asarray(positives[np.asarray(universe, np.int64)])
+    top = global_topk(qv, pick, base, K, progress=progress)  # own positive excluded by its row in ``base``
+    return QuerySample(chosen=chosen, vectors=qv, top=top, K=K, N=N, sample=_all_or(sample, N), seed=seed,
+                       universe=None if universe is None else np.asarray(universe, np.int64))
 
 
 def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, positives: np.ndarray, K: int,
@@ -112,25 +125,24 @@ def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, pos
         sample: number of queries scored (seeded); None or >= N: all.
         scored: the :func:`query_sample` of these embeddings for the same K, sample and seed, computed once
             for several schedules (the values are those of computing it here); None computes it.
-        only: a boolean mask over the N ids; only sampled queries inside it are scored (the ids a refreshed
-            trainer has still to train this epoch; ``ids`` then holds those only).
+        only: a boolean mask over the ids: the universe of the bound (the ids a refreshed trainer has still
+            to train this epoch; ``ids`` then holds those only): queries, global top-K and N range over it.
     """
-    N = len(positives)
+    universe = None if only is None else np.flatnonzero(only)
+    N = len(positives) if universe is None else len(universe)
     ids = np.asarray(ids, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
     if scored is None:
-        scored = query_sample(queries, positives, K, sample, seed, progress=progress)
-    elif not scored.fits(N, K, sample, seed):
+        scored = query_sample(queries, positives, K, sample, seed, progress=progress, universe=universe)
+    elif not scored.fits(N, K, sample, seed, universe):
         raise ValueError(f"the shared query sample was drawn for N={scored.N}, K={scored.K}, "
-                         f"sample={scored.sample}, seed={scored.seed}, not N={N}, K={_clip_k(K, N)}, "
-                         f"sample={sample}, seed={seed}")
+                         f"sample={scored.sample}, seed={scored.seed}"
+                         f"{'' if scored.universe is None else ' over a subset'}, not N={N}, K={_clip_k(K, N)}, "
+                         f"sample={sample}, seed={seed}{'' if universe is None else ' over a subset'}")
     K, chosen, qv, top = scored.K, scored.chosen, scored.vectors, scored.top
-    if only is not None:
-        inside = only[chosen]
-        chosen, qv, top = chosen[inside], qv[inside], top[inside]
     log_h_global = _logsumexp(top / temperature, axis=1)
 
-    where = np.empty(N, dtype=np.int64)
+    where = np.empty(len(positives), dtype=np.int64)
     where[ids] = np.arange(len(ids))
     batch_of = np.searchsorted(offsets, where[chosen], side="right") - 1
     order = np.argsort(batch_of, kind="stable")

@@ -28,6 +28,11 @@ epoch has at most a few task-mixed tail batches, only the very last batch can be
 tail batches can split a short community. Full batches are shuffled (seeded) so tasks interleave.
 Batches are laid out unit by unit, so a b3 batch is |B|/K consecutive runs of K ids (the schedule format).
 
+A refresh in the middle of an epoch (``BatchInputs.trained``, refreshed mode): the ids still to come and the
+ids the trainer has trained this epoch are batched apart, each as a whole epoch under this policy (so the
+ids to come have one short batch at most, and none of their batches holds an id the trainer skips; a hard
+negative may be any id). See :func:`make_batches`.
+
 Everything is a pure function of the inputs and ``seed`` (numpy PCG64): reruns are byte-identical.
 """
 

@@ -12,19 +12,29 @@ each global batch:
   neighbouring batch), so each rank has a non-empty slice at every step.
 - **Exactly once per epoch**: an epoch plan is a permutation of the schedule's batches (seeded by
   ``(seed, epoch)``); the batches themselves are the miner's.
-- **Hot swap** (:meth:`ScheduleSampler.swap`): a new schedule version re-batches only the ids not yet
-  consumed in this epoch, along the NEW schedule's batches and communities: its batches are taken in a
-  seeded order; within each task (the schedule's ``batch_task``, when it kept tasks apart) a batch none of
-  whose members was consumed stays the miner's batch, then come the communities none of whose members was
-  consumed (a batch is laid out community by community, runs of K), then the survivors of broken
-  communities, cut every |B| (a multiple of K, so whole communities stay in one batch). One task per batch
-  survives the swap. B3++ hard negatives are kept only by the miner's own batches: they were drawn for
-  exactly those members, while a re-cut batch's pooled rows could hold a new member's top-p neighbour or
-  same-text positive, so re-cut batches train on in-batch negatives alone. The epoch ends when every id has
-  been seen once, across any number of swaps; the swaps are recorded in :attr:`ScheduleSampler.history`.
-- **Resumable**: :meth:`state_dict` holds the schedule version, epoch, position, swap count, the ids consumed
-  this epoch and the seed; loading it rebuilds the identical plan (or, if that version is gone, swaps to the
-  given schedule) so a resumed run trains the same remaining ids.
+- **Hot swap** (:meth:`ScheduleSampler.swap`): a new schedule version (same |B|, never an older version)
+  re-batches only the ids not yet consumed in this epoch, along the NEW schedule's batches and communities,
+  taken in a seeded order (tasks interleave as in an epoch plan). A batch none of whose members was consumed
+  stays the miner's batch where it is, with its hard negatives; refreshed mode's miner batches the ids to
+  come apart from those trained at its snapshot, so after a swap these are all of them but those that ids
+  trained between the snapshot and the swap broke. The survivors of broken batches are re-cut within each
+  task (the schedule's ``batch_task``, when it kept tasks apart): whole K-communities first, then fragments,
+  every |B| (a multiple of K, so whole communities stay in one batch), each piece where its first batch
+  was; what is left of each task is pooled at the end of the plan and cut every |B|, as the miner pools its
+  tails. B3++ hard negatives are kept only by the miner's own batches: they were drawn for exactly those
+  members, while a re-cut batch's pooled rows could hold a new member's top-p neighbour or same-text
+  positive, so re-cut batches train on in-batch negatives alone. The swaps are recorded in
+  :attr:`ScheduleSampler.history`.
+- **A fixed number of steps per epoch** (:attr:`ScheduleSampler.epoch_steps`): the run's first plan fixes
+  it, and every later plan (a swap's, a new epoch's, on any schedule of the same |B|) has exactly the steps
+  the epoch has left, so a step budget of ``epochs * epoch_steps`` (the trainer's, and its learning-rate
+  schedule's) ends each epoch when every id has been trained. An epoch's ids are |B| a step but one step,
+  and a swap keeps them so (one short step, not one per task), so the pieces above fill the steps left as
+  they are; only a schedule batched otherwise than that (several short batches) makes whole batches give up
+  their negatives to be re-cut into the steps left.
+- **Resumable**: :meth:`state_dict` holds the schedule version, epoch, position, swap count, the steps and
+  ids consumed this epoch, the steps per epoch and the seed; loading it rebuilds the identical plan (or, if
+  that version is gone, swaps to the given schedule) so a resumed run trains the same remaining ids.
 
 B3++ hard negatives: the union of the hard-negative ids of a global batch's members (without ids already in
 the batch, whose embeddings are there as positives) is one pool ``N`` shared by every query; each rank
