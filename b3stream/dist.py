@@ -79,6 +79,20 @@ def broadcast_int(value: int) -> int:
     return int(t.item())
 
 
+def all_max(values: list[int], group=None) -> list[int]:
+    """The elementwise maximum of a few integers over the ranks of ``group`` (the default group if None), as
+    one all-reduce of a CPU tensor: give it a gloo group. ``values`` as they are on one process (no
+    collective). The trainer combines the ranks' stop flags with it (:mod:`b3stream.train.interrupt`)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in t.tolist()]
+
+
 def leave() -> None:
     import torch.distributed as dist
 

@@ -1,7 +1,8 @@
 """The hot path costs what it must and no more: the per-step statistics stay on the device until read (no
 host sync per step) and read the same; a step's collectives are the embeddings' (no all-gather of row
 counts the plan already gives), the schedule watcher agrees on CPU tensors and, when the default group is
-NCCL, on a gloo group of its own; the DataLoader workers outlive swaps and epochs and serve the new plan.
+NCCL, on a gloo group of its own, and carries the ranks' stop flags (SIGINT / SIGTERM) in the same collective;
+the DataLoader workers outlive swaps and epochs and serve the new plan.
 
 Run as a module under torchrun (``python -m torch.distributed.run --nproc_per_node 2 -m
 tests.test_train_hostsync ARGS.json``), this file is also the script of the two-rank counting test.
@@ -145,7 +146,7 @@ def _plain(events: list) -> list[dict]:
 
 def _nccl_watcher_check(events: list, info, args: dict) -> dict:
     """A watcher told the default group is NCCL (the process group here is gloo: CPU only) must agree on a
-    gloo group of its own, with CPU tensors; ``check`` finds v2 above v1 (one broadcast, one all-reduce)."""
+    gloo group of its own, with CPU tensors; ``check`` finds v2 above v1 (two all-reduces)."""
     import torch.distributed as tdist
 
     from b3stream.data.manifest import Manifest
@@ -210,9 +211,10 @@ def test_a_step_gathers_embeddings_only_and_the_watcher_agrees_off_the_nccl_grou
     """Two gloo ranks train 4 steps (B3++ negatives, one persistent loader worker each) watching the
     schedule folder every step; v2 lands after step 2. Counted per step: the loss's collectives are the
     four gathers (positives, negatives and their content keys), the statistics' all-reduce and the two
-    gradient all-reduces, with no all-gather of row counts; the watcher makes one broadcast per check (and
-    one all-reduce when it swaps) on the default gloo group. A watcher on an NCCL default group agrees on its
-    own gloo group with CPU tensors. The batches after the swap are the new plan's."""
+    gradient all-reduces, with no all-gather of row counts; the watcher makes one all-reduce per check (rank
+    0's answer and the ranks' stop flags; one more when it swaps) on the default gloo group, and the stop flags
+    cost no collective of their own but the one after the last step. A watcher on an NCCL default group agrees
+    on its own gloo group with CPU tensors. The batches after the swap are the new plan's."""
     from b3stream.data.manifest import Manifest
     from b3stream.schedule import load_schedule
     from b3stream.dist import free_port
@@ -239,11 +241,13 @@ def test_a_step_gathers_embeddings_only_and_the_watcher_agrees_off_the_nccl_grou
         loss, watch = _per_step(r["train"], 4)
         assert loss == [per_step_loss] * 4, (rank, loss)
         assert not any(e["where"] and e["where"].endswith("gather_sizes") for e in r["train"])
-        swap_check = {"agree/broadcast": 1, "agree/all_reduce": 1}
-        assert watch == [{"agree/broadcast": 1}, swap_check, {"agree/broadcast": 1}, {}], (rank, watch)
+        swap_check = {"agree/all_reduce": 2}
+        assert watch == [{"agree/all_reduce": 1}, swap_check, {"agree/all_reduce": 1}, {}], (rank, watch)
+        # the stop flags ride on the watcher's check; on their own only after the last step (no check there)
+        assert [e["fn"] for e in r["train"] if e["where"] == "dist.py:all_max"] == ["all_reduce"], rank
         assert [s["to"] for s in r["swaps"]] == [2] and r["swaps"][0]["step"] == SWAP_AFTER
         nccl = r["nccl_watcher"]
-        assert nccl["found"] == 2 and nccl["calls"] == ["broadcast", "all_reduce"], nccl
+        assert nccl["found"] == 2 and nccl["calls"] == ["all_reduce", "all_reduce"], nccl
         assert nccl["groups"] == 1 and not nccl["default_group"], nccl  # one group of its own, made once
         assert nccl["backends"] == ["gloo"] and nccl["devices"] == ["cpu"], nccl
 

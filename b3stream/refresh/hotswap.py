@@ -44,6 +44,7 @@ class ScheduleWatcher:
         self.failures: dict[int, int] = {}  # failed reads per version (an OSError, or on another rank)
         self.accept = None
         self.group = _cpu_group(dist)
+        self.stop = 0  # the stop signal the ranks agreed on in a check or a wait (0: none; see check)
 
     def _reject(self, version: int, error: Exception) -> None:
         if isinstance(error, NotYet):
@@ -59,8 +60,9 @@ class ScheduleWatcher:
         self.failures[version] = self.failures.get(version, 0) + 1
         return self.failures[version] >= TRIES
 
-    def agree(self, value: int, op) -> int:
-        """``value`` as rank 0 has it (op broadcast) or the minimum over ranks (op min).
+    def agree(self, value: int | list[int], op) -> int | list[int]:
+        """``value`` as rank 0 has it (op broadcast), the minimum over ranks (op min) or, of a list of
+        integers, the elementwise maximum over ranks (op max).
 
         Runs at every watched step, so it stays off the GPU: a CPU tensor on the watcher's gloo group when
         the default group is NCCL (an NCCL collective plus ``.item()`` would make the host wait for every
@@ -69,12 +71,12 @@ class ScheduleWatcher:
             return value
         import torch.distributed as tdist
 
-        t = torch.tensor([value], dtype=torch.long)
+        t = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.long)
         if op == "broadcast":
             tdist.broadcast(t, src=0, group=self.group)
         else:
-            tdist.all_reduce(t, op=tdist.ReduceOp.MIN, group=self.group)
-        return int(t.item())
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.MIN, group=self.group)
+        return [int(v) for v in t.tolist()] if isinstance(value, list) else int(t.item())
 
     def _usable(self, schedule: Schedule) -> None:
         """Refuse (raise) a newer schedule that loads but could not be swapped in: a file whose name and
@@ -109,17 +111,23 @@ class ScheduleWatcher:
             self.say(f"schedule v{version} not used on rank {self.dist.rank}: {e}")
             return None
 
-    def check(self, current: int | None) -> Schedule | None:
+    def check(self, current: int | None, stop: int = 0) -> Schedule | None:
         """A newer schedule every rank has loaded, or None. Collective: call on every rank at the same step.
 
         A newer version that fails to load or to check, for whatever reason, is skipped (once, with a
         message) and training goes on: it must never raise out of here. Rank 0 decides which version to
-        try; a version any rank could not load is skipped on all of them."""
+        try; a version any rank could not load is skipped on all of them.
+
+        ``stop``: this rank's stop flag (the signal it caught, 0 for none), combined with the other ranks' in
+        the same collective that shares rank 0's answer; when any rank has one, :attr:`stop` is set on every
+        rank and nothing is swapped (the trainer stops after this step)."""
         current = -1 if current is None else int(current)
         stamp = self.manifest.stamp("train")
         schedule = self._newest(current, stamp) if self.dist.is_main else None
-        newest = self.agree(schedule.version if schedule is not None else -1, "broadcast")
-        if newest <= current:
+        # one all-reduce (max): rank 0's answer (the others give -1, below any answer) and the ranks' stop flags
+        newest, stop = self.agree([schedule.version if schedule is not None else -1, int(stop)], "max")
+        self.stop = max(self.stop, stop)
+        if newest <= current or self.stop:
             return None
         if not self.dist.is_main:  # rank 0 has it loaded already
             schedule = self._load(newest, stamp)
@@ -173,20 +181,28 @@ def refresh_due(snapshots: list[int], step: int, max_lag: int | None) -> int | N
 
 
 def wait_for_refresh(watcher: ScheduleWatcher, version: int | None, found: Schedule | None, need: int,
-                     poll_seconds: float, timeout: float, miner=None, say=print) -> tuple[Schedule | None, float]:
+                     poll_seconds: float, timeout: float, miner=None, say=print,
+                     stop=None) -> tuple[Schedule | None, float]:
     """Block until the schedule folder holds a version mined from the snapshot of step ``need`` or later.
 
     Every rank calls this at the same step and polls in lockstep (each poll is the watcher's collective
     check; the decision to stop waiting is rank 0's, broadcast). ``found``: a newer version already seen
     this step. Returns the newest version found (None: none newer than ``version``) and the seconds waited;
     gives up, saying so, after ``timeout`` seconds or when the spawned ``miner`` has given up restarting.
+    ``stop``: a callable giving this rank's stop flag (a signal caught, 0 for none); when any rank has one,
+    the wait ends at once, with ``watcher.stop`` set on every rank.
     """
     t0 = time.monotonic()
     say(f"waiting for the schedule mined from the snapshot of step {need} (refresh.max_lag_steps)")
     while source_step(found) < need:
         late = time.monotonic() - t0 > timeout
-        stop = watcher.agree(int(late or bool(miner is not None and miner.gave_up)), "broadcast")
-        if stop:
+        give_up = int(watcher.dist.is_main and (late or bool(miner is not None and miner.gave_up)))
+        # rank 0's decision (the others give 0) and every rank's stop flag, in one all-reduce (max)
+        give_up, stopped = watcher.agree([give_up, int(stop()) if stop is not None else 0], "max")
+        watcher.stop = max(watcher.stop, stopped)
+        if watcher.stop:
+            break
+        if give_up:
             say(f"stopped waiting for the snapshot of step {need} after {time.monotonic() - t0:.0f} s ("
                 + ("refresh.wait_timeout" if late else "the miner gave up") + "); training goes on")
             break

@@ -22,8 +22,8 @@ from ..data.manifest import Manifest
 from ..files import write_atomic, write_json
 from ..schedule import Schedule, ScheduleError, sidecar, version_path
 from ..snapshot import RunPaths, write_snapshot
-from ..dist import DistInfo, barrier
-from .hotswap import NotYet, ScheduleWatcher, refresh_due, source_step, wait_for_refresh
+from ..dist import DistInfo, all_max, barrier
+from .hotswap import NotYet, ScheduleWatcher, _cpu_group, refresh_due, source_step, wait_for_refresh
 
 # Schedule metadata that is also a MineConfig field: the miner mines as the running schedule was mined.
 _FROM_META = ("strategy", "seed", "per_task", "mix_tasks", "p", "m", "K", "h", "edges", "rank_weights",
@@ -251,16 +251,25 @@ class StepEnd:
     """The work between two training steps besides training, behind one call, so the loop reads the same in
     every mode: refreshed mode's snapshot when one is due, a look at the spawned miner, and every
     ``watch_every`` steps a look for a newer schedule version (waiting for it where ``refresh.max_lag_steps``
-    says), ending in a hot swap. Static mode without a watched folder does nothing here.
+    says), ending in a hot swap. Static mode without a watched folder does nothing here but agree on stopping.
+
+    Stopping (SIGINT / SIGTERM, :mod:`b3stream.train.interrupt`): after every step the ranks combine their
+    stop flags, in the watcher's collective on a step it checks, else in one all-reduce of their own (none on
+    one process); :attr:`stopping` is then the signal every rank stops at, 0 while none was caught.
 
     ``recipe``: the training recipe (:class:`b3stream.train.loop.Recipe`) whose engine, sampler, monitor and
-    paths it uses; ``miner``: the spawned miner, set once it runs."""
+    paths it uses; ``miner``: the spawned miner, set once it runs; ``signals``: the loop's
+    :class:`~b3stream.train.interrupt.StopSignals`, set while it runs."""
 
     def __init__(self, recipe):
         self.r, self.miner, self.waited = recipe, None, 0.0
+        self.signals, self.stopping = None, 0
         r = recipe
         self.watcher = ScheduleWatcher(r.watch_folder, r.manifest, r.dist, say=r.monitor.write) \
             if r.watch_folder and r.watch_every else None
+        # the stop flags' group: the watcher's (gloo), else one made here (collective: every rank builds its
+        # StepEnd at the same point) when the default group is NCCL; None on one process or a gloo default group
+        self.group = self.watcher.group if self.watcher is not None else _cpu_group(r.dist)
         if self.watcher is not None:
             # the sampler's refusals too (another |B|, an older version): skipped with a message, not raised mid-run
             self.watcher.accept = lambda schedule: (fits_now(schedule, r.step, r.sampler.epoch),
@@ -287,22 +296,36 @@ class StepEnd:
         if self.miner is not None:
             self.miner.check()
         if self.watcher is None or step % r.watch_every:
+            self.agree_stop()
             return False
-        new = self.watcher.check(r.sampler.version)
+        new = self.watcher.check(r.sampler.version, stop=self.caught())  # agrees on stopping too
         # a snapshot mined apart in an earlier epoch answers nothing now (fits_now refuses it)
         due = [s for s, epoch, apart in self.snapshots if epoch == r.sampler.epoch or not apart]
         need = refresh_due(due, step, cfg.refresh.max_lag_steps)  # snapshots: refreshed only
-        if need is not None and source_step(new or r.sampler.schedule) < need:
+        if need is not None and not self.watcher.stop and source_step(new or r.sampler.schedule) < need:
             new, waited = wait_for_refresh(self.watcher, r.sampler.version, new, need, cfg.refresh.poll_seconds,
-                                           cfg.refresh.wait_timeout, miner=self.miner, say=r.monitor.write)
+                                           cfg.refresh.wait_timeout, miner=self.miner, say=r.monitor.write,
+                                           stop=self.caught)
             self.waited += waited
             r.monitor.scalars(step, {"wait_seconds": waited}, group="refresh")
             self.snapshots = [x for x in self.snapshots if x[0] > need]  # a wait that gave up is not repeated
-        if new is None:
+        self.stopping = self.watcher.stop
+        if new is None or self.stopping:  # no swap on the way out: the resumed run finds the version
             return False
         report_swap(r.monitor, step, r.sampler.schedule, new, len(r.sampler.history) + 1)
         r.sampler.swap(new, step=step)
         return True
+
+    def caught(self) -> int:
+        """The signal this rank caught (0: none)."""
+        return self.signals.signum if self.signals is not None else 0
+
+    def agree_stop(self) -> int:
+        """Combine the ranks' stop flags (one all-reduce on several ranks, nothing on one; collective) unless
+        they have agreed to stop already; returns :attr:`stopping`."""
+        if not self.stopping:
+            self.stopping = all_max([self.caught()], self.group)[0]
+        return self.stopping
 
 
 def fits_now(schedule, step: int, epoch: int) -> None:

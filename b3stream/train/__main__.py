@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.manifest import DataError
     from ..schedule import ScheduleError
     from ..dist import finish
+    from .interrupt import Interrupted
 
     args = parse_args(argv)
     code = 0
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         from .loop import train
 
         train(cfg, progress=not args.quiet)
+    except Interrupted as e:  # SIGINT / SIGTERM: every rank wrote its share of the checkpoint; rank 0 says so
+        if os.environ.get("RANK", "0") == "0":
+            print(f"b3stream train: {e}", file=sys.stderr, flush=True)
+        code = e.code
     except (ConfigError, DataError, ScheduleError) as e:
         print(f"b3stream train: error: {e}", file=sys.stderr)
         code = 2

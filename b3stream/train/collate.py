@@ -10,6 +10,7 @@ process sends each of them the :class:`Step` to build, so they never hold a plan
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +122,15 @@ def _as_is(item):
     return item
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A worker ignores SIGINT and SIGTERM, which Ctrl-C sends to the whole foreground process group and a
+    cluster may send to every process of a job: the trainer finishes its step, checkpoints and stops the
+    workers itself (``StepLoader.close``), while a worker killed by the signal would make the DataLoader raise
+    in the trainer mid-step. A worker still ends with the trainer (torch's watchdog) and on SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StepLoader:
     """Batches for the remaining steps of the sampler's current plan, built by DataLoader workers that live
     as long as the loader: iterate it again after a swap or at a new epoch, and the same workers go on.
@@ -144,6 +154,7 @@ class StepLoader:
         self.loader = DataLoader(StepData(records, tokenize, self.current, sampler.seed), batch_size=None,
                                  sampler=PlanSteps(sampler, self.current), num_workers=num_workers,
                                  collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
+                                 worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None,
                                  prefetch_factor=2 if workers else None, persistent_workers=workers)
 
     def __iter__(self):

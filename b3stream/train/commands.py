@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def register(sub) -> None:
@@ -49,6 +50,7 @@ def _run_train(args) -> int:
     overrides = list(args.overrides) + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
     cfg = load_config(TrainConfig, args.config, overrides)  # config errors before anything starts
     from ..dist import shutdown, single_process_env  # these import torch and DeepSpeed: after the check
+    from .interrupt import Interrupted
     from .loop import train
 
     if args.quiet:
@@ -58,6 +60,9 @@ def _run_train(args) -> int:
     single_process_env()
     try:
         summary = train(cfg, progress=not args.quiet)
+    except Interrupted as e:  # SIGINT / SIGTERM: a checkpoint was written; one line, 130 / 143, no traceback
+        print(f"b3stream train: {e}", file=sys.stderr, flush=True)
+        return e.code
     finally:
         shutdown()
     print(f"trained {summary['steps']} steps, {summary['examples_per_s'] or 0:.1f} examples/s; run in {cfg.out}")

@@ -40,6 +40,7 @@ from .collate import step_loader
 from . import run_folder
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all, master_weights
+from .interrupt import Interrupted, StopSignals, signal_name
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, bound_cpu_heap, gather_sizes
 from .monitor import Monitor
 from .sampler import ScheduleSampler
@@ -199,22 +200,30 @@ class Recipe:
             self.engine.module.train()
             self.clock = Throughput(every_step_exact=self.dist.device.type != "cuda")
             loader = step_loader(self.records, self.sampler, self.encoder.tokenize, cfg.num_workers)  # lives on
-            while self.step < self.total_steps:
-                self.clock.ready()
-                for batch in loader:  # the rest of the sampler's current plan; the next pass, the next plan's
-                    self.train_step(batch)
-                    if self.eval_set is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
-                            and self.step < self.total_steps:
-                        evals[f"step{self.step}"] = self.evaluate()
-                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
-                        self.save()
-                    if self.step >= self.total_steps:
-                        break
-                    if self.step_end.after_step(self.step, epoch_ended=self.sampler.epoch > batch.step.epoch):
-                        break  # swapped: this pass of the loader follows the old plan; the next, the new one
+            # While the loop runs, SIGINT / SIGTERM only set a flag; the ranks agree after a step to stop there.
+            with StopSignals() as self.step_end.signals:
+                while self.step < self.total_steps and not self.step_end.stopping:
                     self.clock.ready()
+                    for batch in loader:  # the rest of the sampler's current plan; the next pass, the next plan's
+                        self.train_step(batch)
+                        if self.eval_set is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
+                                and self.step < self.total_steps:
+                            evals[f"step{self.step}"] = self.evaluate()
+                        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                            self.save()
+                        if self.step >= self.total_steps:
+                            break
+                        if self.step_end.after_step(self.step, epoch_ended=self.sampler.epoch > batch.step.epoch):
+                            break  # swapped: this pass of the loader follows the old plan; the next, the new one
+                        if self.step_end.stopping:
+                            break  # a signal: checkpoint and stop
+                        self.clock.ready()
+                self.step_end.agree_stop()  # a signal during the last step stops the run there too
             loader.close()
-            return self.finish(evals, miner)
+            summary = self.finish(evals, miner, stopped=self.step_end.stopping)
+        if summary["stopped"]:  # the miner is stopped (above); every rank raises, the commands exit 128 + signal
+            raise Interrupted(self.step_end.stopping, self.step, self.checkpoint_path(), cfg.resume, summary)
+        return summary
 
     def train_step(self, batch) -> None:
         """One global batch: embed every side in one engine forward, InfoNCE over the gathered batch, one
@@ -265,17 +274,28 @@ class Recipe:
 
     def save(self) -> None:
         _save(self.engine, self.sampler, self.step, self.cfg, self.run / "checkpoints", self.dist)
+        self.saved_at = self.step
+
+    def checkpoint_path(self) -> Path:
+        return self.run / "checkpoints" / f"step{self.step:08d}"
 
     # -- 7. Final checkpoint, evaluation, export. ---------------------------------------------------------
-    def finish(self, evals: dict, miner) -> dict:
+    def finish(self, evals: dict, miner, stopped: int = 0) -> dict:
+        """The final checkpoint, evaluation, export and ``RUN/summary.json``. ``stopped``: the signal that
+        stopped training early; then only the checkpoint is written (no evaluation or export of an unfinished
+        run) and the summary says ``completed: false``."""
         cfg, dist, sampler = self.cfg, self.dist, self.sampler
         self.peak_rss["trained"] = _peak_rss_gb()
-        self.save()
-        if self.eval_set is not None:
+        if not (stopped and getattr(self, "saved_at", None) == self.step):  # saved at this step already
+            self.save()
+        if self.eval_set is not None and not stopped:
             evals["after"] = self.evaluate()
         exported = _export(self.engine, self.encoder, cfg, self.manifest, self.run / "export", dist, self.stage,
-                           self.precision) if cfg.export else {}
+                           self.precision) if cfg.export and not stopped else {}
         summary = {
+            "completed": not stopped,
+            "stopped": {"signal": signal_name(stopped), "step": self.step,
+                        "checkpoint": str(self.checkpoint_path())} if stopped else None,
             "steps": self.step, "epoch": sampler.epoch, "batch_size": self.batch_size, "world_size": dist.world_size,
             "zero_stage": self.stage, "precision": self.precision, "schedule_version": sampler.version,
             "strategy": sampler.schedule.meta.get("strategy"),
