@@ -299,3 +299,23 @@ def test_snapshots_with_crafted_records_are_passed_over(tmp_path):
     (tmp_path / "snapshots" / "step-0000099" / "snapshot.json").write_bytes(b"\xff{")
     assert [s.step for s in list_snapshots(tmp_path)] == [2]
     assert np.array_equal(sorted(p.name for p in (tmp_path / "snapshots").iterdir())[:1], ["step-0000002"])
+
+
+def test_the_trainer_hands_the_miner_remote_code_only_from_its_own_config(tmp_path, toy_dataset):
+    """The spawned miner gets --trust-remote-code only when the trainer's own config sets it; a starting
+    schedule whose metadata records a teacher with trust_remote_code: true does not turn it on."""
+    from b3stream.config import RefreshConfig
+    from b3stream.refresh.trainer import MinerProcess, miner_config
+
+    path = random_schedule(toy_dataset, batch_size=8, K=2, folder=tmp_path / "s")
+    sched = load_schedule(path)
+    sched.meta["teacher"] = {"model": None, "trust_remote_code": True}
+    cfg = TrainConfig(data=str(toy_dataset), schedule=str(path), out=str(tmp_path / "run"), mode="refreshed",
+                      refresh=RefreshConfig(every_steps=2, model="teacher"))
+    assert miner_config(cfg, sched).teacher.trust_remote_code is False
+    named = TrainConfig(**{**cfg.__dict__, "refresh": RefreshConfig(every_steps=2, model="teacher",
+                                                                    mine={"teacher.trust_remote_code": True})})
+    assert miner_config(named, sched).teacher.trust_remote_code is True
+    paths = RunPaths(tmp_path / "run")
+    assert "--trust-remote-code" not in MinerProcess(paths, cfg).command()
+    assert "--trust-remote-code" in MinerProcess(paths, cfg, trust_remote_code=True).command()

@@ -25,7 +25,7 @@ from ..progress import progress_bar
 
 from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, Manifest, check_stamp, sha256_file
-from .artefacts import log, new_token, read_json, same_params, staged_arrays, sweep_temps, write_json
+from .artefacts import log, new_token, read_record, same_params, staged_arrays, sweep_temps, write_json
 from .embed import (FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings,
                     load_trained_ids)
 from .rank import (FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, check_sizes, merge_threshold,
@@ -63,7 +63,7 @@ def embed_stage(cfg: MineConfig, progress: bool = True) -> Path:
     """Stage 1 (:mod:`b3stream.mining.embed`): resumable; skips work already done for the same inputs."""
     t0 = time.perf_counter()
     folder = embed(cfg, progress=progress)
-    record = read_json(folder / "embeddings.json")
+    record = read_record(folder / "embeddings.json")
     from ..dist import world
 
     if record is not None and "seconds" not in record and world()[0] == 0:
@@ -107,7 +107,7 @@ def load_rank(cfg: MineConfig, expect: dict | None = None
     """(S, scores, T, record) of the rank stage, memory-mapped. ``T`` (the skipped top-p) is None for rank
     output written before T was kept; the strategies that need it (b3pp) refuse that output."""
     folder = out_dir(cfg, RANK_FOLDER)
-    record = read_json(folder / RANK_RECORD)
+    record = read_record(folder / RANK_RECORD)
     if record is None:
         raise DataError(f"{folder}: no neighbour lists ({RANK_RECORD}); run `b3stream mine rank` first")
     _check(record.get("stamp"), expect, f"neighbour lists {folder}")
@@ -224,7 +224,7 @@ def cut_communities(S: np.ndarray, tasks: np.ndarray, task_names: list[str], cfg
 
 def load_partition(cfg: MineConfig, expect: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     folder = out_dir(cfg, PARTITION_FOLDER)
-    record = read_json(folder / PARTITION_RECORD)
+    record = read_record(folder / PARTITION_RECORD)
     if record is None:
         raise DataError(f"{folder}: no communities ({PARTITION_RECORD}); run `b3stream mine partition` first")
     _check(record.get("stamp"), expect, f"communities {folder}")
@@ -272,7 +272,7 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
                          keys=emb.keys if emb is not None else None, trained=trained)
     batches, negatives, extra, batch_task = plan_batches(cfg, inputs, prm)
     # p, m, margin, edges describe the artefacts the batches came from, which may predate this config.
-    rank_rec = records.get("rank") or read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
+    rank_rec = records.get("rank") or read_record(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
     meta = _schedule_meta(cfg, strategy, rank_rec, records.get("partition", {}).get("params", {}), emb,
                           trained, has_negatives=negatives is not None)
     meta.update(data=stamp, n=n, num_batches=len(batches), tasks=task_names, **extra)
@@ -326,7 +326,7 @@ def _mined_inputs(cfg: MineConfig, strategy) -> tuple:
         # The communities must come from the neighbour lists now in OUT/rank, also for b3, which reads no S
         # itself: after a rank re-run (other p, m, data or teacher) the old communities would be batched under
         # the new lists' p and m (the metadata reads them from the rank record).
-        current = records.get("rank") or read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD)
+        current = records.get("rank") or read_record(out_dir(cfg, RANK_FOLDER) / RANK_RECORD)
         if current is None:
             raise DataError(f"{out_dir(cfg, RANK_FOLDER)}: no neighbour lists ({RANK_RECORD}), so nothing shows "
                             f"that the communities in {out_dir(cfg, PARTITION_FOLDER)} are current; re-run "
@@ -512,7 +512,7 @@ def _id_space(cfg: MineConfig) -> tuple[np.ndarray, list[str], bool, str] | None
 def _embedded_tasks(cfg: MineConfig) -> tuple[np.ndarray, list[str], dict | None] | None:
     """(tasks, task names, stamp) of complete embeddings already in OUT, or None."""
     folder = out_dir(cfg, EMBED_FOLDER)
-    record = read_json(folder / "embeddings.json")
+    record = read_record(folder / "embeddings.json")
     if not record or not record.get("complete") or not (folder / "tasks.npy").is_file():
         return None
     tasks = np.load(folder / "tasks.npy")
@@ -548,7 +548,7 @@ def _check_rank_groups(cfg: MineConfig, tasks: np.ndarray, task_names: list[str]
 
 
 def _up_to_date(record_path: Path, params: dict, expect: dict | None) -> bool:
-    record = read_json(record_path)
+    record = read_record(record_path)
     if not same_params(record, params):
         return False
     return expect is None or record.get("stamp", {}).get("fingerprint") == expect.get("fingerprint")
@@ -569,8 +569,8 @@ def run_all(cfg: MineConfig, progress: bool = True, on_stage=None) -> Path:
     elif not (out_dir(cfg, EMBED_FOLDER) / "embeddings.json").is_file():
         raise ConfigError("give --data (a prepared dataset) or --query-embeddings/--positive-embeddings")
     if "rank" in needs:
-        emb_record = read_json(out_dir(cfg, EMBED_FOLDER) / "embeddings.json") or {}
-        rank_record = read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
+        emb_record = read_record(out_dir(cfg, EMBED_FOLDER) / "embeddings.json") or {}
+        rank_record = read_record(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
         # output from before T (top.npy) was kept is stale: b3pp needs T
         if _up_to_date(out_dir(cfg, RANK_FOLDER) / RANK_RECORD, rank_params(cfg, emb_record), expect) and \
                 rank_record.get("top") is not None:
@@ -579,7 +579,7 @@ def run_all(cfg: MineConfig, progress: bool = True, on_stage=None) -> Path:
             on_stage("rank")
             rank_stage(cfg, progress)
     if "partition" in needs:
-        rank_record = read_json(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
+        rank_record = read_record(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}
         if _up_to_date(out_dir(cfg, PARTITION_FOLDER) / PARTITION_RECORD, partition_params(cfg, rank_record), expect):
             log.info("partition: up to date")
         else:

@@ -39,6 +39,8 @@ def miner_config(cfg: TrainConfig, schedule: Schedule, world_size: int = 1) -> M
     student = cfg.student
     values = {key: meta[key] for key in _FROM_META if meta.get(key) is not None}
     teacher = meta.get("teacher")
+    if isinstance(teacher, dict):  # metadata never turns on remote code; refresh.mine.teacher.* may
+        teacher = {**teacher, "trust_remote_code": False}
     if teacher is None:
         named = any(key == "teacher" or key.startswith("teacher.") for key in cfg.refresh.mine)
         if cfg.refresh.model == "teacher" and not named:
@@ -117,8 +119,10 @@ class MinerProcess:
     only on one that keeps crashing.
     """
 
-    def __init__(self, paths: RunPaths, cfg: TrainConfig, say=print, clock=time.monotonic):
+    def __init__(self, paths: RunPaths, cfg: TrainConfig, say=print, clock=time.monotonic,
+                 trust_remote_code: bool = False):
         self.paths, self.cfg, self.say, self.clock = paths, cfg.refresh, say, clock
+        self.trust_remote_code = trust_remote_code  # from the trainer's own config, never from the run folder
         self.proc: subprocess.Popen | None = None
         self.restarts = 0  # over the whole run (reported in the summary)
         self.recent: list[float] = []  # when the restarts within the window happened
@@ -127,7 +131,8 @@ class MinerProcess:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "b3stream", "refresh", "--run", str(self.paths.run), "--quiet",
-                "--threads", str(self.cfg.threads or default_miner_threads()), "--parent-pid", str(os.getpid())]
+                "--threads", str(self.cfg.threads or default_miner_threads()), "--parent-pid", str(os.getpid())] \
+            + (["--trust-remote-code"] if self.trust_remote_code else [])
 
     def start(self) -> None:
         env = dict(os.environ)
@@ -214,9 +219,10 @@ class ThreadShare:
         """Set this rank's threads from the miner's state; returns the number in use."""
         import torch
 
-        from ..files import read_json
+        from ..records import MinerStatus, read_record_or_none
 
-        state = (read_json(self.status) or {}).get("state", "waiting")
+        status = read_record_or_none(self.status, MinerStatus)  # a crafted status is as good as none
+        state = status.state if status is not None else "waiting"
         want = self.full if state in self.IDLE else self.shared
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
@@ -224,11 +230,13 @@ class ThreadShare:
 
 
 @contextmanager
-def miner_process(cfg: TrainConfig, paths: RunPaths, dist: DistInfo, monitor):
+def miner_process(cfg: TrainConfig, paths: RunPaths, dist: DistInfo, monitor, trust_remote_code: bool = False):
     """While the block runs: in refreshed mode with ``refresh.spawn``, a miner child of the main rank (yielded;
-    None otherwise). However the block ends, the run is marked finished and the miner stopped."""
+    None otherwise). However the block ends, the run is marked finished and the miner stopped.
+    ``trust_remote_code``: the miner's models may run their own code (the trainer's config says so)."""
     refreshed = cfg.mode == "refreshed"
-    miner = MinerProcess(paths, cfg, say=monitor.write) if refreshed and cfg.refresh.spawn and dist.is_main else None
+    miner = MinerProcess(paths, cfg, say=monitor.write, trust_remote_code=trust_remote_code) \
+        if refreshed and cfg.refresh.spawn and dist.is_main else None
     if miner is not None:
         miner.start()
         monitor.write(f"refreshed mode: miner started (pid {miner.proc.pid}, log {paths.log}); a snapshot every "

@@ -121,6 +121,8 @@ class Recipe:
         self.watch_every = cfg.watch_schedule_every or (1 if self.refreshed else None)
         # refresh.mine (and the teacher, |B| over the ranks) checked before any output
         mine_cfg = miner_config(cfg, schedule, self.dist.world_size) if self.refreshed else None
+        # the spawned miner may run model code only when this command's own config lets a model do so
+        self.miner_trust = bool(cfg.student.trust_remote_code or (mine_cfg and mine_cfg.teacher.trust_remote_code))
         # Every rank decides (so all refuse together) before the main rank changes anything.
         self.start = run_folder.plan(self.run, cfg.resume, cfg.overwrite, schedule.path)
         barrier()
@@ -190,7 +192,7 @@ class Recipe:
     def train(self) -> dict:
         cfg = self.cfg
         # A spawned miner (refreshed mode) runs while the block runs and is stopped however it ends.
-        with miner_process(cfg, self.paths, self.dist, self.monitor) as miner:
+        with miner_process(cfg, self.paths, self.dist, self.monitor, self.miner_trust) as miner:
             self.step_end.miner = miner
             evals = {}
             if self.eval_set is not None and self.step == 0:  # zero-shot
