@@ -116,10 +116,19 @@ class Lease(Record):
     time: Seconds
 
 
+class ProbeDecision(Record):
+    """One ``refresh.when: bound`` decision of the miner: whether it re-mines the snapshot of a step."""
+
+    snapshot_step: Count
+    refresh: bool
+
+
 class MinerStatus(Record):
-    """``RUN/refresh/status.json``: where the miner is. Only ``state`` is read back (by the trainer)."""
+    """``RUN/refresh/status.json``: where the miner is. The trainer reads back its ``state`` (to share the
+    cores) and its ``probes`` (not to wait for a snapshot the miner decided not to re-mine)."""
 
     state: Annotated[str, Field(max_length=64)] = "waiting"
+    probes: list[ProbeDecision] = []
 
 
 class DataStamp(Record):

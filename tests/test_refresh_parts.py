@@ -17,7 +17,7 @@ from b3stream.dist import DistInfo
 from b3stream.schedule import list_versions, load_schedule, publish_schedule, version_path
 from b3stream.snapshot import RunPaths, latest_snapshot, list_snapshots, load_snapshot_encoder, write_snapshot
 
-from ._train_util import REFRESH_STUDENT as STUDENT, perturbed_student
+from ._train_util import REFRESH_STUDENT as STUDENT, perturbed_student, random_schedule
 
 
 def test_trained_ids_from_another_dataset_are_refused(tmp_path):
@@ -306,3 +306,36 @@ def test_when_bound_with_the_teacher_is_refused():
     with pytest.raises(ConfigError, match="when: bound measures how far the student drifted"):
         validate(RefreshConfig(every_steps=5, when="bound", model="teacher"))
     validate(RefreshConfig(every_steps=5, when="bound", model="student"))
+
+
+def test_a_wait_for_a_snapshot_the_miner_skipped_ends_at_once(tmp_path, code_dataset):
+    """refresh.when: bound with max_lag_steps: a snapshot the miner decided not to re-mine never gets a
+    schedule, and the trainer waited wait_timeout (1800 s) for it at every such step. The miner's decision
+    in its status ends the wait; a status that does not decide that snapshot (or a crafted one) does not."""
+    import time
+
+    from b3stream.refresh.hotswap import ScheduleWatcher, wait_for_refresh
+    from b3stream.refresh.trainer import miner_skipped
+
+    paths = RunPaths(tmp_path / "run")
+    paths.refresh.mkdir(parents=True)
+    random_schedule(code_dataset, batch_size=16, K=4, folder=paths.schedules, version=0)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    watcher = ScheduleWatcher(paths.schedules, Manifest.load(code_dataset), dist, say=lambda *_: None)
+    said = []
+
+    def wait(timeout: float) -> float:
+        t0 = time.monotonic()
+        found, _ = wait_for_refresh(watcher, 0, None, 10, 0.05, timeout, say=said.append,
+                                    skipped=lambda s: miner_skipped(paths, s))
+        assert found is None
+        return time.monotonic() - t0
+
+    for status in ({"state": "probe", "probes": [{"snapshot_step": 10, "refresh": True}]},
+                   {"state": "waiting", "probes": [{"snapshot_step": 5, "refresh": False}]},
+                   {"state": "waiting", "probes": "x"}):
+        paths.status.write_text(json.dumps(status))
+        assert wait(0.5) >= 0.5 and "wait_timeout" in said[-1]
+    paths.status.write_text(json.dumps({"state": "waiting", "probes": [
+        {"snapshot_step": 5, "refresh": False}, {"snapshot_step": 10, "refresh": False, "drift": 0.01}]}))
+    assert wait(600) < 5 and "found no drift" in said[-1]

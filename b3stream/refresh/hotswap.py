@@ -182,7 +182,7 @@ def refresh_due(snapshots: list[int], step: int, max_lag: int | None) -> int | N
 
 def wait_for_refresh(watcher: ScheduleWatcher, version: int | None, found: Schedule | None, need: int,
                      poll_seconds: float, timeout: float, miner=None, say=print,
-                     stop=None) -> tuple[Schedule | None, float]:
+                     stop=None, skipped=None) -> tuple[Schedule | None, float]:
     """Block until the schedule folder holds a version mined from the snapshot of step ``need`` or later.
 
     Every rank calls this at the same step and polls in lockstep (each poll is the watcher's collective
@@ -190,21 +190,26 @@ def wait_for_refresh(watcher: ScheduleWatcher, version: int | None, found: Sched
     this step. Returns the newest version found (None: none newer than ``version``) and the seconds waited;
     gives up, saying so, after ``timeout`` seconds or when the spawned ``miner`` has given up restarting.
     ``stop``: a callable giving this rank's stop flag (a signal caught, 0 for none); when any rank has one,
-    the wait ends at once, with ``watcher.stop`` set on every rank.
+    the wait ends at once, with ``watcher.stop`` set on every rank. ``skipped(step)``: on rank 0, whether the
+    miner decided not to re-mine that snapshot (``refresh.when: bound`` saw no drift); then no schedule is
+    coming for it, and the wait ends.
     """
     t0 = time.monotonic()
     say(f"waiting for the schedule mined from the snapshot of step {need} (refresh.max_lag_steps)")
     while source_step(found) < need:
         late = time.monotonic() - t0 > timeout
-        give_up = int(watcher.dist.is_main and (late or bool(miner is not None and miner.gave_up)))
+        not_coming = bool(watcher.dist.is_main and skipped is not None and skipped(need))
+        give_up = int(watcher.dist.is_main and (late or not_coming or bool(miner is not None and miner.gave_up)))
         # rank 0's decision (the others give 0) and every rank's stop flag, in one all-reduce (max)
         give_up, stopped = watcher.agree([give_up, int(stop()) if stop is not None else 0], "max")
         watcher.stop = max(watcher.stop, stopped)
         if watcher.stop:
             break
         if give_up:
-            say(f"stopped waiting for the snapshot of step {need} after {time.monotonic() - t0:.0f} s ("
-                + ("refresh.wait_timeout" if late else "the miner gave up") + "); training goes on")
+            why = ("the miner found no drift and keeps the schedule in use" if not_coming else
+                   "refresh.wait_timeout" if late else "the miner gave up")
+            say(f"stopped waiting for the snapshot of step {need} after {time.monotonic() - t0:.0f} s ({why}); "
+                "training goes on")
             break
         time.sleep(poll_seconds)
         if miner is not None:

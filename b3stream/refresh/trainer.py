@@ -313,7 +313,7 @@ class StepEnd:
         if need is not None and not self.watcher.stop and source_step(new or r.sampler.schedule) < need:
             new, waited = wait_for_refresh(self.watcher, r.sampler.version, new, need, cfg.refresh.poll_seconds,
                                            cfg.refresh.wait_timeout, miner=self.miner, say=r.monitor.write,
-                                           stop=self.caught)
+                                           stop=self.caught, skipped=lambda s: miner_skipped(r.paths, s))
             self.waited += waited
             r.monitor.scalars(step, {"wait_seconds": waited}, group="refresh")
             self.snapshots = [x for x in self.snapshots if x[0] > need]  # a wait that gave up is not repeated
@@ -334,6 +334,15 @@ class StepEnd:
         if not self.stopping:
             self.stopping = all_max([self.caught()], self.group)[0]
         return self.stopping
+
+
+def miner_skipped(paths: RunPaths, step: int) -> bool:
+    """Whether the miner decided not to re-mine the snapshot of ``step`` (``refresh.when: bound``: the bound
+    of the schedule in use had not drifted), by its status; a status that is not one says nothing."""
+    from ..records import MinerStatus, read_record_or_none
+
+    status = read_record_or_none(paths.status, MinerStatus)
+    return status is not None and any(p.snapshot_step == step and not p.refresh for p in status.probes)
 
 
 def fits_now(schedule, step: int, epoch: int) -> None:
