@@ -34,13 +34,27 @@ def _add_prepare(sub) -> None:
     p.add_argument("--hf-split", default=None,
                    help="hf: the split of a DatasetDict folder to read (default: train, or its only split)")
     p.add_argument("--out", required=True, help="output dataset folder")
-    p.add_argument("--query-field", default="query")
-    p.add_argument("--positive-field", default="positive")
+    p.add_argument("--format", default=None, choices=["flagembedding", "tevatron", "sentence-transformers"],
+                   help="read another project's training files as they are: flagembedding {query, pos: [...], "
+                        "neg: [...], prompt}; tevatron {query_id, query, positive_passages: [{docid, title, "
+                        "text}], negative_passages}; sentence-transformers (anchor, positive[, negative | "
+                        "negative_1..n]) columns by position. A field flag given with it replaces the preset's "
+                        "column")
+    p.add_argument("--query-field", default=None, help="column with the query text (default: query)")
+    p.add_argument("--positive-field", default=None,
+                   help="column with the positive: a text, or a list of texts or {title, text, docid} passages "
+                        "(one example per positive, the others kept as its known positives; default: positive)")
     p.add_argument("--task-field", default=None, help="column naming the task (default: one task)")
     p.add_argument("--group-field", default=None,
                    help="column used to split held-out data by group (default: the query text)")
-    p.add_argument("--negatives-field", default=None, help="column with a list of hard-negative texts")
-    p.add_argument("--id-field", default=None, help="column with the source's own ids (checked unique)")
+    p.add_argument("--negatives-field", default=None, type=_columns,
+                   help="column with a list of hard-negative texts (or passages), or several columns of one "
+                        "text each, comma-separated (negative_1,negative_2)")
+    p.add_argument("--id-field", default=None,
+                   help="column with the source's own row ids (checked unique; kept as source_id)")
+    p.add_argument("--query-prompt-field", default=None,
+                   help="column with a per-row query instruction; it replaces the task's query prompt")
+    p.add_argument("--query-id-field", default=None, help="column with the source's query id (kept as query_id)")
     p.add_argument("--query-image-field", default=None, help="column with query image paths")
     p.add_argument("--positive-image-field", default=None, help="column with positive image paths")
     p.add_argument("--prompts", default=None, help="YAML: task -> {query: ..., positive: ...} instruction prompts")
@@ -58,6 +72,14 @@ def _add_prepare(sub) -> None:
                    help="replace an earlier dataset in --out (a folder holding only a manifest and its shards)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_prepare)
+
+
+def _columns(text: str) -> str | list[str]:
+    """One column name, or several separated by commas."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no column")
+    return names[0] if len(names) == 1 else names
 
 
 def _fraction(text: str) -> float:
@@ -85,7 +107,7 @@ def _number(text: str) -> float:
 
 def _run_prepare(args) -> int:
     from .data.prepare import load_prompts, prepare_codesearch, prepare_file, print_summary
-    from .data.sources import FieldMap
+    from .data.sources import preset_fields
 
     common = dict(
         held_out={"validation": args.validation_fraction, "test": args.test_fraction},
@@ -94,15 +116,18 @@ def _run_prepare(args) -> int:
         overwrite=args.overwrite, progress=not args.quiet,
     )
     if args.source == "codesearch":
+        if args.format:
+            raise SystemExit("b3stream prepare: --format is for jsonl, csv, parquet and hf sources")
         packages = [p for p in args.packages.split(",") if p] if args.packages else None
         manifest = prepare_codesearch(args.out, packages=packages, max_pairs=args.max_pairs, **common)
     else:
         if not args.src:
             raise SystemExit(f"b3stream prepare {args.source}: give the source file")
-        fields = FieldMap(
-            query=args.query_field, positive=args.positive_field, task=args.task_field, group=args.group_field,
-            negatives=args.negatives_field, id=args.id_field, query_image=args.query_image_field,
-            positive_image=args.positive_image_field,
+        fields = preset_fields(
+            args.format, query=args.query_field, positive=args.positive_field, task=args.task_field,
+            group=args.group_field, negatives=args.negatives_field, id=args.id_field,
+            query_image=args.query_image_field, positive_image=args.positive_image_field,
+            query_prompt=args.query_prompt_field, query_id=args.query_id_field,
         )
         if args.hf_split and args.source != "hf":
             raise SystemExit("b3stream prepare: --hf-split is for `prepare hf` only")

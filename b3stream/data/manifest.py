@@ -121,7 +121,11 @@ class Manifest:
         return ""
 
     def prompted(self, record: dict, side: str) -> str:
-        """``record[side]`` behind its task's instruction prompt for that side."""
+        """``record[side]`` behind its task's instruction prompt for that side; a record's own
+        ``query_prompt`` (``prepare --query-prompt-field``, FlagEmbedding's ``prompt``) replaces its task's
+        query prompt."""
+        if side == "query" and record.get("query_prompt"):
+            return record["query_prompt"] + record[side]
         return self.prompt(record.get("task"), side) + record[side]
 
 

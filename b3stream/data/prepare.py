@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -47,10 +46,16 @@ def prepare_file(src: str, fmt: str, out: str, fields: FieldMap, hf_split: str |
     """Read ``src`` (a ``fmt`` file, or for ``hf`` a ``save_to_disk`` folder / ``.arrow`` file, of which
     ``hf_split`` is read) and write it as a dataset under ``out`` (see :func:`write_dataset`)."""
     _check_options(out, kwargs, source=src)  # before reading a possibly large source
-    records = [rec for _, rec in read_records(src, fmt, fields, hf_split)]
+    records, reader = [], read_records(src, fmt, fields, hf_split)
+    while True:
+        try:
+            records.append(next(reader)[1])
+        except StopIteration as done:
+            fields = done.value  # a positional map (sentence-transformers) resolved to the source's columns
+            break
     if not records:
         raise DataError(f"{src}: no records")
-    return write_dataset(records, out, name=Path(src).stem, fields=asdict(fields), source=str(src), **kwargs)
+    return write_dataset(records, out, name=Path(src).stem, fields=fields.record(), source=str(src), **kwargs)
 
 
 def prepare_codesearch(out: str, packages: list[str] | None = None, max_pairs: int | None = None,

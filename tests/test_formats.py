@@ -1,0 +1,207 @@
+"""Other projects' training files, prepared as they are (`prepare --format flagembedding | tevatron |
+sentence-transformers`): one example per positive with the query's other positives kept as known positives,
+passages as title + text, stored negatives from a list or from columns, per-row prompts, source ids. And the
+known positives never serve as negatives: not in the neighbour rows, not in B3++ draws, not in the loss."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from b3stream.cli import main
+from b3stream.data import DataError, Manifest, ShardedDataset
+from b3stream.data.dedup import KnownKeys, content_key
+from b3stream.data.prepare import prepare_file
+from b3stream.data.sources import preset_fields
+
+from ._train_util import random_schedule, read_trace, run, write_config
+from .conftest import write_jsonl
+
+B3 = [sys.executable, "-m", "b3stream"]
+ALL_TRAIN = {"held_out": {"validation": 0.0, "test": 0.0}}  # every example in `train`, to read them back
+PROMPT = "Represent this sentence for searching relevant passages: "
+TOPICS = ["pandas", "volcanoes", "tides", "glaciers", "comets", "coral reefs", "deserts", "auroras"]
+
+
+def records(root: Path) -> list[dict]:
+    """Every record of every split of a prepared dataset."""
+    return [rec for split in Manifest.load(root).splits for rec in ShardedDataset(root, split)]
+
+
+# -- FlagEmbedding ------------------------------------------------------------------------------------------
+
+
+def flagembedding_rows(n: int = 24) -> list[dict]:
+    """FlagEmbedding's training format (its README): {"query": str, "pos": List[str], "neg": List[str],
+    "pos_scores": List[float], "neg_scores": List[float], "prompt": str, "type": str}; 1 to 3 positives per
+    query, a prompt on every other row. Row 5 lists one of its own positives among its negatives."""
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        pos = [f"Passage {k} about {topic}, number {i}: facts and figures." for k in range(1 + i % 3)]
+        neg = [f"An unrelated passage about cooking, number {i}-{k}." for k in range(2)]
+        if i == 5:
+            neg.append(pos[1])
+        row = {"query": f"what do we know about {topic} ({i})?", "pos": pos, "neg": neg,
+               "pos_scores": [1.0] * len(pos), "neg_scores": [0.1] * len(neg)}
+        if i % 2 == 0:
+            row["prompt"] = PROMPT
+        row["type"] = "normal"
+        rows.append(row)
+    return rows
+
+
+def test_flagembedding_jsonl_prepares_as_it_is(tmp_path):
+    rows = flagembedding_rows()
+    src = write_jsonl(tmp_path / "train.jsonl", rows)
+    m = prepare_file(str(src), "jsonl", str(tmp_path / "ds"), preset_fields("flagembedding"), progress=False,
+                     **ALL_TRAIN)
+    recs = records(tmp_path / "ds")
+    assert m.N == len(recs) == sum(len(r["pos"]) for r in rows)  # one example per positive
+    by_query: dict[str, list[dict]] = {}
+    for rec in recs:
+        by_query.setdefault(rec["query"], []).append(rec)
+    for row in rows:
+        examples = by_query[row["query"]]
+        assert sorted(e["positive"] for e in examples) == sorted(row["pos"])
+        for e in examples:
+            others = [p for p in row["pos"] if p != e["positive"]]
+            assert e.get("known_positives", []) == others
+            assert e["negatives"] == [n for n in row["neg"] if n not in others]  # never a known positive
+            assert e.get("query_prompt") == row.get("prompt")
+            assert len({x["group"] for x in examples}) == 1  # one query, one split
+    five = by_query[rows[5]["query"]]
+    assert {len(e["negatives"]) for e in five} == {2, 3}  # the listed positive: dropped where it is another's
+    # the per-row prompt is the query's instruction; rows without one keep the task's (here none)
+    prompted = {m.prompted(rec, "query") for rec in by_query[rows[0]["query"]]}
+    assert prompted == {PROMPT + rows[0]["query"]}
+    assert m.prompted(by_query[rows[1]["query"]][0], "query") == rows[1]["query"]
+    assert m.fields["positive"] == "pos" and m.fields["preset"] == "flagembedding"
+    assert m.splits["train"].negatives["total"] == sum(len(r["negatives"]) for r in recs)
+
+
+def test_a_flag_given_with_a_preset_replaces_its_field(tmp_path, capsys):
+    """`--format flagembedding --query-prompt-field instruction`: the preset's other fields stay; the columns a
+    preset names may be absent from every row (no `neg`, no `prompt` here), a column named by hand may not."""
+    rows = [{"query": f"q {i}", "pos": [f"p {i}"], "instruction": f"Task {i % 2}: "} for i in range(30)]
+    src = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert main(["prepare", "jsonl", str(src), "--out", str(tmp_path / "ds"), "--format", "flagembedding",
+                 "--query-prompt-field", "instruction", "--test-fraction", "0", "--validation-fraction", "0",
+                 "--quiet"]) == 0
+    recs = records(tmp_path / "ds")
+    assert {r["query_prompt"] for r in recs} == {"Task 0: ", "Task 1: "}
+    assert not any("negatives" in r or "known_positives" in r for r in recs)
+    assert main(["prepare", "jsonl", str(src), "--out", str(tmp_path / "ds2"), "--format", "flagembedding",
+                 "--negatives-field", "hard", "--quiet"]) == 2
+    assert "no record has the column 'hard' named for negatives" in capsys.readouterr().err
+    assert not (tmp_path / "ds2").exists()
+
+
+def test_list_positives_are_refused_when_broken(tmp_path):
+    fields = preset_fields("flagembedding")
+    for bad, message in (([], "is an empty list"), ([""], "holds an empty text"), ([3], "must hold texts"),
+                         ("", "is empty")):
+        src = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "pos": bad}])
+        with pytest.raises(DataError, match=message):
+            prepare_file(str(src), "jsonl", str(tmp_path / "out"), fields, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# -- Tevatron -----------------------------------------------------------------------------------------------
+
+
+def tevatron_rows(n: int = 20) -> list[dict]:
+    """Tevatron's training format: {"query_id": str, "query": str, "positive_passages": [{"docid", "title",
+    "text"}], "negative_passages": [{"docid", "title", "text"}]}; some titles empty."""
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        pos = [{"docid": f"d{i}-{k}", "title": f"{topic.title()} {k}" if k != 1 else "",
+                "text": f"What is known about {topic}, part {k} of query {i}."} for k in range(1 + i % 2)]
+        neg = [{"docid": f"n{i}-{k}", "title": "Cooking", "text": f"A recipe, number {i}-{k}."} for k in range(3)]
+        rows.append({"query_id": str(100 + i), "query": f"tell me about {topic} {i}",
+                     "positive_passages": pos, "negative_passages": neg})
+    return rows
+
+
+def test_tevatron_jsonl_prepares_as_it_is(tmp_path):
+    rows = tevatron_rows()
+    src = write_jsonl(tmp_path / "train.jsonl", rows)
+    prepare_file(str(src), "jsonl", str(tmp_path / "ds"), preset_fields("tevatron"), progress=False, **ALL_TRAIN)
+    recs = records(tmp_path / "ds")
+    assert len(recs) == sum(len(r["positive_passages"]) for r in rows)
+    by_docid = {rec["docid"]: rec for rec in recs}
+    for row in rows:
+        texts = {p["docid"]: (f"{p['title']} {p['text']}" if p["title"] else p["text"])
+                 for p in row["positive_passages"]}
+        for docid, text in texts.items():
+            rec = by_docid[docid]
+            assert rec["positive"] == text and rec["query_id"] == row["query_id"]
+            assert rec.get("known_positives", []) == [t for d, t in texts.items() if d != docid]
+            assert rec["negatives"] == [f"Cooking {p['text']}" for p in row["negative_passages"]]
+    assert by_docid["d1-1"]["positive"] == "What is known about volcanoes, part 1 of query 1."  # empty title
+    assert by_docid["d1-0"]["positive"] == "Volcanoes 0 What is known about volcanoes, part 0 of query 1."
+
+
+# -- sentence-transformers ----------------------------------------------------------------------------------
+
+
+def test_sentence_transformers_triplets_saved_with_datasets(tmp_path):
+    """An (anchor, positive, negative) dataset as sentence-transformers trains on it (all-nli's triplet
+    subset), written with save_to_disk: one stored negative per example, read from its column."""
+    datasets = pytest.importorskip("datasets")
+    n = 30
+    data = {"anchor": [f"A person is doing thing {i}." for i in range(n)],
+            "positive": [f"Someone does thing {i}." for i in range(n)],
+            "negative": [f"Nobody does thing {i}." for i in range(n)]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(data)}).save_to_disk(str(tmp_path / "nli"))
+    m = prepare_file(str(tmp_path / "nli"), "hf", str(tmp_path / "ds"), preset_fields("sentence-transformers"),
+                     progress=False, **ALL_TRAIN)
+    recs = sorted(records(tmp_path / "ds"), key=lambda r: r["id"])
+    assert [(r["query"], r["positive"], r["negatives"]) for r in recs] == \
+        [(a, p, [neg]) for a, p, neg in zip(data["anchor"], data["positive"], data["negative"])]
+    assert (m.fields["query"], m.fields["positive"], m.fields["negatives"]) == ("anchor", "positive", "negative")
+
+
+def test_sentence_transformers_negative_columns_by_position(tmp_path):
+    """(query, positive, negative_1..negative_3) as the msmarco hard-negative datasets hold them, in parquet:
+    the column names do not matter, their order does (as in sentence-transformers); a missing negative is
+    none; a `label` column is refused, and so is a flag-named column that every row lacks."""
+    datasets = pytest.importorskip("datasets")
+    n = 24
+    data = {"query": [f"query {i}" for i in range(n)], "positive": [f"answer {i}" for i in range(n)]}
+    for k in (1, 2, 3):
+        data[f"negative_{k}"] = [f"wrong answer {i}.{k}" if (i + k) % 5 else None for i in range(n)]
+    datasets.Dataset.from_dict(data).to_parquet(str(tmp_path / "msmarco.parquet"))
+    assert main(["prepare", "parquet", str(tmp_path / "msmarco.parquet"), "--out", str(tmp_path / "ds"),
+                 "--format", "sentence-transformers", "--test-fraction", "0", "--validation-fraction", "0",
+                 "--quiet"]) == 0
+    recs = sorted(records(tmp_path / "ds"), key=lambda r: r["id"])
+    for i, rec in enumerate(recs):
+        assert rec["query"] == f"query {i}" and rec["positive"] == f"answer {i}"
+        assert rec.get("negatives", []) == [f"wrong answer {i}.{k}" for k in (1, 2, 3) if (i + k) % 5]
+    assert Manifest.load(tmp_path / "ds").fields["negatives"] == "negative_1,negative_2,negative_3"
+    # the same by hand, without the preset: several negative columns
+    assert main(["prepare", "parquet", str(tmp_path / "msmarco.parquet"), "--out", str(tmp_path / "ds2"),
+                 "--negatives-field", "negative_1,negative_2,negative_3", "--test-fraction", "0",
+                 "--validation-fraction", "0", "--quiet"]) == 0
+    assert Manifest.load(tmp_path / "ds2").fingerprint == Manifest.load(tmp_path / "ds").fingerprint
+    labelled = datasets.Dataset.from_dict({"sentence1": ["a"] * 4, "sentence2": ["b"] * 4, "label": [1] * 4})
+    labelled.save_to_disk(str(tmp_path / "pairs"))
+    with pytest.raises(DataError, match="'label' column"):
+        prepare_file(str(tmp_path / "pairs"), "hf", str(tmp_path / "x"), preset_fields("sentence-transformers"),
+                     progress=False)
+
+
+def test_a_plain_negatives_column_of_one_text(tmp_path):
+    """`--negatives-field negative` on jsonl whose column holds one text (used to be "not a JSON list")."""
+    rows = [{"query": f"q {i}", "positive": f"p {i}", "negative": f"n {i}"} for i in range(20)]
+    src = write_jsonl(tmp_path / "t.jsonl", rows)
+    prepare_file(str(src), "jsonl", str(tmp_path / "ds"), preset_fields(None, negatives="negative"),
+                 progress=False, **ALL_TRAIN)
+    assert sorted(r["negatives"][0] for r in records(tmp_path / "ds")) == sorted(r["negative"] for r in rows)
