@@ -181,8 +181,11 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="end to end on the bundled model and code-search data",
                        description="prepare the code-search pairs, mine a B3 schedule with the bundled "
                                    "MiniLM teacher, train a LoRA student on it and evaluate before/after.")
-    p.add_argument("--out", default="runs/demo", help="run folder (stages found there are reused)")
-    p.add_argument("--max-pairs", type=int, default=6000, help="code-search pairs to prepare")
+    p.add_argument("--out", default=None, help="run folder (stages found there are reused; default runs/demo, "
+                                               "runs/demo-refresh with --refresh)")
+    p.add_argument("--max-pairs", type=int, default=None,
+                   help="code-search pairs to prepare (default 6000; 1500 with --refresh, so that each of the "
+                        "miner's re-embeddings takes a minute or two on a laptop CPU)")
     p.add_argument("--batch-size", type=int, default=32, help="|B|, the global batch")
     p.add_argument("--K", type=int, default=8, help="community size")
     p.add_argument("--p", type=int, default=3, help="ranks skipped (few thousand examples: keep it small)")
@@ -197,6 +200,9 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     from .demo import run_demo
+
+    args.out = args.out or ("runs/demo-refresh" if args.refresh else "runs/demo")
+    args.max_pairs = args.max_pairs or (1500 if args.refresh else 6000)
 
     return run_demo(args)
 

@@ -73,9 +73,14 @@ def run_demo(args) -> int:
         mode="refreshed" if args.refresh else "static",
         refresh=RefreshConfig(every_steps=refresh_every, poll_seconds=1.0, max_lag_steps=lag),
     )
+    from .train.interrupt import Interrupted
+
     single_process_env()
     try:
         result = train(tcfg)
+    except Interrupted as e:  # Ctrl-C: the step finished and a checkpoint was written; no traceback
+        print(f"b3stream demo: training {e}", flush=True)
+        return e.code
     finally:
         shutdown()
 
