@@ -205,3 +205,113 @@ def test_a_plain_negatives_column_of_one_text(tmp_path):
     prepare_file(str(src), "jsonl", str(tmp_path / "ds"), preset_fields(None, negatives="negative"),
                  progress=False, **ALL_TRAIN)
     assert sorted(r["negatives"][0] for r in records(tmp_path / "ds")) == sorted(r["negative"] for r in rows)
+
+
+# -- known positives are never negatives: rank, B3++, the loss ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flag_dataset(tmp_path_factory) -> Path:
+    """The FlagEmbedding rows above, prepared with the preset, every example in `train`."""
+    root = tmp_path_factory.mktemp("flag")
+    src = write_jsonl(root / "train.jsonl", flagembedding_rows(24))
+    prepare_file(str(src), "jsonl", str(root / "ds"), preset_fields("flagembedding"), progress=False, **ALL_TRAIN)
+    return root / "ds"
+
+
+def positive_sets(recs: list[dict]) -> list[set[str]]:
+    """Per example, the texts that are its positives: its own and its known ones."""
+    return [{r["positive"], *r.get("known_positives", [])} for r in recs]
+
+
+def test_mining_never_ranks_or_draws_a_known_positive(flag_dataset, tmp_path):
+    """Embeddings in which every query's nearest positives are its query's other positives (they are): the
+    embed stage stores their keys, ranking drops them from S and T like same-text positives, and B3++ never
+    draws a member's known positive, also where another member's S row lists it."""
+    from b3stream.config import MineConfig
+    from b3stream.mining.embed import load_embeddings
+    from b3stream.mining.negatives import draw_hard_negatives
+    from b3stream.mining.pipeline import embed_stage
+    from b3stream.mining.rank import RankParams, rank
+
+    recs = sorted(records(flag_dataset), key=lambda r: r["id"])
+    n = len(recs)
+    rng = np.random.default_rng(0)
+    centers = {q: rng.normal(size=16) for q in {r["query"] for r in recs}}
+    queries = np.stack([centers[r["query"]] for r in recs]).astype(np.float32)
+    positives = queries + 0.05 * rng.normal(size=queries.shape).astype(np.float32)
+    np.save(tmp_path / "q.npy", queries)
+    np.save(tmp_path / "p.npy", positives)
+    cfg = MineConfig(data=str(flag_dataset), out=str(tmp_path / "mine"), query_embeddings=str(tmp_path / "q.npy"),
+                     positive_embeddings=str(tmp_path / "p.npy"))
+    emb = load_embeddings(embed_stage(cfg, progress=False))
+    assert emb.known is not None and len(emb.known) == n
+    assert emb.known.counts().tolist() == [len(r.get("known_positives", [])) for r in recs]
+    text = [r["positive"] for r in recs]
+    sets = positive_sets(recs)
+    siblings = [{j for j in range(n) if j != i and text[j] in sets[i]} for i in range(n)]
+    assert sum(map(len, siblings)) > 0
+    for p in (0, 2):
+        S, _, T, _ = rank(emb, RankParams(p=p, m=6, per_task=True), progress=False)
+        for i in range(n):
+            assert not siblings[i] & (set(S[i].tolist()) | set(T[i].tolist()))
+    emb.known = None  # without them, the siblings are the nearest neighbours
+    S, _, T, _ = rank(emb, RankParams(p=0, m=6, per_task=True), progress=False)
+    assert all(siblings[i] <= set(S[i].tolist()) for i in range(n))
+    # B3++: member 0's row lists member 1's siblings; they are never drawn for the batch
+    emb = load_embeddings(tmp_path / "mine")
+    one = next(i for i in range(n) if siblings[i])
+    other = next(i for i in range(n) if not siblings[i] and i not in siblings[one])
+    batch = np.array([other, one])
+    S = np.full((n, 8), -1, dtype=np.int32)
+    S[other, : len(siblings[one])] = sorted(siblings[one])
+    S[other, len(siblings[one]):] = [j for j in range(n) if j not in siblings[one] | {one, other}][: 8 - len(siblings[one])]
+    for known, expect_siblings in ((emb.known, False), (None, True)):
+        drawn = draw_hard_negatives(batch, S, 3, np.random.default_rng(0), keys=emb.keys, known=known)
+        assert bool(siblings[one] & set(drawn.ravel().tolist())) == expect_siblings
+
+
+def test_the_loss_masks_a_querys_other_positives(flag_dataset):
+    """A batch holding every example of two multi-positive queries, with their stored negatives: the loss
+    equals InfoNCE by hand where, for each query, every column whose text is one of its positives (its own
+    other than the target, its known ones) is masked; without the known keys it would differ."""
+    from b3stream.schedule import Schedule
+    from b3stream.train.collate import StepData, stored_negatives
+    from b3stream.train.loss import InfoNCE
+    from b3stream.train.sampler import ScheduleSampler
+
+    ds = ShardedDataset(flag_dataset, "train")
+    recs = [ds[i] for i in range(len(ds))]
+    three = [r["query"] for r in recs if len(r.get("known_positives", [])) == 2][:6:3]  # two 3-positive queries
+    ids = np.array([r["id"] for r in recs if r["query"] in three] + [r["id"] for r in recs if "known_positives"
+                                                                      not in r][:2])
+    rest = np.setdiff1d(np.arange(len(recs)), ids)
+    schedule = Schedule.from_batches([ids, rest], {"strategy": "random", "data": ds.manifest.stamp("train")})
+    sampler = ScheduleSampler(schedule, len(recs), seed=0, negatives="dataset", h_dataset=3)
+    step = sampler.step(next(k for k in range(sampler.steps_per_epoch) if len(sampler.global_batch(k)) == len(ids)))
+
+    def tokenize(texts, side):
+        return {"input_ids": torch.ones(len(texts), 2, dtype=torch.long),
+                "attention_mask": torch.ones(len(texts), 2, dtype=torch.long)}
+
+    batch = StepData(ds, tokenize, torch.zeros(1, dtype=torch.int64))[(0, step)]
+    members = [recs[int(i)] for i in step.ids]
+    assert batch.keys["known"].shape == (len(members), 2)
+    negatives = stored_negatives(members, 3, 0, step.epoch, ds.manifest)
+    columns = [m["positive"] for m in members] + negatives
+    sets = positive_sets(members)
+    mask = torch.tensor([[j != i and columns[j] in sets[i] for j in range(len(columns))] for i in range(len(members))])
+    assert mask[:, : len(members)].sum() == 2 * 3 * 2  # each of six examples: its query's two other positives
+    g = torch.Generator().manual_seed(0)
+    unit = torch.nn.functional.normalize
+    centers = {query: torch.randn(8, generator=g) for query in {m["query"] for m in members}}
+    q = unit(torch.stack([centers[m["query"]] for m in members]), dim=1)  # a query's positives lie near it
+    d = unit(q + 0.2 * torch.randn(q.shape, generator=g), dim=1)
+    n = unit(torch.randn(len(negatives), 8, generator=g), dim=1)
+    tau = 0.05
+    loss = InfoNCE(tau)(q, d, n, batch.keys["positive"], batch.keys["negative"], known_keys=batch.keys["known"])
+    by_hand = torch.nn.functional.cross_entropy((q @ torch.cat([d, n]).T / tau).masked_fill(mask, float("-inf")),
+                                                torch.arange(len(members)))
+    assert torch.allclose(loss.loss.detach(), by_hand, atol=1e-5)
+    without = InfoNCE(tau)(q, d, n, batch.keys["positive"], batch.keys["negative"])
+    assert without.loss.item() > by_hand.item() + 0.5  # unmasked, the other positives count against it

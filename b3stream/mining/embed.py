@@ -7,6 +7,9 @@ Output, in ``OUT/embeddings/``:
 - ``tasks.npy``: int32 ``(N,)`` task index of every id (names in the record);
 - ``positive_keys.npy``: int64 ``(N,)`` content key of every id's prompted positive text
   (:mod:`b3stream.data.dedup`): ids sharing a key are never mined as each other's negatives;
+- ``known_keys.npy`` + ``known_offsets.npy`` (only for data whose records carry ``known_positives``): int64
+  content keys of every id's known positives as a CSR (``KnownKeys``): ids with those texts are never mined as
+  its negatives either;
 - ``embeddings.json``: the record: data stamp (``Manifest.stamp(split)``), teacher settings, rows done.
 
 Texts get their task's instruction prompt (paper section 3.3, ``manifest.prompt(task, side)``). Rows are
@@ -34,14 +37,15 @@ from ..progress import progress_bar
 
 from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, Manifest, check_stamp, sha256_file
-from ..data.dedup import content_key, content_keys
+from ..data.dedup import KnownKeys, content_key, known_keys_of
 from .artefacts import log, new_token, read_record, remove_outputs, same_params, sweep_temps, tmp_name, write_json
 
 FOLDER = "embeddings"
 RECORD = "embeddings.json"
 KEYS_FILE = "positive_keys.npy"
+KNOWN_FILES = ("known_offsets.npy", "known_keys.npy")  # the CSR of known positives' keys, when there are any
 # Everything the stage writes, record first: a stage starting over removes these and nothing else in the folder.
-OUTPUTS = (RECORD, "queries.npy", "positives.npy", "tasks.npy", KEYS_FILE)
+OUTPUTS = (RECORD, "queries.npy", "positives.npy", "tasks.npy", KEYS_FILE, *KNOWN_FILES)
 KEY_SCHEME = "blake2b-8 of the prompted positive"  # in the params: embeddings without keys are stale
 USER_DATASET = "user-embeddings"
 
@@ -58,6 +62,7 @@ class Embeddings:
     record: dict
     folder: Path
     keys: np.ndarray | None = None  # (N,) int64 content key of each positive; None: no same-text filtering
+    known: KnownKeys | None = None  # keys of each id's known positives; None: the records carry none
 
     @property
     def n(self) -> int:
@@ -134,8 +139,15 @@ def load_embeddings(folder: str | Path, expect: dict | None = None) -> Embedding
     if q.shape != p.shape or len(tasks) != len(q) or len(keys) != len(q) or len(q) != record["n"]:
         raise DataError(f"{folder}: queries {q.shape}, positives {p.shape}, tasks {tasks.shape} and keys "
                         f"{keys.shape} disagree with the record (n={record['n']})")
+    known = None
+    if (folder / KNOWN_FILES[0]).is_file():
+        known = KnownKeys(np.load(folder / KNOWN_FILES[0]), np.load(folder / KNOWN_FILES[1]))
+        o = known.offsets
+        if len(o) != len(q) + 1 or o[0] != 0 or (np.diff(o) < 0).any() or o[-1] != len(known.keys):
+            raise DataError(f"{folder}: {KNOWN_FILES[0]} and {KNOWN_FILES[1]} do not make one row of known "
+                            f"positives per id (n={len(q)}); re-run `b3stream mine embed`")
     return Embeddings(queries=q, positives=p, tasks=tasks, task_names=list(record["task_names"]), keys=keys,
-                      stamp=record["stamp"], record=record, folder=folder)
+                      stamp=record["stamp"], record=record, folder=folder, known=known)
 
 
 def expected_stamp(cfg: MineConfig) -> dict | None:
@@ -272,10 +284,13 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     bar = progress_bar(total=to_embed(share_lo, share_hi), initial=to_embed(share_lo, min(start, share_hi)),
                        desc="embed", unit="pair", disable=not progress or rank != 0, file=sys.stderr)
     tasks, keys, task_index = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int64), {}
+    known: dict[int, list[int]] = {}  # only the ids that have any (most data has none)
     chunk: list[dict] = []
     for i, rec in enumerate(_in_id_order(ds, cfg, n)):
         tasks[i] = task_index.setdefault(rec.get("task") or "default", len(task_index))
         keys[i] = content_key(manifest.prompted(rec, "positive"))
+        if rec.get("known_positives"):
+            known[i] = known_keys_of(rec, manifest.prompted)
         if i < start or not share_lo <= i < share_hi or (keep is not None and keep[i]):
             continue  # already embedded by an interrupted run, another process's share, or a kept row
         chunk.append(rec)
@@ -291,6 +306,7 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
         return folder
     _write_array(folder, "tasks.npy", tasks)
     _write_array(folder, KEYS_FILE, keys)
+    _write_known(folder, known, n)
     record.update(complete=True, rows_done=n, task_names=list(task_index), token=new_token(),
                   source_model=params["model"] if snapshot is None else f"student@step{snapshot.step}")
     write_json(folder / RECORD, record)
@@ -464,10 +480,15 @@ def import_embeddings(cfg: MineConfig, progress: bool = True, chunk: int = 65536
         task_names = list(dict.fromkeys(names))
         lookup = {t: i for i, t in enumerate(task_names)}
         tasks = np.array([lookup[t] for t in names], dtype=np.int32)
-        keys = content_keys(ds.manifest.prompted(rec, "positive") for rec in ds)
+        keys, known = np.empty(n, dtype=np.int64), {}
+        for i, rec in enumerate(ds):
+            keys[i] = content_key(ds.manifest.prompted(rec, "positive"))
+            if rec.get("known_positives"):
+                known[i] = known_keys_of(rec, ds.manifest.prompted)
     else:
         task_names, tasks = ["default"], np.zeros(n, dtype=np.int32)
         keys = None  # no texts: identical positive vectors stand for identical texts (below)
+        known = {}
 
     remove_outputs(folder, OUTPUTS)
     folder.mkdir(parents=True, exist_ok=True)
@@ -488,11 +509,23 @@ def import_embeddings(cfg: MineConfig, progress: bool = True, chunk: int = 65536
         keys = np.concatenate([_row_keys(np.asarray(stored[a : a + chunk])) for a in range(0, n, chunk)])
     _write_array(folder, "tasks.npy", tasks)
     _write_array(folder, KEYS_FILE, keys)
+    _write_known(folder, known, n)
     write_json(folder / RECORD, {"stamp": stamp, "params": params, "n": n, "dim": dim, "rows_done": n,
                                  "complete": True, "task_names": task_names, "token": new_token(),
                                  "source_model": f"user:{paths['queries'].name}"})
     log.info("embed: imported %d x %d embeddings into %s", n, dim, folder)
     return folder
+
+
+def _write_known(folder: Path, known: dict[int, list[int]], n: int) -> None:
+    """The known positives' keys (id -> keys, ids without any left out) as a CSR over all ``n`` ids, when any
+    id has one; else no such files (stale ones removed)."""
+    if not known:
+        remove_outputs(folder, KNOWN_FILES)
+        return
+    csr = KnownKeys.from_rows(n, known)
+    _write_array(folder, KNOWN_FILES[1], csr.keys)
+    _write_array(folder, KNOWN_FILES[0], csr.offsets)
 
 
 def _row_keys(block: np.ndarray) -> np.ndarray:

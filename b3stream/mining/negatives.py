@@ -8,7 +8,8 @@ For a batch ``B`` the rows ``S[i]`` of its members are pooled into one *unified*
 so an example that many members rank among their strong negatives is the most likely pick. Excluded are the
 members (they are in-batch negatives already), every member's top-p ranks ``T[i]`` (likely false negatives of
 ``i``: paraphrases, duplicates) and every id whose positive text equals a member's (same content key,
-:mod:`b3stream.data.dedup`: a correct answer under another id). ``T[i]`` never entered ``S[i]``, but it can
+:mod:`b3stream.data.dedup`: a correct answer under another id) or one of a member's known positives (the
+other positives of its query). ``T[i]`` never entered ``S[i]``, but it can
 enter *another* member's row ``S[k]``, and since the trainer shares the ``h * |B|`` negatives with every query
 of the global batch, a ``j`` in ``T[i]`` drawn through ``S[k]`` would be a negative for ``i`` after all; hence
 the union. ``h * |B|`` *distinct* ids are drawn without replacement and reshaped to ``(|B|, h)``, row ``i``
@@ -32,6 +33,8 @@ the batch's tasks.
 from __future__ import annotations
 
 import numpy as np
+
+from ..data.dedup import KnownKeys
 
 
 def _sorted_unique(x: np.ndarray) -> np.ndarray:
@@ -60,32 +63,43 @@ def excluded_ids(batch: np.ndarray, top: np.ndarray | None = None) -> np.ndarray
     return _sorted_unique(np.concatenate([members, t[t >= 0]]))
 
 
-def same_text(ids: np.ndarray, batch: np.ndarray, keys: np.ndarray | None) -> np.ndarray:
-    """Whether each of ``ids`` has the same positive text (content key) as some member of ``batch``."""
+def member_keys(batch: np.ndarray, keys: np.ndarray, known: KnownKeys | None = None) -> np.ndarray:
+    """The sorted content keys that are positives of some member of ``batch``: the members' own and, with
+    ``known``, their known positives' (the other positives of their queries)."""
+    batch = np.asarray(batch, dtype=np.int64)
+    own = keys[batch]
+    return _sorted_unique(own if known is None else np.concatenate([own, known.of(batch)]))
+
+
+def same_text(ids: np.ndarray, batch: np.ndarray, keys: np.ndarray | None,
+              known: KnownKeys | None = None) -> np.ndarray:
+    """Whether each of ``ids`` has the same positive text (content key) as some member of ``batch``, or as
+    one of a member's known positives."""
     if keys is None or len(ids) == 0:
         return np.zeros(len(ids), dtype=bool)
-    return _contains(_sorted_unique(keys[np.asarray(batch, dtype=np.int64)]), keys[ids])
+    return _contains(member_keys(batch, keys, known), keys[ids])
 
 
 def candidate_counts(batch: np.ndarray, S: np.ndarray, top: np.ndarray | None = None,
-                     excluded: np.ndarray | None = None, keys: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     excluded: np.ndarray | None = None, keys: np.ndarray | None = None,
+                     known: KnownKeys | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Unique ids in the S rows of ``batch`` outside X(B) (members, their top-p, padding, and with ``keys``
-    the ids sharing a member's positive text) and how often each occurs. ``excluded``: X(B) when the caller
-    has it already (else built from ``top``)."""
+    the ids sharing a member's positive text or, with ``known``, one of a member's known positives' texts)
+    and how often each occurs. ``excluded``: X(B) when the caller has it already (else built from ``top``)."""
     members = _sorted_unique(np.asarray(batch, dtype=np.int64))
     cand = np.asarray(S[members]).ravel()
     cand = cand[cand >= 0]
     uniq, counts = np.unique(cand, return_counts=True)
     if excluded is None:
         excluded = excluded_ids(members, top)
-    outside = ~_contains(excluded, uniq) & ~same_text(uniq, members, keys)
+    outside = ~_contains(excluded, uniq) & ~same_text(uniq, members, keys, known)
     return uniq[outside], counts[outside]
 
 
 def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random.Generator,
                         pool: np.ndarray | None = None, top: np.ndarray | None = None,
-                        keys: np.ndarray | None = None, key_index: KeyIndex | None = None) -> np.ndarray:
+                        keys: np.ndarray | None = None, key_index: KeyIndex | None = None,
+                        known: KnownKeys | None = None) -> np.ndarray:
     """``(len(batch), h)`` distinct hard negatives for one batch (module docstring).
 
     Args:
@@ -98,13 +112,15 @@ def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random
             members. None excludes the members only (for callers without T; b3pp always passes it).
         keys: content keys of every id's positive (N,); ids sharing a member's key are never drawn.
         key_index: ``KeyIndex(keys)``, built once per schedule by the caller (else per call, O(N log N)).
+        known: content keys of every id's known positives; ids with a member's known positive text are
+            never drawn either (needs ``keys``).
     """
     batch = np.asarray(batch, dtype=np.int64)
     need = h * len(batch)
     if need == 0:
         return np.empty((len(batch), 0), dtype=np.int64)
     excluded = excluded_ids(batch, top)
-    uniq, counts = candidate_counts(batch, S, excluded=excluded, keys=keys)
+    uniq, counts = candidate_counts(batch, S, excluded=excluded, keys=keys, known=known)
     gumbel_keys = np.log(counts) + rng.gumbel(size=len(uniq))
     if len(uniq) > need:
         top_k = np.argpartition(-gumbel_keys, need - 1)[:need]
@@ -114,7 +130,7 @@ def draw_hard_negatives(batch: np.ndarray, S: np.ndarray, h: int, rng: np.random
     chosen = uniq[top_k]
     if len(chosen) < need:
         chosen = np.concatenate([chosen, _uniform_fill(excluded, chosen, need - len(chosen), rng, pool, len(S),
-                                                       batch, keys, key_index)])
+                                                       batch, keys, key_index, known)])
     return chosen.reshape(len(batch), h)
 
 
@@ -141,24 +157,27 @@ class KeyIndex:
         return np.concatenate([self.order[a:b] for a, b in zip(lo, hi)]) if len(wanted) else lo
 
 
-def same_text_ids(batch: np.ndarray, keys: np.ndarray, index: KeyIndex | None = None) -> np.ndarray:
-    """Every id whose positive has a member's content key (the members included)."""
+def same_text_ids(batch: np.ndarray, keys: np.ndarray, index: KeyIndex | None = None,
+                  known: KnownKeys | None = None) -> np.ndarray:
+    """Every id whose positive has a member's content key or one of a member's known positive keys (the
+    members included)."""
     index = index or KeyIndex(keys)
-    return index.ids_with(_sorted_unique(keys[np.asarray(batch, dtype=np.int64)])).astype(np.int64)
+    return index.ids_with(member_keys(batch, keys, known)).astype(np.int64)
 
 
 def _uniform_fill(excluded: np.ndarray, chosen: np.ndarray, k: int, rng: np.random.Generator,
                   pool: np.ndarray | None, n: int, batch: np.ndarray | None = None,
-                  keys: np.ndarray | None = None, key_index: KeyIndex | None = None) -> np.ndarray:
+                  keys: np.ndarray | None = None, key_index: KeyIndex | None = None,
+                  known: KnownKeys | None = None) -> np.ndarray:
     """``k`` more distinct ids from ``pool`` outside X(B) (``excluded``), ``chosen`` and the members'
-    same-text ids; -1 for what the pool lacks."""
+    same-text ids (their known positives' included); -1 for what the pool lacks."""
     size = n if pool is None else len(pool)
     taken = _sorted_unique(np.concatenate([excluded, chosen]))
     if keys is not None and batch is not None:
         # Draw k of the pool's ids outside ``taken`` and the members' same-text ids, by position in the
         # pool: the ids to skip are few (|B| p plus duplicates), so the j-th id left is found from their
         # positions alone, never listing the pool (which made this O(N) per batch).
-        skip = _sorted_unique(np.concatenate([taken, same_text_ids(batch, keys, key_index)]))
+        skip = _sorted_unique(np.concatenate([taken, same_text_ids(batch, keys, key_index, known)]))
         skip = _positions(skip, pool, n)
         left = size - len(skip)
         if left <= k:  # a small pool: list what is left (at most k ids), in random order, and pad

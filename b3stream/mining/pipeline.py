@@ -269,7 +269,8 @@ def schedule_stage(cfg: MineConfig, progress: bool = True) -> Path:
     trained = load_trained_ids(cfg.trained_ids, n)  # a refresh: the ids the trainer has trained this epoch
     inputs = BatchInputs(n=n, tasks=tasks, task_names=task_names, S=S, scores=scores, top=top,
                          communities=communities, community_task=community_task,
-                         keys=emb.keys if emb is not None else None, trained=trained)
+                         keys=emb.keys if emb is not None else None,
+                         known=emb.known if emb is not None else None, trained=trained)
     batches, negatives, extra, batch_task = plan_batches(cfg, inputs, prm)
     # p, m, margin, edges describe the artefacts the batches came from, which may predate this config.
     rank_rec = records.get("rank") or read_record(out_dir(cfg, RANK_FOLDER) / RANK_RECORD) or {}

@@ -28,7 +28,10 @@ Same-text positives (:mod:`b3stream.data.dedup`): every id whose positive text e
 positive is removed with the own positive, before the top ``p`` are counted: it is the query's correct answer
 under another id, never a negative (the paper's "filter out the golden label" for classification). Such ids
 score exactly like the own positive, so the search is widened by the largest duplicate count in the group
-(capped at ``p + m``; a row with more duplicates than that comes back short and is padded).
+(capped at ``p + m``; a row with more duplicates than that comes back short and is padded). The same holds
+for a query's *known positives* (the other positives of its query, a FlagEmbedding ``pos`` list prepared one
+example per positive): every id whose positive has one of those texts is removed too, and the search widened
+by as many.
 
 Per-task ``p`` and ``m`` (``task_params: {task: {p: .., m: ..}}``): the paper skips p = 30 ranks for
 retrieval and p = 70 for VQA. ``S`` is as wide as the largest ``m`` and ``T`` as the largest ``p``; narrower
@@ -63,7 +66,7 @@ import numpy as np
 from ..progress import progress_bar
 
 from ..config import ConfigError
-from ..data.dedup import max_multiplicity
+from ..data.dedup import KnownKeys, max_multiplicity
 from .artefacts import log
 from .embed import Embeddings, check_vectors
 
@@ -422,16 +425,21 @@ def _compact(I: np.ndarray, D: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray
 
 def select_ranks(I: np.ndarray, D: np.ndarray, own: np.ndarray, p: int, m: int,
                  margin: float | None = None, positive_scores: np.ndarray | None = None,
-                 keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 keys: np.ndarray | None = None, known: KnownKeys | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-(p+m+1) search results -> (S, scores, T): S and its scores are ranks [p, p+m), T the skipped
-    ranks [0, p); own positive (and, with ``keys``, every same-text positive) removed first, both -1 padded.
+    ranks [0, p); own positive (and, with ``keys``, every same-text positive, and with ``known`` every
+    positive with the text of one of the row's known positives) removed first, both -1 padded.
 
     ``own[r]`` is the index (in the searched base) of row r's own positive; ``keys[j]`` the content key of
-    base row j's positive.
+    base row j's positive; ``known`` the base rows' known positive keys (row j: base row j).
     """
     drop = (I < 0) | (I == own[:, None])
     if keys is not None:
-        drop |= keys[np.maximum(I, 0)] == keys[own][:, None]
+        candidates = keys[np.maximum(I, 0)]
+        drop |= candidates == keys[own][:, None]
+        if known is not None:
+            drop |= known.contains(own, candidates)
     I, D, drop = _compact(I, D, drop)
     T = np.where(drop[:, :p], -1, I[:, :p])
     if T.shape[1] < p:  # fewer results than p in total
@@ -451,16 +459,20 @@ def select_ranks(I: np.ndarray, D: np.ndarray, own: np.ndarray, p: int, m: int,
 
 
 def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, progress: bool = False,
-               name: str = "all", keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+               name: str = "all", keys: np.ndarray | None = None, known: KnownKeys | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """(S, scores, T, info) for one group (ids local to the group: row r is the group's r-th example).
     ``keys``: content keys of the group's positives; same-text positives are dropped like the own one.
+    ``known``: the group's rows' known positive keys; positives with those texts are dropped too.
 
     Search results are reduced to S and T chunk by chunk, so memory stays at the size of S and T (N x (p+m)).
     """
     n = len(queries)
     kind = choose_index(n, prm)
-    # Duplicates of the own positive score like it and are dropped: search deeper by as many.
-    extra = 0 if keys is None else min(max_multiplicity(keys) - 1, prm.p + prm.m)
+    # Duplicates of the own positive (and the known positives) score like it and are dropped: search deeper
+    # by as many.
+    width = known.width if known is not None and keys is not None else 0
+    extra = 0 if keys is None else min(max_multiplicity(keys) * (1 + width) - 1, prm.p + prm.m)
     k = min(prm.p + prm.m + 1 + extra, n)
     t0 = time.perf_counter()
     index, desc, keep = build_index(positives, kind, prm, k=k)
@@ -477,7 +489,8 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
         if prm.margin is not None:  # the query's own positive score, for the margin filter
             q = np.asarray(queries[start : start + len(I)], dtype=np.float32)
             pos_scores = (q * np.asarray(positives[start : start + len(I)], dtype=np.float32)).sum(1)
-        S[rows], scores[rows], T[rows] = select_ranks(I, D, rows, prm.p, prm.m, prm.margin, pos_scores, keys)
+        S[rows], scores[rows], T[rows] = select_ranks(I, D, rows, prm.p, prm.m, prm.margin, pos_scores, keys,
+                                                      known)
     desc["search_s"] = round(time.perf_counter() - t1, 3)
     if kind not in ("flat", "torch") and prm.recall_sample > 0:  # torch is exact: recall 1
         rng = np.random.default_rng(prm.seed)
@@ -524,7 +537,8 @@ def rank(emb: Embeddings, prm: RankParams, progress: bool = True, trained: np.nd
         p = emb.positives if whole else emb.positives[ids]
         gprm = prm.for_group(name)
         s_local, sc, t_local, desc = rank_group(q, p, gprm, progress=progress, name=label,
-                                                  keys=None if emb.keys is None else emb.keys[ids])
+                                                  keys=None if emb.keys is None else emb.keys[ids],
+                                                  known=None if emb.known is None else emb.known.take(ids))
         S[ids, : gprm.m] = np.where(s_local >= 0, ids[np.maximum(s_local, 0)], -1)
         T[ids, : gprm.p] = np.where(t_local >= 0, ids[np.maximum(t_local, 0)], -1)
         scores[ids, : gprm.m] = sc.astype(np.float16)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ConfigError
+from ..data.dedup import KnownKeys
 from .graph import Relabel, subgraph_rows
 from .negatives import KeyIndex, draw_hard_negatives
 from .rank import task_groups
@@ -63,6 +64,7 @@ class BatchInputs:
     communities: np.ndarray | None = None  # (n_comm, K) int32, -1 padded
     community_task: np.ndarray | None = None  # (n_comm,) int32
     keys: np.ndarray | None = None  # (n,) int64 content key of each positive (b3stream.data.dedup)
+    known: KnownKeys | None = None  # each id's known positives' keys (b3stream.data.dedup); None: none
     # (n,) bool, a refresh: the ids the trainer has trained this epoch, batched apart from the ids to come
     trained: np.ndarray | None = None
     subset: np.ndarray | None = None  # (n,) bool: batch only these ids (set by make_batches; None: all)
@@ -299,7 +301,7 @@ def hard_negatives_for(batches: list[np.ndarray], inp: BatchInputs, prm: BatchPa
                     pools[present] = np.sort(np.concatenate([by_task[t] for t in present]))
                 pool = pools[present]
         negatives.append(draw_hard_negatives(b, inp.S, prm.h, neg_rng, pool=pool, top=inp.top, keys=inp.keys,
-                                             key_index=key_index))
+                                             key_index=key_index, known=inp.known))
     return negatives
 
 

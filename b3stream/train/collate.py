@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.dedup import content_keys
+from ..data.dedup import KnownKeys, content_keys, known_keys_of
 from ..data.manifest import Manifest
 from ..data.reader import ShardedDataset
 from ..encoder import Tokenize
@@ -34,7 +34,8 @@ def texts_of(records: list[dict], side: str, manifest: Manifest) -> list[str]:
 class LocalBatch:
     step: Step
     features: dict[str, dict[str, torch.Tensor]]  # side -> tokenizer output
-    keys: dict[str, torch.Tensor]  # "positive"/"negative" -> int64 content keys of those texts
+    keys: dict[str, torch.Tensor]  # "positive"/"negative" -> int64 content keys of those texts; "known" (when
+    # a record has known positives): (n_local, w) keys of each query's known positives, padded with its own
     # side -> per row, one past its last real token (right padding: its length; left padding: the width),
     # kept on the host so GradCache cuts padding per chunk without reading the GPU
     extents: dict[str, torch.Tensor] | None = None
@@ -68,7 +69,11 @@ class StepData(Dataset):
         recs = [self.records[i] for i in step.ids]
         texts = {side: texts_of(recs, side, self.manifest) for side in ("query", "positive")}
         features = {side: self.tokenize(texts[side], side) for side in ("query", "positive")}
-        keys = {"positive": torch.from_numpy(content_keys(texts["positive"]))}
+        own = content_keys(texts["positive"])
+        keys = {"positive": torch.from_numpy(own)}
+        known = [known_keys_of(r, self.manifest.prompted) for r in recs]
+        if any(known):  # the other positives of each query: masked from its logits as same-text positives
+            keys["known"] = torch.from_numpy(KnownKeys.from_lists(known).padded(np.arange(len(recs)), own))
         if step.with_negatives:
             # Every rank passes a negative side (maybe empty) so all ranks run the same collectives.
             negs = texts_of([self.records[i] for i in step.negative_ids], "positive", self.manifest)

@@ -247,7 +247,7 @@ class Recipe:
         out = self.loss_fn(emb["query"], emb["positive"], emb.get("negative"), keys["positive"], keys.get("negative"),
                            sizes=batch.step.sizes,
                            # from the plan, no collective (dataset negatives: gathered, see Step)
-                           negative_sizes=batch.step.negative_sizes)
+                           negative_sizes=batch.step.negative_sizes, known_keys=keys.get("known"))
         self.engine.backward(out.loss)
         t_backward = _sync(dist) if exact else None
         grad_norm = _grad_norm(self.engine) if self.stage == 0 and self.precision == "fp32" else None

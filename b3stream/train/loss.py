@@ -12,7 +12,10 @@ query, term). tau defaults to 0.02 as in the paper.
 Same-text positives. When the content keys of the texts are given (:mod:`b3stream.data.dedup`), every column
 whose text equals query i's positive, other than its own target, is masked out of ``l_i``: a duplicated
 document or a shared class label under another id is i's correct answer, not a negative. (In the reverse
-term, the queries whose positive has d_i's text are masked likewise.)
+term, the queries whose positive has d_i's text are masked likewise.) So is every column whose text is one
+of query i's *known positives* (``known_keys``: the other positives of its query, from a FlagEmbedding
+``pos`` list prepared one example per positive): another example of the same query in the batch, or a hard
+negative with that text. The mask is local to each rank's queries; nothing more is gathered.
 
 Distributed layout. Each rank embeds its slice of the batch (and its share of ``N``), then gathers every
 rank's embeddings, so each query sees the whole global batch as negatives. A rank scores only *its own*
@@ -238,14 +241,16 @@ class InfoNCE:
 
     def __call__(self, q: torch.Tensor, d: torch.Tensor, n: torch.Tensor | None = None,
                  d_keys: torch.Tensor | None = None, n_keys: torch.Tensor | None = None,
-                 sizes: list[int] | None = None, negative_sizes: list[int] | None = None) -> LossOutput:
+                 sizes: list[int] | None = None, negative_sizes: list[int] | None = None,
+                 known_keys: torch.Tensor | None = None) -> LossOutput:
         """``q``, ``d``: this rank's (n_local, dim) query and positive embeddings (row i pairs with row i);
         ``n``: this rank's share of the hard negatives (any count, also 0), or None. ``d_keys`` / ``n_keys``:
         int64 content keys of those positives / negatives; with ``mask_duplicates`` same-text columns are
         masked (module docstring). ``sizes`` / ``negative_sizes``: every rank's number of queries / hard
         negatives, when the caller knows them (the training step's plan does): the step then gathers only
         embeddings and keys, with no collective and no host wait to learn the counts; without them each is
-        gathered (:func:`gather_sizes`)."""
+        gathered (:func:`gather_sizes`). ``known_keys``: (n_local, w) int64 keys of each query's known
+        positives (padded with its own positive's key), masked like same-text positives (module docstring)."""
         if q.shape != d.shape:
             raise ValueError(f"queries {tuple(q.shape)} and positives {tuple(d.shape)} must pair row by row")
         # Similarities in fp32 even when the encoder runs in bf16: tau = 0.02 multiplies errors by 50.
@@ -271,6 +276,10 @@ class InfoNCE:
             if n is not None:
                 key_all = torch.cat([key_all, _gather_keys(n_keys, negative_sizes, q.device)])
             same = key_all[None, :] == d_keys.to(q.device)[:, None]
+            if known_keys is not None:  # one column of known keys at a time: memory of one (n_local, cols) mask
+                known_keys = known_keys.to(q.device)
+                for c in range(known_keys.shape[1]):
+                    same |= key_all[None, :] == known_keys[:, c : c + 1]
             same[torch.arange(len(target), device=q.device), target] = False
 
         logits = q @ keys.T / self.tau
