@@ -15,11 +15,10 @@ import torch
 
 from b3stream.cli import main
 from b3stream.data import DataError, Manifest, ShardedDataset
-from b3stream.data.dedup import KnownKeys, content_key
 from b3stream.data.prepare import prepare_file
 from b3stream.data.sources import preset_fields
 
-from ._train_util import random_schedule, read_trace, run, write_config
+from ._train_util import read_trace, run, write_config
 from .conftest import write_jsonl
 
 B3 = [sys.executable, "-m", "b3stream"]
@@ -315,3 +314,34 @@ def test_the_loss_masks_a_querys_other_positives(flag_dataset):
     assert torch.allclose(loss.loss.detach(), by_hand, atol=1e-5)
     without = InfoNCE(tau)(q, d, n, batch.keys["positive"], batch.keys["negative"])
     assert without.loss.item() > by_hand.item() + 0.5  # unmasked, the other positives count against it
+
+
+# -- end to end -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_flagembedding_file_trains_with_its_negatives(tmp_path):
+    """`prepare jsonl --format flagembedding` -> `mine --strategy random` (the teacher embeds it and stores
+    the known positives' keys) -> `train negatives=dataset`: each step's denominator holds up to h_dataset of
+    every member's stored negatives, and the run completes."""
+    src = write_jsonl(tmp_path / "train.jsonl", flagembedding_rows(24))
+    data = tmp_path / "ds"
+    res = run([*B3, "prepare", "jsonl", str(src), "--out", str(data), "--format", "flagembedding", "--quiet"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "stored hard negatives" in res.stdout
+    res = run([*B3, "mine", "--data", str(data), "--out", str(tmp_path / "mine"), "--strategy", "random",
+               "--batch-size", "8", "--quiet"], threads=2)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "mine" / "embeddings" / "known_keys.npy").is_file()
+    cfg = write_config(tmp_path / "train.yaml", data=str(data), schedule=str(tmp_path / "mine" / "schedules"),
+                       out=str(tmp_path / "run"), max_steps=3, trace_ids=True, negatives="dataset", h_dataset=2,
+                       student={"max_query_length": 24, "max_positive_length": 24})
+    res = run([*B3, "train", "--config", str(cfg)], threads=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = ShardedDataset(data, "train")
+    trace = read_trace(tmp_path / "run")
+    assert len(trace) == 3
+    for t in trace:
+        assert t["negatives"] == sum(min(2, len(recs[i].get("negatives", []))) for i in t["ids"]) > 0
+        assert np.isfinite(t["loss"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
