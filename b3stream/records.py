@@ -135,9 +135,9 @@ class DataStamp(Record):
     """What an artefact records about the data it was built from (``Manifest.stamp``)."""
 
     dataset: str | None = None
-    split: Name
+    split: Name | None = None  # None: embeddings brought without a prepared dataset
     n: Count
-    fingerprint: Annotated[str, Field(max_length=128)]
+    fingerprint: Annotated[str, Field(max_length=128)] | None = None
 
 
 class SnapshotMeta(Record):
