@@ -175,8 +175,9 @@ def simulate(s: Setting, start: Schedule, events: list[Event], resume_at: int | 
             break
         if resume_at == step:
             states = [x.state_dict() for x in samplers]
-            saved = versions[states[0]["version"]]
-            samplers = [ScheduleSampler(saved, s.n, r, s.world, seed=s.seed) for r in range(s.world)]
+            saved = versions[states[0]["version"]]  # as the trainer's _restore: the saved version's file
+            samplers = [ScheduleSampler(saved, s.n, r, s.world, seed=s.seed, epoch_steps=run.epoch_steps)
+                        for r in range(s.world)]
             for x, state in zip(samplers, states):
                 x.load_state_dict(state)
     assert all(x.epoch == s.epochs and x.position == 0 for x in samplers), "the budget ended inside an epoch"
@@ -243,12 +244,14 @@ def check_swap(s: Setting, plan: dict, before: np.ndarray) -> None:
     assert lost <= 2 * oversized, f"{lost} whole batches of the miner's lost (or lost their negatives)"
     if sched.batch_task is None:
         return
-    # 2. one task per step but the pooled tails; tasks interleave as in the plan's order of the miner's batches
+    # 2. one task per step but the pooled tails (where the miner keeps tasks apart); tasks interleave as in the
+    # plan's order of the miner's batches
     tasks = s.emb.tasks
     kinds = [int(tasks[b[0]]) if (tasks[b] == tasks[b[0]]).all() else -1 for b in plan["batches"]]
-    mixed_recut = sum(k == -1 and frozenset(b.tolist()) not in {frozenset(x.tolist()) for x in sched.batches}
-                      for k, b in zip(kinds, plan["batches"]))
-    assert mixed_recut <= len(s.task_sizes), f"{mixed_recut} re-cut steps mix tasks"
+    if s.strategy not in ("random", "random_hn"):  # their batches mix tasks by design
+        mined = {frozenset(x.tolist()) for x in sched.batches}
+        mixed_recut = sum(k == -1 and frozenset(b.tolist()) not in mined for k, b in zip(kinds, plan["batches"]))
+        assert mixed_recut <= len(s.task_sizes), f"{mixed_recut} re-cut steps mix tasks"
     order = np.random.default_rng([plan["seed"], plan["epoch"], plan["swaps"]]).permutation(len(sched.offsets) - 1)
     reference = [int(sched.batch_task[b]) for b in order if alive[b].any()]
     assert _runs(kinds) <= _runs(reference) + broken, \
@@ -356,3 +359,70 @@ def test_five_tasks_three_swaps_keep_the_step_budget():
     s = Setting("b3pp", [310, 250, 200, 140, 100], batch_size=32, K=4, p=2, m=8, h=1, world=2, seed=1, epochs=1)
     run = check(s, [Event(5, 0), Event(12, 2), Event(20, 3)], resume_at=16)
     assert run.total == run.epoch_steps == 32
+
+
+# -- refusals and older sampler states -----------------------------------------------------------------------
+
+
+def test_the_watcher_skips_a_schedule_of_another_batch_size(tmp_path, toy_dataset):
+    """The trainer's accept (StepEnd) asks the sampler too: a newer version of another |B| is skipped with a
+    message, and the next good one is taken."""
+    import torch
+
+    from b3stream.data.manifest import Manifest
+    from b3stream.dist import DistInfo
+    from b3stream.refresh.hotswap import ScheduleWatcher
+    from b3stream.schedule import load_schedule
+
+    from ._train_util import random_schedule
+
+    folder = tmp_path / "schedules"
+    manifest = Manifest.load(toy_dataset)
+    first = load_schedule(random_schedule(toy_dataset, batch_size=16, K=4, seed=0, folder=folder, version=0))
+    sampler = ScheduleSampler(first, manifest.split("train").n, seed=0)
+    said = []
+    watcher = ScheduleWatcher(folder, manifest, DistInfo(rank=0, world_size=1, local_rank=0,
+                                                         device=torch.device("cpu"), backend="gloo"), say=said.append)
+    watcher.accept = sampler.check_swap
+    random_schedule(toy_dataset, batch_size=8, K=4, seed=1, folder=folder, version=1)
+    assert watcher.check(0) is None and 1 in watcher.rejected
+    assert "|B|=8, this run trains |B|=16" in said[-1]
+    random_schedule(toy_dataset, batch_size=16, K=4, seed=2, folder=folder, version=2)
+    assert watcher.check(0).version == 2
+
+
+def test_refresh_mine_may_not_change_the_batch_size():
+    from b3stream.config import ConfigError, TrainConfig, from_dict
+    from b3stream.refresh.trainer import miner_config
+
+    schedule = Schedule.from_batches([np.arange(16), np.arange(16, 32)], {"strategy": "b3", "K": 4, "batch_size": 16})
+    cfg = from_dict(TrainConfig, {"data": "d", "schedule": "s", "mode": "refreshed",
+                                  "refresh": {"every_steps": 4, "mine": {"batch_size": 32}}})
+    with pytest.raises(ConfigError, match="refresh.mine.batch_size=32: the run trains [|]B[|]=16"):
+        miner_config(cfg, schedule)
+
+
+def test_a_sampler_state_saved_before_fixed_epoch_steps_resumes():
+    """States saved by the older sampler (no epoch_steps, no done): a plan without a swap is rebuilt exactly; a
+    post-swap plan (which the older sampler cut otherwise) is re-batched into the epoch's steps left."""
+    s = Setting("b3pp", [70, 50, 30], batch_size=8, K=4, p=1, m=6, h=1, world=1, seed=4, epochs=1)
+    s.emb = make_data(s.task_sizes, s.seed)
+    start = mine(s, version=0)
+    a = ScheduleSampler(start, s.n, seed=s.seed)
+    for _ in range(3):
+        a.advance()
+    old = {k: v for k, v in a.state_dict().items() if k not in ("epoch_steps", "done")}
+    b = ScheduleSampler(start, s.n, seed=s.seed)
+    b.load_state_dict(old)
+    assert [x.ids.tolist() for x in b] == [x.ids.tolist() for x in a]
+    trained = np.zeros(s.n, bool)
+    trained[a.consumed()] = True
+    new = mine(s, version=1, trained=trained, source_step=3, source_epoch=0)
+    a.swap(new, step=3)
+    a.advance()
+    old = {k: v for k, v in a.state_dict().items() if k not in ("epoch_steps", "done")}
+    c = ScheduleSampler(new, s.n, seed=s.seed, epoch_steps=a.epoch_steps)  # as the trainer's _restore makes it
+    c.load_state_dict(old)
+    assert c.epoch_steps == a.epoch_steps and 4 + c.steps_per_epoch == a.epoch_steps
+    left = np.concatenate([x.ids for x in c])
+    assert np.array_equal(np.sort(np.concatenate([a.consumed(), left])), np.arange(s.n))

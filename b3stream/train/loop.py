@@ -540,7 +540,8 @@ def _restore(engine, sampler: ScheduleSampler, cfg: TrainConfig, manifest: Manif
         if saved.is_file():
             schedule = load_schedule(saved, expect=manifest.stamp("train"))
             sampler = ScheduleSampler(schedule, sampler.n, dist.rank, dist.world_size, seed=cfg.seed,
-                                      negatives=cfg.negatives, h_dataset=cfg.h_dataset)
+                                      negatives=cfg.negatives, h_dataset=cfg.h_dataset,
+                                      epoch_steps=sampler.epoch_steps)  # the run's, which its budget assumes
     sampler.load_state_dict(state)
     return int(client["step"]), sampler
 

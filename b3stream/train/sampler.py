@@ -129,10 +129,12 @@ class ScheduleSampler:
         n: number of examples in the training split.
         rank, world_size: this process and the number of processes.
         seed: seeds the batch order of every epoch (and of the plans made at swaps).
+        epoch_steps: the run's steps per epoch when known (a resumed run's, from its starting schedule);
+            None: the steps of this schedule's first plan.
     """
 
     def __init__(self, schedule: Schedule, n: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 negatives: str = "mined", h_dataset: int = 0):
+                 negatives: str = "mined", h_dataset: int = 0, epoch_steps: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         if negatives not in ("mined", "dataset", "both"):
@@ -145,7 +147,7 @@ class ScheduleSampler:
         self.epoch, self.position, self.swaps = 0, 0, 0
         self._before = np.empty(0, np.int64)  # ids consumed this epoch before the current plan
         self._done = 0  # steps trained this epoch before the current plan
-        self._epoch_steps: int | None = None  # set by the first plan
+        self._epoch_steps: int | None = epoch_steps  # else set by the first plan
         self.history: list[dict] = []  # every swap: {"epoch", "position", "step", "from", "to"}
         self._make_plan()
 
