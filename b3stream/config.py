@@ -48,11 +48,12 @@ class EncoderConfig:
     """A Hugging Face model turned into an embedding model by pooling (``b3stream.encoder``)."""
 
     model: str | None = None  # HF folder or hub id; None: the bundled all-MiniLM-L6-v2
-    # mean | cls | last (last-token for decoder models, as the paper) | auto: what a sentence-transformers
-    # model folder says (its Pooling module), else mean
+    # mean | cls | last (EOS appended, last-token: decoder models, as the paper) | lasttoken (the tokenizer's own
+    # tokens, the last one) | max | weightedmean | mean_sqrt_len_tokens | modes joined by + (concatenated) |
+    # auto: what a sentence-transformers model folder says (its Pooling module), else mean
     pooling: str = "auto"
     normalize: bool | None = None  # None: as a sentence-transformers folder says (a Normalize module), else true
-    max_query_length: int = 64
+    max_query_length: int = 64  # at most a sentence-transformers folder's query (document) length or max_seq_length
     max_positive_length: int = 256
     lora: LoraConfig = field(default_factory=LoraConfig)
     # a saved PEFT adapter folder (e.g. RUN/export/adapter) to start from: the student continues training it
@@ -203,7 +204,11 @@ class TrainConfig:
     eval_every: int | None = None  # also evaluated before training and at the end when eval_split is set
     eval_split: str | None = "validation"  # None: no evaluation; "test" only when you mean to report it
     eval_max_queries: int | None = 1000
-    eval_corpus: str = "split"  # split: the split's positives | all: every split's (train ones as distractors)
+    eval_corpus: str = "all"  # all: every split's positives (train ones as distractors) | split: the split's own
+    # a BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/<eval_beir_split>.tsv) also evaluated, like
+    # eval_split (before, every eval_every steps, after), over its whole corpus; eval_max_queries applies
+    eval_beir: str | None = None
+    eval_beir_split: str = "test"
     eval_batch_size: int = 64
     save_every: int | None = None  # a checkpoint is always written at the end
     keep_checkpoints: int = 2
@@ -421,7 +426,10 @@ class _Checker:
 
 
 def _check_encoder(c: EncoderConfig, v: _Checker) -> None:
-    v.one_of("pooling", ("auto", "mean", "cls", "last"))
+    from .model_folder import POOLINGS, valid_pooling  # here: that module imports this one
+
+    if c.pooling != "auto" and not valid_pooling(c.pooling):
+        v.fail("pooling", f"must be auto, one of {', '.join(POOLINGS)}, or sentence-transformers modes joined by +")
     if c.attn_implementation is not None:
         v.one_of("attn_implementation", ("eager", "sdpa", "flash_attention_2"))
     v.above("max_query_length", 0)
@@ -432,6 +440,12 @@ def _check_encoder(c: EncoderConfig, v: _Checker) -> None:
         problem = _model_problem(c.model)
         if problem:
             raise ConfigError(f"{v.prefix}model: {problem}")
+    from .model_folder import read_sentence_transformers_folder, resolve_model
+
+    try:  # a sentence-transformers folder b3stream cannot build faithfully: refused before anything runs
+        read_sentence_transformers_folder(resolve_model(c.model))
+    except ConfigError as e:
+        raise ConfigError(f"{v.prefix}model: {e}") from None
 
 
 def _check_lora(c: LoraConfig, v: _Checker) -> None:
@@ -462,6 +476,12 @@ def _check_train(c: TrainConfig, v: _Checker) -> None:
         v.above(name, 0, optional=True)
     v.above("eval_batch_size", 0)
     v.one_of("eval_corpus", ("split", "all"))
+    if c.eval_beir is not None:
+        missing = [name for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{c.eval_beir_split}.tsv")
+                   if not (Path(c.eval_beir) / name).is_file()]
+        if missing:
+            raise ConfigError(f"{v.prefix}eval_beir: {c.eval_beir} is not a BEIR folder with split "
+                              f"{c.eval_beir_split!r}: no {', '.join(missing)}")
     v.above("keep_checkpoints", 0)
     v.one_of("negatives", ("mined", "dataset", "both"))
     v.above("h_dataset", 0)

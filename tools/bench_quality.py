@@ -594,7 +594,7 @@ def evaluate(args, data: Path, model: str | None, folder: Path, recipe: Recipe) 
 
     tasks = Manifest.load(data).tasks if args.dataset == "mixture" else [None]
     t0 = time.perf_counter()
-    pairs = prompted_pairs(data)  # one pass over the shards for every task's and split's set
+    pairs = prompted_pairs(data, prompts=encoder.prompts)  # one pass over the shards for every task and split
     out = {s: {"per_task": {}} for s in SPLITS}
     for task in tasks:
         sets = {s: RetrievalSet(data, s, corpus="all", task=task, pairs=pairs) for s in SPLITS}

@@ -252,7 +252,10 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     rank, size = world()
     if cfg.embed_chunk < 1 or cfg.embed_batch_size < 1:
         raise ConfigError("embed_chunk and embed_batch_size must be positive")
-    manifest = Manifest.load(cfg.data)
+    from ..model_folder import model_prompts, with_model_prompts
+
+    # the teacher's own prompts (a sentence-transformers folder's) where the dataset sets none
+    manifest = with_model_prompts(Manifest.load(cfg.data), model_prompts(cfg.teacher))
     ds = ShardedDataset(cfg.data, cfg.split, manifest=manifest, verify=cfg.verify_data)
     stamp, n = ds.stamp, len(ds)
     folder = Path(cfg.out) / FOLDER

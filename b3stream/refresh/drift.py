@@ -85,7 +85,9 @@ def embed_probe(encoder, data: str, ids: np.ndarray, batch_size: int = 64) -> tu
 
     records = ShardedDataset(data, "train", verify=False)
     recs = [records[int(i)] for i in ids]
-    manifest = records.manifest
+    from ..model_folder import with_model_prompts
+
+    manifest = with_model_prompts(records.manifest, getattr(encoder, "prompts", {}))  # the model's where none
     q = encoder.encode([manifest.prompted(r, "query") for r in recs], "query", batch_size=batch_size)
     p = encoder.encode([manifest.prompted(r, "positive") for r in recs], "positive", batch_size=batch_size)
     return q, p

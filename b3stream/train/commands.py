@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..model_folder import POOLINGS
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -20,26 +22,35 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_steps=20")
     p.set_defaults(func=_run_train)
 
-    e = sub.add_parser("evaluate", help="retrieval metrics of a model on a dataset's held-out split",
-                       description="nDCG@10, MRR@10, Recall@1/@10 (exact search) of MODEL on the split's "
-                                   "queries against its positives (--corpus split) or every split's "
-                                   "positives (--corpus all). MODEL: a sentence-transformers export, a merged HF folder, or "
-                                   "omitted for the bundled all-MiniLM-L6-v2 (the zero-shot baseline).")
+    e = sub.add_parser("evaluate", help="retrieval metrics of a model on a held-out split or a BEIR folder",
+                       description="nDCG@10, MRR@10, Recall@1/@10/@100 and MAP@100 (exact search; trec_eval's "
+                                   "definitions, computed by pytrec_eval) of MODEL on the queries of a prepared "
+                                   "dataset's split against the positives of every split (--corpus all, the "
+                                   "default) or of the split alone (--corpus split), or on a BEIR-format folder "
+                                   "(--beir DIR: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv; the whole corpus, "
+                                   "graded relevance). MODEL: a sentence-transformers export, a merged HF folder, "
+                                   "or omitted for the bundled all-MiniLM-L6-v2 (the zero-shot baseline); its own "
+                                   "prompts and lengths are used as sentence-transformers uses them.")
     e.add_argument("--model", default=None,
                    help="model folder: RUN/export, its sentence-transformers/ or merged/ (default: bundled MiniLM)")
-    e.add_argument("--data", required=True, help="prepared dataset folder")
-    e.add_argument("--split", default="test")
-    e.add_argument("--max-queries", type=int, default=None)
+    where = e.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", default=None, help="prepared dataset folder")
+    where.add_argument("--beir", default=None, metavar="DIR",
+                       help="a BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
+    e.add_argument("--split", default="test", help="the dataset's split, or the BEIR folder's qrels file (test)")
+    e.add_argument("--max-queries", type=int, default=None, help="a seeded sample of this many queries")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
+    e.add_argument("--pooling", default=None, choices=list(POOLINGS),
                    help="override pooling (read from a sentence-transformers folder otherwise)")
-    e.add_argument("--max-length", type=int, default=None, help="token limit for queries and documents")
-    e.add_argument("--corpus", default="split", choices=["split", "all"],
-                   help="search the split's own positives (split) or the positives of every split, the "
-                        "training positives acting as distractors (all: a harder, larger corpus)")
+    e.add_argument("--max-length", type=int, default=None,
+                   help="token limit for queries and documents (default: the model folder's own)")
+    e.add_argument("--corpus", default="all", choices=["all", "split"],
+                   help="--data: search the positives of every split, the training positives acting as "
+                        "distractors (all, the default), or the split's own positives only (split: a small, "
+                        "easy corpus)")
     e.add_argument("--per-query", default=None, metavar="FILE",
-                   help="write one JSON line per query (its text, the rank of its positive, its metrics) to "
-                        "compare two models pairwise")
+                   help="write one JSON line per query (its text, the rank of its first relevant document, its "
+                        "metrics) to compare two models pairwise (tools/bench_quality.py's paired bootstrap)")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     e.set_defaults(func=_run_evaluate)
 
@@ -70,6 +81,8 @@ def _run_train(args) -> int:
         from ..evaluate import format_metrics
 
         print(f"  {name}: {format_metrics(metrics)}")
+        if "beir" in metrics:
+            print(f"  {name} (beir): {format_metrics(metrics['beir'])}")
     return 0
 
 
@@ -77,8 +90,9 @@ def _run_evaluate(args) -> int:
     from ..evaluate import evaluate_path, format_metrics
 
     metrics = evaluate_path(args.model, args.data, args.split, args.max_queries, args.batch_size, args.pooling,
-                            args.max_length, corpus=args.corpus, per_query=args.per_query)
-    print(f"{args.model or 'bundled all-MiniLM-L6-v2'} on {args.data}/{args.split}: {format_metrics(metrics)}")
+                            args.max_length, corpus=args.corpus, per_query=args.per_query, beir=args.beir)
+    print(f"{args.model or 'bundled all-MiniLM-L6-v2'} on {args.beir or args.data}/{args.split}: "
+          f"{format_metrics(metrics)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=2)

@@ -29,8 +29,8 @@ import torch
 from ..config import ConfigError, TrainConfig, dump_config, validate
 from ..data.manifest import DataError, Manifest
 from ..data.reader import ShardedDataset
-from ..encoder import Encoder
-from ..evaluate import RetrievalSet
+from ..encoder import Encoder, model_prompts, with_model_prompts
+from ..evaluate import BeirSet, RetrievalSet
 from ..files import write_atomic
 from ..schedule import load_schedule, version_path
 from ..dist import DistInfo, barrier, init_distributed, split_bounds
@@ -63,15 +63,17 @@ class Recipe:
       (``symmetric``); same-text positives are never negatives (``mask_duplicate_positives``).
     - Extra negatives in every denominator: the schedule's B3++ / random_hn ones and / or the examples'
       stored ones (``negatives``, ``h_dataset``).
-    - LoRA / DoRA or full fine-tuning, pooling, lengths, a saved adapter to continue (``student.*``).
+    - LoRA / DoRA or full fine-tuning, pooling, lengths, a saved adapter to continue (``student.*``); a
+      sentence-transformers folder's own modules, lengths and prompts (``b3stream.model_folder``).
     - DeepSpeed ZeRO 0-3 from a JSON (``deepspeed``), precision (``precision``: bf16 on a GPU, fp32 on CPU),
       GradCache chunks (``grad_cache_chunk``), one fused forward for all sides (``fuse_sides``), gradient
       clipping (``grad_clip``), warmup then decay (``lr``, ``warmup_ratio``, ``weight_decay``).
     - Epochs or a step budget (``epochs``, ``max_steps``); every id once per epoch; checkpoints with the
       sampler's position (``save_every``, ``keep_checkpoints``), resumed exactly (``resume``); a run
       folder that is never another run's (``overwrite``).
-    - Evaluation before, during and after (``eval_split``, ``eval_every``, ``eval_corpus``,
-      ``eval_max_queries``); TensorBoard and the console line (``log_every``); ``trace_ids``.
+    - Evaluation before, during and after on a held-out split and / or a BEIR folder (``eval_split``,
+      ``eval_corpus``, ``eval_beir``, ``eval_beir_split``, ``eval_every``, ``eval_max_queries``); TensorBoard and
+      the console line (``log_every``); ``trace_ids``.
     - Hot swaps to newer schedule versions (``watch_schedule_every``) and refreshed mode with a background
       miner (``mode: refreshed``, ``refresh.*``).
     - Export of the adapter, the merged model and a sentence-transformers folder (``export``).
@@ -95,7 +97,9 @@ class Recipe:
     # -- 1. Data and schedule. Everything wrong with the inputs fails here, before the model loads. ------
     def setup_data(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.manifest = Manifest.load(cfg.data)
+        # the student's own prompts (a sentence-transformers folder's) where the dataset sets none
+        self.prompts = model_prompts(cfg.student)
+        self.manifest = with_model_prompts(Manifest.load(cfg.data), self.prompts)
         self.records = ShardedDataset(cfg.data, "train", manifest=self.manifest, verify=cfg.verify_data)
         schedule = load_schedule(cfg.schedule, expect=self.manifest.stamp("train"))
         check_dataset_negatives(cfg, self.manifest)
@@ -107,7 +111,10 @@ class Recipe:
         self.precision = resolve_precision(cfg.precision, dist.device)
         self.ds_config = build_ds_config(cfg, resolve_ds_path(cfg.deepspeed), dist.world_size, self.batch_size,
                                          self.total_steps, self.precision, dist.device.type)
-        self.eval_set = _eval_set(cfg, self.manifest)
+        self.eval_set = _eval_set(cfg, self.manifest, self.prompts)
+        self.beir_set = BeirSet(cfg.eval_beir, cfg.eval_beir_split, cfg.eval_max_queries, seed=0,
+                                prompts=self.prompts) if cfg.eval_beir else None
+        self.evaluates = self.eval_set is not None or self.beir_set is not None
 
     # -- 2. The run folder: new, resumed, or replaced with overwrite; never another's files lost. -------
     def setup_run_folder(self) -> None:
@@ -195,7 +202,7 @@ class Recipe:
         with miner_process(cfg, self.paths, self.dist, self.monitor, self.miner_trust) as miner:
             self.step_end.miner = miner
             evals = {}
-            if self.eval_set is not None and self.step == 0:  # zero-shot
+            if self.evaluates and self.step == 0:  # zero-shot
                 evals["before"] = self.evaluate()
             # from_pretrained leaves the backbone in eval mode while new LoRA modules start in train mode: set
             # train mode explicitly, so every dropout is on in every run (with or without evaluations, resumed).
@@ -208,7 +215,7 @@ class Recipe:
                     self.clock.ready()
                     for batch in loader:  # the rest of the sampler's current plan; the next pass, the next plan's
                         self.train_step(batch)
-                        if self.eval_set is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
+                        if self.evaluates and cfg.eval_every and self.step % cfg.eval_every == 0 \
                                 and self.step < self.total_steps:
                             evals[f"step{self.step}"] = self.evaluate()
                         if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
@@ -272,7 +279,13 @@ class Recipe:
         }, histograms={"pos_sim": out.pos_sims, "hardest_neg_sim": out.hardest_sims})
 
     def evaluate(self) -> dict:
-        return _evaluate(self.encoder, self.eval_set, self.cfg, self.dist, self.stage, self.monitor, self.step)
+        """The metrics of ``eval_split``, with those of ``eval_beir`` under ``beir`` (or alone)."""
+        args = (self.cfg, self.dist, self.stage, self.monitor, self.step)
+        out = _evaluate(self.encoder, self.eval_set, *args) if self.eval_set is not None else None
+        if self.beir_set is not None:
+            beir = _evaluate(self.encoder, self.beir_set, *args)
+            out = beir if out is None else {**out, "beir": beir}
+        return out
 
     def save(self) -> None:
         _save(self.engine, self.sampler, self.step, self.cfg, self.run / "checkpoints", self.dist)
@@ -290,7 +303,7 @@ class Recipe:
         self.peak_rss["trained"] = _peak_rss_gb()
         if not (stopped and getattr(self, "saved_at", None) == self.step):  # saved at this step already
             self.save()
-        if self.eval_set is not None and not stopped:
+        if self.evaluates and not stopped:
             evals["after"] = self.evaluate()
         exported = _export(self.engine, self.encoder, cfg, self.manifest, self.run / "export", dist, self.stage,
                            self.precision) if cfg.export and not stopped else {}
@@ -390,14 +403,15 @@ def _grad_norm(engine) -> torch.Tensor | float:
     return torch.nn.utils.get_total_norm(grads) if grads else 0.0
 
 
-def _eval_set(cfg: TrainConfig, manifest: Manifest) -> RetrievalSet | None:
+def _eval_set(cfg: TrainConfig, manifest: Manifest, prompts: dict[str, str]) -> RetrievalSet | None:
     if not cfg.eval_split:
         return None
     if cfg.eval_split not in manifest.splits:
         raise ConfigError(f"eval_split {cfg.eval_split!r} is not in {cfg.data} (splits: {sorted(manifest.splits)}); "
                           "set eval_split: null to train without evaluation")
     # Seed 0, not cfg.seed: runs with different seeds (and `b3stream evaluate`) score the same queries.
-    return RetrievalSet(cfg.data, cfg.eval_split, cfg.eval_max_queries, seed=0, corpus=cfg.eval_corpus)
+    return RetrievalSet(cfg.data, cfg.eval_split, cfg.eval_max_queries, seed=0, corpus=cfg.eval_corpus,
+                        prompts=prompts)
 
 
 def _encode_shared(encoder: Encoder, texts: list[str], side: str, cfg: TrainConfig, dist: DistInfo,
@@ -418,7 +432,7 @@ def _evaluate(encoder, eval_set, cfg, dist, stage, monitor, step) -> dict:
     corpus = _encode_shared(encoder, eval_set.corpus, "positive", cfg, dist, stage)
     queries = _encode_shared(encoder, eval_set.queries, "query", cfg, dist, stage)
     metrics = eval_set.score(queries, corpus)
-    monitor.eval(step, metrics, eval_set.split)
+    monitor.eval(step, metrics, eval_set.label)
     return metrics
 
 
