@@ -182,3 +182,31 @@ def test_evaluate_command_on_a_beir_folder(tmp_path):
     assert bad.returncode != 0 and "qrels/train.tsv: missing" in bad.stderr
     neither = run([sys.executable, "-m", "b3stream", "evaluate"], timeout=60)
     assert neither.returncode == 2 and "one of the arguments --data --beir is required" in neither.stderr
+
+
+@pytest.mark.slow
+def test_training_evaluates_on_a_beir_folder(code_dataset, tmp_path):
+    """`eval_beir`: before and after training, the BEIR folder's metrics (alone without eval_split); the student
+    is a sentence-transformers folder with a Dense and E5-style prompts, trained through DeepSpeed, exported
+    with its Dense and its prompts."""
+    from .test_st_folders import st_folder
+    from ._train_util import random_schedule, write_config
+
+    start = st_folder(tmp_path / "start", dense=32, prompts={"query": "query: ", "passage": "passage: "})
+    folder = write_beir(tmp_path / "beir")
+    sched = random_schedule(code_dataset, batch_size=8, K=2, folder=tmp_path / "schedules")
+    cfg = write_config(tmp_path / "train.yaml", data=str(code_dataset), schedule=str(sched.parent),
+                       out=str(tmp_path / "run"), student={"model": str(start)}, max_steps=2, export=True,
+                       eval_beir=str(folder))
+    res = run([sys.executable, "-m", "b3stream", "train", "--config", str(cfg)], threads=2, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for name in ("before", "after"):
+        assert summary["eval"][name]["corpus_mode"] == "beir" and summary["eval"][name]["queries"] == 10
+        assert set(METRICS) <= set(summary["eval"][name])
+    assert "before: ndcg@10" in res.stdout and "(10 queries, 60 documents, corpus: beir)" in res.stdout
+    export = tmp_path / "run" / "export" / "sentence-transformers"
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in json.loads((export / "modules.json").read_text())]
+    assert kinds == ["Transformer", "Pooling", "Dense", "Normalize"]
+    prompts = json.loads((export / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts["query"] == "query: " and prompts["document"] == "passage: "  # the model's, the data has none
