@@ -109,6 +109,9 @@ class Head(torch.nn.Module):
         self.requires_grad_(False)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = next(self.parameters(), None)  # a Dense / LayerNorm: computed in its own dtype, whatever
+        if weights is not None and hidden.dtype != weights.dtype:  # precision the backbone runs in
+            hidden = hidden.to(weights.dtype)
         features = {"token_embeddings": hidden, "attention_mask": mask}
         for module in self.steps:
             features = module(features)

@@ -66,6 +66,6 @@ def test_retrieval_set_deduplicates_texts(tmp_path):
 @pytest.mark.slow
 def test_evaluate_command_zero_shot(code_dataset):
     res = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--max-queries", "20",
-               "--max-length", "64"], threads=2, timeout=180)
+               "--max-length", "64", "--corpus", "split"], threads=2, timeout=180)  # all: test_evaluate_corpus
     assert res.returncode == 0, res.stderr[-2000:]
     assert "bundled all-MiniLM-L6-v2" in res.stdout and "ndcg@10" in res.stdout and "(20 queries" in res.stdout
