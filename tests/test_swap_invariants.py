@@ -298,7 +298,7 @@ def run_setting(s: Setting, data) -> None:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(data=st.data())
 def test_swaps_keep_every_promise(strategy, data):
     run_setting(data.draw(settings_for(strategy), label="setting"), data)

@@ -189,7 +189,7 @@ class ScheduleSampler:
         task_of = sched.batch_task[order] if sched.batch_task is not None else np.zeros(len(order), np.int64)
         pieces: list[_Piece] = []
         survivors: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # task -> [(units, fragments)], plan order
-        where: dict[int, np.ndarray] = {}  # plan position of a broken batch -> its surviving rows
+        position = np.full(len(sched.ids), np.inf)  # a surviving row's batch's place in the plan
         for pos, (a, n) in enumerate(zip(starts, sizes)):
             rows = np.arange(a, a + n)
             alive = ~consumed[sched.ids[rows]]
@@ -202,10 +202,7 @@ class ScheduleSampler:
             unit = np.arange(n) // K  # a batch is laid out community by community
             whole_unit = (np.bincount(unit, weights=alive) == K)[unit]
             survivors.setdefault(int(task_of[pos]), []).append((rows[alive & whole_unit], rows[alive & ~whole_unit]))
-            where[pos] = rows[alive]
-        position = np.full(len(sched.ids), np.inf)
-        for pos, rows in where.items():
-            position[rows] = pos
+            position[rows[alive]] = pos
         tails = []
         for task, parts in survivors.items():  # tasks in plan order of their first broken batch
             material = np.concatenate([u for u, _ in parts] + [f for _, f in parts])
@@ -228,11 +225,11 @@ class ScheduleSampler:
         as the pieces make, the first plan of a run) of at least ``world`` ids each.
 
         The pieces as they are, a piece smaller than the world size merged into a neighbour, when that
-        gives ``target`` steps: always so for schedules of the same |B| mined for the ids to come, since the
-        epoch's ids are then |B| a step but one step. Else (ids trained between a snapshot and its swap leave
-        two short pieces, or a schedule batched otherwise than the one the epoch started on), as few whole
-        batches as needed (the smallest, then the last) give up their hard negatives and join the re-cut
-        material, which is cut into the steps left, every |B| where it can."""
+        gives ``target`` steps: always so for the schedule stage's schedules (one short batch, of the ids to
+        come after a refresh), since an epoch's steps are then |B| ids but one and :meth:`_pieces` keeps them
+        so. Else (a schedule batched otherwise: several short batches, here or in the plans before), as few
+        whole batches as needed (the short ones, then the last) give up their hard negatives and join the
+        re-cut material at the end of the plan, which is cut into the steps left, every |B| where it can."""
         world, size = self.world, self.schedule.batch_size
         lengths = np.array([len(p.rows) for p in pieces], np.int64)
         rows = np.concatenate([p.rows for p in pieces]) if pieces else np.empty(0, np.int64)
