@@ -43,7 +43,8 @@ POOLINGS = ("mean", "cls", "last", "lasttoken", "max", "weightedmean", "mean_sqr
 _LEGACY_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                          "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
                          "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-# sentence_bert_config.json (the Transformer module): keys honoured, and keys accepted at these values only
+# sentence_bert_config.json (the Transformer module): keys honoured (unpad_inputs changes speed only), and keys
+# accepted at these values only
 _TRANSFORMER_HONOURED = ("max_seq_length", "do_lower_case", "query_length", "document_length", "unpad_inputs")
 _TRANSFORMER_FIXED = {"transformer_task": ("feature-extraction",), "module_output_name": ("token_embeddings",),
                       "query_expansion": (None,), "processing_kwargs": (None, {}),

@@ -182,3 +182,28 @@ def test_a_folder_b3stream_cannot_build_faithfully_is_refused_naming_why(tmp_pat
     modules = [m for m in json.loads((folder / "modules.json").read_text()) if not m["type"].endswith("Pooling")]
     (folder / "modules.json").write_text(json.dumps(modules))
     _refused(folder, "no Pooling module")
+
+
+def test_do_lower_case_is_honoured(tmp_path):
+    """`do_lower_case: true` (sentence_bert_config.json): texts are lowercased as sentence-transformers does,
+    on a tokenizer that is cased (the tiny Llama's word-level one: capitals are unknown words)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer
+
+    from ._train_util import write_tiny_llama
+
+    llama = write_tiny_llama(tmp_path / "llama")
+    tok = AutoTokenizer.from_pretrained(str(llama))
+    tok.pad_token = tok.eos_token  # sentence-transformers pads with it
+    tok.save_pretrained(str(llama))
+    folder = tmp_path / "st"
+    SentenceTransformer(modules=[Transformer(str(llama)), Pooling(32, "mean")], device="cpu").save(
+        str(folder), create_model_card=False)
+    texts = ["OPEN a FILE and Read", "open a file and read"]
+    cased = Encoder(EncoderConfig(model=str(folder))).encode(texts, "positive")
+    assert np.abs(cased[0] - cased[1]).max() > 1e-3
+    _edit(folder, "sentence_bert_config.json", do_lower_case=True)
+    ours = Encoder(EncoderConfig(model=str(folder))).encode(texts, "positive")
+    np.testing.assert_allclose(ours[0], ours[1], atol=1e-6)
+    np.testing.assert_allclose(ours, reference(folder).encode_document(texts), atol=1e-6)
