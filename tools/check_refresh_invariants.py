@@ -79,6 +79,22 @@ def train(data: Path, schedule: Path, run: Path, args) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=args.timeout)
 
 
+def mined_batches(run: Path) -> dict[tuple[int, frozenset], int]:
+    """(version, batch) -> the number of hard negatives the miner drew for it (distinct, outside the batch):
+    what a step that trains that batch whole should carry."""
+    import numpy as np
+
+    from b3stream.schedule import list_versions, load_schedule, version_path
+
+    out = {}
+    for v in list_versions(run / "schedules"):
+        s = load_schedule(version_path(run / "schedules", v))
+        for b, ids in enumerate(s.batches):
+            pool = np.unique(s.hard_negatives[b]) if s.negatives is not None else np.empty(0, np.int64)
+            out[(v, frozenset(ids.tolist()))] = int(((pool >= 0) & ~np.isin(pool, ids)).sum())
+    return out
+
+
 def figures(run: Path, n: int) -> dict:
     """What ``run``'s trace and summary say about the promises."""
     trace = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
@@ -92,11 +108,16 @@ def figures(run: Path, n: int) -> dict:
     start = trace[0]["version"]
     refreshed = [t for t in trace if t["version"] != start]
     with_negatives = sum(t["negatives"] > 0 for t in refreshed)
+    mined = mined_batches(run)
+    drawn = [mined.get((t["version"], frozenset(t["ids"]))) for t in refreshed]  # None: not one of the miner's
     return {"n": n, "steps": len(trace), "steps_per_epoch": steps, "exactly_once": once,
             "swaps": len(summary["swaps"]), "mid_epoch_swaps": sum(s["position"] > 0 for s in summary["swaps"]),
             "versions": sorted({t["version"] for t in trace}),
             "refreshed_steps": len(refreshed), "refreshed_with_hard_negatives": with_negatives,
             "share_with_hard_negatives": with_negatives / len(refreshed) if refreshed else None,
+            # steps that trained one of their version's batches whole, with every negative drawn for it
+            "refreshed_whole_with_their_negatives": sum(d is not None and d == t["negatives"]
+                                                        for d, t in zip(drawn, refreshed)),
             "all_steps_with_hard_negatives": sum(t["negatives"] > 0 for t in trace)}
 
 
@@ -153,7 +174,8 @@ def main(argv=None) -> int:
               f"({', '.join(f'epoch {e}: {v}' for e, v in r['exactly_once'].items())}); steps per epoch "
               f"{list(r['steps_per_epoch'].values())}; {r['swaps']} swaps ({r['mid_epoch_swaps']} mid-epoch); "
               f"steps on refreshed versions with hard negatives: {r['refreshed_with_hard_negatives']} of "
-              f"{r['refreshed_steps']} ({100 * share:.0f}%); {r['seconds']:.0f} s" if share is not None else
+              f"{r['refreshed_steps']} ({100 * share:.0f}%), the miner's batches whole with all their negatives: "
+              f"{r['refreshed_whole_with_their_negatives']}; {r['seconds']:.0f} s" if share is not None else
               f"{strategy}: no step on a refreshed version", flush=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     return 0 if ok else 1
