@@ -66,7 +66,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_with_dropout_on(resumed
     root = resumed_run["root"]
     cfg = write_config(root / "straight.yaml", data=str(resumed_run["data"]), schedule=str(resumed_run["schedule"]),
                        out=str(root / "straight"), student=STUDENT, max_steps=4, trace_ids=True, seed=3,
-                       eval_split="test", eval_max_queries=8)
+                       eval_split="test", eval_max_queries=8, eval_corpus="split")  # an evaluation runs: any corpus
     res = run([*B3, "train", "--config", str(cfg)], threads=2)
     assert res.returncode == 0, res.stderr[-3000:]
     straight = read_trace(root / "straight")
