@@ -144,6 +144,53 @@ def test_the_parhip_file_is_the_graph(tmp_path, rank_weights):
     assert kaminpar.edge_cut(kg, labels.tolist()) == int(w[cross].sum()) // 2
 
 
+def read_parhip(path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(xadj, adjncy, weights or None) of a ParHiP file with 32-bit ids and weights (write_parhip's)."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    version, n_file, entries = np.frombuffer(raw[:24].tobytes(), np.uint64).astype(np.int64)
+    assert n_file == n
+    offsets = np.frombuffer(raw[24 : 24 + 8 * (n + 1)].tobytes(), np.uint64).astype(np.int64)
+    body = raw[24 + 8 * (n + 1) :]
+    adjncy = np.frombuffer(body[: 4 * entries].tobytes(), np.uint32).astype(np.int64)
+    weights = None if version & 1 else np.frombuffer(body[4 * entries :].tobytes(), np.int32).astype(np.int64)
+    return (offsets - offsets[0]) // 4, adjncy, weights
+
+
+@pytest.mark.parametrize("rank_weights", [False, True])
+def test_the_relabelled_parhip_file_is_the_graph_in_the_new_order(tmp_path, rank_weights):
+    """KaMinPar gets the graph in its locality order (partition.locality_order, reverse Cuthill-McKee): the file
+    holds exactly the relabelled graph, neighbour lists sorted, weights with their edges, whatever the chunking;
+    KaMinPar's edge cut of relabelled labels equals ours; the order is a permutation, the same every time."""
+    import kaminpar
+
+    from b3stream.mining.partition import locality_order, write_parhip
+
+    S = random_S(500, 12, seed=9)
+    g = build_graph(S, "union", rank_weights=rank_weights)
+    order = locality_order(g)
+    assert np.array_equal(np.sort(order), np.arange(g.n)) and np.array_equal(order, locality_order(g))
+    for perm, chunk in ((order, 97), (np.random.default_rng(1).permutation(g.n), 1 << 24)):
+        path = tmp_path / "g.parhip"
+        write_parhip(g, path, chunk=chunk, order=perm)
+        xadj, adjncy, weights = read_parhip(path, g.n)
+        new_of = np.empty(g.n, np.int64)
+        new_of[perm] = np.arange(g.n)
+        rows = np.repeat(np.arange(g.n), np.diff(xadj))
+        code = rows * g.n + adjncy
+        assert np.all(np.diff(code) > 0), "rows in order, each row's neighbours sorted"
+        want = new_of[g.rows()] * g.n + new_of[g.adjncy]
+        by = np.argsort(want)
+        assert np.array_equal(code, want[by])
+        if rank_weights:
+            assert np.array_equal(weights, g.eweights[by])
+        else:
+            assert weights is None
+        kg = kaminpar.load_graph(str(path), kaminpar.GraphFileFormat.PARHIP, True)
+        labels = np.random.default_rng(0).integers(0, 7, size=g.n)
+        w = np.ones(len(g.adjncy), np.int64) if g.eweights is None else g.eweights
+        assert kaminpar.edge_cut(kg, labels[perm].tolist()) == int(w[labels[g.rows()] != labels[g.adjncy]].sum()) // 2
+
+
 def test_unknown_partitioner_or_preset_is_refused():
     from b3stream.config import ConfigError
 

@@ -117,7 +117,7 @@ def check_partitioner(partitioner: str, context: str = "largek") -> None:
                           f"{sorted(kaminpar.context_names())}")
 
 
-def write_parhip(graph: Graph, path, chunk: int = 1 << 24) -> None:
+def write_parhip(graph: Graph, path, chunk: int = 1 << 24, order: np.ndarray | None = None) -> None:
     """Write ``graph`` in ParHiP's binary format, which KaMinPar's Python bindings load (they take no arrays).
 
     Layout: three uint64 (version flags, n, number of directed entries), ``n + 1`` uint64 *byte* offsets of
@@ -125,24 +125,107 @@ def write_parhip(graph: Graph, path, chunk: int = 1 << 24) -> None:
     low bits say what is absent or 32 bits wide (1: no edge weights, 2: no node weights, 4: 32-bit edge
     offsets, 8: 32-bit node ids, 16 / 32: 32-bit node / edge weights); node ids are written as int32 when n
     allows, halving the file. Written in chunks: never a second full copy of ``adjncy``.
+
+    ``order``: write the graph relabelled, node ``order[v]`` of ``graph`` becoming node ``v`` of the file
+    (neighbour lists sorted), chunk by chunk of new nodes (about ``chunk`` entries each).
     """
     n, entries = graph.n, len(graph.adjncy)
     small = n < 2**31
     id_dtype, id_bytes = (np.uint32, 4) if small else (np.uint64, 8)
     weighted = graph.eweights is not None
+    if weighted and entries and int(graph.eweights.max()) >= 2**31:
+        raise ConfigError("edge weights too large for KaMinPar's 32-bit weights")
     version = 2 | 16 | 32 | (8 if small else 0) | (0 if weighted else 1)
     header = 24 + 8 * (n + 1)
+    xadj = graph.xadj if order is None else np.concatenate([[0], np.cumsum(graph.degree[order])])
     with open(path, "wb") as f:
         f.write(np.array([version, n, entries], dtype=np.uint64).tobytes())
         for lo in range(0, n + 1, chunk):
-            f.write((header + graph.xadj[lo : lo + chunk].astype(np.uint64) * id_bytes).tobytes())
-        for lo in range(0, entries, chunk):
-            f.write(graph.adjncy[lo : lo + chunk].astype(id_dtype).tobytes())
-        if weighted:
-            if entries and int(graph.eweights.max()) >= 2**31:
-                raise ConfigError("edge weights too large for KaMinPar's 32-bit weights")
+            f.write((header + xadj[lo : lo + chunk].astype(np.uint64) * id_bytes).tobytes())
+        if order is None:
             for lo in range(0, entries, chunk):
-                f.write(graph.eweights[lo : lo + chunk].astype(np.int32).tobytes())
+                f.write(graph.adjncy[lo : lo + chunk].astype(id_dtype).tobytes())
+            if weighted:
+                for lo in range(0, entries, chunk):
+                    f.write(graph.eweights[lo : lo + chunk].astype(np.int32).tobytes())
+            return
+        new_of = np.empty(n, dtype=np.int64)
+        new_of[order] = np.arange(n, dtype=np.int64)
+        weights = []  # the weights come after every id: kept until then (only with rank weights)
+        for a, b in _row_chunks(xadj, chunk):
+            cols, w = _relabelled_rows(graph, order, new_of, a, b)
+            f.write(cols.astype(id_dtype).tobytes())
+            if weighted:
+                weights.append(w.astype(np.int32))
+        for w in weights:
+            f.write(w.tobytes())
+
+
+def _row_chunks(xadj: np.ndarray, chunk: int) -> list[tuple[int, int]]:
+    """Consecutive node ranges ``[a, b)`` of about ``chunk`` CSR entries each (at least one node)."""
+    n = len(xadj) - 1
+    out, a = [], 0
+    while a < n:
+        b = int(np.searchsorted(xadj, xadj[a] + chunk, side="right")) - 1
+        b = min(n, max(b, a + 1))
+        out.append((a, b))
+        a = b
+    return out
+
+
+def _relabelled_rows(graph: Graph, order: np.ndarray, new_of: np.ndarray, a: int, b: int
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Neighbour lists (new ids, sorted; weights alongside, or None) of new nodes ``[a, b)`` of ``graph``
+    relabelled by ``order`` (new node v = old node ``order[v]``; ``new_of`` its inverse), as one array.
+
+    One sort of ``(row << 32) | new id`` codes per chunk; the CSR positions of the rows' entries come from
+    a cumulative sum of steps (1 inside a row, a jump at a row's start) rather than two ``np.repeat``."""
+    nodes = np.asarray(order[a:b], dtype=np.int64)
+    starts = graph.xadj[nodes]
+    lens = graph.xadj[nodes + 1] - starts
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64), (None if graph.eweights is None else np.zeros(0, dtype=np.int64))
+    rows = np.flatnonzero(lens)  # rows with entries, in order
+    at = (np.cumsum(lens) - lens)[rows]  # where each such row starts in the chunk
+    step = np.ones(total, dtype=np.int64)
+    step[at[0]] = starts[rows[0]]
+    step[at[1:]] = starts[rows[1:]] - (starts[rows[:-1]] + lens[rows[:-1]] - 1)
+    pos = np.cumsum(step, out=step)  # CSR positions of the entries, row after row
+    jump = np.zeros(total, dtype=np.int64)
+    jump[at[1:]] = np.diff(rows)
+    owner = np.cumsum(jump, out=jump)
+    owner += rows[0]
+    wide = graph.n >= 2**31
+    key = owner * np.int64(graph.n) if wide else owner << 32
+    key += new_of[graph.adjncy[pos]]
+    del owner
+    if graph.eweights is None:
+        key.sort()
+        return (key % np.int64(graph.n) if wide else key & 0xFFFFFFFF), None
+    by = np.argsort(key, kind="stable")
+    ids = key[by]
+    return (ids % np.int64(graph.n) if wide else ids & 0xFFFFFFFF), graph.eweights[pos[by]]
+
+
+def locality_order(graph: Graph) -> np.ndarray:
+    """A node order in which neighbours sit close together: the reverse Cuthill-McKee order of the graph
+    (scipy, O(edges); deterministic for a graph). KaMinPar is handed the graph in this order: its label
+    propagation then touches memory that is mostly in cache, which on the synthetic graphs of
+    ``tools/bench_mining.py`` (ids in random order, as mined ids are) takes 30-40% off its CPU time at 1M
+    nodes with the same cut."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+    n = graph.n
+    if n < 2 or graph.num_edges == 0:
+        return np.arange(n, dtype=np.int64)
+    idx = graph.adjncy if graph.adjncy.dtype == np.int32 and len(graph.adjncy) < 2**31 else \
+        graph.adjncy.astype(np.int64)
+    ptr = graph.xadj.astype(idx.dtype)
+    A = csr_matrix((np.ones(len(idx), dtype=np.int8), idx, ptr), shape=(n, n), copy=False)
+    A.has_sorted_indices = True
+    return np.asarray(reverse_cuthill_mckee(A, symmetric_mode=True), dtype=np.int64)
 
 
 def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = None,
@@ -170,16 +253,19 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
         threads = torch.get_num_threads()
     # a temporary name of this process: a killed run's leftover is swept like any other writer's
     path = tmp_name(Path(workdir or tempfile.gettempdir()) / KAMINPAR_FILE)
+    order = locality_order(graph)  # KaMinPar gets the graph with neighbours close together (faster)
     try:
-        write_parhip(graph, path)
+        write_parhip(graph, path, order=order)
         # compressed in memory: a third of the plain graph at 10M nodes, and no slower
         kgraph = kaminpar.load_graph(str(path), kaminpar.GraphFileFormat.PARHIP, True)
     finally:
         path.unlink(missing_ok=True)
     kaminpar.reseed(int(seed))
     solver = kaminpar.KaMinPar(max(1, int(threads)), kaminpar.context_by_name(context))
-    labels = np.asarray(solver.compute_partition(kgraph, block_sizes(n, K).tolist()), dtype=np.int64)
+    relabelled = np.asarray(solver.compute_partition(kgraph, block_sizes(n, K).tolist()), dtype=np.int64)
     del kgraph, solver
+    labels = np.empty(n, dtype=np.int64)
+    labels[order] = relabelled  # new node v is node order[v]
     return labels
 
 
