@@ -299,3 +299,66 @@ def test_b3_beats_random_and_task_on_code_search(code_mined):
     base = batch_quality(sched.ids, sched.offsets, emb.queries, emb.positives, code_mined.K, negatives=rand,
                          sample=None)
     assert quality["b3pp"]["theorem1_bound"] < base["theorem1_bound"] - 0.2, (quality["b3pp"], base)
+
+
+def test_two_phase_estimate_covers_the_exact_bound_and_is_exact_with_exact_candidates(monkeypatch):
+    """A sample of q queries with fewer than N positives in 16 q (quality.py, module docstring): the bound
+    is the two-phase estimate. Over seeds its 95% interval holds the exact bound of every query most of the
+    time; with neighbour lists that hold every query's exact top-K the correction is 0 and the estimate is
+    the exact bound of the sampled queries; with every sampled query exact it is that exact value too."""
+    from b3stream.mining import quality
+    from b3stream.mining.rank import exact_search
+
+    N, K, tau = 6000, 8, 0.05
+    q, p, _ = clustered(N, d=16, clusters=40, seed=5)
+    ids = np.random.default_rng(0).permutation(N)
+    offsets = np.arange(0, N + 1, 60)
+    truth = batch_quality(ids, offsets, q, p, K, temperature=tau, sample=None)
+    assert truth["global_top_k"] == "exact" and truth["theorem1_bound_ci95"] is None
+    covered, widths = 0, []
+    for seed in range(12):
+        est = batch_quality(ids, offsets, q, p, K, temperature=tau, sample=150, seed=seed)
+        assert est["global_top_k"] == "two-phase" and est["queries"] == 150
+        assert est["global_exact_queries"] == quality.MIN_EXACT and est["global_positives"] == 16 * 150
+        assert est["global_correction"] > 0  # a sample of 2400 of 6000 positives misses some of the top-K
+        lo, hi = est["theorem1_bound_ci95"]
+        assert lo < est["theorem1_bound"] < hi
+        covered += lo <= truth["theorem1_bound"] <= hi
+        widths.append(hi - lo)
+    assert covered >= 10, (covered, truth["theorem1_bound"])
+    assert np.median(widths) < 1.5  # 150 queries: the query sample's spread is most of it
+
+    # neighbour lists holding each query's exact top-K (here: the exact top-K ids themselves): no gap
+    _, top_ids = exact_search(q, p, K, exclude=np.arange(N))
+    with_nb = batch_quality(ids, offsets, q, p, K, temperature=tau, sample=150, seed=3, neighbours=(top_ids,))
+    assert with_nb["global_neighbours"] is True and abs(with_nb["global_correction"]) < 1e-5
+    monkeypatch.setattr(quality, "POSITIVES_PER_QUERY", N)  # the positive sample is every positive: exact
+    exact_sample = batch_quality(ids, offsets, q, p, K, temperature=tau, sample=150, seed=3)
+    assert exact_sample["global_top_k"] == "exact" and exact_sample["global_positives"] == N
+    assert with_nb["theorem1_bound"] == pytest.approx(exact_sample["theorem1_bound"], abs=1e-4)
+    assert exact_sample["theorem1_bound_ci95"] is not None  # still a sample of the queries
+    monkeypatch.setattr(quality, "POSITIVES_PER_QUERY", 16)
+    monkeypatch.setattr(quality, "MIN_EXACT", 150)  # every sampled query exact: the gap is measured for all
+    all_exact = batch_quality(ids, offsets, q, p, K, temperature=tau, sample=150, seed=3)
+    assert all_exact["global_exact_queries"] == 150
+    assert all_exact["theorem1_bound"] == pytest.approx(exact_sample["theorem1_bound"], abs=1e-4)
+
+
+def test_neighbour_lists_outside_the_universe_or_naming_the_query_are_skipped():
+    """Candidates from the neighbour lists count only inside the bound's universe (a refresh's ids to come)
+    and never the query's own positive: lists naming only such ids change nothing."""
+    from b3stream.mining.quality import query_sample
+
+    N, K = 3000, 6
+    q, p, _ = clustered(N, d=16, clusters=30, seed=6)
+    only = np.zeros(N, bool)
+    only[np.random.default_rng(2).choice(N, size=2500, replace=False)] = True
+    universe = np.flatnonzero(only)
+    outside = np.flatnonzero(~only)
+    nb = np.full((N, 4), -1, np.int64)
+    nb[:, 0] = np.arange(N)  # the query itself
+    nb[:, 1:] = np.random.default_rng(3).choice(outside, size=(N, 3))
+    plain = query_sample(q, p, K, sample=100, seed=1, universe=universe)
+    listed = query_sample(q, p, K, sample=100, seed=1, universe=universe, neighbours=(nb,))
+    assert not plain.exact and listed.neighbours
+    np.testing.assert_allclose(listed.top, plain.top, rtol=1e-6)

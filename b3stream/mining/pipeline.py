@@ -385,9 +385,12 @@ def _score_schedule(cfg: MineConfig, schedule: Schedule, emb, trained: np.ndarra
     # data (its queries, global top-K and floor log(N/K); the trained ids' rows may be stale), which the
     # record's scope and N say.
     to_come = None if trained is None else ~trained
-    # One exact top-K over those positives for the sampled queries, shared by both schedules scored below.
+    # One global top-K pass for the sampled queries, shared by both schedules scored below: exact for every
+    # query, else the two-phase estimate (quality.py), whose candidates include the rank stage's neighbour
+    # lists when they were built from these embeddings; on the miner's device.
     scored = query_sample(emb.queries, emb.positives, K=cfg.K, sample=cfg.quality_sample, seed=0,
-                          progress=progress, universe=None if to_come is None else np.flatnonzero(to_come))
+                          progress=progress, universe=None if to_come is None else np.flatnonzero(to_come),
+                          neighbours=_quality_neighbours(cfg, emb), device=_quality_device(cfg))
 
     def score(s: Schedule) -> dict:
         ids, offsets, negatives = _upcoming(s, to_come)
@@ -399,6 +402,29 @@ def _score_schedule(cfg: MineConfig, schedule: Schedule, emb, trained: np.ndarra
     schedule.meta["quality"] = score(schedule)
     if previous is not None:
         schedule.meta["quality_previous"] = {**score(previous), "version": previous.version}
+
+
+def _quality_neighbours(cfg: MineConfig, emb) -> tuple[np.ndarray, np.ndarray] | None:
+    """(T, S) of the rank stage, memory-mapped, when they were ranked from these very embeddings (their
+    record's upstream token is the embeddings'): each sampled query's top p + m positives, candidates for its
+    global top-K in the bound's estimate. None otherwise (no rank stage run, or one of other embeddings)."""
+    record = read_record(out_dir(cfg, RANK_FOLDER) / RANK_RECORD)
+    if not record or record.get("top") is None or emb.record.get("token") is None or \
+            (record.get("params") or {}).get("upstream") != emb.record.get("token"):
+        return None
+    try:
+        S, _, T, _ = load_rank(cfg, emb.stamp)
+    except (DataError, OSError, ValueError):
+        return None
+    return (T, S) if T is not None and len(S) == emb.n else None
+
+
+def _quality_device(cfg: MineConfig) -> str:
+    """The miner's device for the bound's products: ``cfg.device``, else the first GPU torch sees, else the
+    CPU (as the embed stage places the teacher)."""
+    import torch
+
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _upcoming(schedule: Schedule, to_come: np.ndarray | None

@@ -20,9 +20,45 @@ batch offers fewer than K negatives, all of them are summed. K defaults to the c
 Also reported, over the same queries: the mean in-batch negative similarity (mean over queries of the mean
 ``s_ij``, j in B_i), the mean over queries of the *hardest* in-batch negative's similarity, and the maximum.
 
-Bounded memory: the global part is an exact top-K over all positives for a seeded sample of queries, in
-blocks of positives (never N x N; ``sample=None`` uses every query); the batch part multiplies each sampled
-query with its own batch only.
+Bounded memory: the global part is a top-K over positives for a seeded sample of queries, in blocks of
+positives (never N x N); the batch part multiplies each sampled query with its own batch only.
+
+**Every query (``sample=None``, or a sample of at least N)**: the bound is exact, every ``H_i^K`` an exact
+top-K over all positives (one pass over them per query block): O(N^2 d), meant for small data.
+
+**A sample of q queries** (the schedule stage's ``quality_sample``, 2048): the bound is an *estimate* of the
+mean over all queries, with a 95% interval. An exact ``H_i^K`` for every sampled query would cost
+O(q N d), a pass over every positive for every sampled query (91 of the 92 s of the schedule stage at
+N = 10M on 2 cores). A uniformly sampled set of positives alone does not estimate ``H_i^K`` well: at
+tau = 0.02 it is carried by the few most similar positives, which a sample of 1/16 of the positives mostly
+misses (on the synthetic 1M data of ``tools/bench_mining.py``: -0.4 nats on average, 0.9 nats spread). So
+the global term is a two-phase (double sampling) difference estimate:
+
+1. *candidates*, every sampled query: the top-K of ``s_ij`` over a seeded sample of ``16 q`` positives
+   (``POSITIVES_PER_QUERY``) together with the query's neighbour lists of the rank stage when the schedule
+   stage passes them (``T[i]`` and ``S[i]``: its top ``p + m`` positives of its rank group, which hold its
+   global top-K whenever the ranking was exact, one task, no same-text duplicate): ``H~_i^K <= H_i^K``;
+2. *exact*, a seeded subsample of ``max(64, q / 16)`` of those queries (``EXACT_SHARE``, ``MIN_EXACT``):
+   ``H_i^K`` by the exact search over all positives, O(q/16 N d);
+3. the estimate: the mean over the sampled queries of the bound computed with ``H~_i^K``, plus the mean over
+   the exact subsample of the gap ``log H_i^K - log H~_i^K`` (>= 0; recorded as ``global_correction``):
+   unbiased for the mean over the q queries, and with them for the mean over all N queries. Its variance
+   is the double-sampling one, ``S_y^2 (1/q - 1/N) + S_d^2 (1/q_e - 1/q)`` (``y`` the exact bound of a
+   query, ``d`` its gap, ``q_e`` the exact subsample), estimated from the samples; the record's
+   ``theorem1_bound_ci95`` is the estimate +- 1.96 standard errors (normal approximation). When the
+   candidates hold the exact top-K (good neighbour lists) the gap is 0 and the interval is that of the
+   query sample alone; when the positive sample covers every positive the candidates are the exact search
+   and there is no gap to estimate.
+
+The in-batch similarities (``neg_sim_*``) are means over the sampled queries, as before (no interval).
+
+Record fields (:func:`batch_quality`): ``theorem1_bound`` (the mean bound, exact or estimated),
+``theorem1_bound_ci95`` (``[lo, hi]``, or null when the bound is exact), ``theorem1_floor``,
+``global_top_k`` (``exact``: every scored query's ``H_i^K`` exact; ``two-phase``: the estimate above),
+``global_exact_queries`` (queries with an exact ``H_i^K``), ``global_positives`` (positives in the
+candidates' sample; N when exact), ``global_neighbours`` (whether the rank stage's neighbour lists joined
+the candidates), ``global_correction`` (the mean gap added; 0 when exact), and as before ``K``,
+``temperature``, ``queries``, ``N``, ``neg_sim_*``, ``with_hard_negatives``.
 
 A refresh in the middle of an epoch scores the ids still to come (``only``): the rest of the epoch trains
 them, and only them, so they are the whole data of the bound: the queries, the global top-K ``H_i^K`` (over
@@ -32,8 +68,11 @@ this epoch) and the floor ``log(N/K)`` (N = the number of ids to come) all range
 
 One global part, several schedules: ``H_i^K`` depends on the embeddings, the sample and K, not on the
 batches, so scoring a new schedule and the one it replaces under the same embeddings (refreshed mode's
-``quality`` and ``quality_previous``) shares one :func:`query_sample` (the exact top-K, the costly pass)
+``quality`` and ``quality_previous``) shares one :func:`query_sample` (the top-K passes, the costly part)
 and only the batch part runs twice.
+
+Everything is a pure function of the embeddings, the neighbour lists, K, the sample size and the seed (the
+samples are drawn from ``numpy.random.default_rng(seed)``), so reruns record the same numbers.
 """
 
 from __future__ import annotations
@@ -54,13 +93,18 @@ def _sig(x: float, digits: int = 6) -> float:
     return float(f"{float(x):.{digits}g}")
 
 
+POSITIVES_PER_QUERY = 16  # the candidates' positive sample: this many positives per sampled query
+EXACT_SHARE = 16  # one sampled query in this many gets an exact H_i^K (the two-phase estimate's second phase)
+MIN_EXACT = 64  # ... and at least this many
+
+
 def global_topk(query_vecs: np.ndarray, query_ids: np.ndarray, positives: np.ndarray, K: int,
-                progress: bool = False) -> np.ndarray:
+                progress: bool = False, device=None) -> np.ndarray:
     """The K largest s_ij over all j != i for each given query (float32, (len(query_ids), K))."""
     from .rank import exact_search
 
     top, _ = exact_search(query_vecs, positives, K, exclude=query_ids, progress=progress,
-                          desc="quality: global top-K")
+                          desc="quality: global top-K", device=device)
     return top
 
 
@@ -71,18 +115,27 @@ class QuerySample:
 
     chosen: np.ndarray  # the sampled query ids, sorted
     vectors: np.ndarray  # their embeddings, float32
-    top: np.ndarray  # (len(chosen), K): the K largest s_ij over all j != i in the universe
+    top: np.ndarray  # (len(chosen), K): the K largest s_ij over the candidates (all j != i when exact)
     K: int  # the top-K size, after clipping to N - 1
     N: int  # the universe's size
     sample: int | None  # queries asked for (None: every query)
     seed: int
     universe: np.ndarray | None = None  # the ids the bound ranges over, sorted (None: all)
+    # The two-phase estimate (module docstring); None / N / False when ``top`` is exact for every query.
+    exact_rows: np.ndarray | None = None  # rows of ``chosen`` with an exact H_i^K, sorted
+    exact_top: np.ndarray | None = None  # (len(exact_rows), K): their exact top-K
+    positives: int = 0  # positives in the candidates' sample (N: all, the search is exact)
+    neighbours: bool = False  # whether the rank stage's neighbour lists joined the candidates
 
     def fits(self, N: int, K: int, sample: int | None, seed: int, universe: np.ndarray | None = None) -> bool:
         """Whether this is the sample :func:`query_sample` would compute for these arguments."""
         same = (universe is None and self.universe is None) or (
             universe is not None and self.universe is not None and np.array_equal(universe, self.universe))
         return same and (self.N, self.K, self.sample, self.seed) == (N, _clip_k(K, N), _all_or(sample, N), seed)
+
+    @property
+    def exact(self) -> bool:
+        return self.exact_rows is None
 
 
 def _clip_k(K: int, N: int) -> int:
@@ -95,26 +148,82 @@ def _all_or(sample: int | None, N: int) -> int | None:
 
 
 def query_sample(queries: np.ndarray, positives: np.ndarray, K: int, sample: int | None = 2048, seed: int = 0,
-                 progress: bool = False, universe: np.ndarray | None = None) -> QuerySample:
-    """The seeded query sample of :func:`batch_quality` and its exact top-K over all positives (the costly
-    part: one pass over every positive), for one or more ``batch_quality(..., scored=...)`` calls.
-    ``universe``: the sorted ids the bound ranges over (queries and positives; None: all)."""
+                 progress: bool = False, universe: np.ndarray | None = None,
+                 neighbours: tuple[np.ndarray, ...] | None = None, device=None) -> QuerySample:
+    """The seeded query sample of :func:`batch_quality` and its global top-K (the costly part), for one or
+    more ``batch_quality(..., scored=...)`` calls. Every query: exact. A sample: the two-phase estimate's
+    candidates and exact subsample (module docstring).
+
+    Args:
+        universe: the sorted ids the bound ranges over (queries and positives; None: all).
+        neighbours: arrays of global ids with one row per id (the rank stage's ``T`` and ``S``, -1 padded)
+            whose entries join each sampled query's candidates (ids outside the universe, and the query
+            itself, are skipped); None: the positive sample alone.
+        device: where the products run (None: the CPU; the miner passes its own device).
+    """
     N = len(positives) if universe is None else len(universe)
     rng = np.random.default_rng(seed)
     pick = np.arange(N) if sample is None or sample >= N else np.sort(rng.choice(N, size=sample, replace=False))
-    chosen = pick if universe is None else np.asarray(universe, np.int64)[pick]
+    uni = None if universe is None else np.asarray(universe, np.int64)
+    chosen = pick if uni is None else uni[pick]
     qv = np.asarray(queries[chosen], dtype=np.float32)
     K = _clip_k(K, N)
-    base = positives if universe is None else np.asarray(positives[np.asarray(universe, np.int64)])
-    top = global_topk(qv, pick, base, K, progress=progress)  # own positive excluded by its row in ``base``
-    return QuerySample(chosen=chosen, vectors=qv, top=top, K=K, N=N, sample=_all_or(sample, N), seed=seed,
-                       universe=None if universe is None else np.asarray(universe, np.int64))
+    base = positives if uni is None else np.asarray(positives[uni])
+    common = dict(chosen=chosen, vectors=qv, K=K, N=N, sample=_all_or(sample, N), seed=seed, universe=uni)
+    n_pos = min(N, POSITIVES_PER_QUERY * len(pick))
+    if len(pick) == N or n_pos >= N:  # every query, or a positive sample of every positive: exact
+        top = global_topk(qv, pick, base, K, progress=progress, device=device)  # own positive excluded
+        return QuerySample(top=top, positives=N, **common)
+    # Phase 1, every sampled query: the top-K over a seeded sample of positives and its neighbour lists.
+    drawn = np.sort(rng.choice(N, size=n_pos, replace=False))
+    at = np.minimum(np.searchsorted(drawn, pick), n_pos - 1)
+    own = np.where(drawn[at] == pick, at, -1)  # the query's own positive, where the sample holds it
+    from .rank import exact_search
+
+    top, idx = exact_search(qv, base[drawn], K, exclude=own, progress=progress,
+                            desc="quality: sampled top-K", device=device)
+    cand_ids = np.where(idx >= 0, drawn[np.maximum(idx, 0)], -1)  # universe positions
+    use_neighbours = neighbours is not None and len(neighbours) > 0
+    if use_neighbours:
+        top = _with_neighbours(top, cand_ids, qv, pick, chosen, base, uni, neighbours, K)
+    # Phase 2, a seeded subsample: the exact top-K over every positive.
+    n_exact = min(len(pick), max(MIN_EXACT, len(pick) // EXACT_SHARE))
+    rows = np.sort(rng.choice(len(pick), size=n_exact, replace=False))
+    exact_top = global_topk(qv[rows], pick[rows], base, K, progress=progress, device=device)
+    return QuerySample(top=top, exact_rows=rows, exact_top=exact_top, positives=n_pos, neighbours=use_neighbours,
+                       **common)
+
+
+def _with_neighbours(top: np.ndarray, cand_ids: np.ndarray, qv: np.ndarray, pick: np.ndarray, chosen: np.ndarray,
+                     base: np.ndarray, uni: np.ndarray | None, neighbours: tuple[np.ndarray, ...], K: int,
+                     chunk: int = 256) -> np.ndarray:
+    """The top-K over the union of each query's sampled candidates (``top``, ids ``cand_ids``, universe
+    positions) and its neighbour lists' entries inside the universe, each id once, the query's own left out."""
+    nb = np.concatenate([np.asarray(a[chosen]).reshape(len(chosen), -1).astype(np.int64) for a in neighbours], 1)
+    if uni is not None:  # global ids -> universe positions (-1 outside it)
+        at = np.minimum(np.searchsorted(uni, nb), len(uni) - 1)
+        nb = np.where((nb >= 0) & (uni[at] == nb), at, -1)
+    nb = np.where(nb == pick[:, None], -1, nb)
+    out = np.empty_like(top)
+    for lo in range(0, len(pick), chunk):
+        ids = np.concatenate([cand_ids[lo : lo + chunk], nb[lo : lo + chunk]], 1)
+        valid = ids >= 0
+        vecs = np.asarray(base[np.maximum(ids, 0).ravel()], dtype=np.float32).reshape(*ids.shape, -1)
+        sims = np.einsum("qd,qcd->qc", qv[lo : lo + chunk], vecs)
+        sims[:, : cand_ids.shape[1]] = top[lo : lo + chunk]  # the search's own values for its candidates
+        order = np.argsort(np.where(valid, ids, np.iinfo(np.int64).max), axis=1, kind="stable")
+        ids, sims, valid = (np.take_along_axis(a, order, 1) for a in (ids, sims, valid))
+        valid[:, 1:] &= ids[:, 1:] != ids[:, :-1]  # each id once
+        sims = np.where(valid, sims, -np.inf).astype(np.float32)
+        out[lo : lo + chunk] = -np.sort(-sims, axis=1)[:, :K]
+    return out
 
 
 def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, positives: np.ndarray, K: int,
                   temperature: float = 0.02, negatives: np.ndarray | None = None, sample: int | None = 2048,
                   seed: int = 0, progress: bool = False, scored: QuerySample | None = None,
-                  only: np.ndarray | None = None) -> dict:
+                  only: np.ndarray | None = None, neighbours: tuple[np.ndarray, ...] | None = None,
+                  device=None) -> dict:
     """Theorem-1 bound and in-batch negative similarity of a schedule (module docstring).
 
     Args:
@@ -127,13 +236,15 @@ def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, pos
             for several schedules (the values are those of computing it here); None computes it.
         only: a boolean mask over the ids: the universe of the bound (the ids a refreshed trainer has still
             to train this epoch; ``ids`` then holds those only): queries, global top-K and N range over it.
+        neighbours, device: :func:`query_sample`'s, when ``scored`` is None.
     """
     universe = None if only is None else np.flatnonzero(only)
     N = len(positives) if universe is None else len(universe)
     ids = np.asarray(ids, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
     if scored is None:
-        scored = query_sample(queries, positives, K, sample, seed, progress=progress, universe=universe)
+        scored = query_sample(queries, positives, K, sample, seed, progress=progress, universe=universe,
+                              neighbours=neighbours, device=device)
     elif not scored.fits(N, K, sample, seed, universe):
         raise ValueError(f"the shared query sample was drawn for N={scored.N}, K={scored.K}, "
                          f"sample={scored.sample}, seed={scored.seed}"
@@ -174,15 +285,49 @@ def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, pos
         neg_max[rows] = sims.max(1)
     bound = np.log(N / K) + log_h_global - log_h_batch
     ok = np.isfinite(bound)
+    estimate, interval, correction = _estimate(bound, ok, scored, temperature, log_h_global)
     return {
-        "theorem1_bound": _sig(bound[ok].mean()) if ok.any() else None,
+        "theorem1_bound": estimate,
+        "theorem1_bound_ci95": interval,
         "theorem1_floor": _sig(np.log(N / K)),
         "neg_sim_mean": _sig(np.nanmean(neg_mean)) if ok.any() else None,
         "neg_sim_hardest_mean": _sig(np.nanmean(neg_max)) if ok.any() else None,
         "neg_sim_max": _sig(np.nanmax(neg_max)) if ok.any() else None,
         "K": K, "temperature": temperature, "queries": int(len(chosen)), "N": int(N),
         "with_hard_negatives": negatives is not None,
+        "global_top_k": "exact" if scored.exact else "two-phase",
+        "global_exact_queries": int(len(chosen) if scored.exact else len(scored.exact_rows)),
+        "global_positives": int(scored.positives), "global_neighbours": bool(scored.neighbours),
+        "global_correction": correction,
     }
+
+
+def _estimate(bound: np.ndarray, ok: np.ndarray, scored: QuerySample, temperature: float,
+              log_h_global: np.ndarray) -> tuple[float | None, list[float] | None, float]:
+    """(mean bound, its 95% interval or None when exact, the two-phase correction) from the per-query bounds
+    (``ok``: the queries whose batch has a negative; module docstring)."""
+    if not ok.any():
+        return None, None, 0.0
+    n1, N = int(ok.sum()), scored.N
+    if scored.exact:
+        y = bound[ok]
+        if scored.sample is None or len(y) < 2:  # every query: the bound itself
+            return _sig(y.mean()), None, 0.0
+        se = np.sqrt(np.var(y, ddof=1) * (1 / n1 - 1 / N))
+        return _sig(y.mean()), [_sig(y.mean() - 1.96 * se), _sig(y.mean() + 1.96 * se)], 0.0
+    rows = scored.exact_rows[ok[scored.exact_rows]]
+    gap = _logsumexp(scored.exact_top[ok[scored.exact_rows]] / temperature, axis=1) - log_h_global[rows]
+    x = bound[ok]
+    estimate = x.mean() + (gap.mean() if len(gap) else 0.0)
+    if len(gap) < 2:
+        return _sig(estimate), None, _sig(gap.mean()) if len(gap) else 0.0
+    # S_y^2 from the exact subsample's y = x + gap: var(x) over every query, var(gap) and cov(x, gap) over
+    # the subsample
+    xs = bound[rows]
+    var_y = np.var(x, ddof=1) + np.var(gap, ddof=1) + 2 * np.cov(xs, gap, ddof=1)[0, 1]
+    var = max(var_y, 0.0) * (1 / n1 - 1 / N) + np.var(gap, ddof=1) * (1 / len(gap) - 1 / n1)
+    se = float(np.sqrt(max(var, 0.0)))
+    return _sig(estimate), [_sig(estimate - 1.96 * se), _sig(estimate + 1.96 * se)], _sig(gap.mean())
 
 
 def schedule_quality(schedule, queries: np.ndarray, positives: np.ndarray, K: int | None = None,
