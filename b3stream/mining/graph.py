@@ -17,6 +17,11 @@ loops: each directed entry becomes ``((min*n + max) << 1 | direction) << wbits |
 sort brings the two directions of an edge (and any repeated entry) next to each other. Memory is a few
 8-byte words per entry of S, i.e. O(N m), and no N x N structure exists. Codes must fit in 63 bits, which
 holds for n up to about 10^8 (10^7 with rank weights).
+
+Without rank weights (the default) a leaner path builds the same graph (:func:`_build_unweighted`):
+``min << b | max`` codes (``b`` bits per id), a sentinel for padding instead of a counting pass, mutual
+edges read off adjacent codes in one cache-sized scan, and a CSR from one sort of E codes instead of 2E
+(a third less CPU time at 1M x 100, a lower peak).
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ def build_graph(S: np.ndarray, edges: str = "mutual", rank_weights: bool = False
     """
     if edges not in EDGES:
         raise ConfigError(f"edges must be one of {EDGES}, got {edges!r}")
+    if not rank_weights:
+        return _build_unweighted(S, edges)
     n, m = S.shape
     wbits = int(m).bit_length() if rank_weights else 0
     _check_fits(n, 1 + wbits)
@@ -138,6 +145,125 @@ def build_graph(S: np.ndarray, edges: str = "mutual", rank_weights: bool = False
                    "rank_weights": bool(rank_weights), "isolated": int((deg == 0).sum()),
                    "mean_degree": round(float(deg.mean()) if n else 0.0, 3)}
     return graph
+
+
+def _build_unweighted(S: np.ndarray, edges: str, chunk_rows: int = 4096, chunk: int = 1 << 20) -> Graph:
+    """:func:`build_graph` without rank weights, in fewer passes over the ``n m`` entries than the weighted
+    path (same graph): each directed entry ``i -> j`` is the code ``((min << b | max) << 1) | (i > j)``
+    (``b`` bits per id), every entry of S gets one (padding and self entries a sentinel that sorts last, so
+    no counting pass and no compaction), one sort; then an edge is mutual exactly where a code with direction
+    0 is followed by the same edge with direction 1 (``next ^ code == 1``; repeated entries of a row sit
+    beside them and change nothing), and a union edge is the first code of each run of one edge. The scans
+    go in chunks small enough for their temporaries to stay in cache (the work is memory-bound: a plain pass
+    over 10^8 int64 costs about 0.15 s here). The CSR comes from :func:`_csr_from_pairs`, without sorting
+    2E codes."""
+    n, m = S.shape
+    _check_fits(n, 1)
+    bits = max(1, (max(n, 2) - 1).bit_length())
+    sentinel = np.iinfo(np.int64).max
+    keys = np.empty(n * m, dtype=np.int64)
+    total = 0
+    rows = min(max(1, chunk_rows), max(n, 1))
+    mn = np.empty((rows, m), dtype=np.int64)
+    tmp = np.empty((rows, m), dtype=np.int64)
+    flag = np.empty((rows, m), dtype=bool)
+    skip = np.empty((rows, m), dtype=bool)
+    for lo in range(0, n, rows):
+        block = np.asarray(S[lo : lo + rows])
+        k = len(block)
+        if block.size and (block.max() >= n or block.min() < -1):
+            raise ConfigError(f"S holds ids outside [0, {n}) (besides -1 padding)")
+        a = np.arange(lo, lo + k, dtype=np.int64)[:, None]
+        code, big, gt, bad = mn[:k], tmp[:k], flag[:k], skip[:k]
+        np.minimum(a, block, out=code)
+        np.maximum(a, block, out=big)
+        np.left_shift(code, bits + 1, out=code)
+        np.left_shift(big, 1, out=big)
+        code |= big
+        np.greater(a, block, out=gt)
+        code |= gt
+        np.less(block, 0, out=bad)
+        bad |= block == a
+        code[bad] = sentinel
+        keys[lo * m : (lo + k) * m] = code.ravel()
+        total += code.size - int(np.count_nonzero(bad))
+    del mn, tmp, flag, skip
+    keys.sort()
+    keys = keys[:total]
+    parts = []
+    buf = np.empty(chunk, dtype=np.int64)
+    for lo in range(0, total, chunk):
+        hi = min(total, lo + chunk)
+        if edges == "mutual":  # this code has direction 0 and the next one is the same edge's direction 1
+            nxt = keys[lo + 1 : hi + 1]
+            cur = keys[lo : lo + len(nxt)]
+            x = np.bitwise_xor(nxt, cur, out=buf[: len(nxt)])
+            parts.append(cur[x == 1] >> 1)
+        else:  # union: each edge once, at the first of its codes
+            cur = np.right_shift(keys[lo:hi], 1, out=buf[: hi - lo])
+            first = np.empty(len(cur), dtype=bool)
+            first[0] = lo == 0 or (keys[lo - 1] >> 1) != cur[0]
+            np.not_equal(cur[1:], cur[:-1], out=first[1:])
+            parts.append(cur[first])
+    del keys, buf
+    und = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    del parts
+    n_und = int(len(und))
+    graph = _csr_from_pairs(und, n, bits)
+    deg = graph.degree
+    graph.stats = {"n": n, "directed_entries": total, "edges": n_und, "edges_kind": edges,
+                   "rank_weights": False, "isolated": int((deg == 0).sum()),
+                   "mean_degree": round(float(deg.mean()) if n else 0.0, 3)}
+    return graph
+
+
+def _csr_from_pairs(codes: np.ndarray, n: int, bits: int, chunk: int = 1 << 20) -> Graph:
+    """Undirected edges as sorted unique codes ``lo << bits | hi`` (lo < hi) -> symmetric CSR, rows sorted.
+
+    Row v is its smaller neighbours (the edges whose ``hi`` is v, in ``lo`` order) then its larger ones (the
+    edges whose ``lo`` is v, already in ``hi`` order in ``codes``): one sort of E ``hi << bits | lo`` codes
+    and two scatters, instead of a sort of 2E codes. ``codes`` is consumed (its buffer is reused)."""
+    E = len(codes)
+    mask = np.int64((1 << bits) - 1)
+    id_dtype = np.int32 if n < 2**31 else np.int64
+    cnt_lo = np.zeros(n, dtype=np.int64)  # larger neighbours of each node
+    cnt_hi = np.zeros(n, dtype=np.int64)  # smaller neighbours
+    for a in range(0, E, chunk):
+        part = codes[a : a + chunk]
+        cnt_lo += np.bincount(part >> bits, minlength=n)
+        cnt_hi += np.bincount(part & mask, minlength=n)
+    xadj = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(cnt_lo + cnt_hi, out=xadj[1:])
+    adjncy = np.empty(2 * E, dtype=id_dtype)
+    at = np.empty(chunk, dtype=np.int64)
+    # larger neighbours: codes are in (lo, hi) order; the j-th edge of node v's run goes to
+    # xadj[v] + (its smaller neighbours) + j, i.e. its index in ``codes`` plus a per-node shift
+    shift = xadj[:-1] + cnt_hi - (np.cumsum(cnt_lo) - cnt_lo)
+    for a in range(0, E, chunk):
+        part = codes[a : a + chunk]
+        k = len(part)
+        np.right_shift(part, bits, out=at[:k])
+        idx = shift[at[:k]]
+        idx += np.arange(a, a + k, dtype=np.int64)
+        adjncy[idx] = part & mask
+    # smaller neighbours: the same edges in (hi, lo) order, made in place of ``codes``
+    for a in range(0, E, chunk):
+        part = codes[a : a + chunk]
+        k = len(part)
+        np.right_shift(part, bits, out=at[:k])
+        part &= mask
+        part <<= bits
+        part |= at[:k]
+    codes.sort()
+    shift = xadj[:-1] - (np.cumsum(cnt_hi) - cnt_hi)
+    for a in range(0, E, chunk):
+        part = codes[a : a + chunk]
+        k = len(part)
+        np.right_shift(part, bits, out=at[:k])
+        idx = shift[at[:k]]
+        idx += np.arange(a, a + k, dtype=np.int64)
+        adjncy[idx] = part & mask
+    return Graph(xadj=xadj, adjncy=adjncy, eweights=None)
 
 
 def csr_from_edges(codes: np.ndarray, n: int, weights: np.ndarray | None = None) -> Graph:
