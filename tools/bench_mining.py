@@ -6,9 +6,13 @@
     python tools/bench_mining.py --n 100000 --edges mutual,union --workdir /tmp/b3bench
     python tools/bench_mining.py --n 100000 --no-rank --partitioner metis,kaminpar --json F.json
 
-Every stage runs in its own subprocess, which reports its wall time and its own peak resident set size
+Every stage runs in its own subprocess, which reports its wall time, its CPU time (user + system, all
+threads: on a shared machine the wall time grows with the other jobs, the CPU time much less), the 1-minute
+load average when it started and ended, and its own peak resident set size
 (``getrusage(RUSAGE_SELF).ru_maxrss``, which counts the touched pages of memory-mapped inputs too), so one
 stage's memory never hides another's. Paper settings by default: d=384, p=30, m=100, K=32, |B|=1024, h=5.
+The schedule stage's Theorem-1 bound is the two-phase estimate of ``b3stream/mining/quality.py`` (the
+record's ``theorem1_bound_ci95``) for ``--quality-sample`` queries.
 
 Synthetic data (:func:`generate_data`): unit vectors with a two-level cluster structure, like topics and subtopics
 of a text corpus. ``n / 2000`` super-clusters with random unit centres ``g``; each holds 10 clusters whose
@@ -146,9 +150,10 @@ def run_stage(args) -> None:
                      kaminpar_context=args.kaminpar_context)
     if args.stage == "embed":
         cfg.query_embeddings, cfg.positive_embeddings = str(work / "q.npy"), str(work / "p.npy")
-    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     pipeline.run_stage(args.stage, cfg, progress=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     extra = {}
     if args.stage == "schedule":
         from b3stream.schedule import load_schedule
@@ -164,7 +169,15 @@ def run_stage(args) -> None:
             "min": int(sizes.min()), "max": int(sizes.max()), "exactly_K": int((sizes == args.K).sum()),
             "communities": int(len(sizes))}}}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
-    print(json.dumps({"stage": args.stage, "seconds": round(seconds, 2), "peak_rss_gb": round(peak, 3), **extra}))
+    print(json.dumps({"stage": args.stage, "seconds": round(seconds, 2), "cpu_s": round(cpu, 2),
+                      "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)], "peak_rss_gb": round(peak, 3),
+                      **extra}))
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads (KaMinPar's and torch's included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def child(args, stage: str, **kw) -> dict:
@@ -177,6 +190,10 @@ def child(args, stage: str, **kw) -> dict:
     cmd += ["--kaminpar-context", args.kaminpar_context]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
+    if args.wait_load is not None:  # a shared machine: wait (a while) for the other jobs to calm down
+        deadline = time.monotonic() + args.wait_max
+        while os.getloadavg()[0] > args.wait_load and time.monotonic() < deadline:
+            time.sleep(5)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode:
@@ -209,6 +226,9 @@ def main() -> None:
                     help="use the data a kept (or failed) run left in --workdir instead of generating it again")
     ap.add_argument("--no-baseline", action="store_true", help="skip the random schedule (quality reference)")
     ap.add_argument("--no-b3pp", action="store_true", help="skip the B3++ schedule")
+    ap.add_argument("--wait-load", type=float, default=None,
+                    help="before each stage, wait until the 1-minute load average is at most this (shared machines)")
+    ap.add_argument("--wait-max", type=float, default=900, help="... but at most this many seconds per stage")
     # child mode
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
@@ -261,12 +281,15 @@ def main() -> None:
                     f"build {g['build_s']} s, search {g['search_s']} s"
         if res.get("quality"):
             q = res["quality"]
-            extra = (f"quality {res['quality_s']} s of it: bound {q['theorem1_bound']:.3f} (floor "
+            ci = q.get("theorem1_bound_ci95")
+            extra = (f"quality {res['quality_s']} s of it: bound {q['theorem1_bound']:.3f}"
+                     f"{f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else ''} (floor "
                      f"{q['theorem1_floor']:.3f}), neg sim mean {q['neg_sim_mean']:.3f} hardest "
                      f"{q['neg_sim_hardest_mean']:.3f}")
-        print(f"{name:<28} {res['seconds']:>8.1f} s  {res['peak_rss_gb']:>6.2f} GB   {extra}", flush=True)
+        print(f"{name:<28} {res['seconds']:>8.1f} s {res.get('cpu_s', float('nan')):>7.1f} s "
+              f"{res['peak_rss_gb']:>6.2f} GB  {res.get('load_avg', ['?', '?'])[0]:>5}   {extra}", flush=True)
 
-    print(f"{'stage':<28} {'time':>10}  {'peak RSS':>9}")
+    print(f"{'stage':<28} {'time':>10} {'CPU':>9} {'peak RSS':>9} {'load':>5}")
     if not args.no_rank:
         report("embed (import)", child(args, "embed"))
         report("rank", child(args, "rank"))
@@ -282,15 +305,16 @@ def main() -> None:
                           version=version)
             report(f"schedule b3 ({tag})", sched)
             version += 1
-            totals[tag] = (part["seconds"] + sched["seconds"], max(part["peak_rss_gb"], sched["peak_rss_gb"]))
+            totals[tag] = (part["seconds"] + sched["seconds"], max(part["peak_rss_gb"], sched["peak_rss_gb"]),
+                           part.get("cpu_s", 0) + sched.get("cpu_s", 0))
             if edges == "mutual" and part_name == partitioners[0] and not args.no_b3pp:
                 report(f"schedule b3pp ({tag})", child(args, "schedule", edges_one=edges, partitioner_one=part_name,
                                                        strategy="b3pp", version=version))
                 version += 1
     if not args.no_baseline:  # the same quality numbers for random batches, for scale
         report("schedule random", child(args, "schedule", strategy="random", version=version))
-    for tag, (secs, peak) in totals.items():
-        print(f"# partition + schedule b3 ({tag}): {secs:.1f} s, peak {peak:.2f} GB")
+    for tag, (secs, peak, cpu) in totals.items():
+        print(f"# partition + schedule b3 ({tag}): {secs:.1f} s ({cpu:.1f} CPU-s), peak {peak:.2f} GB")
     if not args.no_rank:
         front = sum(r["seconds"] for name, r in rows if name in ("embed (import)", "rank"))
         first = next(iter(totals), None)
@@ -302,7 +326,8 @@ def main() -> None:
             "params": {k: getattr(args, k) for k in ("n", "d", "p", "m", "K", "batch_size", "h", "seed", "edges",
                                                       "partitioner", "threads", "kaminpar_context", "no_rank")},
             "stages": [{"name": name, **res} for name, res in rows],
-            "totals": {tag: {"seconds": round(secs, 2), "peak_rss_gb": peak} for tag, (secs, peak) in totals.items()},
+            "totals": {tag: {"seconds": round(secs, 2), "cpu_s": round(cpu, 2), "peak_rss_gb": peak}
+                       for tag, (secs, peak, cpu) in totals.items()},
         }, indent=1))
         print(f"# wrote {args.json}")
     if not args.keep:
