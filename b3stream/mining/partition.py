@@ -127,7 +127,7 @@ def write_parhip(graph: Graph, path, chunk: int = 1 << 24, order: np.ndarray | N
     allows, halving the file. Written in chunks: never a second full copy of ``adjncy``.
 
     ``order``: write the graph relabelled, node ``order[v]`` of ``graph`` becoming node ``v`` of the file
-    (neighbour lists sorted), chunk by chunk of new nodes (about ``chunk`` entries each).
+    (each neighbour list in its old order), chunk by chunk of new nodes (about ``chunk`` entries each).
     """
     n, entries = graph.n, len(graph.adjncy)
     small = n < 2**31
@@ -149,8 +149,8 @@ def write_parhip(graph: Graph, path, chunk: int = 1 << 24, order: np.ndarray | N
                 for lo in range(0, entries, chunk):
                     f.write(graph.eweights[lo : lo + chunk].astype(np.int32).tobytes())
             return
-        new_of = np.empty(n, dtype=np.int64)
-        new_of[order] = np.arange(n, dtype=np.int64)
+        new_of = np.empty(n, dtype=id_dtype)
+        new_of[order] = np.arange(n, dtype=id_dtype)
         weights = []  # the weights come after every id: kept until then (only with rank weights)
         for a, b in _row_chunks(xadj, chunk):
             cols, w = _relabelled_rows(graph, order, new_of, a, b)
@@ -175,11 +175,12 @@ def _row_chunks(xadj: np.ndarray, chunk: int) -> list[tuple[int, int]]:
 
 def _relabelled_rows(graph: Graph, order: np.ndarray, new_of: np.ndarray, a: int, b: int
                      ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Neighbour lists (new ids, sorted; weights alongside, or None) of new nodes ``[a, b)`` of ``graph``
-    relabelled by ``order`` (new node v = old node ``order[v]``; ``new_of`` its inverse), as one array.
-
-    One sort of ``(row << 32) | new id`` codes per chunk; the CSR positions of the rows' entries come from
-    a cumulative sum of steps (1 inside a row, a jump at a row's start) rather than two ``np.repeat``."""
+    """Neighbour lists (new ids; weights alongside, or None) of new nodes ``[a, b)`` of ``graph`` relabelled
+    by ``order`` (new node v = old node ``order[v]``; ``new_of`` its inverse), as one array. A row keeps its
+    old entry order, so its new ids are not sorted: KaMinPar reads unsorted neighbour lists, plain and
+    compressed (tests/test_mining_partition.py checks that it loads exactly this graph), and sorting them
+    cost more than a third of the write. The CSR positions of the rows' entries come from a cumulative sum
+    of steps (1 inside a row, a jump at a row's start) rather than ``np.repeat``."""
     nodes = np.asarray(order[a:b], dtype=np.int64)
     starts = graph.xadj[nodes]
     lens = graph.xadj[nodes + 1] - starts
@@ -192,20 +193,8 @@ def _relabelled_rows(graph: Graph, order: np.ndarray, new_of: np.ndarray, a: int
     step[at[0]] = starts[rows[0]]
     step[at[1:]] = starts[rows[1:]] - (starts[rows[:-1]] + lens[rows[:-1]] - 1)
     pos = np.cumsum(step, out=step)  # CSR positions of the entries, row after row
-    jump = np.zeros(total, dtype=np.int64)
-    jump[at[1:]] = np.diff(rows)
-    owner = np.cumsum(jump, out=jump)
-    owner += rows[0]
-    wide = graph.n >= 2**31
-    key = owner * np.int64(graph.n) if wide else owner << 32
-    key += new_of[graph.adjncy[pos]]
-    del owner
-    if graph.eweights is None:
-        key.sort()
-        return (key % np.int64(graph.n) if wide else key & 0xFFFFFFFF), None
-    by = np.argsort(key, kind="stable")
-    ids = key[by]
-    return (ids % np.int64(graph.n) if wide else ids & 0xFFFFFFFF), graph.eweights[pos[by]]
+    ids = new_of[graph.adjncy[pos]]
+    return ids, (None if graph.eweights is None else graph.eweights[pos])
 
 
 def locality_order(graph: Graph) -> np.ndarray:
@@ -228,6 +217,9 @@ def locality_order(graph: Graph) -> np.ndarray:
     return np.asarray(reverse_cuthill_mckee(A, symmetric_mode=True), dtype=np.int64)
 
 
+COMPRESS_ENTRIES = 1 << 28  # KaMinPar holds graphs of at least this many directed entries compressed
+
+
 def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = None,
                    context: str = "largek", workdir=None) -> np.ndarray:
     """KaMinPar labels in ``[0, ceil(n/K))``: block ``b`` holds at most K nodes, the last at most ``n mod K``
@@ -236,15 +228,23 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
     ``seed`` seeds KaMinPar's generator (one thread gives the same labels for the same seed; several threads
     may not, as its parallel label propagation races). ``threads`` None: ``torch.get_num_threads()``, the
     process's thread budget (the refresh miner sets it). The graph travels through a temporary ParHiP
-    file in the existing folder ``workdir`` (default: the system's temporary folder), removed afterwards.
+    file in the existing folder ``workdir`` (default: the system's temporary folder), removed afterwards,
+    in :func:`locality_order`.
     """
+    return _kaminpar(graph, K, seed, threads, context, workdir)[0]
+
+
+def _kaminpar(graph: Graph, K: int, seed: int = 0, threads: int | None = None, context: str = "largek",
+              workdir=None) -> tuple[np.ndarray, int | None]:
+    """(:func:`kaminpar_parts`'s labels, their edge cut by KaMinPar's own parallel count, or None where that
+    count is not :func:`edge_cut`'s: a weighted graph, whose weighted cut KaMinPar gives, or no KaMinPar run)."""
     import tempfile
 
     n = graph.n
     nparts = -(-n // K)
     check_partitioner("kaminpar", context)
     if nparts <= 1 or n == 0:
-        return np.zeros(n, dtype=np.int64)
+        return np.zeros(n, dtype=np.int64), None
     import kaminpar
 
     if threads is None:
@@ -256,17 +256,21 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
     order = locality_order(graph)  # KaMinPar gets the graph with neighbours close together (faster)
     try:
         write_parhip(graph, path, order=order)
-        # compressed in memory: a third of the plain graph at 10M nodes, and no slower
-        kgraph = kaminpar.load_graph(str(path), kaminpar.GraphFileFormat.PARHIP, True)
+        # a large graph compressed in memory (a third of the plain one at 10M nodes, and no slower), as the
+        # TeraPart presets need (they crash on a plain one); a smaller one plain, which loads in a third of the
+        # time
+        kgraph = kaminpar.load_graph(str(path), kaminpar.GraphFileFormat.PARHIP,
+                                     len(graph.adjncy) >= COMPRESS_ENTRIES or context.startswith("terapart"))
     finally:
         path.unlink(missing_ok=True)
     kaminpar.reseed(int(seed))
     solver = kaminpar.KaMinPar(max(1, int(threads)), kaminpar.context_by_name(context))
-    relabelled = np.asarray(solver.compute_partition(kgraph, block_sizes(n, K).tolist()), dtype=np.int64)
+    relabelled = solver.compute_partition(kgraph, block_sizes(n, K).tolist())
+    cut = int(kaminpar.edge_cut(kgraph, relabelled)) if graph.eweights is None else None
     del kgraph, solver
     labels = np.empty(n, dtype=np.int64)
-    labels[order] = relabelled  # new node v is node order[v]
-    return labels
+    labels[order] = np.asarray(relabelled, dtype=np.int64)  # new node v is node order[v]
+    return labels, cut
 
 
 def _row_entries(graph: Graph, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -499,14 +503,15 @@ def partition(graph: Graph, K: int, seed: int = 0, ufactor: int = 30, ids: np.nd
     n = graph.n
     nparts = -(-n // K)
     t0 = time.perf_counter()
+    kaminpar_cut = None
     if partitioner == "metis":
         labels = metis_parts(graph, nparts, seed=seed, ufactor=ufactor)
     else:
-        labels = kaminpar_parts(graph, K, seed=seed, threads=threads, context=context, workdir=workdir)
+        labels, kaminpar_cut = _kaminpar(graph, K, seed=seed, threads=threads, context=context, workdir=workdir)
     t1 = time.perf_counter()
     stats: dict = {"partitioner": partitioner}
     if n:
-        first_cut = edge_cut(graph, labels)
+        first_cut = edge_cut(graph, labels) if kaminpar_cut is None else kaminpar_cut
         exact = partitioner == "kaminpar" and np.array_equal(np.bincount(labels, minlength=nparts), block_sizes(n, K))
         cut = first_cut
         if not exact:  # METIS always; KaMinPar only if a block missed its bound
