@@ -206,11 +206,12 @@ def _with_neighbours(top: np.ndarray, cand_ids: np.ndarray, qv: np.ndarray, pick
     nb = np.where(nb == pick[:, None], -1, nb)
     out = np.empty_like(top)
     for lo in range(0, len(pick), chunk):
-        ids = np.concatenate([cand_ids[lo : lo + chunk], nb[lo : lo + chunk]], 1)
+        part = nb[lo : lo + chunk]
+        vecs = np.asarray(base[np.maximum(part, 0).ravel()], dtype=np.float32).reshape(*part.shape, -1)
+        # the search's own values for its candidates, then the neighbour lists' products
+        sims = np.concatenate([top[lo : lo + chunk], np.einsum("qd,qcd->qc", qv[lo : lo + chunk], vecs)], 1)
+        ids = np.concatenate([cand_ids[lo : lo + chunk], part], 1)
         valid = ids >= 0
-        vecs = np.asarray(base[np.maximum(ids, 0).ravel()], dtype=np.float32).reshape(*ids.shape, -1)
-        sims = np.einsum("qd,qcd->qc", qv[lo : lo + chunk], vecs)
-        sims[:, : cand_ids.shape[1]] = top[lo : lo + chunk]  # the search's own values for its candidates
         order = np.argsort(np.where(valid, ids, np.iinfo(np.int64).max), axis=1, kind="stable")
         ids, sims, valid = (np.take_along_axis(a, order, 1) for a in (ids, sims, valid))
         valid[:, 1:] &= ids[:, 1:] != ids[:, :-1]  # each id once
@@ -266,7 +267,7 @@ def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, pos
         rows = order[a:b]
         bidx = batch_of[rows[0]]
         lo, hi = offsets[bidx], offsets[bidx + 1]
-        cand = ids[lo:hi]
+        cand = np.sort(ids[lo:hi])  # in id order: the rows are read from the file in order
         if negatives is not None:
             cand = np.unique(np.concatenate([cand, negatives[lo:hi].ravel()]))
             cand = cand[cand >= 0]  # -1: a slot a small task could not fill
