@@ -193,6 +193,28 @@ def test_ddp_every_rank_the_same_number_of_batches(small):
     assert sorted(i for x in shards for b in x for i in b) == list(range(100))
 
 
+def test_ddp_even_slices_for_a_gathering_loss(small, caplog):
+    """MultipleNegativesRankingLoss(gather_across_devices=True) all-gathers equal shapes: with even_slices (the
+    default under DDP) every rank's slice of every batch has one size; the short batch of 100 = 8 x 12 + 4 on 3
+    ranks gives up 1 row. even_slices=False trains all 100 rows in uneven slices."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    from b3stream.integrations.sentence_transformers import mine_schedule
+
+    ds, miner, _ = small
+    path = mine_schedule(ds, HashModel(), miner.out.parent / "ddp3", batch_size=12, K=4, p=2, m=12)
+    for even, rows in ((None, 99), (False, 100)):
+        s = sampler(ds, path, batch_size=4, world_size=3, rank=0, **({} if even is None else {"even_slices": even}))
+        shards = [list(BatchSamplerShard(s, num_processes=3, process_index=r, even_batches=False)) for r in range(3)]
+        assert [len(x) for x in shards] == [9, 9, 9]
+        trained = [i for x in shards for b in x for i in b]
+        assert len(trained) == len(set(trained)) == rows
+        sizes = [[len(shards[r][step]) for r in range(3)] for step in range(9)]
+        assert (sizes[-1] == [1, 1, 1]) if even is None else (sizes[-1] == [2, 1, 1])
+        assert all(x == [4, 4, 4] for x in sizes[:-1])
+    assert "1 of 100 rows are not trained this epoch" in caplog.text
+
+
 def test_drop_last_leaves_out_only_the_short_batch(small, caplog):
     ds, _, path = small
     s = sampler(ds, path, drop_last=True)

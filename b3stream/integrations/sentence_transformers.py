@@ -158,19 +158,24 @@ class B3Miner:
         K, p, m, h, seed: as ``b3stream mine`` (K default: min(32, batch_size)).
         query_prompt, positive_prompt: prepended to anchors / positives when the model embeds them, as the
             trainer's ``prompts`` prepend them in training (None: none).
+        query_task, positive_task: the task the anchors / positives are embedded with, as the trainer's
+            ``router_mapping`` gives them in training (``query`` / ``document``: a Transformer's
+            ``query_length`` / ``document_length``, a Router's route; None: none).
         encode_batch_size: the model's encode batch size.
         mine: further ``MineConfig`` fields (``{"partitioner": "kaminpar", "edges": "union"}``).
     """
 
     def __init__(self, dataset, out: str | Path, batch_size: int, strategy: str = "b3", K: int | None = None,
                  p: int = 30, m: int = 100, h: int = 5, seed: int = 0, query_prompt: str | None = None,
-                 positive_prompt: str | None = None, encode_batch_size: int = 64, progress: bool = False,
+                 positive_prompt: str | None = None, query_task: str | None = None,
+                 positive_task: str | None = None, encode_batch_size: int = 64, progress: bool = False,
                  mine: dict[str, Any] | None = None):
         self.dataset, self.out = dataset, Path(out)
         self.batch_size, self.strategy = int(batch_size), strategy
         self.K = int(K) if K is not None else min(32, self.batch_size)
         self.p, self.m, self.h, self.seed = p, m, h, seed
         self.query_prompt, self.positive_prompt = query_prompt, positive_prompt
+        self.query_task, self.positive_task = query_task, positive_task
         self.encode_batch_size, self.progress = encode_batch_size, progress
         self.overrides = dict(mine or {})
         self.history: list[dict] = []  # every mine(): schedule path, seconds per part
@@ -244,12 +249,12 @@ class B3Miner:
         was_training = bool(getattr(model, "training", False))
         try:
             with torch.no_grad():
-                for name, side, prompt in (("queries", "query", self.query_prompt),
-                                           ("positives", "positive", self.positive_prompt)):
+                for name, side, prompt, task in (("queries", "query", self.query_prompt, self.query_task),
+                                                 ("positives", "positive", self.positive_prompt, self.positive_task)):
                     texts = [r[side] for r in records]
                     vectors = model.encode(texts, batch_size=self.encode_batch_size, convert_to_numpy=True,
                                            normalize_embeddings=True, show_progress_bar=self.progress,
-                                           **({"prompt": prompt} if prompt else {}))
+                                           **({"prompt": prompt} if prompt else {}), **({"task": task} if task else {}))
                     tmp = folder / f".{name}.tmp-{os.getpid()}.npy"
                     np.save(tmp, np.asarray(vectors, dtype=np.float32))
                     os.replace(tmp, folder / f"{name}.npy")
@@ -306,7 +311,11 @@ class B3BatchSampler(DefaultBatchSampler):
       epoch (its rows are not trained by this schedule; a warning says how many). Without it no row is dropped.
     - Under DDP every global batch is yielded as ``world`` contiguous slices, rank order, for accelerate's
       ``BatchSamplerShard`` to hand out one per rank; use the loss with ``gather_across_devices=True`` so each
-      anchor sees the whole B3 batch.
+      anchor sees the whole B3 batch. That gather needs every rank's slice to be the same size
+      (``torch.distributed.nn.all_gather``), so with ``even_slices`` (default: under DDP) a batch whose size
+      does not divide by the processes (the short one, or one a tiny tail was merged into) gives up its last
+      ``size mod world`` rows for the epoch (fewer than ``world``; a warning says how many);
+      ``even_slices=False`` trains them in uneven slices, for losses that do not gather.
     - :meth:`use_schedule` (the re-mining callback's) plans the epochs from the next ``__iter__`` on a new
       schedule of the same data and |B|; epochs keep their number of batches (:meth:`__len__`).
 
@@ -315,7 +324,7 @@ class B3BatchSampler(DefaultBatchSampler):
 
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns: list[str] | None = None,
                  generator=None, seed: int = 0, schedule=None, world_size: int | None = None,
-                 rank: int | None = None):
+                 rank: int | None = None, even_slices: bool | None = None):
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last,
                          valid_label_columns=valid_label_columns, generator=generator, seed=seed)
         if schedule is None:
@@ -327,6 +336,7 @@ class B3BatchSampler(DefaultBatchSampler):
         self.world = int(world_size) if world_size is not None else detected_world
         self.rank = int(rank) if rank is not None else detected_rank
         self.seed = int(seed) if seed is not None else 0
+        self.even_slices = self.world > 1 if even_slices is None else bool(even_slices)
         self.stamp = dataset_stamp(dataset)
         self.n = self.stamp["n"]
         self.schedule = self._pick(schedule)
@@ -336,14 +346,15 @@ class B3BatchSampler(DefaultBatchSampler):
         self.swaps: list[dict] = []  # every use_schedule(): {"epoch" it first trained, "from", "to", "path"}
 
     @classmethod
-    def using(cls, *schedules) -> functools.partial:
+    def using(cls, *schedules, **options) -> functools.partial:
         """A factory for ``SentenceTransformerTrainingArguments(batch_sampler=...)`` that builds this sampler on
-        ``schedules`` (a path, a folder of versions, a :class:`B3Miner`, or several: the dataset's own)."""
+        ``schedules`` (a path, a folder of versions, a :class:`B3Miner`, or several: the dataset's own);
+        ``options``: the sampler's keyword arguments (``even_slices``)."""
         if not schedules:
             raise ValueError("B3BatchSampler.using needs a schedule (a file, a folder of versions or a B3Miner)")
         picked = [str(s.schedules) if isinstance(s, B3Miner) else str(s) if isinstance(s, (str, Path)) else s
                   for s in schedules]
-        return functools.partial(cls, schedule=picked[0] if len(picked) == 1 else picked)
+        return functools.partial(cls, schedule=picked[0] if len(picked) == 1 else picked, **options)
 
     # -- schedules -----------------------------------------------------------------------------------
     def _pick(self, source) -> Schedule:
@@ -409,7 +420,10 @@ class B3BatchSampler(DefaultBatchSampler):
         # The short batch last: under DDP accelerate's BatchSamplerShard drops a group of slices whose last is
         # shorter than the per-device batch anywhere but at the end (the same order on one process).
         size = self.schedule.batch_size
-        return [b for b in plan if len(b) >= size] + [b for b in plan if len(b) < size]
+        plan = [b for b in plan if len(b) >= size] + [b for b in plan if len(b) < size]
+        if self.even_slices and self.world > 1:  # every rank's slice the same size (a gathering loss needs it)
+            plan = [b[: len(b) - len(b) % self.world] for b in plan]
+        return plan
 
     def _kept(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         if not self.drop_last:
@@ -429,6 +443,11 @@ class B3BatchSampler(DefaultBatchSampler):
             dropped = sum(len(b) for b in batches) - sum(len(b) for b in kept)
             log.warning("drop_last: %d of %d rows (the schedule's short batch) are not trained this epoch; "
                         "dataloader_drop_last=False trains every row", dropped, self.n)
+        trimmed = self.n - sum(len(b) for b in batches)
+        if trimmed:
+            log.warning("even_slices: %d of %d rows are not trained this epoch, so that every one of the %d ranks' "
+                        "slices has the same size (gather_across_devices needs it); even_slices=False trains them "
+                        "in uneven slices", trimmed, self.n, self.world)
         for batch in kept:
             if self.world == 1:
                 yield batch.tolist()
