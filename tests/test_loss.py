@@ -156,6 +156,56 @@ def test_host_known_sizes_replace_the_size_gathers(tmp_path):
             assert case["refused"]
 
 
+SCATTER_CASES = [[4, 4], [5, 3], [0, 3], [0, 0]]  # rows per rank
+
+
+def reduce_scatter_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of :func:`test_the_gathers_backward_is_a_reduce_scatter`: per case, the gradient the
+    gather's backward hands this rank, next to the all-reduce-and-slice it replaced, and the collectives the
+    backward made."""
+    import os
+
+    import torch.distributed as dist
+
+    from b3stream.train.loss import gather
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+    names = [n for n in ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor") if hasattr(dist, n)]
+    real = {n: getattr(dist, n) for n in names}
+    for n in names:
+        setattr(dist, n, lambda *a, _n=n, **k: (calls.append(_n), real[_n](*a, **k))[1])
+    results = []
+    for sizes in SCATTER_CASES:
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        x = unit(max(1, sum(sizes)), 8, seed=3)[: sum(sizes)][lo:hi].clone().requires_grad_()
+        weights = unit(max(1, sum(sizes)), 8, seed=10 + rank)[: sum(sizes)]  # a loss that differs per rank
+        calls.clear()
+        (gather(x, sizes) * weights).sum().backward()
+        made = list(calls)
+        reference = weights.clone()  # d loss / d gathered rows on this rank, summed over ranks, our rows kept
+        real["all_reduce"](reference)
+        results.append({"grad": x.grad, "reference": reference[lo:hi], "calls": made})
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_gathers_backward_is_a_reduce_scatter(tmp_path):
+    """Two gloo ranks: the gather's backward gives each rank the sum over ranks of the gradients of its own
+    rows, equal (1e-6) to the all-reduce of the whole gradient sliced afterwards, for equal, unequal, empty
+    and all-empty slices; it makes one reduce-scatter (none when every slice is empty) and no all-reduce."""
+    torch.multiprocessing.spawn(reduce_scatter_worker, nprocs=2, join=True, args=(2, free_port(), str(tmp_path)))
+    for rank in (0, 1):
+        for sizes, case in zip(SCATTER_CASES, torch.load(tmp_path / f"rank{rank}.pt")):
+            assert case["grad"].shape == (sizes[rank], 8)
+            torch.testing.assert_close(case["grad"], case["reference"], rtol=0, atol=1e-6)
+            assert "all_reduce" not in case["calls"], case["calls"]
+            assert len(case["calls"]) == (0 if max(sizes) == 0 else 1), (sizes, case["calls"])
+
+
 # -- GradCache ------------------------------------------------------------------------------------------
 
 TEXTS_Q = [f"how to {verb} a {noun}" for verb in ("sort", "parse", "open", "hash", "merge")

@@ -20,13 +20,15 @@ negative with that text. The mask is local to each rank's queries; nothing more 
 Distributed layout. Each rank embeds its slice of the batch (and its share of ``N``), then gathers every
 rank's embeddings, so each query sees the whole global batch as negatives. A rank scores only *its own*
 queries (a (n_local, |B| + |N|) logit block, not |B| x |B|); the gather's backward sums the gradient each
-rank computed for every slice and hands each rank the part for its own embeddings. DeepSpeed then averages
+rank computed for every slice and hands each rank the part for its own embeddings, in one reduce-scatter
+(each rank receives only its own rows, summed: 1/world of the traffic of an all-reduce of the whole
+(|B| + |N|) x d gradient, whose other rows every rank would throw away). DeepSpeed then averages
 parameter gradients over ranks, so each rank's loss is scaled by ``world / |B|`` (not ``1 / n_local``):
 the averaged gradient is then exactly the gradient of the global mean, also when the last batch of an
 epoch does not split evenly. The tests check this against one process holding the whole batch. The
 gathers need every rank's row count; the trainer passes the counts its plan implies (``Step.sizes``,
-``Step.negative_sizes``), so a step's collectives are the embeddings' and keys' gathers, the gradient's
-all-reduce and the statistics' all-reduce, with no all-gather of counts and no ``.item()`` (a host wait
+``Step.negative_sizes``), so a step's collectives are the embeddings' and keys' gathers, the gradients'
+reduce-scatters and the statistics' all-reduce, with no all-gather of counts and no ``.item()`` (a host wait
 on NCCL) to read them.
 
 Target columns. The logit block is ``[all |B| positives | all |N| hard negatives]``: the positives come
@@ -124,13 +126,37 @@ def host_sizes(sizes: list[int] | None, rows: int, what: str = "rows") -> list[i
     return sizes
 
 
+def reduce_scatter_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Rows ``x`` (every rank's, in rank order, ``sizes[r]`` rows of rank r) summed over ranks, each rank
+    receiving its own rows only: one reduce-scatter over slices padded to the largest (none to pad when the
+    sizes are equal). Nothing is exchanged when every size is 0 (the same on every rank)."""
+    rank, world = _world()
+    biggest = max(sizes)
+    if biggest == 0:
+        return x.new_zeros((0, *x.shape[1:]))
+    if all(s == biggest for s in sizes):
+        padded = x.contiguous()
+    else:
+        padded = x.new_zeros((world * biggest, *x.shape[1:]))
+        start = 0
+        for r, s in enumerate(sizes):
+            padded[r * biggest : r * biggest + s] = x[start : start + s]
+            start += s
+    out = x.new_empty((biggest, *x.shape[1:]))
+    # reduce_scatter_single: torch's newer name (reduce_scatter_tensor warns there); both work on gloo and NCCL
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, padded, op=dist.ReduceOp.SUM)
+    return out[: sizes[rank]]
+
+
 class _GatherWithGrad(torch.autograd.Function):
-    """Concatenate every rank's rows; backward sums all ranks' gradients and keeps the local rows."""
+    """Concatenate every rank's rows; backward sums all ranks' gradients for the local rows (a
+    reduce-scatter: each rank gets its own rows' sum, nothing else)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         rank, _ = _world()
-        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        ctx.sizes = list(sizes)
         parts = all_gather_rows(x.detach(), sizes)
         parts[rank] = x.detach()
         return torch.cat(parts)
@@ -139,9 +165,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         # Rank r's loss depends on every rank's embeddings, so the gradient for our rows is the sum of
         # what each rank computed for them.
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.start : ctx.stop], None
+        return reduce_scatter_rows(grad, ctx.sizes), None
 
 
 def gather(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
