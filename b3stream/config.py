@@ -145,7 +145,9 @@ class RefreshConfig:
     every_epochs: int | None = None  # and/or at the end of every N-th epoch
     spawn: bool = True  # the main rank starts the miner as a child process (false: run `b3stream refresh`)
     model: str = "student"  # student | teacher: what the miner embeds with (teacher: for data that grows)
-    device: str | None = None  # the miner's device (cpu, cuda:1); None: a GPU if present, else cpu
+    # the spawned miner's device: None - a GPU no local rank trains on, else the CPU; cuda - such a GPU, else it
+    # shares the last one; cuda:N; cpu (refresh/trainer.py miner_placement); a standalone miner's --device wins
+    device: str | None = None
     threads: int | None = None  # the miner's CPU threads; None: half the cores (at least 1)
     nice: int = 10  # the miner's niceness: it yields the CPU to the trainer
     keep: int = 2  # snapshots kept on disk
@@ -199,7 +201,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     deepspeed: str | None = None  # ZeRO JSON path or name in ds_configs/ ("zero2"); None: zero0
     seed: int = 0
-    num_workers: int = 1  # DataLoader workers reading records by id
+    # DataLoader workers reading and tokenizing a step's records by id; null: the cores per local rank less one,
+    # between 1 and 8 (train/collate.py auto_workers)
+    num_workers: int | None = None
     log_every: int = 10
     eval_every: int | None = None  # also evaluated before training and at the end when eval_split is set
     eval_split: str | None = "validation"  # None: no evaluation; "test" only when you mean to report it
@@ -470,7 +474,7 @@ def _check_train(c: TrainConfig, v: _Checker) -> None:
     v.at_least("grad_clip", 0)
     v.one_of("precision", ("auto", "fp32", "bf16", "fp16"))
     v.at_least("seed", 0)  # numpy's generators refuse a negative seed, deep inside the sampler
-    v.at_least("num_workers", 0)
+    v.at_least("num_workers", 0, optional=True)
     v.above("log_every", 0)
     for name in ("eval_every", "save_every", "watch_schedule_every", "eval_max_queries"):
         v.above(name, 0, optional=True)

@@ -60,6 +60,16 @@ def init_from_launcher() -> tuple[int, int]:
     return world()
 
 
+def local_world_size() -> int:
+    """The training processes on this host: ``LOCAL_WORLD_SIZE`` (torchrun) or ``LOCAL_SIZE`` (the
+    deepspeed launcher); 1 without a launcher."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

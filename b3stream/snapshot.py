@@ -10,6 +10,12 @@ was at one training step::
         model.safetensors     full fine-tuning: every weight of the backbone
         trained.npy           the ids trained so far in the current epoch (the miner mines them apart)
 
+The trainer takes a snapshot in two parts (:func:`capture_weights`, then :func:`write_snapshot`): at the
+snapshot step it copies the weights the snapshot saves to host memory (for a LoRA student only the adapter's,
+so under ZeRO-3 only those are gathered), and the files, their SHA-256 and the pruning are written from
+that copy, on a background thread while training goes on (:class:`b3stream.refresh.trainer.SnapshotWriter`);
+the bytes are those a synchronous write of the model at that step gives.
+
 A snapshot is written under a temporary name and renamed into place, so a folder named ``step-*`` is always
 complete; a reader that finds one without a valid ``snapshot.json`` ignores it. Only the newest ``keep``
 snapshots are kept, and the one a miner is mining from: the miner pins it (:func:`pin_snapshot`, a lease in
@@ -186,11 +192,95 @@ def is_lora(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_cfg: EncoderConfig, stamp: dict,
-                   epoch: int = 0, keep: int = 2, trained=None) -> Path:
-    """Write the student's weights at ``step`` (call on one process, with full weights at hand: under
-    ZeRO-3 inside ``GatheredParameters``) and prune all but the newest ``keep`` snapshots. ``trained``: the
-    ids trained so far in this epoch (none at an epoch's start)."""
+def snapshot_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a snapshot of ``model`` saves (what ZeRO-3 must gather for it): a LoRA / DoRA
+    student's adapter (its trainable parameters and every ``lora_`` / ``modules_to_save`` one), every
+    parameter of a fully fine-tuned one."""
+    if not is_lora(model):
+        return list(model.parameters())
+    return [p for name, p in model.named_parameters() if _adapter_name(name, p)]
+
+
+def _adapter_name(name: str, p: torch.Tensor | None = None) -> bool:
+    return (p is not None and p.requires_grad) or "lora_" in name or "modules_to_save" in name
+
+
+@dataclass
+class HostWeights:
+    """What a snapshot saves, copied off the model at the snapshot step (:func:`capture_weights`): the
+    tensors in host memory, ready to be written while the model trains on."""
+
+    kind: str  # "lora" (the adapter's tensors, by state-dict name) or "full" (as safetensors' save_model keeps them)
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] | None = None  # full: the tied names safetensors drops, and the name each points to
+    model: torch.nn.Module | None = None  # lora: the PEFT model, for its adapter config (never its weights)
+    copied: object = None  # a CUDA event the copies were queued before (None: they are done)
+
+    def wait(self) -> None:
+        """Until the copies are complete (a no-op for copies from host memory)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+
+
+def capture_weights(model: torch.nn.Module) -> HostWeights:
+    """Copy what a snapshot of ``model`` saves to host memory (call on one process, with those weights at
+    hand: under ZeRO-3 inside ``GatheredParameters`` of :func:`snapshot_parameters`). From GPU memory the
+    copies go into pinned buffers without waiting for the GPU (stream order keeps them before the next
+    step's updates); :meth:`HostWeights.wait` waits for them, on the writer's thread."""
+    state = model.state_dict()
+    metadata = None
+    if is_lora(model):
+        kind = "lora"
+        state = {k: v for k, v in state.items() if _adapter_name(k)} | \
+            {k: state[k] for k, p in model.named_parameters() if p.requires_grad and k in state}
+    else:
+        from safetensors.torch import _remove_duplicate_names
+
+        kind = "full"
+        for kept, removed in _remove_duplicate_names(state).items():  # tied weights, as save_model drops them
+            for name in removed:
+                metadata = metadata or {}
+                metadata.setdefault(name, kept)
+                del state[name]
+    cuda = any(v.is_cuda for v in state.values())
+    tensors = {k: _host_copy(v) for k, v in state.items()}
+    copied = None
+    if cuda:
+        copied = torch.cuda.Event()
+        copied.record()
+    return HostWeights(kind, tensors, metadata, model if kind == "lora" else None, copied)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if not t.is_cuda:
+        return t.to("cpu", copy=True).contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)  # contiguous, whatever t's strides
+    return out
+
+
+def _write_weights(weights: HostWeights, folder: Path) -> None:
+    weights.wait()
+    if weights.kind == "lora":
+        # PEFT's own save (adapter config, model card, safetensors) from the host copy, not the live weights;
+        # the base embedding never goes with it: the miner loads the adapter into the run's own base model
+        weights.model.save_pretrained(str(folder / "adapter"), state_dict=weights.tensors,
+                                      save_embedding_layers=False)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(weights.tensors, str(folder / "model.safetensors"), metadata=weights.metadata)
+
+
+def write_snapshot(run: str | Path, step: int, model: torch.nn.Module | HostWeights, encoder_cfg: EncoderConfig,
+                   stamp: dict, epoch: int = 0, keep: int = 2, trained=None) -> Path:
+    """Write the student's weights at ``step`` - a model (call on one process, with full weights at hand:
+    under ZeRO-3 inside ``GatheredParameters``) or their :func:`capture_weights` copy, the trainer's
+    background write - and prune all but the newest ``keep`` snapshots. ``trained``: the ids trained so far
+    in this epoch (none at an epoch's start)."""
+    weights = model if isinstance(model, HostWeights) else capture_weights(model)
     folder = snapshot_folder(run)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:07d}"
@@ -199,14 +289,8 @@ def write_snapshot(run: str | Path, step: int, model: torch.nn.Module, encoder_c
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        if is_lora(model):
-            model.save_pretrained(str(tmp / "adapter"))
-            kind = "lora"
-        else:
-            from safetensors.torch import save_model
-
-            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
-            kind = "full"
+        _write_weights(weights, tmp)
+        kind = weights.kind
         if trained is not None and len(trained):
             np.save(tmp / TRAINED, np.asarray(trained, dtype=np.int64))
         write_json(tmp / META, {

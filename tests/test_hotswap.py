@@ -120,7 +120,7 @@ def test_the_watcher_skips_any_bad_newer_version_and_training_goes_on(tmp_path, 
     }
     said = []
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
-    watcher = ScheduleWatcher(folder, manifest, dist, say=said.append)
+    watcher = ScheduleWatcher(folder, manifest, dist, say=said.append, background=False)  # the decisions, inline
     for version, (data, message) in crafted.items():  # dropped in one at a time, as a running trainer sees them
         version_path(folder, version).write_bytes(data)
         assert watcher.check(0) is None  # not it, and never back to an older one
@@ -168,7 +168,7 @@ def test_a_version_from_a_later_snapshot_waits_and_one_from_another_epoch_is_ref
     _publish(folder, toy_dataset, 1, seed=1, source_step=60, source_epoch=0, trained_apart=0)
     said, position = [], {"step": 50, "epoch": 0}
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
-    watcher = ScheduleWatcher(folder, Manifest.load(toy_dataset), dist, say=said.append)
+    watcher = ScheduleWatcher(folder, Manifest.load(toy_dataset), dist, say=said.append, background=False)
     watcher.accept = lambda s: _fits_now(s, position["step"], position["epoch"])
     assert watcher.check(0) is None and not said  # step 50 < 60: not yet, and not rejected
     position["step"] = 60
@@ -180,8 +180,9 @@ def test_a_version_from_a_later_snapshot_waits_and_one_from_another_epoch_is_ref
 
 
 def _two_rank_watch(rank: int, world: int, port: int, root: str, data: str, out: str) -> None:
-    """Each rank watches its own copy of a folder; rank 1's copy of v1 is unreadable at the first check (a
-    transient fault on one rank), readable at the second."""
+    """Each rank watches its own copy of a folder with its loader on a thread; rank 1's copy of v1 is
+    unreadable when rank 0 first announces it (a transient fault on one rank), readable after: the failure is
+    reported at the next check, counted on both ranks, read again, and v1 swapped at the same check on both."""
     import os
 
     import torch.distributed as tdist
@@ -192,18 +193,24 @@ def _two_rank_watch(rank: int, world: int, port: int, root: str, data: str, out:
     tdist.init_process_group("gloo", rank=rank, world_size=world)
     folder = Path(root) / f"rank{rank}"
     dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), backend="gloo")
-    watcher = ScheduleWatcher(folder, Manifest.load(data), dist, say=lambda m: None)
+    watcher = ScheduleWatcher(folder, Manifest.load(data), dist, say=lambda m: None)  # loaders on threads
     v1 = version_path(folder, 1)
     good = v1.read_bytes()
     if rank == 1:
         v1.write_bytes(good[:100])
-    first = watcher.check(0)
+    seen = []
+    assert watcher.settle()  # rank 0's loader has v1
+    seen.append(watcher.check(0))  # rank 0 announces v1
+    assert watcher.settle()  # rank 1's loader fails to read its copy
     tdist.barrier()
     if rank == 1:
         v1.write_bytes(good)
-    second = watcher.check(0)
+    seen.append(watcher.check(0))  # the failure is counted on both ranks; rank 1 reads it again
+    assert watcher.settle()
+    seen.append(watcher.check(0))  # every rank has it: both swap, at this same check
+    watcher.close()
     Path(out, f"rank{rank}.json").write_text(json.dumps(
-        {"first": first and first.version, "second": second and second.version}))
+        {"seen": [s and s.version for s in seen], "failures": watcher.failures.get(1, 0)}))
     tdist.barrier()
     tdist.destroy_process_group()
 
@@ -220,4 +227,4 @@ def test_a_version_one_rank_could_not_read_is_tried_again(tmp_path, toy_dataset)
     shutil.copytree(tmp_path / "rank0", tmp_path / "rank1")
     mp.spawn(_two_rank_watch, args=(2, free_port(), str(tmp_path), str(toy_dataset), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"first": None, "second": 1}
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"seen": [None, None, 1], "failures": 1}

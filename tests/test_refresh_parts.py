@@ -48,7 +48,7 @@ def test_watcher_takes_only_strictly_newer_good_versions(tmp_path, code_dataset)
         random_schedule(code_dataset, batch_size=16, K=4, seed=v, folder=folder, version=v)
     said = []
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
-    watcher = ScheduleWatcher(folder, manifest, dist, say=said.append)
+    watcher = ScheduleWatcher(folder, manifest, dist, say=said.append, background=False)  # the decisions, inline
     assert watcher.check(1) is None  # nothing newer than v1
     assert watcher.check(0).version == 1
     # A newer version whose file is corrupt (same size, one byte flipped) and a half-written temp file.

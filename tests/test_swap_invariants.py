@@ -382,7 +382,8 @@ def test_the_watcher_skips_a_schedule_of_another_batch_size(tmp_path, toy_datase
     sampler = ScheduleSampler(first, manifest.split("train").n, seed=0)
     said = []
     watcher = ScheduleWatcher(folder, manifest, DistInfo(rank=0, world_size=1, local_rank=0,
-                                                         device=torch.device("cpu"), backend="gloo"), say=said.append)
+                                                         device=torch.device("cpu"), backend="gloo"), say=said.append,
+                               background=False)
     watcher.accept = sampler.check_swap
     random_schedule(toy_dataset, batch_size=8, K=4, seed=1, folder=folder, version=1)
     assert watcher.check(0) is None and 1 in watcher.rejected

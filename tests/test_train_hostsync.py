@@ -1,8 +1,9 @@
 """The hot path costs what it must and no more: the per-step statistics stay on the device until read (no
 host sync per step) and read the same; a step's collectives are the embeddings' (no all-gather of row
-counts the plan already gives), the schedule watcher agrees on CPU tensors and, when the default group is
-NCCL, on a gloo group of its own, and carries the ranks' stop flags (SIGINT / SIGTERM) in the same collective;
-the DataLoader workers outlive swaps and epochs and serve the new plan.
+counts the plan already gives) and the gradients' reduce-scatters, the schedule watcher agrees on CPU tensors
+(one all-reduce of four integers per check, a swap included) and, when the default group is NCCL, on a gloo
+group of its own, and carries the ranks' stop flags (SIGINT / SIGTERM) in the same collective; the DataLoader
+workers outlive swaps and epochs and serve the new plan.
 
 Run as a module under torchrun (``python -m torch.distributed.run --nproc_per_node 2 -m
 tests.test_train_hostsync ARGS.json``), this file is also the script of the two-rank counting test.
@@ -99,8 +100,11 @@ def test_host_side_token_extents_trim_like_the_mask(side):
 
 # -- collectives per training step (two gloo ranks, real DeepSpeed engines) -----------------------------
 
-COLLECTIVES = ("all_gather", "broadcast", "all_reduce", "all_gather_object")
-SWAP_AFTER = 2  # rank 0 publishes schedule v2 once this many steps are trained; the check that follows swaps
+COLLECTIVES = ("all_gather", "broadcast", "all_reduce", "all_gather_object", "reduce_scatter_single",
+               "reduce_scatter_tensor")
+SWAP_AFTER = 2  # rank 0 publishes schedule v2 once this many steps are trained; the check that follows
+# announces it (rank 0's loader has it), the one after swaps (every rank's loader has it)
+SWAP_AT = SWAP_AFTER + 1
 
 
 def count_collectives(events: list) -> None:
@@ -140,13 +144,28 @@ def _publish_v2_at_the_swap_step(events: list, rank: int, args: dict) -> None:
     ScheduleSampler.advance = advance
 
 
+def _settled_checks() -> None:
+    """Each check first waits for this rank's schedule loader (a thread) to have looked: which check
+    announces and which swaps is then the same in every run, as the test counts them."""
+    from b3stream.refresh.hotswap import ScheduleWatcher
+
+    real = ScheduleWatcher.check
+
+    def check(self, *args, **kwargs):
+        self.settle()
+        return real(self, *args, **kwargs)
+
+    ScheduleWatcher.check = check
+
+
 def _plain(events: list) -> list[dict]:
     return [{"fn": e["fn"], "where": e.get("where"), "default_group": e.get("group") is None} for e in events]
 
 
 def _nccl_watcher_check(events: list, info, args: dict) -> dict:
     """A watcher told the default group is NCCL (the process group here is gloo: CPU only) must agree on a
-    gloo group of its own, with CPU tensors; ``check`` finds v2 above v1 (two all-reduces)."""
+    gloo group of its own, with CPU tensors; two checks find v2 above v1 (rank 0 announces it at the first,
+    every rank has loaded it at the second: one all-reduce each)."""
     import torch.distributed as tdist
 
     from b3stream.data.manifest import Manifest
@@ -155,8 +174,10 @@ def _nccl_watcher_check(events: list, info, args: dict) -> dict:
 
     nccl = DistInfo(rank=info["rank"], world_size=info["world"], local_rank=info["rank"],
                     device=torch.device("cpu"), backend="nccl")
-    watcher = ScheduleWatcher(args["folder"], Manifest.load(args["data"]), nccl, say=lambda line: None)
+    watcher = ScheduleWatcher(args["folder"], Manifest.load(args["data"]), nccl, say=lambda line: None,
+                              background=False)
     events.clear()
+    assert watcher.check(1) is None
     found = watcher.check(1)
     calls = [e for e in events if e["where"].startswith("hotswap.py")]
     groups = {id(e["group"]): e["group"] for e in calls}.values()  # the groups the collectives were given
@@ -179,6 +200,7 @@ def _counting_run(args_path: str) -> None:
     events: list = []
     count_collectives(events)
     _publish_v2_at_the_swap_step(events, rank, args)
+    _settled_checks()
     summary = train(load_config(TrainConfig, args["config"], []), progress=False)
     result = {"train": _plain(events), "swaps": summary["swaps"]}
     result["nccl_watcher"] = _nccl_watcher_check(events, {"rank": rank, "world": world}, args)
@@ -209,12 +231,13 @@ def _per_step(events: list[dict], steps: int) -> tuple[list[dict], list[dict]]:
 @pytest.mark.slow
 def test_a_step_gathers_embeddings_only_and_the_watcher_agrees_off_the_nccl_group(tmp_path, code_dataset):
     """Two gloo ranks train 4 steps (B3++ negatives, one persistent loader worker each) watching the
-    schedule folder every step; v2 lands after step 2. Counted per step: the loss's collectives are the
-    four gathers (positives, negatives and their content keys), the statistics' all-reduce and the two
-    gradient all-reduces, with no all-gather of row counts; the watcher makes one all-reduce per check (rank
-    0's answer and the ranks' stop flags; one more when it swaps) on the default gloo group, and the stop flags
-    cost no collective of their own but the one after the last step. A watcher on an NCCL default group agrees
-    on its own gloo group with CPU tensors. The batches after the swap are the new plan's."""
+    schedule folder every step; v2 lands after step 2, is announced at that check and swapped at the next.
+    Counted per step: the loss's collectives are the four gathers (positives, negatives and their content
+    keys), the statistics' all-reduce and the two gradients' reduce-scatters, with no all-gather of row counts
+    and no all-reduce of a gradient; the watcher makes one all-reduce per check (rank 0's announcement, the
+    ranks' readiness and stop flags; the swap included) on the default gloo group, and the stop flags cost no
+    collective of their own but the one after the last step. A watcher on an NCCL default group agrees on its
+    own gloo group with CPU tensors. The batches after the swap are the new plan's."""
     from b3stream.data.manifest import Manifest
     from b3stream.schedule import load_schedule
     from b3stream.dist import free_port
@@ -235,32 +258,37 @@ def test_a_step_gathers_embeddings_only_and_the_watcher_agrees_off_the_nccl_grou
     assert res.returncode == 0, res.stderr[-4000:]
     assert "terminate called" not in res.stderr
 
-    per_step_loss = {"all_gather_rows/all_gather": 4, "__call__/all_reduce": 1, "backward/all_reduce": 2}
+    import torch.distributed as tdist
+
+    scatter = "reduce_scatter_single" if hasattr(tdist, "reduce_scatter_single") else "reduce_scatter_tensor"
+    trace = read_trace(tmp_path / "run")
+    # a step whose global batch has no hard negative at all (a re-cut batch after the swap) scatters no
+    # negatives' gradient: one reduce-scatter, for the positives
+    per_step_loss = [{"all_gather_rows/all_gather": 4, "__call__/all_reduce": 1,
+                      f"reduce_scatter_rows/{scatter}": 2 if t["negatives"] else 1} for t in trace]
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         loss, watch = _per_step(r["train"], 4)
-        assert loss == [per_step_loss] * 4, (rank, loss)
+        assert loss == per_step_loss, (rank, loss)
         assert not any(e["where"] and e["where"].endswith("gather_sizes") for e in r["train"])
-        swap_check = {"agree/all_reduce": 2}
-        assert watch == [{"agree/all_reduce": 1}, swap_check, {"agree/all_reduce": 1}, {}], (rank, watch)
+        assert watch == [{"agree/all_reduce": 1}] * 3 + [{}], (rank, watch)
         # the stop flags ride on the watcher's check; on their own only after the last step (no check there)
         assert [e["fn"] for e in r["train"] if e["where"] == "dist.py:all_max"] == ["all_reduce"], rank
-        assert [s["to"] for s in r["swaps"]] == [2] and r["swaps"][0]["step"] == SWAP_AFTER
+        assert [s["to"] for s in r["swaps"]] == [2] and r["swaps"][0]["step"] == SWAP_AT
         nccl = r["nccl_watcher"]
         assert nccl["found"] == 2 and nccl["calls"] == ["all_reduce", "all_reduce"], nccl
         assert nccl["groups"] == 1 and not nccl["default_group"], nccl  # one group of its own, made once
         assert nccl["backends"] == ["gloo"] and nccl["devices"] == ["cpu"], nccl
 
-    # Steps 1-2 on v1's plan, steps 3-4 on the plan v2 makes of the ids left (the sampler alone says which).
+    # Steps 1-3 on v1's plan, step 4 on the plan v2 makes of the ids left (the sampler alone says which).
     n = Manifest.load(code_dataset).split("train").n
     replay = ScheduleSampler(load_schedule(v1), n, seed=0)
-    expected = [replay.global_batch(i).tolist() for i in range(SWAP_AFTER)]
-    for _ in range(SWAP_AFTER):
+    expected = [replay.global_batch(i).tolist() for i in range(SWAP_AT)]
+    for _ in range(SWAP_AT):
         replay.advance()
     replay.swap(load_schedule(folder / "v000002.b3s"))
-    expected += [replay.global_batch(i).tolist() for i in range(4 - SWAP_AFTER)]
-    trace = read_trace(tmp_path / "run")
-    assert [t["version"] for t in trace] == [1, 1, 2, 2]
+    expected += [replay.global_batch(i).tolist() for i in range(4 - SWAP_AT)]
+    assert [t["version"] for t in trace] == [1, 1, 1, 2]
     assert [t["ids"] for t in trace] == expected
 
 

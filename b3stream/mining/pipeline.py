@@ -86,7 +86,8 @@ def rank_stage(cfg: MineConfig, progress: bool = True) -> Path:
     prm = RankParams.from_config(cfg)
     folder = out_dir(cfg, RANK_FOLDER)
     trained = load_trained_ids(cfg.trained_ids, emb.n)
-    S, scores, T, info = rank(emb, prm, progress=progress, trained=trained)  # validates before writing
+    # validates before writing; on the miner's device (refresh.device / --device), GPU N for cuda:N
+    S, scores, T, info = rank(emb, prm, progress=progress, trained=trained, device=cfg.device)
     (folder / RANK_RECORD).unlink(missing_ok=True)
     with staged_arrays(folder) as put:
         put("S.npy", S.astype(np.int32))

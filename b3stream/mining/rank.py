@@ -17,7 +17,9 @@ and IVF indexes are moved onto it (HNSW has no GPU version and stays on the CPU)
 as a chunked torch matmul + top-k (:class:`TorchIndex`, on the GPU when torch sees one): the same results as
 ``flat`` (scores to float rounding, ids but for the order of equal scores). On a machine where torch sees a
 GPU but FAISS has no GPU build (the faiss-cpu wheel), ``auto`` and ``flat`` use it, so mining never ranks on
-the CPU beside an idle GPU; an explicit ``ivf`` or ``hnsw`` is kept as asked.
+the CPU beside an idle GPU; an explicit ``ivf`` or ``hnsw`` is kept as asked. ``device`` (MineConfig
+``device``, the miner's ``refresh.device``) says where: ``cpu`` keeps every index on the CPU, ``cuda:N`` puts
+the torch index and FAISS's GPU index on GPU N (not GPU 0), None is the first GPU when there is one.
 
 Per task (``per_task``, the default) each task is ranked against its own positives only, as the paper mines
 each dataset separately; local row numbers are mapped back to global ids. ``p + m`` must be below every
@@ -231,10 +233,14 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def choose_index(n: int, prm: RankParams, cuda: bool | None = None, faiss_gpu: bool | None = None) -> str:
+def choose_index(n: int, prm: RankParams, cuda: bool | None = None, faiss_gpu: bool | None = None,
+                 device=None) -> str:
     """The index for ``n`` positives. ``cuda``: torch sees a GPU; ``faiss_gpu``: FAISS does (both detected
     when None). With a GPU that FAISS cannot use, exact torch search on the GPU replaces ``auto`` and ``flat``:
-    exact costs O(n) per query, but on the GPU that beats IVF on the CPU, and its recall is 1."""
+    exact costs O(n) per query, but on the GPU that beats IVF on the CPU, and its recall is 1. ``device``
+    ``cpu``: no GPU is used, whatever torch and FAISS see."""
+    if on_cpu(device):
+        cuda = faiss_gpu = False
     if prm.index in ("auto", "flat"):
         cuda = torch_cuda_available() if cuda is None else cuda
         if cuda and not (gpu_available() if faiss_gpu is None else faiss_gpu):
@@ -242,6 +248,22 @@ def choose_index(n: int, prm: RankParams, cuda: bool | None = None, faiss_gpu: b
     if prm.index != "auto":
         return prm.index
     return "flat" if n <= prm.exact_threshold else "ivf"
+
+
+def on_cpu(device) -> bool:
+    """Whether ``device`` (None, "cpu", "cuda", "cuda:N" or a torch.device) keeps ranking off every GPU."""
+    return device is not None and str(device).split(":")[0] == "cpu"
+
+
+def gpu_number(device) -> int:
+    """The GPU that ``device`` names, for FAISS (``index_cpu_to_gpu`` takes a number): N of ``cuda:N``; for
+    None or ``cuda``, torch's current GPU (0 unless the process chose another)."""
+    import torch
+
+    index = torch.device(device).index if device is not None else None
+    if index is not None:
+        return int(index)
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
 class TorchIndex:
@@ -316,8 +338,10 @@ def topk_blocks(q, blocks, k: int, exclude=None):
     return best_d, best_i
 
 
-def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536, k: int | None = None):
-    """An inner-product index over ``base`` (float16/32 rows, added chunk by chunk).
+def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536, k: int | None = None,
+                device=None):
+    """An inner-product index over ``base`` (float16/32 rows, added chunk by chunk), on ``device`` (None: the
+    first GPU when there is one; ``cpu``: the CPU; ``cuda:N``: GPU N, for the torch index and FAISS's GPU index).
 
     Returns (index, desc, keep): ``keep`` holds objects FAISS does not own (quantizer, GPU resources) and
     must live as long as the index.
@@ -326,7 +350,7 @@ def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536
     desc: dict = {"kind": kind}
     keep: list = []
     if kind == "torch":
-        index = TorchIndex(base)
+        index = TorchIndex(base, device=device)
         desc["device"] = "gpu" if index.device.type == "cuda" else "cpu"
         return index, desc, keep
     faiss = _faiss()
@@ -357,10 +381,10 @@ def build_index(base: np.ndarray, kind: str, prm: RankParams, chunk: int = 65536
         index.add(np.ascontiguousarray(base[start : start + chunk], dtype=np.float32))
     if kind == "hnsw":
         index.hnsw.efSearch = max(prm.hnsw_ef_search, k or prm.p + prm.m + 1)  # HNSW returns at most efSearch
-    if kind != "hnsw" and gpu_available():
+    if kind != "hnsw" and not on_cpu(device) and gpu_available():
         res = faiss.StandardGpuResources()
         keep += [res, index]
-        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index = faiss.index_cpu_to_gpu(res, gpu_number(device), index)
         desc["device"] = "gpu"
     else:
         desc["device"] = "cpu"
@@ -470,23 +494,24 @@ def select_ranks(I: np.ndarray, D: np.ndarray, own: np.ndarray, p: int, m: int,
 
 
 def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, progress: bool = False,
-               name: str = "all", keys: np.ndarray | None = None, known: KnownKeys | None = None
+               name: str = "all", keys: np.ndarray | None = None, known: KnownKeys | None = None, device=None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """(S, scores, T, info) for one group (ids local to the group: row r is the group's r-th example).
     ``keys``: content keys of the group's positives; same-text positives are dropped like the own one.
     ``known``: the group's rows' known positive keys; positives with those texts are dropped too.
+    ``device``: where the index runs (:func:`build_index`).
 
     Search results are reduced to S and T chunk by chunk, so memory stays at the size of S and T (N x (p+m)).
     """
     n = len(queries)
-    kind = choose_index(n, prm)
+    kind = choose_index(n, prm, device=device)
     # Duplicates of the own positive (and the known positives) score like it and are dropped: search deeper
     # by as many.
     width = known.width if known is not None and keys is not None else 0
     extra = 0 if keys is None else min(max_multiplicity(keys) * (1 + width) - 1, prm.p + prm.m)
     k = min(prm.p + prm.m + 1 + extra, n)
     t0 = time.perf_counter()
-    index, desc, keep = build_index(positives, kind, prm, k=k)
+    index, desc, keep = build_index(positives, kind, prm, k=k, device=device)
     desc["duplicate_depth"] = int(extra)
     desc["build_s"] = round(time.perf_counter() - t0, 3)
     t1 = time.perf_counter()
@@ -520,12 +545,13 @@ def rank_group(queries: np.ndarray, positives: np.ndarray, prm: RankParams, prog
     return S, scores, T, desc
 
 
-def rank(emb: Embeddings, prm: RankParams, progress: bool = True, trained: np.ndarray | None = None
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def rank(emb: Embeddings, prm: RankParams, progress: bool = True, trained: np.ndarray | None = None,
+         device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """(S, scores, T, info) for all of ``emb``: S (int32, N x m), its scores (float16) and the skipped top-p
     T (int32, N x p), global ids, -1 padded. ``trained`` (a boolean mask over the ids, refreshed mode's
     mid-epoch snapshots): the untrained ids are ranked among themselves (:func:`split_trained`); a part
-    with ``p + m`` or fewer other ids gets short, padded rows rather than an error."""
+    with ``p + m`` or fewer other ids gets short, padded rows rather than an error. ``device``: where the
+    indexes run (:func:`build_index`; the miner's device)."""
     prm.check()
     groups = task_groups(emb.tasks, emb.task_names, prm.per_task, merge_threshold(prm.small_tasks, prm.p, prm.m))
     unknown = sorted(set(prm.task_params or {}) - {name for name, _ in groups})
@@ -549,7 +575,8 @@ def rank(emb: Embeddings, prm: RankParams, progress: bool = True, trained: np.nd
         gprm = prm.for_group(name)
         s_local, sc, t_local, desc = rank_group(q, p, gprm, progress=progress, name=label,
                                                   keys=None if emb.keys is None else emb.keys[ids],
-                                                  known=None if emb.known is None else emb.known.take(ids))
+                                                  known=None if emb.known is None else emb.known.take(ids),
+                                                  device=device)
         S[ids, : gprm.m] = np.where(s_local >= 0, ids[np.maximum(s_local, 0)], -1)
         T[ids, : gprm.p] = np.where(t_local >= 0, ids[np.maximum(t_local, 0)], -1)
         scores[ids, : gprm.m] = sc.astype(np.float16)

@@ -45,13 +45,15 @@ class Probe:
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
         return cls(version=int(schedule.version or 0), ids=ids.astype(np.int64), offsets=offsets)
 
-    def bound(self, queries: np.ndarray, positives: np.ndarray, K: int, temperature: float) -> float:
-        """The probe's bound for embeddings of its members (row i: ``ids[i]``), the probe as the universe."""
+    def bound(self, queries: np.ndarray, positives: np.ndarray, K: int, temperature: float,
+              device=None) -> float:
+        """The probe's bound for embeddings of its members (row i: ``ids[i]``), the probe as the universe;
+        its products on ``device`` (the miner's; None: the CPU)."""
         from ..mining.quality import batch_quality
 
         local = np.arange(len(self.ids), dtype=np.int64)
         q = batch_quality(local, self.offsets, np.asarray(queries, np.float32), np.asarray(positives, np.float32),
-                          K=min(K, max(1, len(local) - 1)), temperature=temperature, sample=None)
+                          K=min(K, max(1, len(local) - 1)), temperature=temperature, sample=None, device=device)
         return float(q["theorem1_bound"])
 
     # -- on disk -----------------------------------------------------------------------------------

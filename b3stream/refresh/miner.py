@@ -248,11 +248,11 @@ class Miner:
 
                 # as configured, not as the schedule says; where and in the precision the miner embeds
                 encoder = Encoder(mine.teacher, trainable=False, device=device, dtype=dtype)
-                probe.reference = probe.bound(*embed_probe(encoder, mine.data, probe.ids), K, tau)
+                probe.reference = probe.bound(*embed_probe(encoder, mine.data, probe.ids), K, tau, device=device)
                 probe.save(self.probe_path)
         verify_snapshot(snapshot)
         encoder = load_snapshot_encoder(snapshot, self.student, device=device, dtype=dtype)
-        now = probe.bound(*embed_probe(encoder, mine.data, probe.ids, mine.embed_batch_size), K, tau)
+        now = probe.bound(*embed_probe(encoder, mine.data, probe.ids, mine.embed_batch_size), K, tau, device=device)
         if probe.reference is None:  # nothing known of the schedule's own model: this snapshot is the reference
             probe.reference = now
             probe.save(self.probe_path)
@@ -292,13 +292,13 @@ class Miner:
         emb = load_embeddings(Path(cfg.out) / "embeddings")
         probe = Probe.of(schedule, self.settings.probe_batches, seed=cfg.seed)
         K = int(schedule.meta.get("K") or cfg.K)
+        device, dtype = placement(self.device)
         if emb.record.get("kept"):
-            device, dtype = placement(self.device)
             vectors = embed_probe(load_snapshot_encoder(snapshot, self.student, device=device, dtype=dtype),
                                   cfg.data, probe.ids, cfg.embed_batch_size)
         else:
             vectors = emb.queries[probe.ids], emb.positives[probe.ids]
-        probe.reference = probe.bound(*vectors, K, cfg.quality_temperature)
+        probe.reference = probe.bound(*vectors, K, cfg.quality_temperature, device=device)
         probe.save(self.probe_path)
 
     def _published_steps(self) -> set[int]:

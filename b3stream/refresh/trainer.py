@@ -12,17 +12,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..config import (ConfigError, MineConfig, TrainConfig, apply_overrides, default_miner_threads, dump_config,
                       from_dict)
 from ..data.manifest import Manifest
 from ..files import write_atomic, write_json
 from ..schedule import Schedule, ScheduleError, sidecar, version_path
-from ..snapshot import RunPaths, write_snapshot
-from ..dist import DistInfo, all_max, barrier
+from ..snapshot import RunPaths, capture_weights, snapshot_parameters, write_snapshot
+from ..dist import DistInfo, all_max, local_world_size
 from .hotswap import NotYet, ScheduleWatcher, _cpu_group, refresh_due, source_step, wait_for_refresh
 
 # Schedule metadata that is also a MineConfig field: the miner mines as the running schedule was mined.
@@ -92,22 +96,146 @@ def snapshot_due(cfg: TrainConfig, step: int, epoch_ended: bool, epoch: int) -> 
 
 
 def snapshot(engine, encoder, cfg: TrainConfig, manifest: Manifest, paths: RunPaths, step: int, epoch: int,
-             stage: int, dist: DistInfo, trained=None) -> None:
-    """Every rank calls this at the same step; rank 0 writes the snapshot (under ZeRO-3 the sharded weights
-    are gathered first: every rank takes part in the gather). ``trained``: the ids trained this epoch."""
-    def write():
-        write_snapshot(paths.run, step, encoder.model, encoder.cfg, manifest.stamp("train"), epoch=epoch,
-                       keep=cfg.refresh.keep, trained=trained)
-
+             stage: int, dist: DistInfo, trained=None, writer: "SnapshotWriter | None" = None) -> None:
+    """Every rank calls this at the same step. Rank 0 copies the weights the snapshot saves to host memory
+    (:func:`b3stream.snapshot.capture_weights`; under ZeRO-3 they are gathered first, every rank taking
+    part: only the adapter's for a LoRA / DoRA student, every weight for a full fine-tune), then ``writer``
+    writes, hashes and prunes on its thread while training goes on (None: here, before returning). No rank
+    waits for the write. ``trained``: the ids trained this epoch."""
+    model = encoder.model
+    gathered = nullcontext()
     if stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            if dist.is_main:
-                write()
-    elif dist.is_main:
+        gathered = deepspeed.zero.GatheredParameters(snapshot_parameters(model), modifier_rank=None)
+    with gathered:
+        weights = capture_weights(model) if dist.is_main else None
+    if not dist.is_main:
+        return
+    trained = None if trained is None else np.array(trained, dtype=np.int64, copy=True)
+    stamp = manifest.stamp("train")
+
+    def write() -> None:
+        write_snapshot(paths.run, step, weights, encoder.cfg, stamp, epoch=epoch, keep=cfg.refresh.keep,
+                       trained=trained)
+
+    if writer is None:
         write()
-    barrier()
+    else:
+        writer.submit(step, write)
+
+
+class SnapshotWriter:
+    """Rank 0's background writer of snapshots: one write at a time, on a thread of its own, so a snapshot
+    step costs the copy of the weights to host memory and no file work. The next snapshot waits for the
+    last one's write; an error in a write is raised at the next snapshot or at :meth:`wait` (the end of
+    training, a checkpoint), as a synchronous write's would have been, a few steps later."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.step: int | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, step: int, write) -> None:
+        """Run ``write()`` on the writer's thread, once the previous write has finished (its error raised)."""
+        self.wait()
+        self.step = step
+        self.thread = threading.Thread(target=self._run, args=(write,), name=f"b3stream-snapshot-{step}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, write) -> None:
+        try:
+            write()
+        except BaseException as e:  # noqa: BLE001 (raised on the loop's thread by wait)
+            self.error = e
+
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def wait(self) -> None:
+        """Until the last write has finished; raises its error, if it had one."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"the student snapshot of step {self.step} could not be written: "
+                               f"{type(error).__name__}: {error}") from error
+
+
+@dataclass(frozen=True)
+class MinerPlacement:
+    """Where a spawned miner runs (:func:`miner_placement`): the ``--device`` it is given, the
+    ``CUDA_VISIBLE_DEVICES`` of its process, and which of the trainer's GPUs that is."""
+
+    device: str  # the child's --device: "cpu", or "cuda" (the one GPU its CUDA_VISIBLE_DEVICES shows it)
+    visible: str  # the child's CUDA_VISIBLE_DEVICES ("": it sees no GPU at all)
+    gpu: int | None  # the miner's GPU as the trainer numbers them (cuda:gpu); None: the CPU
+    shared: bool  # that GPU also trains (a local rank's): refresh.device asked for it
+    why: str  # one line for the log
+
+    def describe(self) -> str:
+        if self.gpu is None:
+            return f"on the CPU ({self.why})"
+        return f"on GPU {self.gpu} (CUDA_VISIBLE_DEVICES={self.visible}; {self.why})"
+
+
+def miner_placement(device: str | None, gpus: int, local_ranks: int, visible: str | None = None) -> MinerPlacement:
+    """Where the spawned miner runs, as a pure function of ``refresh.device``, the ``gpus`` the trainer's
+    processes see, the ``local_ranks`` training on this host (local rank r on ``cuda:r``,
+    :func:`b3stream.dist.init_distributed`) and the trainer's own ``CUDA_VISIBLE_DEVICES`` (``visible``: the
+    names the child's must use). The child sees only its GPU, so everything it runs on a GPU (the embedding,
+    FAISS or the torch index, the probe, the bound) lands there:
+
+    - ``null`` (auto): a GPU of its own, the last visible GPU no local rank trains on, when there is one; else
+      the CPU (a miner beside a rank on its GPU makes that rank every rank's straggler);
+    - ``cuda``: a GPU of its own when there is one, else it shares the last GPU (the one GPU of a single-GPU
+      box): sharing is asked for;
+    - ``cuda:N``: GPU N of the trainer's, shared or not; ``cpu``: the CPU, every GPU hidden from it.
+
+    :class:`ConfigError` for a GPU that is not there."""
+    names = [v.strip() for v in visible.split(",")] if visible and visible.strip() else []
+    names += [str(i) for i in range(len(names), gpus)]
+    used = set(range(min(local_ranks, gpus)))
+    spare = [g for g in range(gpus) if g not in used]
+
+    def on(gpu: int, why: str) -> MinerPlacement:
+        shared = gpu in used
+        return MinerPlacement("cuda", names[gpu], gpu, shared, why + ("; shared with local rank "
+                                                                     f"{gpu}" if shared else ""))
+
+    if device == "cpu":
+        return MinerPlacement("cpu", "", None, False, "refresh.device: cpu")
+    if device is not None and device != "cuda":
+        try:
+            gpu = int(device.split(":", 1)[1])
+        except (IndexError, ValueError):
+            raise ConfigError(f"refresh.device: {device!r} is not cpu, cuda or cuda:<index>") from None
+        if not 0 <= gpu < gpus:
+            raise ConfigError(f"refresh.device: {device}, but the trainer sees {gpus} GPU(s)"
+                              + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else ""))
+        return on(gpu, f"refresh.device: {device}")
+    if gpus == 0:
+        if device == "cuda":
+            raise ConfigError("refresh.device: cuda, but torch sees no GPU here; use cpu or leave it null")
+        return MinerPlacement("cpu", "", None, False, "no GPU")
+    if spare:
+        return on(spare[-1], f"its own: {local_ranks} local rank(s) train on GPU(s) 0-{len(used) - 1} of {gpus}"
+                  if used else "its own")
+    if device == "cuda":
+        return on(gpus - 1, "refresh.device: cuda")
+    return MinerPlacement("cpu", "", None, False, f"every one of the {gpus} GPU(s) trains; refresh.device: cuda "
+                                                  f"would share GPU {gpus - 1}")
+
+
+def place_miner(device: str | None) -> MinerPlacement:
+    """:func:`miner_placement` for this process: the GPUs torch sees, the launcher's local world size and
+    this process's ``CUDA_VISIBLE_DEVICES``."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return miner_placement(device, gpus, local_world_size(), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 class MinerProcess:
@@ -120,9 +248,10 @@ class MinerProcess:
     """
 
     def __init__(self, paths: RunPaths, cfg: TrainConfig, say=print, clock=time.monotonic,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, placement: MinerPlacement | None = None):
         self.paths, self.cfg, self.say, self.clock = paths, cfg.refresh, say, clock
         self.trust_remote_code = trust_remote_code  # from the trainer's own config, never from the run folder
+        self.placement = placement if placement is not None else place_miner(cfg.refresh.device)
         self.proc: subprocess.Popen | None = None
         self.restarts = 0  # over the whole run (reported in the summary)
         self.recent: list[float] = []  # when the restarts within the window happened
@@ -131,17 +260,26 @@ class MinerProcess:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "b3stream", "refresh", "--run", str(self.paths.run), "--quiet",
-                "--threads", str(self.cfg.threads or default_miner_threads()), "--parent-pid", str(os.getpid())] \
+                "--threads", str(self.cfg.threads or default_miner_threads()), "--parent-pid", str(os.getpid()),
+                "--device", self.placement.device] \
             + (["--trust-remote-code"] if self.trust_remote_code else [])
 
-    def start(self) -> None:
-        env = dict(os.environ)
+    def environment(self, base: dict | None = None) -> dict:
+        """The child's environment: ``base`` (this process's) with its threads, its GPU (``CUDA_VISIBLE_DEVICES``
+        from :attr:`placement`: one GPU, or none) and no launcher variables (it is no member of the training
+        process group)."""
+        env = dict(os.environ if base is None else base)
         threads = self.cfg.threads or default_miner_threads()
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)  # the miner is no member of the training process group
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+                   CUDA_VISIBLE_DEVICES=self.placement.visible)
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                    "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE"):
+            env.pop(key, None)
+        return env
+
+    def start(self) -> None:
         log = open(self.paths.log, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         self.restart_at = None
@@ -210,7 +348,7 @@ class ThreadShare:
         import torch
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        ranks = local_world_size()
         full = torch.get_num_threads()
         shared = max(1, min(full, (cores - (cfg.refresh.threads or default_miner_threads())) // ranks))
         return cls(paths.status, full, shared) if shared < full else None
@@ -230,16 +368,19 @@ class ThreadShare:
 
 
 @contextmanager
-def miner_process(cfg: TrainConfig, paths: RunPaths, dist: DistInfo, monitor, trust_remote_code: bool = False):
+def miner_process(cfg: TrainConfig, paths: RunPaths, dist: DistInfo, monitor, trust_remote_code: bool = False,
+                  placement: MinerPlacement | None = None):
     """While the block runs: in refreshed mode with ``refresh.spawn``, a miner child of the main rank (yielded;
     None otherwise). However the block ends, the run is marked finished and the miner stopped.
-    ``trust_remote_code``: the miner's models may run their own code (the trainer's config says so)."""
+    ``trust_remote_code``: the miner's models may run their own code (the trainer's config says so);
+    ``placement``: where it runs (None: :func:`place_miner` decides now)."""
     refreshed = cfg.mode == "refreshed"
-    miner = MinerProcess(paths, cfg, say=monitor.write, trust_remote_code=trust_remote_code) \
+    miner = MinerProcess(paths, cfg, say=monitor.write, trust_remote_code=trust_remote_code, placement=placement) \
         if refreshed and cfg.refresh.spawn and dist.is_main else None
     if miner is not None:
         miner.start()
-        monitor.write(f"refreshed mode: miner started (pid {miner.proc.pid}, log {paths.log}); a snapshot every "
+        monitor.write(f"refreshed mode: miner started (pid {miner.proc.pid}, log {paths.log}) "
+                      f"{miner.placement.describe()}; a snapshot every "
                       f"{cfg.refresh.every_steps or '-'} steps / {cfg.refresh.every_epochs or '-'} epochs")
     elif refreshed and dist.is_main:
         monitor.write(f"refreshed mode: start the miner with `b3stream refresh --run {paths.run}`")
@@ -260,6 +401,13 @@ class StepEnd:
     every mode: refreshed mode's snapshot when one is due, a look at the spawned miner, and every
     ``watch_every`` steps a look for a newer schedule version (waiting for it where ``refresh.max_lag_steps``
     says), ending in a hot swap. Static mode without a watched folder does nothing here but agree on stopping.
+
+    What of it runs on the loop's thread: at a snapshot step the copy of the snapshot's weights to host
+    memory (and under ZeRO-3 their gather); the file writes and the SHA-256 run on rank 0's
+    :class:`SnapshotWriter` thread. At a watched step one all-reduce of four integers asking whether every
+    rank's schedule loader is ready (:meth:`ScheduleWatcher.check`); the folder listing, the parse and the
+    checksum of a new version run on the loaders' threads. :meth:`flush` waits for the snapshot writer (before
+    a checkpoint and at the end), :meth:`close` stops the loader.
 
     Stopping (SIGINT / SIGTERM, :mod:`b3stream.train.interrupt`): after every step the ranks combine their
     stop flags, in the watcher's collective on a step it checks, else in one all-reduce of their own (none on
@@ -286,6 +434,7 @@ class StepEnd:
         # takes its own from before the resume
         self.snapshots = own_snapshots(r.paths, r.step) if r.refreshed and r.start == "resume" else []
         self.share = ThreadShare.for_run(r.cfg, r.dist, r.paths)  # a CPU miner beside a CPU trainer
+        self.writer = SnapshotWriter() if r.refreshed and r.dist.is_main else None
         if self.share is not None:
             r.monitor.write(f"refreshed mode: the trainer uses {self.share.shared} thread(s) per rank while the "
                             f"miner works, {self.share.full} while it waits")
@@ -299,7 +448,7 @@ class StepEnd:
         if r.refreshed and snapshot_due(cfg, step, epoch_ended, r.sampler.epoch):
             trained = r.sampler.consumed()
             snapshot(r.engine, r.encoder, cfg, r.manifest, r.paths, step, r.sampler.epoch, r.stage, r.dist,
-                     trained=trained)
+                     trained=trained, writer=self.writer)
             self.snapshots.append((step, r.sampler.epoch, len(trained) > 0))
         if self.miner is not None:
             self.miner.check()
@@ -323,6 +472,18 @@ class StepEnd:
         report_swap(r.monitor, step, r.sampler.schedule, new, len(r.sampler.history) + 1)
         r.sampler.swap(new, step=step)
         return True
+
+    def flush(self) -> None:
+        """Wait for the snapshot being written (rank 0), raising its error: a checkpoint then never names a
+        step whose snapshot is not on disk, and the end of training surfaces a failed write."""
+        if self.writer is not None:
+            self.writer.wait()
+
+    def close(self) -> None:
+        """The end of the loop: the last snapshot written (its error raised), the schedule loader stopped."""
+        if self.watcher is not None:
+            self.watcher.close()
+        self.flush()
 
     def caught(self) -> int:
         """The signal this rank caught (0: none)."""

@@ -10,6 +10,7 @@ process sends each of them the :class:`Step` to build, so they never hold a plan
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 
@@ -177,6 +178,28 @@ class StepLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self.loader._iterator = None
+
+
+MAX_WORKERS = 8
+
+
+def auto_workers(cores: int, local_ranks: int) -> int:
+    """``num_workers: null``: the cores per local rank less one (the rank's own process), at least 1 and at
+    most :data:`MAX_WORKERS`. A worker builds a whole step's batch (reads, prompts, tokenizes |B|/world x
+    (2 + h) texts), two steps ahead, so each of them adds a step's worth of tokenizing in parallel: 2 cores
+    and 1 rank give 1 worker (as before), 16 cores and 1 GPU rank 8, 16 cores and 8 ranks 1."""
+    return max(1, min(MAX_WORKERS, cores // max(1, local_ranks) - 1))
+
+
+def loader_workers(num_workers: int | None) -> int:
+    """``num_workers`` as configured, or :func:`auto_workers` of this process's cores (its CPU affinity) and
+    the local world size when it is None."""
+    if num_workers is not None:
+        return num_workers
+    from ..dist import local_world_size
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return auto_workers(cores, local_world_size())
 
 
 def step_loader(records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tokenize,

@@ -34,9 +34,9 @@ from ..evaluate import BeirSet, RetrievalSet
 from ..files import write_atomic
 from ..schedule import load_schedule, version_path
 from ..dist import DistInfo, barrier, init_distributed, split_bounds
-from ..refresh.trainer import StepEnd, miner_config, miner_process, prepare_run, staleness
+from ..refresh.trainer import StepEnd, miner_config, miner_process, place_miner, prepare_run, staleness
 from ..snapshot import RunPaths
-from .collate import step_loader
+from .collate import loader_workers, step_loader
 from . import run_folder
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all, master_weights
@@ -130,6 +130,9 @@ class Recipe:
         mine_cfg = miner_config(cfg, schedule, self.dist.world_size) if self.refreshed else None
         # the spawned miner may run model code only when this command's own config lets a model do so
         self.miner_trust = bool(cfg.student.trust_remote_code or (mine_cfg and mine_cfg.teacher.trust_remote_code))
+        # where a spawned miner runs: a GPU no local rank trains on, else the CPU (refresh.device; refused here
+        # when it names a GPU that is not there)
+        self.miner_place = place_miner(cfg.refresh.device) if self.refreshed and cfg.refresh.spawn else None
         # Every rank decides (so all refuse together) before the main rank changes anything.
         self.start = run_folder.plan(self.run, cfg.resume, cfg.overwrite, schedule.path)
         barrier()
@@ -199,7 +202,7 @@ class Recipe:
     def train(self) -> dict:
         cfg = self.cfg
         # A spawned miner (refreshed mode) runs while the block runs and is stopped however it ends.
-        with miner_process(cfg, self.paths, self.dist, self.monitor, self.miner_trust) as miner:
+        with miner_process(cfg, self.paths, self.dist, self.monitor, self.miner_trust, self.miner_place) as miner:
             self.step_end.miner = miner
             evals = {}
             if self.evaluates and self.step == 0:  # zero-shot
@@ -208,7 +211,8 @@ class Recipe:
             # train mode explicitly, so every dropout is on in every run (with or without evaluations, resumed).
             self.engine.module.train()
             self.clock = Throughput(every_step_exact=self.dist.device.type != "cuda")
-            loader = step_loader(self.records, self.sampler, self.encoder.tokenize, cfg.num_workers)  # lives on
+            self.workers = loader_workers(cfg.num_workers)  # null: from the cores per local rank
+            loader = step_loader(self.records, self.sampler, self.encoder.tokenize, self.workers)  # lives on
             # While the loop runs, SIGINT / SIGTERM only set a flag; the ranks agree after a step to stop there.
             with StopSignals() as self.step_end.signals:
                 while self.step < self.total_steps and not self.step_end.stopping:
@@ -229,6 +233,7 @@ class Recipe:
                         self.clock.ready()
                 self.step_end.agree_stop()  # a signal during the last step stops the run there too
             loader.close()
+            self.step_end.close()  # the last snapshot written (a failed write raised here), the loader stopped
             summary = self.finish(evals, miner, stopped=self.step_end.stopping)
         if summary["stopped"]:  # the miner is stopped (above); every rank raises, the commands exit 128 + signal
             raise Interrupted(self.step_end.stopping, self.step, self.checkpoint_path(), cfg.resume, summary)
@@ -288,6 +293,7 @@ class Recipe:
         return out
 
     def save(self) -> None:
+        self.step_end.flush()  # a checkpoint never names a step whose snapshot is still being written
         _save(self.engine, self.sampler, self.step, self.cfg, self.run / "checkpoints", self.dist)
         self.saved_at = self.step
 
@@ -317,7 +323,7 @@ class Recipe:
             "examples_per_s": float(np.median(self.clock.rates)) if self.clock.rates else None,
             "steps_per_s": 1.0 / float(np.median(self.clock.step_times)) if self.clock.step_times else None,
             "ranks_in_sync": _ranks_in_sync(self.engine, dist, self.stage), "eval": evals, "export": exported,
-            "mode": cfg.mode, "swaps": sampler.history,
+            "mode": cfg.mode, "swaps": sampler.history, "num_workers": getattr(self, "workers", None),
             "refresh_wait_seconds": self.step_end.waited if self.refreshed else None,
             "miner_restarts": miner.restarts if miner is not None else None,
             # per rank: the student's bytes right after loading (a share under ZeRO-3), the process's peak RSS
