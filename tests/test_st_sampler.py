@@ -6,6 +6,7 @@ losses on CPU, and run the README's example as written."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import subprocess
@@ -213,6 +214,14 @@ def test_ddp_even_slices_for_a_gathering_loss(small, caplog):
         assert (sizes[-1] == [1, 1, 1]) if even is None else (sizes[-1] == [2, 1, 1])
         assert all(x == [4, 4, 4] for x in sizes[:-1])
     assert "1 of 100 rows are not trained this epoch" in caplog.text
+    # sentence-transformers forces dataloader_drop_last=True under DDP: the short batch is kept (its slices are
+    # equal), unless drop_short=True
+    kept = sampler(ds, path, batch_size=4, drop_last=True, world_size=3, rank=0)
+    assert not kept.drop_last and len(kept) == 27
+    assert len(list(BatchSamplerShard(kept, num_processes=3, process_index=2, even_batches=False))) == 9
+    dropped = sampler(ds, path, batch_size=4, drop_last=False, world_size=3, rank=0, drop_short=True)
+    assert dropped.drop_last and len(dropped) == 24
+    assert len(list(BatchSamplerShard(dropped, num_processes=3, process_index=2, even_batches=False))) == 8
 
 
 def test_drop_last_leaves_out_only_the_short_batch(small, caplog):
@@ -378,6 +387,41 @@ def test_remine_callback_schedule_trains_epoch_two(tiny, tmp_path):
     assert {tuple(sorted(b)) for b in one} != {tuple(sorted(b)) for b in two}
     assert sorted(i for b in two for i in b) == list(range(48))
     assert model.training  # the callback put the model back in training mode
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_with_a_gathering_loss_and_the_callback(pairs, tmp_path):
+    """torchrun, 2 CPU ranks (gloo), MultipleNegativesRankingLoss(gather_across_devices=True), |B| = 16 = 8 x 2,
+    51 rows (3 full batches and one of 3, which gives up a row for even slices), re-mined for epoch 2 on rank 0:
+    both ranks train the same number of steps, every step's two slices make one batch of the epoch's schedule,
+    each trained row once per epoch."""
+    from b3stream.dist import free_port
+    from b3stream.integrations.sentence_transformers import B3Miner
+
+    from ._train_util import torchrun
+
+    ds = st_dataset(pairs, 51)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    B3Miner(ds, tmp_path / "mine", batch_size=16, K=8, p=2, m=10).mine(HashModel())
+    res = torchrun(2, [str(REPO / "tests" / "_st_ddp_check.py"), str(tmp_path / "ds"), str(tmp_path / "mine"),
+                       str(tmp_path)], free_port(), timeout=500)
+    assert res.returncode == 0, res.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"] == 8
+    assert len(r0["seen"]) == len(r1["seen"]) == 8  # 4 batches an epoch on every rank
+    assert all(len(a) == len(b) for a, b in zip(r0["seen"], r1["seen"]))  # equal slices: the gather's shapes
+    steps = [a + b for a, b in zip(r0["seen"], r1["seen"])]
+    assert [(h["epoch"], h["step"], h["schedule"]) for h in r0["history"]] == \
+        [(h["epoch"], h["step"], h["schedule"]) for h in r1["history"]] == [(1, 4, r0["history"][0]["schedule"])]
+    assert r0["versions"] == r1["versions"] == [1]
+    for epoch, version in ((0, 0), (1, 1)):
+        batches = steps[4 * epoch: 4 * epoch + 4]
+        mined = [set(b.tolist()) for b in load_schedule(tmp_path / "mine" / "schedules" / f"v{version:06d}.b3s").batches]
+        assert all(any(set(b) <= m for m in mined) for b in batches)  # slices of the schedule's batches
+        assert [len(b) for b in batches] == [16, 16, 16, 2]
+        trained = [i for b in batches for i in b]
+        assert len(set(trained)) == len(trained) == 50
+    assert steps[4:] == r0["plan1"]
 
 
 def readme_example() -> str:

@@ -309,6 +309,9 @@ class B3BatchSampler(DefaultBatchSampler):
       into a neighbour).
     - ``drop_last`` (the trainer's ``dataloader_drop_last``): the batch shorter than |B| is left out, every
       epoch (its rows are not trained by this schedule; a warning says how many). Without it no row is dropped.
+      Under DDP sentence-transformers sets ``dataloader_drop_last=True`` itself, whatever was asked (its guard
+      against ranks with different numbers of batches, which this sampler never gives), so there the sampler
+      keeps the short batch unless ``drop_short=True``; ``drop_short`` overrides ``drop_last`` anywhere.
     - Under DDP every global batch is yielded as ``world`` contiguous slices, rank order, for accelerate's
       ``BatchSamplerShard`` to hand out one per rank; use the loss with ``gather_across_devices=True`` so each
       anchor sees the whole B3 batch. That gather needs every rank's slice to be the same size
@@ -324,7 +327,7 @@ class B3BatchSampler(DefaultBatchSampler):
 
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns: list[str] | None = None,
                  generator=None, seed: int = 0, schedule=None, world_size: int | None = None,
-                 rank: int | None = None, even_slices: bool | None = None):
+                 rank: int | None = None, even_slices: bool | None = None, drop_short: bool | None = None):
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last,
                          valid_label_columns=valid_label_columns, generator=generator, seed=seed)
         if schedule is None:
@@ -337,6 +340,8 @@ class B3BatchSampler(DefaultBatchSampler):
         self.rank = int(rank) if rank is not None else detected_rank
         self.seed = int(seed) if seed is not None else 0
         self.even_slices = self.world > 1 if even_slices is None else bool(even_slices)
+        # what accelerate's BatchSamplerShard reads too: with drop_last it drops a last group of short slices
+        self.drop_last = bool(drop_short) if drop_short is not None else bool(drop_last) and self.world == 1
         self.stamp = dataset_stamp(dataset)
         self.n = self.stamp["n"]
         self.schedule = self._pick(schedule)
@@ -349,7 +354,7 @@ class B3BatchSampler(DefaultBatchSampler):
     def using(cls, *schedules, **options) -> functools.partial:
         """A factory for ``SentenceTransformerTrainingArguments(batch_sampler=...)`` that builds this sampler on
         ``schedules`` (a path, a folder of versions, a :class:`B3Miner`, or several: the dataset's own);
-        ``options``: the sampler's keyword arguments (``even_slices``)."""
+        ``options``: the sampler's keyword arguments (``even_slices``, ``drop_short``)."""
         if not schedules:
             raise ValueError("B3BatchSampler.using needs a schedule (a file, a folder of versions or a B3Miner)")
         picked = [str(s.schedules) if isinstance(s, B3Miner) else str(s) if isinstance(s, (str, Path)) else s
