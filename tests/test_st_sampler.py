@@ -246,6 +246,35 @@ def test_use_schedule_plans_the_next_epoch_on_it(small):
     assert batches != first and len(batches) == len(s)
 
 
+def test_b3pp_negatives_as_columns(pairs, tmp_path):
+    """B3++ through the negative columns: each batch's rows carry, as b3_negative_1..h, the positives of the
+    negatives the schedule drew for them (never a member's positive); the schedule still fits the dataset."""
+    from b3stream.integrations.sentence_transformers import mine_schedule, with_hard_negatives
+
+    ds = st_dataset(pairs, 100, negatives=True)
+    path = mine_schedule(ds, HashModel(), tmp_path / "b3pp", batch_size=16, K=8, p=2, m=12, strategy="b3pp", h=2)
+    with pytest.raises(ScheduleError, match="holds no hard negatives"):
+        with_hard_negatives(ds, mine_schedule(ds, HashModel(), tmp_path / "b3", batch_size=16, K=8, p=2, m=12))
+    out = with_hard_negatives(ds, path)
+    assert out.column_names == ["anchor", "positive", "negative", "b3_negative_1", "b3_negative_2"]
+    again = with_hard_negatives(out, path)  # replaces its own columns, the rows' fingerprint unchanged
+    assert again.column_names == out.column_names and again["b3_negative_1"] == out["b3_negative_1"]
+    assert len(sampler(out, path)) == 7  # the added columns are not part of the rows' fingerprint
+    schedule, positive = load_schedule(path), ds["positive"]
+    columns = np.array([out["b3_negative_1"], out["b3_negative_2"]]).T
+    empty = 0
+    for lo, hi in zip(schedule.offsets[:-1], schedule.offsets[1:]):
+        rows, drawn = schedule.ids[lo:hi], schedule.negatives[lo:hi]
+        pool = {positive[j] for j in drawn[drawn >= 0]}
+        members = {positive[i] for i in rows}
+        for i, slots in zip(rows, drawn):
+            for text, j in zip(columns[i], slots):
+                assert text == positive[j] if j >= 0 else (text in pool or not pool)
+                assert text not in members  # never a member's positive: B3++'s exclusions hold
+            empty += int((slots < 0).sum())
+    assert (schedule.negatives >= 0).mean() > 0.9, empty
+
+
 def test_arguments_pickle_with_the_factory(small, tmp_path):
     """The trainer saves its arguments (torch.save) with every checkpoint: the factory must pickle."""
     from sentence_transformers import SentenceTransformerTrainingArguments

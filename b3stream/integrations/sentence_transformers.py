@@ -23,6 +23,8 @@ sampler before each epoch's batches are drawn. This module fits b3stream's sched
 - :class:`B3RemineCallback`: a ``TrainerCallback`` that re-mines from the model being trained at chosen epoch
   starts (``on_epoch_begin``, which the trainer calls before it draws the epoch's batches) and hands the new
   schedule to the sampler, which plans that epoch on it.
+- :func:`with_hard_negatives`: B3++ through the dataset's negative columns: a ``b3pp`` schedule's hard
+  negatives as text columns, which ``MultipleNegativesRankingLoss`` pools over the batch as B3++ does.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ SPLIT = "train"
 # (anchor, positive[, negatives]) data: refused. The dataset-name column is added by the trainer: skipped.
 TRAINER_COLUMNS = ("dataset_name",)
 LABEL_COLUMNS = ("label", "labels", "score", "scores")
+# The negative columns with_hard_negatives() adds: mined from the rows, so not part of the rows' fingerprint.
+NEGATIVE_PREFIX = "b3_negative_"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,9 +69,10 @@ LABEL_COLUMNS = ("label", "labels", "score", "scores")
 
 def _columns(dataset) -> dict[str, list]:
     """The dataset's columns as lists, read from its Arrow data (no formatting or transform the trainer may
-    have set), in column order, without the trainer's own columns."""
+    have set), in column order, without the trainer's own columns and the mined negatives'
+    (:func:`with_hard_negatives`)."""
     plain = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
-    names = [c for c in plain.column_names if c not in TRAINER_COLUMNS]
+    names = [c for c in plain.column_names if c not in TRAINER_COLUMNS and not c.startswith(NEGATIVE_PREFIX)]
     labels = [c for c in names if c in LABEL_COLUMNS]
     if labels:
         raise DataError(f"the training dataset has a {labels[0]!r} column: sentence-transformers takes it for the "
@@ -154,7 +159,7 @@ class B3Miner:
             ``mine/`` (the stages' embeddings, rank and partition folders), ``schedules/`` (the versions).
         batch_size: |B|, the trainer's global batch: ``per_device_train_batch_size`` x processes.
         strategy: ``b3`` (default), ``random``, ``gcbs``, ... (``b3pp`` and the ``*_hn`` strategies mine hard
-            negatives the sampler cannot hand to the trainer: docs/sentence_transformers.md).
+            negatives, which reach the trainer as negative columns: :func:`with_hard_negatives`).
         K, p, m, h, seed: as ``b3stream mine`` (K default: min(32, batch_size)).
         query_prompt, positive_prompt: prepended to anchors / positives when the model embeds them, as the
             trainer's ``prompts`` prepend them in training (None: none).
@@ -467,6 +472,51 @@ class B3BatchSampler(DefaultBatchSampler):
 
 
 # --------------------------------------------------------------------------------------------------
+# B3++: the schedule's hard negatives as negative columns
+# --------------------------------------------------------------------------------------------------
+
+
+def with_hard_negatives(dataset, schedule, seed: int = 0):
+    """``dataset`` with the hard negatives of a ``b3pp`` (or ``random_hn`` / ``task_hn``) schedule mined from it
+    as ``h`` text columns ``b3_negative_1..h`` after its own: row ``i``'s are the positives of the ids the
+    schedule drew for id ``i`` (B3++: from its batch's pooled neighbour lists, never a member, a member's top-p
+    or a same-text positive).
+
+    With :class:`B3BatchSampler` on the same schedule, ``MultipleNegativesRankingLoss`` then scores every anchor
+    of a batch against the batch's positives and all its rows' negatives: B3++'s pool of ``h |B|`` negatives
+    shared by the batch. An empty slot (a task that could not supply ``h |B|`` distinct negatives, ``-1``) takes
+    another negative of its batch's pool (one seeded draw), or a random row outside the batch when the pool is
+    empty. These columns are left out of the rows' fingerprint, so the schedule still fits the dataset; they
+    are the schedule's, so a re-mined schedule (the callback) changes the batches but not them."""
+    stamp = dataset_stamp(dataset)
+    sched = _load(schedule, stamp)
+    if sched.negatives is None or sched.negatives.shape[1] == 0:
+        raise ScheduleError(f"schedule {sched.path or '(in memory)'} ({sched.meta.get('strategy')}) holds no hard "
+                            "negatives: mine it with strategy b3pp (or random_hn / task_hn) and h > 0")
+    records = dataset_records(dataset)
+    n, h = len(records), sched.negatives.shape[1]
+    negatives = np.full((n, h), -1, np.int64)
+    negatives[sched.ids] = sched.negatives
+    rng = np.random.default_rng(seed)
+    for lo, hi in zip(sched.offsets[:-1], sched.offsets[1:]):
+        rows = sched.ids[lo:hi]
+        block = negatives[rows]
+        empty = block < 0
+        if not empty.any():
+            continue
+        pool = np.unique(block[~empty])
+        if not len(pool):  # nothing drawn for this batch: random rows outside it
+            pool = np.setdiff1d(np.arange(n), rows)
+        block[empty] = rng.choice(pool, size=int(empty.sum()))
+        negatives[rows] = block
+    out = dataset.remove_columns([c for c in dataset.column_names if c.startswith(NEGATIVE_PREFIX)])
+    positives = [r["positive"] for r in records]
+    for j in range(h):
+        out = out.add_column(f"{NEGATIVE_PREFIX}{j + 1}", [positives[i] for i in negatives[:, j]])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Re-mining at epoch starts
 # --------------------------------------------------------------------------------------------------
 
@@ -540,4 +590,4 @@ class B3RemineCallback(TrainerCallback):
 
 
 __all__ = ["B3BatchSampler", "B3Miner", "B3RemineCallback", "dataset_records", "dataset_stamp", "find_sampler",
-           "mine_schedule", "prepare_dataset", "records_fingerprint"]
+           "mine_schedule", "prepare_dataset", "records_fingerprint", "with_hard_negatives"]
