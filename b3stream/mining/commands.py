@@ -127,8 +127,11 @@ def print_quality(q: dict | None) -> None:
     if not q:
         print("  batch quality: not computed (no embeddings)")
         return
+    ci = q.get("theorem1_bound_ci95")
+    estimate = (f", an estimate: 95% interval {ci[0]:.4f} to {ci[1]:.4f}"
+                if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci) else "")
     print(f"  Theorem-1 bound (K={q['K']}, tau={q['temperature']}): {q['theorem1_bound']:.4f} "
-          f"(floor log(N/K) = {q['theorem1_floor']:.4f}; {q['queries']} queries)")
+          f"(floor log(N/K) = {q['theorem1_floor']:.4f}; {q['queries']} queries{estimate})")
     print(f"  in-batch negative similarity: mean {q['neg_sim_mean']:.4f}, hardest per query "
           f"{q['neg_sim_hardest_mean']:.4f}, max {q['neg_sim_max']:.4f}"
           + (" (with B3++ hard negatives)" if q.get("with_hard_negatives") else ""))
