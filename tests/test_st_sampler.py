@@ -70,8 +70,8 @@ def small(pairs, tmp_path_factory):
 def sampler(ds, schedule, batch_size=16, drop_last=False, seed=42, **kw):
     from b3stream.integrations.sentence_transformers import B3BatchSampler
 
-    return B3BatchSampler.using(schedule)(ds, batch_size=batch_size, drop_last=drop_last, valid_label_columns=None,
-                                          generator=None, seed=seed, **kw)
+    return B3BatchSampler.using(schedule, **kw)(ds, batch_size=batch_size, drop_last=drop_last,
+                                                valid_label_columns=None, generator=None, seed=seed)
 
 
 # -- the data stamp ----------------------------------------------------------------------------------
@@ -285,8 +285,29 @@ def test_arguments_pickle_with_the_factory(small, tmp_path):
     args = SentenceTransformerTrainingArguments(str(tmp_path), batch_sampler=B3BatchSampler.using(miner),
                                                 report_to="none", use_cpu=True)
     again = pickle.loads(pickle.dumps(args))
-    assert again.batch_sampler.keywords == {"schedule": str(miner.schedules)}
+    assert again.batch_sampler.schedule == str(miner.schedules) and again.batch_sampler.others == "refuse"
     assert "batch_sampler" not in args.to_dict()
+
+
+def test_eval_dataset_batched_in_row_order_when_asked(small, pairs):
+    """The trainer builds an eval_dataset's batches with the same batch_sampler: others='sequential' gives
+    such a dataset (no schedule was mined from it) plain batches in row order; the default refuses it."""
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+
+    from b3stream.integrations.sentence_transformers import B3BatchSampler, OtherDataError
+
+    ds, miner, _ = small
+    held_out = st_dataset(pairs[150:], 40)
+    kw = dict(batch_size=16, drop_last=False, valid_label_columns=None, generator=None, seed=0)
+    with pytest.raises(OtherDataError):
+        B3BatchSampler.using(miner)(held_out, **kw)
+    factory = B3BatchSampler.using(miner, others="sequential")
+    plain = factory(held_out, **kw)
+    assert type(plain) is DefaultBatchSampler and list(plain) == [list(range(16)), list(range(16, 32)),
+                                                                  list(range(32, 40))]
+    assert isinstance(factory(ds, **kw), B3BatchSampler)  # the training data still gets its schedule
+    with pytest.raises(ScheduleError, match=r"\|B\|=16"):  # a schedule of the right data, wrong |B|: refused
+        factory(ds, **{**kw, "batch_size": 8})
 
 
 # -- the trainer -----------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ sampler before each epoch's batches are drawn. This module fits b3stream's sched
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -279,6 +278,10 @@ def mine_schedule(dataset, model, out: str | Path, batch_size: int, **kwargs) ->
 # --------------------------------------------------------------------------------------------------
 
 
+class OtherDataError(ScheduleError):
+    """A schedule mined from other data than the dataset the trainer passes."""
+
+
 def _load(source, stamp: dict) -> Schedule:
     """A schedule (object, file, folder: its newest good version, or a miner: its folder) checked against the
     dataset's stamp, with an error that says what to do."""
@@ -288,7 +291,7 @@ def _load(source, stamp: dict) -> Schedule:
     try:
         check_stamp(schedule.meta.get("data"), stamp, f"schedule {schedule.path or '(in memory)'}")
     except DataError as e:
-        raise ScheduleError(f"{e}. This schedule was mined from other data than the trainer's training dataset "
+        raise OtherDataError(f"{e}. This schedule was mined from other data than the trainer's training dataset "
                             f"({stamp['n']} rows, fingerprint {stamp['fingerprint'][:12]}): mine one from this "
                             "dataset (b3stream.integrations.sentence_transformers.mine_schedule)") from None
     return schedule
@@ -298,8 +301,8 @@ class B3BatchSampler(DefaultBatchSampler):
     """A sentence-transformers batch sampler that batches the training dataset by a b3stream schedule.
 
     Pass it to the trainer with its schedule: ``SentenceTransformerTrainingArguments(batch_sampler=
-    B3BatchSampler.using(path))`` (a picklable factory, since the trainer saves its arguments with every
-    checkpoint), where ``path`` is a schedule file, a folder of versions (the newest good one) or a
+    B3BatchSampler.using(path))`` (a picklable factory, :class:`B3SamplerFactory`, since the trainer saves its
+    arguments with every checkpoint), where ``path`` is a schedule file, a folder of versions (the newest good one) or a
     :class:`B3Miner` (its folder). Given several, the one mined from the dataset the trainer passes is used (a
     ``DatasetDict``: one schedule per dataset, one process).
 
@@ -356,15 +359,20 @@ class B3BatchSampler(DefaultBatchSampler):
         self.swaps: list[dict] = []  # every use_schedule(): {"epoch" it first trained, "from", "to", "path"}
 
     @classmethod
-    def using(cls, *schedules, **options) -> functools.partial:
+    def using(cls, *schedules, others: str = "refuse", **options) -> "B3SamplerFactory":
         """A factory for ``SentenceTransformerTrainingArguments(batch_sampler=...)`` that builds this sampler on
-        ``schedules`` (a path, a folder of versions, a :class:`B3Miner`, or several: the dataset's own);
-        ``options``: the sampler's keyword arguments (``even_slices``, ``drop_short``)."""
+        ``schedules`` (a path, a folder of versions, a :class:`B3Miner`, or several: the dataset's own).
+        ``others``: what a dataset no schedule was mined from gets: ``refuse`` (an error) or ``sequential``
+        (batches in row order, what the trainer's evaluation on an ``eval_dataset`` needs: it builds those
+        batches with the same ``batch_sampler``). ``options``: the sampler's keyword arguments
+        (``even_slices``, ``drop_short``)."""
         if not schedules:
             raise ValueError("B3BatchSampler.using needs a schedule (a file, a folder of versions or a B3Miner)")
+        if others not in ("refuse", "sequential"):
+            raise ValueError(f"others={others!r}: expected refuse or sequential")
         picked = [str(s.schedules) if isinstance(s, B3Miner) else str(s) if isinstance(s, (str, Path)) else s
                   for s in schedules]
-        return functools.partial(cls, schedule=picked[0] if len(picked) == 1 else picked, **options)
+        return B3SamplerFactory(picked[0] if len(picked) == 1 else picked, others, options, cls)
 
     # -- schedules -----------------------------------------------------------------------------------
     def _pick(self, source) -> Schedule:
@@ -380,7 +388,7 @@ class B3BatchSampler(DefaultBatchSampler):
                 except ScheduleError as e:
                     errors.append(str(e))
             else:
-                raise ScheduleError(f"none of the {len(source)} schedules was mined from this training dataset "
+                raise OtherDataError(f"none of the {len(source)} schedules was mined from this training dataset "
                                     f"({self.n} rows, fingerprint {self.stamp['fingerprint'][:12]}):\n  "
                                     + "\n  ".join(errors))
         self._check_size(schedule)
@@ -469,6 +477,34 @@ class B3BatchSampler(DefaultBatchSampler):
     def __len__(self) -> int:
         """Batches yielded per epoch (slices: ``world`` per global batch), the same every epoch."""
         return self._length
+
+
+class B3SamplerFactory:
+    """What :meth:`B3BatchSampler.using` returns: called by the trainer as ``factory(dataset, batch_size=...,
+    drop_last=..., valid_label_columns=..., generator=..., seed=...)``; picklable (the trainer saves its
+    arguments with every checkpoint)."""
+
+    def __init__(self, schedule, others: str = "refuse", options: dict | None = None, cls=None):
+        self.schedule, self.others, self.options = schedule, others, dict(options or {})
+        self.cls = cls or B3BatchSampler
+
+    def __call__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
+                 seed: int = 0):
+        try:
+            return self.cls(dataset, batch_size, drop_last, valid_label_columns=valid_label_columns,
+                            generator=generator, seed=seed, schedule=self.schedule, **self.options)
+        except OtherDataError:
+            if self.others != "sequential":
+                raise
+        from torch.utils.data import SequentialSampler
+
+        log.info("B3BatchSampler: a dataset of %d rows that no schedule was mined from (an eval_dataset?) is "
+                 "batched in row order", len(dataset))
+        return DefaultBatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=drop_last,
+                                   valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+
+    def __repr__(self) -> str:
+        return f"B3BatchSampler.using({self.schedule!r}, others={self.others!r})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,5 +625,5 @@ class B3RemineCallback(TrainerCallback):
         return control
 
 
-__all__ = ["B3BatchSampler", "B3Miner", "B3RemineCallback", "dataset_records", "dataset_stamp", "find_sampler",
+__all__ = ["B3BatchSampler", "B3Miner", "B3RemineCallback", "B3SamplerFactory", "OtherDataError", "dataset_records", "dataset_stamp", "find_sampler",
            "mine_schedule", "prepare_dataset", "records_fingerprint", "with_hard_negatives"]
