@@ -3,8 +3,12 @@
     .venv/bin/python -m pytest -q -m gpu tests
 
 bf16 training through DeepSpeed on CUDA, one fused forward for all sides against separate ones, the
-training step's embedding + loss + backward without a host sync, and exact ranking with torch on the GPU
-against FAISS's flat index on the CPU.
+training step's embedding + loss + backward without a host sync, whole training steps of the real trainer
+(the batch's copy, the forward - plain, GradCache, fused sides -, the loss, ``engine.backward``,
+``engine.step()`` under ZeRO-0 and ZeRO-2, the monitor, the work between steps) with no host wait of
+b3stream's own, a refreshed run whose miner shares the GPU and whose swaps land at their snapshots' steps,
+and exact ranking with torch on the GPU against FAISS's flat index on the CPU. ``tools/gpu_check.sh`` runs
+them (and the benchmarks) on a lent GPU machine.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from b3stream.config import EncoderConfig, LoraConfig
 
 from ._mining_synth import clustered
-from ._train_util import random_schedule, read_trace, run, write_config
+from ._train_util import REPO, env, random_schedule, read_trace, run, write_config
 
 pytestmark = pytest.mark.gpu
 B3 = [sys.executable, "-m", "b3stream"]
@@ -107,3 +111,72 @@ def test_torch_ranking_on_the_gpu_matches_faiss_flat_on_the_cpu(monkeypatch):
     assert same > 0.99  # ties at the list's end may order differently
     np.testing.assert_allclose(np.sort(scores_gpu.astype(np.float32), 1), np.sort(scores_cpu.astype(np.float32), 1),
                                atol=2e-3)
+
+
+# -- whole training steps: no host wait of b3stream's own -------------------------------------------------------
+
+STEP_VARIANTS = {  # name -> config overrides
+    "plain": {"fuse_sides": False},
+    "gradcache": {"grad_cache_chunk": 4},
+    "fused": {"fuse_sides": True},
+    "zero2": {"fuse_sides": False, "deepspeed": "zero2"},  # overlap_comm: the reduction on its own stream
+}
+
+
+def test_whole_training_steps_do_not_wait_for_the_gpu(code_dataset, tmp_path):
+    """The real trainer, one process per machine, bf16, B3++-style hard negatives: after 3 warm-up steps, 3
+    steps under CUDA's sync debug mode (tests/_gpu_step_check.py), from the loader's pinned batch through
+    ``engine.step()`` and the work between steps, on steps that do not log. No host wait comes from
+    b3stream's code or the model's forward; DeepSpeed's own (inside ``engine.step()``, if any) are listed in
+    the output, not failed: they are DeepSpeed's to remove."""
+    import subprocess
+
+    sched = random_schedule(code_dataset, batch_size=16, K=4, h=2, folder=tmp_path / "schedules")
+    variants = {}
+    for name, extra in STEP_VARIANTS.items():
+        variants[name] = str(write_config(tmp_path / f"{name}.yaml", data=str(code_dataset), schedule=str(sched),
+                                          out=str(tmp_path / f"run-{name}"), max_steps=1000, log_every=1000,
+                                          num_workers=1, **extra))
+    out = tmp_path / "syncs.json"
+    (tmp_path / "args.json").write_text(json.dumps({"out": str(out), "variants": variants, "warmup": 3, "steps": 3}))
+    res = subprocess.run([sys.executable, "-m", "tests._gpu_step_check", str(tmp_path / "args.json")], cwd=REPO,
+                         env=env(threads=2), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and out.is_file(), res.stderr[-3000:]
+    results = json.loads(out.read_text())
+    print(json.dumps({k: {"syncs": v.get("syncs"), "where": v.get("where")} for k, v in results.items()}, indent=1))
+    for name, r in results.items():
+        assert "error" not in r, (name, r.get("traceback"))
+        assert r["steps"] == 6 and r["precision"] == "bf16", (name, r)
+        ours = {k: v for k, v in r["syncs"].items() if k not in ("deepspeed", "torch")}
+        assert ours == {}, (name, ours, {k: r["where"][k] for k in ours})
+    assert results["fused"]["fuse"] is True and results["gradcache"]["chunk"] == 4 and results["zero2"]["stage"] == 2
+
+
+# -- refreshed mode on the GPU --------------------------------------------------------------------------------
+
+
+def test_a_refreshed_run_with_the_miner_on_the_trainers_gpu_swaps_at_its_snapshots(code_dataset, tmp_path):
+    """One GPU: refresh.device cuda shares it with the trainer (the default would put the miner on the CPU);
+    with max_lag_steps 0 every refresh is swapped in at the step of its snapshot, every id trained once in
+    the epoch, and the miner ran on the GPU (its CUDA_VISIBLE_DEVICES is the trainer's GPU)."""
+    from b3stream.data.manifest import Manifest
+
+    sched = random_schedule(code_dataset, batch_size=16, K=4, folder=tmp_path / "schedules")
+    n = Manifest.load(code_dataset).split("train").n
+    cfg = write_config(tmp_path / "train.yaml", data=str(code_dataset), schedule=str(sched.parent),
+                       out=str(tmp_path / "run"), epochs=1, max_steps=12, trace_ids=True, num_workers=1,
+                       mode="refreshed", refresh={"every_steps": 4, "device": "cuda", "max_lag_steps": 0,
+                                                  "poll_seconds": 0.2, "wait_timeout": 240})
+    res = run([*B3, "train", "--config", str(cfg)], threads=2, timeout=500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "miner started" in res.stderr and "on GPU 0" in res.stderr, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["precision"] == "bf16"
+    swaps = summary["swaps"]
+    assert [s["step"] for s in swaps] == [4, 8], swaps  # step 12 is the last: no swap after it
+    trace = read_trace(tmp_path / "run")
+    ids = [i for t in trace for i in t["ids"]]
+    assert len(ids) == len(set(ids)) and len(ids) <= n  # each id at most once within the epoch
+    assert [t["version"] for t in trace] == [0] * 4 + [1] * 4 + [2] * 4
+    log = (tmp_path / "run" / "refresh" / "miner.log").read_text()
+    assert "device cuda" in log, log[-2000:]

@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-positive-length", type=int, default=128)
     ap.add_argument("--deepspeed", default="zero0")
     ap.add_argument("--precision", default="auto")
-    ap.add_argument("--num-workers", type=int, default=1)
+    ap.add_argument("--num-workers", type=int, default=None,
+                    help="the trainer's DataLoader workers (default: its own rule, the cores per rank less one)")
     ap.add_argument("--log-every", type=int, default=1,
                     help="the trainer's log_every (1: the step split of every step; larger: fewer host syncs)")
     ap.add_argument("--lr", type=float, default=1e-4)
