@@ -93,12 +93,15 @@ def test_subgraph_rows_relabels_and_drops_other_ids():
 
 
 @pytest.mark.parametrize("mode", ["mutual", "union"])
-@pytest.mark.parametrize("chunk", [7, 1 << 24])
-def test_the_unweighted_path_is_the_weighted_graph_without_weights(mode, chunk):
+@pytest.mark.parametrize("chunk,threads", [(7, 1), (7, 3), (1 << 24, 2)])
+def test_the_unweighted_path_is_the_weighted_graph_without_weights(mode, chunk, threads, monkeypatch):
     """Without rank weights the graph is built by its own, faster path (direction codes, no counting pass,
     a CSR from one E-sized sort): the same xadj and adjncy as the weighted path, whose weights it drops, with
-    repeated entries, self entries and padding in S and scans in chunks of any size."""
+    repeated entries, self entries and padding in S, scans in chunks of any size on any number of threads."""
+    from b3stream.mining import graph
     from b3stream.mining.graph import _build_unweighted
+
+    monkeypatch.setattr(graph, "thread_budget", lambda: threads)
 
     rng = np.random.default_rng(4)
     S = random_S(300, 20, seed=2, pad_rows=40).astype(np.int32)

@@ -147,6 +147,40 @@ def build_graph(S: np.ndarray, edges: str = "mutual", rank_weights: bool = False
     return graph
 
 
+def thread_budget() -> int:
+    """The process's thread budget: torch's thread count where torch is loaded (the refresh miner sets it),
+    else the CPUs this process may run on (torch's own default), without importing torch for it."""
+    import os
+    import sys
+
+    if "torch" in sys.modules:
+        return max(1, int(sys.modules["torch"].get_num_threads()))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _spans(total: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """``[0, total)`` cut into at most ``parts`` consecutive spans, boundaries on multiples of ``align``."""
+    step = -(-max(total, 1) // max(1, parts))
+    step = -(-step // align) * align
+    return [(lo, min(total, lo + step)) for lo in range(0, total, step)]
+
+
+def _in_threads(fn, total: int, align: int = 1) -> list:
+    """``[fn(lo, hi) for (lo, hi) in spans of [0, total)]``, the spans run side by side on the process's
+    threads (numpy releases the GIL inside its loops; each span writes only its own slices), results in span
+    order, so the outcome never depends on the number of threads."""
+    spans = _spans(total, min(thread_budget(), 4), align)
+    if len(spans) <= 1:
+        return [fn(lo, hi) for lo, hi in spans]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(spans)) as pool:
+        return [f.result() for f in [pool.submit(fn, lo, hi) for lo, hi in spans]]
+
+
 def _build_unweighted(S: np.ndarray, edges: str, chunk_rows: int = 4096, chunk: int = 1 << 20) -> Graph:
     """:func:`build_graph` without rank weights, in fewer passes over the ``n m`` entries than the weighted
     path (same graph): each directed entry ``i -> j`` is the code ``((min << b | max) << 1) | (i > j)``
@@ -155,57 +189,65 @@ def _build_unweighted(S: np.ndarray, edges: str, chunk_rows: int = 4096, chunk: 
     0 is followed by the same edge with direction 1 (``next ^ code == 1``; repeated entries of a row sit
     beside them and change nothing), and a union edge is the first code of each run of one edge. The scans
     go in chunks small enough for their temporaries to stay in cache (the work is memory-bound: a plain pass
-    over 10^8 int64 costs about 0.15 s here). The CSR comes from :func:`_csr_from_pairs`, without sorting
-    2E codes."""
+    over 10^8 int64 costs about 0.15 s here), on the process's threads (:func:`_in_threads`). The CSR comes
+    from :func:`_csr_from_pairs`, without sorting 2E codes."""
     n, m = S.shape
     _check_fits(n, 1)
     bits = max(1, (max(n, 2) - 1).bit_length())
     sentinel = np.iinfo(np.int64).max
     keys = np.empty(n * m, dtype=np.int64)
-    total = 0
     rows = min(max(1, chunk_rows), max(n, 1))
-    mn = np.empty((rows, m), dtype=np.int64)
-    tmp = np.empty((rows, m), dtype=np.int64)
-    flag = np.empty((rows, m), dtype=bool)
-    skip = np.empty((rows, m), dtype=bool)
-    for lo in range(0, n, rows):
-        block = np.asarray(S[lo : lo + rows])
-        k = len(block)
-        if block.size and (block.max() >= n or block.min() < -1):
-            raise ConfigError(f"S holds ids outside [0, {n}) (besides -1 padding)")
-        a = np.arange(lo, lo + k, dtype=np.int64)[:, None]
-        code, big, gt, bad = mn[:k], tmp[:k], flag[:k], skip[:k]
-        np.minimum(a, block, out=code)
-        np.maximum(a, block, out=big)
-        np.left_shift(code, bits + 1, out=code)
-        np.left_shift(big, 1, out=big)
-        code |= big
-        np.greater(a, block, out=gt)
-        code |= gt
-        np.less(block, 0, out=bad)
-        bad |= block == a
-        code[bad] = sentinel
-        keys[lo * m : (lo + k) * m] = code.ravel()
-        total += code.size - int(np.count_nonzero(bad))
-    del mn, tmp, flag, skip
+
+    def encode(first: int, last: int) -> int:  # rows [first, last) -> their codes in ``keys``; valid count
+        mn = np.empty((rows, m), dtype=np.int64)
+        tmp = np.empty((rows, m), dtype=np.int64)
+        flag = np.empty((rows, m), dtype=bool)
+        skip = np.empty((rows, m), dtype=bool)
+        valid = 0
+        for lo in range(first, last, rows):
+            block = np.asarray(S[lo : min(last, lo + rows)])
+            k = len(block)
+            if block.size and (block.max() >= n or block.min() < -1):
+                raise ConfigError(f"S holds ids outside [0, {n}) (besides -1 padding)")
+            a = np.arange(lo, lo + k, dtype=np.int64)[:, None]
+            code, big, gt, bad = mn[:k], tmp[:k], flag[:k], skip[:k]
+            np.minimum(a, block, out=code)
+            np.maximum(a, block, out=big)
+            np.left_shift(code, bits + 1, out=code)
+            np.left_shift(big, 1, out=big)
+            code |= big
+            np.greater(a, block, out=gt)
+            code |= gt
+            np.less(block, 0, out=bad)
+            bad |= block == a
+            code[bad] = sentinel
+            keys[lo * m : (lo + k) * m] = code.ravel()
+            valid += code.size - int(np.count_nonzero(bad))
+        return valid
+
+    total = sum(_in_threads(encode, n, align=rows))
     keys.sort()
     keys = keys[:total]
-    parts = []
-    buf = np.empty(chunk, dtype=np.int64)
-    for lo in range(0, total, chunk):
-        hi = min(total, lo + chunk)
-        if edges == "mutual":  # this code has direction 0 and the next one is the same edge's direction 1
-            nxt = keys[lo + 1 : hi + 1]
-            cur = keys[lo : lo + len(nxt)]
-            x = np.bitwise_xor(nxt, cur, out=buf[: len(nxt)])
-            parts.append(cur[x == 1] >> 1)
-        else:  # union: each edge once, at the first of its codes
-            cur = np.right_shift(keys[lo:hi], 1, out=buf[: hi - lo])
-            first = np.empty(len(cur), dtype=bool)
-            first[0] = lo == 0 or (keys[lo - 1] >> 1) != cur[0]
-            np.not_equal(cur[1:], cur[:-1], out=first[1:])
-            parts.append(cur[first])
-    del keys, buf
+
+    def scan(first: int, last: int) -> list[np.ndarray]:  # the undirected codes found in [first, last)
+        parts, buf = [], np.empty(chunk, dtype=np.int64)
+        for lo in range(first, last, chunk):
+            hi = min(last, lo + chunk)
+            if edges == "mutual":  # this code has direction 0, the next one is the same edge's direction 1
+                nxt = keys[lo + 1 : hi + 1]
+                cur = keys[lo : lo + len(nxt)]
+                x = np.bitwise_xor(nxt, cur, out=buf[: len(nxt)])
+                parts.append(cur[x == 1] >> 1)
+            else:  # union: each edge once, at the first of its codes
+                cur = np.right_shift(keys[lo:hi], 1, out=buf[: hi - lo])
+                first_of = np.empty(len(cur), dtype=bool)
+                first_of[0] = lo == 0 or (keys[lo - 1] >> 1) != cur[0]
+                np.not_equal(cur[1:], cur[:-1], out=first_of[1:])
+                parts.append(cur[first_of])
+        return parts
+
+    parts = [p for found in _in_threads(scan, total, align=chunk) for p in found]
+    del keys
     und = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     del parts
     n_und = int(len(und))
@@ -222,47 +264,58 @@ def _csr_from_pairs(codes: np.ndarray, n: int, bits: int, chunk: int = 1 << 20) 
 
     Row v is its smaller neighbours (the edges whose ``hi`` is v, in ``lo`` order) then its larger ones (the
     edges whose ``lo`` is v, already in ``hi`` order in ``codes``): one sort of E ``hi << bits | lo`` codes
-    and two scatters, instead of a sort of 2E codes. ``codes`` is consumed (its buffer is reused)."""
+    and two scatters, instead of a sort of 2E codes. ``codes`` is consumed (its buffer is reused). The
+    passes run on the process's threads (:func:`_in_threads`; the scatters write disjoint positions)."""
     E = len(codes)
     mask = np.int64((1 << bits) - 1)
     id_dtype = np.int32 if n < 2**31 else np.int64
-    cnt_lo = np.zeros(n, dtype=np.int64)  # larger neighbours of each node
-    cnt_hi = np.zeros(n, dtype=np.int64)  # smaller neighbours
-    for a in range(0, E, chunk):
-        part = codes[a : a + chunk]
-        cnt_lo += np.bincount(part >> bits, minlength=n)
-        cnt_hi += np.bincount(part & mask, minlength=n)
+
+    def count(first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        c_lo, c_hi = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        for a in range(first, last, chunk):
+            part = codes[a : min(last, a + chunk)]
+            c_lo += np.bincount(part >> bits, minlength=n)
+            c_hi += np.bincount(part & mask, minlength=n)
+        return c_lo, c_hi
+
+    counts = _in_threads(count, E, align=chunk)
+    cnt_lo = sum((c for c, _ in counts), np.zeros(n, dtype=np.int64))  # larger neighbours of each node
+    cnt_hi = sum((c for _, c in counts), np.zeros(n, dtype=np.int64))  # smaller neighbours
+    del counts
     xadj = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(cnt_lo + cnt_hi, out=xadj[1:])
     adjncy = np.empty(2 * E, dtype=id_dtype)
-    at = np.empty(chunk, dtype=np.int64)
+
+    def scatter(shift: np.ndarray):  # code e of node v's run -> adjncy[e + shift[v]] (its other end)
+        def run(first: int, last: int) -> None:
+            at = np.empty(chunk, dtype=np.int64)
+            for a in range(first, last, chunk):
+                part = codes[a : min(last, a + chunk)]
+                k = len(part)
+                np.right_shift(part, bits, out=at[:k])
+                idx = shift[at[:k]]
+                idx += np.arange(a, a + k, dtype=np.int64)
+                adjncy[idx] = part & mask
+        return run
+
     # larger neighbours: codes are in (lo, hi) order; the j-th edge of node v's run goes to
     # xadj[v] + (its smaller neighbours) + j, i.e. its index in ``codes`` plus a per-node shift
-    shift = xadj[:-1] + cnt_hi - (np.cumsum(cnt_lo) - cnt_lo)
-    for a in range(0, E, chunk):
-        part = codes[a : a + chunk]
-        k = len(part)
-        np.right_shift(part, bits, out=at[:k])
-        idx = shift[at[:k]]
-        idx += np.arange(a, a + k, dtype=np.int64)
-        adjncy[idx] = part & mask
+    _in_threads(scatter(xadj[:-1] + cnt_hi - (np.cumsum(cnt_lo) - cnt_lo)), E, align=chunk)
+
+    def swap(first: int, last: int) -> None:  # lo << bits | hi -> hi << bits | lo, in place
+        at = np.empty(chunk, dtype=np.int64)
+        for a in range(first, last, chunk):
+            part = codes[a : min(last, a + chunk)]
+            k = len(part)
+            np.right_shift(part, bits, out=at[:k])
+            part &= mask
+            part <<= bits
+            part |= at[:k]
+
     # smaller neighbours: the same edges in (hi, lo) order, made in place of ``codes``
-    for a in range(0, E, chunk):
-        part = codes[a : a + chunk]
-        k = len(part)
-        np.right_shift(part, bits, out=at[:k])
-        part &= mask
-        part <<= bits
-        part |= at[:k]
+    _in_threads(swap, E, align=chunk)
     codes.sort()
-    shift = xadj[:-1] - (np.cumsum(cnt_hi) - cnt_hi)
-    for a in range(0, E, chunk):
-        part = codes[a : a + chunk]
-        k = len(part)
-        np.right_shift(part, bits, out=at[:k])
-        idx = shift[at[:k]]
-        idx += np.arange(a, a + k, dtype=np.int64)
-        adjncy[idx] = part & mask
+    _in_threads(scatter(xadj[:-1] - (np.cumsum(cnt_hi) - cnt_hi)), E, align=chunk)
     return Graph(xadj=xadj, adjncy=adjncy, eweights=None)
 
 

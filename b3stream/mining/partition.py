@@ -49,7 +49,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..files import tmp_name
-from .graph import Graph
+from .graph import Graph, thread_budget
 
 PARTITIONERS = ("metis", "kaminpar")
 KAMINPAR_FILE = "kaminpar-graph.parhip"  # the graph handed to KaMinPar, under a writer's temporary name
@@ -227,27 +227,12 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
 
     ``seed`` seeds KaMinPar's generator (one thread gives the same labels for the same seed; several threads
     may not, as its parallel label propagation races). ``threads`` None: the process's thread budget
-    (:func:`_thread_budget`: torch's thread count when torch is loaded, as in the refresh miner, which sets
-    it; else the CPUs the process may use). The graph travels through a temporary ParHiP
-    file in the existing folder ``workdir`` (default: the system's temporary folder), removed afterwards,
-    in :func:`locality_order`.
+    (:func:`~b3stream.mining.graph.thread_budget`: torch's thread count when torch is loaded, as in the
+    refresh miner, which sets it; else the CPUs the process may use). The graph travels through a temporary
+    ParHiP file in the existing folder ``workdir`` (default: the system's temporary folder), removed
+    afterwards, in :func:`locality_order`.
     """
     return _kaminpar(graph, K, seed, threads, context, workdir)[0]
-
-
-def _thread_budget() -> int:
-    """The process's thread budget: torch's thread count where torch is loaded (the refresh miner sets it),
-    else the CPUs this process may run on (torch's own default), without importing torch for it (a second
-    or more of a partition stage that uses no torch)."""
-    import os
-    import sys
-
-    if "torch" in sys.modules:
-        return int(sys.modules["torch"].get_num_threads())
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _kaminpar(graph: Graph, K: int, seed: int = 0, threads: int | None = None, context: str = "largek",
@@ -264,7 +249,7 @@ def _kaminpar(graph: Graph, K: int, seed: int = 0, threads: int | None = None, c
     import kaminpar
 
     if threads is None:
-        threads = _thread_budget()
+        threads = thread_budget()
     # a temporary name of this process: a killed run's leftover is swept like any other writer's
     path = tmp_name(Path(workdir or tempfile.gettempdir()) / KAMINPAR_FILE)
     order = locality_order(graph)  # KaMinPar gets the graph with neighbours close together (faster)
