@@ -152,13 +152,33 @@ def write_parhip(graph: Graph, path, chunk: int = 1 << 24, order: np.ndarray | N
         new_of = np.empty(n, dtype=id_dtype)
         new_of[order] = np.arange(n, dtype=id_dtype)
         weights = []  # the weights come after every id: kept until then (only with rank weights)
-        for a, b in _row_chunks(xadj, chunk):
-            cols, w = _relabelled_rows(graph, order, new_of, a, b)
+        for cols, w in _ordered_map(lambda span: _relabelled_rows(graph, order, new_of, *span),
+                                    _row_chunks(xadj, chunk)):
             f.write(cols.astype(id_dtype).tobytes())
             if weighted:
                 weights.append(w.astype(np.int32))
         for w in weights:
             f.write(w.tobytes())
+
+
+def _ordered_map(fn, items: list):
+    """``fn`` of each item, yielded in order, computed on the process's threads a few items ahead (numpy
+    releases the GIL in its gathers), never more than two items per thread in memory."""
+    threads = min(thread_budget(), 4)
+    if threads <= 1 or len(items) <= 1:
+        yield from (fn(item) for item in items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        ahead: deque = deque()
+        for item in items:
+            ahead.append(pool.submit(fn, item))
+            if len(ahead) >= 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _row_chunks(xadj: np.ndarray, chunk: int) -> list[tuple[int, int]]:
