@@ -196,6 +196,7 @@ class _Loader:
         self.loaded: dict[int, Schedule] = {}
         self.failed = -1
         self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()  # loaded: added and pruned on the loader's thread, pruned on the loop's
         self.cond = threading.Condition()
         self.asked = self.done = 0
         self.closed = False
@@ -229,10 +230,14 @@ class _Loader:
 
     def forget(self, version: int) -> None:
         """``version`` was swapped in: drop it and everything older."""
-        for v in [v for v in self.loaded if v <= version]:
-            del self.loaded[v]
+        self._prune(version)
         if self.pick is not None and self.pick.version <= version:
             self.pick = None
+
+    def _prune(self, version: int) -> None:
+        with self.lock:
+            for v in [v for v in self.loaded if v <= version]:
+                del self.loaded[v]
 
     def close(self) -> None:
         with self.cond:
@@ -262,7 +267,8 @@ class _Loader:
         if schedule is None:
             schedule = load_schedule(version_path(self.w.folder, version), expect=self.w.stamp)
             self.w._verified(schedule)
-            self.loaded[version] = schedule
+            with self.lock:
+                self.loaded[version] = schedule
         return schedule
 
     def _find(self) -> None:
@@ -283,11 +289,11 @@ class _Loader:
                 break
             except Exception as e:  # noqa: BLE001 (see the class docstring)
                 if not isinstance(e, NotYet):
-                    self.loaded.pop(version, None)
+                    with self.lock:
+                        self.loaded.pop(version, None)
                 w._reject(version, e)
         self.pick = pick
-        for v in [v for v in self.loaded if v <= current]:
-            del self.loaded[v]
+        self._prune(current)
 
     def _fetch(self) -> None:
         """Another rank: load the version rank 0 announced, once (again after a failure reported)."""
