@@ -137,17 +137,23 @@ def test_sampled_estimate_is_close_and_memory_is_chunked():
 
 
 def count_exact_searches(monkeypatch) -> list:
-    """Count the exact top-K passes over all positives (``rank.exact_search``, which the global part of the
-    bound runs): the wrapper records each call and runs the real search."""
-    from b3stream.mining import rank
+    """Count the exact top-K passes over all positives (``rank.exact_search``, or ``quality.screened_topk`` on
+    float16 embeddings on the CPU, which the global part of the bound runs): the wrappers record each call
+    and run the real search."""
+    from b3stream.mining import quality, rank
 
-    calls, real = [], rank.exact_search
+    calls, real, real_screened = [], rank.exact_search, quality.screened_topk
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         return real(*args, **kwargs)
 
+    def counted_screened(*args, **kwargs):
+        calls.append("screened")
+        return real_screened(*args, **kwargs)
+
     monkeypatch.setattr(rank, "exact_search", counted)
+    monkeypatch.setattr(quality, "screened_topk", counted_screened)
     return calls
 
 
@@ -362,3 +368,22 @@ def test_neighbour_lists_outside_the_universe_or_naming_the_query_are_skipped():
     listed = query_sample(q, p, K, sample=100, seed=1, universe=universe, neighbours=(nb,))
     assert not plain.exact and listed.neighbours
     np.testing.assert_allclose(listed.top, plain.top, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk,K", [(65536, 8), (50, 8), (5, 8), (37, 1)])
+def test_the_float16_screen_gives_the_exact_top_k(chunk, K):
+    """quality.screened_topk (the CPU global top-K on float16 embeddings): a float16 screen and float32
+    rescoring give the values of the float32 search, whatever the block size (blocks smaller than K too),
+    the own positive left out; a screen whose assumed error is too small says so (None) instead of answering."""
+    from b3stream.mining.quality import global_topk, screened_topk
+    from b3stream.mining.rank import exact_search
+
+    q, p, _ = clustered(900, d=24, clusters=12, seed=7)  # tight clusters: many near-ties around the K-th value
+    q16, p16 = q.astype(np.float16), p.astype(np.float16)
+    qs = q16[::7].astype(np.float32)
+    own = np.arange(0, 900, 7)
+    want, _ = exact_search(qs, p16, K, exclude=own)
+    got = screened_topk(qs, p16, K, exclude=own, chunk=chunk)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(global_topk(qs, own, p16, K), want, rtol=0, atol=2e-6)
+    assert screened_topk(qs, p16, K, exclude=own, chunk=chunk, eps=1e-7) is None

@@ -77,6 +77,7 @@ samples are drawn from ``numpy.random.default_rng(seed)``), so reruns record the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,12 +101,85 @@ MIN_EXACT = 64  # ... and at least this many
 
 def global_topk(query_vecs: np.ndarray, query_ids: np.ndarray, positives: np.ndarray, K: int,
                 progress: bool = False, device=None) -> np.ndarray:
-    """The K largest s_ij over all j != i for each given query (float32, (len(query_ids), K))."""
+    """The K largest s_ij over all j != i for each given query (float32, (len(query_ids), K)), exact.
+
+    On the CPU, with float16 positives and queries (the embed stage's), by :func:`screened_topk`; else (or if
+    its check fails) by the float32 search of :func:`~b3stream.mining.rank.exact_search`."""
     from .rank import exact_search
 
+    query_vecs = np.asarray(query_vecs, dtype=np.float32)
+    if (device is None or str(device) == "cpu") and np.asarray(positives[:1]).dtype == np.float16 and \
+            np.array_equal(query_vecs.astype(np.float16).astype(np.float32), query_vecs):
+        top = screened_topk(query_vecs, positives, K, exclude=query_ids)
+        if top is not None:
+            return top
     top, _ = exact_search(query_vecs, positives, K, exclude=query_ids, progress=progress,
                           desc="quality: global top-K", device=device)
     return top
+
+
+SCREEN_EPS = 1e-3  # a bound on |float16 product - exact| for unit vectors (2^-11 output rounding, fp32 sums)
+
+
+def screened_topk(queries: np.ndarray, base: np.ndarray, K: int, exclude: np.ndarray | None = None,
+                  chunk: int = 65536, eps: float = SCREEN_EPS) -> np.ndarray | None:
+    """The exact top-``K`` values of ``queries @ base.T`` (float16 rows, L2-normalised; own rows
+    ``exclude[r]`` skipped), by a float16 screen and float32 rescoring: None when the screen's own check fails.
+
+    Converting every float16 positive to float32 is most of an exact search on the CPU (and its float32
+    products three times the float16 ones). Here each block's products are taken in float16 (torch's CPU
+    kernel sums in float32 and rounds the result: off by at most 2^-11 |s| plus the sum's rounding, under
+    ``eps`` for unit vectors), and only the entries that may still enter a query's top-K are recomputed in
+    float32: those whose float16 product is at least (the K-th best exact value so far) - ``eps``, or, before
+    a query has K values, (the block's K-th best float16 product) - 2 ``eps``. An entry of the exact top-K
+    always passes (its float16 product is within ``eps`` of its value, which is at least the final K-th
+    best, itself at least either threshold), so the result is the exact top-K. The assumed ``eps`` is
+    checked on every recomputed entry; a larger difference (another kernel) returns None and the caller
+    searches in float32."""
+    import torch
+
+    nq = len(queries)
+    q32 = np.ascontiguousarray(queries, dtype=np.float32)
+    q16 = torch.from_numpy(q32.astype(np.float16))
+    best_v = np.full((nq, K), -np.inf, dtype=np.float32)
+    best_i = np.full((nq, K), -1, dtype=np.int64)
+    ex = None if exclude is None else np.asarray(exclude, dtype=np.int64)
+    rows_all = np.arange(nq)
+    for lo in range(0, len(base), chunk):
+        block = np.ascontiguousarray(base[lo : lo + chunk])
+        width = len(block)
+        with warnings.catch_warnings():  # a read-only memmap's rows: only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            s16 = (q16 @ torch.from_numpy(block).T).float().numpy()
+        if ex is not None:
+            inside = np.flatnonzero((ex >= lo) & (ex < lo + width))
+            s16[inside, ex[inside] - lo] = -np.inf
+        cut = best_v[:, -1] - eps  # -inf where a query has fewer than K values yet
+        fresh = ~np.isfinite(best_v[:, -1])
+        if fresh.any():
+            if width >= K:
+                kth = -np.partition(-s16[fresh], K - 1, axis=1)[:, K - 1]
+                cut[fresh] = np.where(np.isfinite(kth), kth - 2 * eps, -np.inf)
+            else:
+                cut[fresh] = -np.inf
+        qi, col = np.nonzero((s16 >= cut[:, None]) & np.isfinite(s16))
+        if not len(qi):
+            continue
+        exact = np.einsum("nd,nd->n", q32[qi], block[col].astype(np.float32))
+        if np.any(np.abs(exact - s16[qi, col]) > eps):
+            return None
+        # merge: each query's K best of what it had and its new entries
+        all_q = np.concatenate([np.repeat(rows_all, K), qi])
+        all_v = np.concatenate([best_v.ravel(), exact.astype(np.float32)])
+        all_i = np.concatenate([best_i.ravel(), col + lo])
+        order = np.lexsort((all_i, -all_v, all_q))
+        sq = all_q[order]
+        starts = np.flatnonzero(np.concatenate([[True], sq[1:] != sq[:-1]]))
+        rank = np.arange(len(sq)) - np.repeat(starts, np.diff(np.concatenate([starts, [len(sq)]])))
+        keep = order[rank < K]
+        best_v[all_q[keep], rank[rank < K]] = all_v[keep]
+        best_i[all_q[keep], rank[rank < K]] = all_i[keep]
+    return best_v
 
 
 @dataclass
@@ -263,27 +337,36 @@ def batch_quality(ids: np.ndarray, offsets: np.ndarray, queries: np.ndarray, pos
     neg_mean = np.empty(len(chosen))
     neg_max = np.empty(len(chosen))
     bounds = list(starts) + [len(order)]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        rows = order[a:b]
-        bidx = batch_of[rows[0]]
-        lo, hi = offsets[bidx], offsets[bidx + 1]
-        cand = np.sort(ids[lo:hi])  # in id order: the rows are read from the file in order
-        if negatives is not None:
-            cand = np.unique(np.concatenate([cand, negatives[lo:hi].ravel()]))
-            cand = cand[cand >= 0]  # -1: a slot a small task could not fill
-        sims = qv[rows] @ np.asarray(positives[cand], dtype=np.float32).T
-        own = cand[None, :] == chosen[rows][:, None]
-        sims[own] = -np.inf
-        n_neg = sims.shape[1] - 1
-        if n_neg <= 0:  # a batch of one has no negatives
-            log_h_batch[rows], neg_mean[rows], neg_max[rows] = -np.inf, np.nan, np.nan
-            continue
-        kk = min(K, n_neg)
-        part = -np.partition(-sims, kk - 1, axis=1)[:, :kk]
-        log_h_batch[rows] = _logsumexp(part / temperature, axis=1)
-        finite = np.where(own, 0.0, sims)
-        neg_mean[rows] = finite.sum(1) / n_neg
-        neg_max[rows] = sims.max(1)
+
+    def score_batches(first: int, last: int) -> None:  # the batches bounds[first:last] (their rows only)
+        for a, b in zip(bounds[first:last], bounds[first + 1 : last + 1]):
+            rows = order[a:b]
+            bidx = batch_of[rows[0]]
+            lo, hi = offsets[bidx], offsets[bidx + 1]
+            cand = np.sort(ids[lo:hi])  # in id order: the rows are read from the file in order
+            if negatives is not None:
+                cand = np.unique(np.concatenate([cand, negatives[lo:hi].ravel()]))
+                cand = cand[cand >= 0]  # -1: a slot a small task could not fill
+            # einsum, not a BLAS gemm: a few rows times one batch, where a threaded BLAS (waking its threads
+            # beside torch's) took 30x longer
+            sims = np.einsum("rd,cd->rc", qv[rows], np.asarray(positives[cand], dtype=np.float32))
+            own = cand[None, :] == chosen[rows][:, None]
+            sims[own] = -np.inf
+            n_neg = sims.shape[1] - 1
+            if n_neg <= 0:  # a batch of one has no negatives
+                log_h_batch[rows], neg_mean[rows], neg_max[rows] = -np.inf, np.nan, np.nan
+                continue
+            kk = min(K, n_neg)
+            part = -np.partition(-sims, kk - 1, axis=1)[:, :kk]
+            log_h_batch[rows] = _logsumexp(part / temperature, axis=1)
+            finite = np.where(own, 0.0, sims)
+            neg_mean[rows] = finite.sum(1) / n_neg
+            neg_max[rows] = sims.max(1)
+
+    # the batches side by side on the process's threads (each writes its own queries' rows only)
+    from .graph import _in_threads
+
+    _in_threads(score_batches, len(starts))
     bound = np.log(N / K) + log_h_global - log_h_batch
     ok = np.isfinite(bound)
     estimate, interval, correction = _estimate(bound, ok, scored, temperature, log_h_global)
