@@ -271,6 +271,10 @@ def main() -> None:
             extra = (f"edges {pt['edges']:,}, graph {pt['graph_s']} s, {pt['partitioner']} {pt['partitioner_s']} s, "
                      f"repair {pt['repair_s']} s, inside {pt['internal_edge_fraction']:.1%}, "
                      f"community sizes {sizes.get('min')}-{sizes.get('max')}")
+            steps = pt.get("kaminpar_steps")
+            if steps:
+                extra += (f" (KaMinPar: order {steps['order_s']} s, write {steps['write_s']} s, load "
+                          f"{steps['load_s']} s, partition {steps['partition_s']} s on {steps['threads']} threads)")
             if pt.get("repaired"):
                 extra += (f" (before repair {pt['unrepaired_sizes_min']}-{pt['unrepaired_sizes_max']}, "
                           f"{pt['unrepaired_empty_parts']} empty; moved {pt['evicted']:,}, "

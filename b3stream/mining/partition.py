@@ -256,9 +256,10 @@ def kaminpar_parts(graph: Graph, K: int, seed: int = 0, threads: int | None = No
 
 
 def _kaminpar(graph: Graph, K: int, seed: int = 0, threads: int | None = None, context: str = "largek",
-              workdir=None) -> tuple[np.ndarray, int | None]:
+              workdir=None, timings: dict | None = None) -> tuple[np.ndarray, int | None]:
     """(:func:`kaminpar_parts`'s labels, their edge cut by KaMinPar's own parallel count, or None where that
-    count is not :func:`edge_cut`'s: a weighted graph, whose weighted cut KaMinPar gives, or no KaMinPar run)."""
+    count is not :func:`edge_cut`'s: a weighted graph, whose weighted cut KaMinPar gives, or no KaMinPar run).
+    ``timings``: filled with the seconds of each step (order, write, load, partition, threads)."""
     import tempfile
 
     n = graph.n
@@ -270,21 +271,30 @@ def _kaminpar(graph: Graph, K: int, seed: int = 0, threads: int | None = None, c
 
     if threads is None:
         threads = thread_budget()
+    clock = {} if timings is None else timings
+    t = time.perf_counter()
     # a temporary name of this process: a killed run's leftover is swept like any other writer's
     path = tmp_name(Path(workdir or tempfile.gettempdir()) / KAMINPAR_FILE)
     order = locality_order(graph)  # KaMinPar gets the graph with neighbours close together (faster)
+    clock["order_s"] = round(time.perf_counter() - t, 3)
     try:
+        t = time.perf_counter()
         write_parhip(graph, path, order=order)
+        clock["write_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
         # a large graph compressed in memory (a third of the plain one at 10M nodes, and no slower), as the
         # TeraPart presets need (they crash on a plain one); a smaller one plain, which loads in a third of the
         # time
         kgraph = kaminpar.load_graph(str(path), kaminpar.GraphFileFormat.PARHIP,
                                      len(graph.adjncy) >= COMPRESS_ENTRIES or context.startswith("terapart"))
+        clock["load_s"] = round(time.perf_counter() - t, 3)
     finally:
         path.unlink(missing_ok=True)
+    t = time.perf_counter()
     kaminpar.reseed(int(seed))
     solver = kaminpar.KaMinPar(max(1, int(threads)), kaminpar.context_by_name(context))
     relabelled = solver.compute_partition(kgraph, block_sizes(n, K).tolist())
+    clock.update(partition_s=round(time.perf_counter() - t, 3), threads=int(threads))
     cut = int(kaminpar.edge_cut(kgraph, relabelled)) if graph.eweights is None else None
     del kgraph, solver
     labels = np.empty(n, dtype=np.int64)
@@ -526,9 +536,13 @@ def partition(graph: Graph, K: int, seed: int = 0, ufactor: int = 30, ids: np.nd
     if partitioner == "metis":
         labels = metis_parts(graph, nparts, seed=seed, ufactor=ufactor)
     else:
-        labels, kaminpar_cut = _kaminpar(graph, K, seed=seed, threads=threads, context=context, workdir=workdir)
+        steps: dict = {}
+        labels, kaminpar_cut = _kaminpar(graph, K, seed=seed, threads=threads, context=context, workdir=workdir,
+                                         timings=steps)
     t1 = time.perf_counter()
     stats: dict = {"partitioner": partitioner}
+    if partitioner == "kaminpar" and steps:
+        stats["kaminpar_steps"] = steps  # where partitioner_s went: order, write, load, partition (seconds)
     if n:
         first_cut = edge_cut(graph, labels) if kaminpar_cut is None else kaminpar_cut
         exact = partitioner == "kaminpar" and np.array_equal(np.bincount(labels, minlength=nparts), block_sizes(n, K))
