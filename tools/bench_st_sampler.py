@@ -280,10 +280,16 @@ def report(args, results: dict[str, dict]) -> dict:
               f"{row['test']['ci95'][1]:+.2f}], validation {row['validation']['difference']:+.2f} "
               f"[{row['validation']['ci95'][0]:+.2f}, {row['validation']['ci95'][1]:+.2f}] "
               f"({row['test']['queries']} / {row['validation']['queries']} queries, paired bootstrap over queries)")
+    from b3stream.schedule import load_schedule
+
     for cell, r in results.items():
-        for h, q in zip(r.get("remines") or [], r.get("remine_quality") or []):
-            print(f"{cell}: epoch {h['epoch']} re-mined at step {h['step']} in {h['seconds']:.0f} s, "
-                  f"Theorem-1 bound {q.get('theorem1_bound') if q else None}")
+        for h in r.get("remines") or []:
+            meta = load_schedule(h["schedule"]).meta
+            now, before = (meta.get(k) or {} for k in ("quality", "quality_previous"))
+            print(f"{cell}: epoch {h['epoch']} re-mined at step {h['step']} in {h['seconds']:.0f} s; Theorem-1 "
+                  f"bound under the model then: new schedule {now.get('theorem1_bound')}, the schedule it "
+                  f"replaced {before.get('theorem1_bound')} (lower: harder)")
+            h["theorem1_bound"], h["theorem1_bound_replaced"] = now.get("theorem1_bound"), before.get("theorem1_bound")
         if r.get("schedule"):
             q = r["schedule"].get("quality") or {}
             print(f"{cell}: static schedule's Theorem-1 bound {q.get('theorem1_bound')}")
