@@ -368,6 +368,9 @@ def test_neighbour_lists_outside_the_universe_or_naming_the_query_are_skipped():
     listed = query_sample(q, p, K, sample=100, seed=1, universe=universe, neighbours=(nb,))
     assert not plain.exact and listed.neighbours
     np.testing.assert_allclose(listed.top, plain.top, rtol=1e-6)
+    no_top = query_sample(q, p, K, sample=100, seed=1, universe=universe,
+                          neighbours=(np.zeros((N, 0), np.int32), nb))  # T of p = 0 has no columns
+    np.testing.assert_allclose(no_top.top, plain.top, rtol=1e-6)
 
 
 @pytest.mark.parametrize("chunk,K", [(65536, 8), (50, 8), (5, 8), (37, 1)])

@@ -273,7 +273,8 @@ def _with_neighbours(top: np.ndarray, cand_ids: np.ndarray, qv: np.ndarray, pick
                      chunk: int = 256) -> np.ndarray:
     """The top-K over the union of each query's sampled candidates (``top``, ids ``cand_ids``, universe
     positions) and its neighbour lists' entries inside the universe, each id once, the query's own left out."""
-    nb = np.concatenate([np.asarray(a[chosen]).reshape(len(chosen), -1).astype(np.int64) for a in neighbours], 1)
+    nb = np.concatenate([np.asarray(a[chosen], dtype=np.int64).reshape(len(chosen), a.shape[1] if np.ndim(a) > 1
+                                                                          else 1) for a in neighbours], 1)
     if uni is not None:  # global ids -> universe positions (-1 outside it)
         at = np.minimum(np.searchsorted(uni, nb), len(uni) - 1)
         nb = np.where((nb >= 0) & (uni[at] == nb), at, -1)
