@@ -392,7 +392,7 @@ def snapshot_encoder(snapshot: Snapshot, student: EncoderConfig) -> EncoderConfi
         if a != b:
             raise SnapshotError(f"{snapshot.path}: written for a student with {key} {a!r}, but this run's student "
                                 f"has {b!r}; the snapshot is not this run's")
-    return dataclasses.replace(want, lora=recorded.lora)
+    return dataclasses.replace(want, model=student.model, lora=recorded.lora)  # the model as the run names it
 
 
 def load_snapshot_encoder(snapshot: Snapshot, student: EncoderConfig | None = None,
