@@ -30,6 +30,43 @@ def lse(x):
     return m + np.log(np.exp(x - m).sum())
 
 
+def theorem1_by_definition(ids, offsets, q, p, K, tau, negatives=None, universe=None) -> dict:
+    """The B3 paper's Theorem-1 bound and the in-batch similarities straight from their definitions, with plain
+    numpy over the full similarity matrix (small inputs only; independent of quality.py):
+    bound_i = log(N/K * H_i^K / H_{B_i,i}^K), H_i^K the K largest exp(s_ij / tau) over every j != i of the
+    universe (all ids, or the ids to come), H_{B_i,i}^K the same over i's batch negatives (the other members'
+    positives and the batch's hard negatives, -1 slots left out)."""
+    q, p = np.asarray(q, np.float64), np.asarray(p, np.float64)
+    universe = np.arange(len(p)) if universe is None else np.asarray(universe)
+    N = len(universe)
+    sims = q @ p.T
+    bounds, means, maxes = [], [], []
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        members = np.asarray(ids[lo:hi])
+        cand = set(members.tolist())
+        if negatives is not None:
+            cand |= {j for j in np.asarray(negatives[lo:hi]).ravel().tolist() if j >= 0}
+        for i in members:
+            everyone = sims[i, universe[universe != i]]
+            in_batch = sims[i, sorted(cand - {int(i)})]
+            h_all = lse(np.sort(everyone)[-K:] / tau)
+            h_b = lse(np.sort(in_batch)[-K:] / tau)  # all of them where the batch offers fewer than K
+            bounds.append(np.log(N / K) + h_all - h_b)
+            means.append(in_batch.mean())
+            maxes.append(in_batch.max())
+    return {"theorem1_bound": np.mean(bounds), "theorem1_floor": np.log(N / K), "neg_sim_mean": np.mean(means),
+            "neg_sim_hardest_mean": np.mean(maxes), "neg_sim_max": np.max(maxes), "queries": len(bounds), "N": N}
+
+
+def assert_matches_definition(got: dict, want: dict, rel: float = 2e-5) -> None:
+    """A batch_quality record (every query scored, so exact) against :func:`theorem1_by_definition` (the record
+    keeps 6 significant digits)."""
+    assert got["global_top_k"] == "exact" and got["theorem1_bound_ci95"] is None
+    assert (got["queries"], got["N"]) == (want["queries"], want["N"])
+    for key in ("theorem1_bound", "theorem1_floor", "neg_sim_mean", "neg_sim_hardest_mean", "neg_sim_max"):
+        assert got[key] == pytest.approx(want[key], rel=rel), (key, got[key], want[key])
+
+
 def test_bound_matches_brute_force():
     q, p, _ = clustered(150, d=16, seed=0)
     rng = np.random.default_rng(0)
@@ -39,23 +76,7 @@ def test_bound_matches_brute_force():
     tau, K = 0.1, 5
     for negs in (None, negatives):
         got = batch_quality(ids, offsets, q, p, K, temperature=tau, negatives=negs, sample=None)
-        sims = q @ p.T
-        bounds, means, maxes = [], [], []
-        for b in range(4):
-            members = ids[offsets[b] : offsets[b + 1]]
-            cand = members if negs is None else np.unique(np.concatenate([members, negs[offsets[b] : offsets[b + 1]].ravel()]))
-            for i in members:
-                others = np.delete(sims[i], i)
-                h_all = lse(np.sort(others)[-K:] / tau)
-                inb = sims[i, cand[cand != i]]
-                h_b = lse(np.sort(inb)[-K:] / tau)
-                bounds.append(np.log(150 / K) + h_all - h_b)
-                means.append(inb.mean())
-                maxes.append(inb.max())
-        assert got["theorem1_bound"] == pytest.approx(np.mean(bounds), rel=1e-4)
-        assert got["neg_sim_mean"] == pytest.approx(np.mean(means), rel=1e-4)
-        assert got["neg_sim_hardest_mean"] == pytest.approx(np.mean(maxes), rel=1e-4)
-        assert got["neg_sim_max"] == pytest.approx(np.max(maxes), rel=1e-4)
+        assert_matches_definition(got, theorem1_by_definition(ids, offsets, q, p, K, tau, negs))
 
 
 def tight_clusters(clusters: int, size: int, d: int = 32, seed: int = 0):
@@ -205,13 +226,16 @@ def test_schedule_stage_scores_the_replaced_schedule_with_the_same_top_k_pass(tm
     assert len(calls) == 1, calls
     old, new = (load_schedule(version_path(out / "schedules", v)) for v in (0, 1))
     emb = load_embeddings(out / "embeddings")
-    tau, sample = new.meta["quality"]["temperature"], MineConfig().quality_sample
-    assert new.meta["quality"] == {**batch_quality(new.ids, new.offsets, emb.queries, emb.positives, 4,
-                                                   temperature=tau, negatives=new.negatives, sample=sample),
-                                   "scope": "all ids"}
-    assert new.meta["quality_previous"] == {
-        **batch_quality(old.ids, old.offsets, emb.queries, emb.positives, 4, temperature=tau,
-                        negatives=old.negatives, sample=sample), "version": 0, "scope": "all ids"}
+    # quality_sample (2048) >= N (400): every query is scored and the bound is exact, so each record must equal
+    # the bound computed from its definition over the stored (float16) embeddings
+    tau = new.meta["quality"]["temperature"]
+    assert MineConfig().quality_sample >= 400
+    for sched, got in ((new, new.meta["quality"]), (old, new.meta["quality_previous"])):
+        assert_matches_definition(got, theorem1_by_definition(sched.ids, sched.offsets, emb.queries, emb.positives,
+                                                              4, tau, sched.negatives))
+    assert new.meta["quality"]["scope"] == new.meta["quality_previous"]["scope"] == "all ids"
+    assert new.meta["quality_previous"]["version"] == 0
+    assert new.meta["quality"]["theorem1_bound"] != new.meta["quality_previous"]["theorem1_bound"]
 
 
 def test_a_refresh_scores_only_the_batches_still_to_come(tmp_path):
@@ -242,9 +266,8 @@ def test_a_refresh_scores_only_the_batches_still_to_come(tmp_path):
 
     for s, got in ((new, new.meta["quality"]), (old, new.meta["quality_previous"])):
         ids, offsets = upcoming(s)
-        expected = batch_quality(ids, offsets, emb.queries, emb.positives, 4, temperature=got["temperature"],
-                                 sample=None, only=to_come)
-        assert {k: v for k, v in got.items() if k not in ("scope", "version")} == expected
+        assert_matches_definition(got, theorem1_by_definition(ids, offsets, emb.queries, emb.positives, 4,
+                                                              got["temperature"], universe=np.flatnonzero(to_come)))
         assert got["scope"] == "ids to come" and got["queries"] == got["N"] == 240
     whole = batch_quality(new.ids, new.offsets, emb.queries, emb.positives, 4, sample=None)
     assert whole["queries"] == 400 and whole["theorem1_bound"] != new.meta["quality"]["theorem1_bound"]
