@@ -15,7 +15,9 @@ from b3stream.config import EncoderConfig, LoraConfig, MineConfig, TrainConfig
 from b3stream.data.manifest import Manifest
 from b3stream.dist import DistInfo
 from b3stream.schedule import list_versions, load_schedule, publish_schedule, version_path
-from b3stream.snapshot import RunPaths, latest_snapshot, list_snapshots, load_snapshot_encoder, write_snapshot
+from b3stream.run_paths import RunPaths
+from b3stream.refresh.miner import snapshot_model
+from b3stream.refresh.snapshot import latest_snapshot, list_snapshots, load_snapshot_encoder, write_snapshot
 
 from ._train_util import REFRESH_STUDENT as STUDENT, perturbed_student, random_schedule
 
@@ -134,7 +136,7 @@ def test_a_snapshot_missing_adapter_weights_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from b3stream.encoder import weights_digest
-    from b3stream.snapshot import SnapshotError
+    from b3stream.refresh.snapshot import SnapshotError
 
     cfg, student = perturbed_student(lora=True, seed=0)
     path = write_snapshot(tmp_path, 3, student.model, cfg, {"dataset": "toy", "split": "train", "n": 1, "fingerprint": "0" * 16})
@@ -178,21 +180,28 @@ def test_refresh_when_bound_mines_only_a_snapshot_that_drifted(tmp_path, toy_dat
         assert Miner(run_dir, progress=False).serve(once=True) == 0
         return json.loads(paths.status.read_text())
 
-    status = serve(1e6)
+    status = serve(1e6)  # measures the drift (no decision to check yet: the threshold is out of reach)
     probe = status["probe"]
     assert probe["snapshot_step"] == 5 and probe["version"] == 0 and probe["refresh"] is False
     assert probe["drift"] == pytest.approx(probe["bound"] - probe["reference"], abs=1e-4) and probe["drift"] != 0
     assert list_versions(paths.schedules) == [0] and status["refreshes"] == 0
     saved = json.loads((paths.refresh / "probe.json").read_text())
     assert saved["version"] == 0 and len(saved["offsets"]) == 7 and saved["reference"] == pytest.approx(probe["reference"])
+    # thresholds just either side of the measured drift (the same snapshot, probe and reference embed the
+    # same to ~1e-6 on a rerun): the decision flips between them
+    drift, margin = probe["drift"], 2e-3
 
-    # A crafted probe.json (ids of no batch of v0) is not used: the miner makes the probe anew.
+    # A crafted probe.json (ids of no batch of v0) is not used: the miner makes the probe anew. Threshold just
+    # above the drift: skipped.
     (paths.refresh / "probe.json").write_text(json.dumps({**saved, "ids": [10**9] * len(saved["ids"])}))
-    status = serve(1e6)
+    status = serve(drift + margin)
     assert status["probe"]["reference"] == pytest.approx(probe["reference"], abs=1e-4)
+    assert status["probe"]["drift"] == pytest.approx(drift, abs=1e-4)
+    assert status["probe"]["refresh"] is False and list_versions(paths.schedules) == [0]
     assert json.loads((paths.refresh / "probe.json").read_text())["ids"] == saved["ids"]
 
-    status = serve(-1e6)
+    status = serve(drift - margin)  # just below: the same snapshot is now re-mined
+    assert status["probe"]["drift"] == pytest.approx(drift, abs=1e-4)
     assert status["probe"]["refresh"] is True and list_versions(paths.schedules) == [0, 1]
     assert json.loads((paths.refresh / "probe.json").read_text())["version"] == 1
 
@@ -224,8 +233,8 @@ def test_a_mid_epoch_refresh_embeds_only_the_ids_to_come(tmp_path, toy_dataset, 
     real_encode = Encoder.encode
     monkeypatch.setattr(Encoder, "encode", lambda self, texts, *a, **k: encoded.append(len(texts))
                         or real_encode(self, texts, *a, **k))
-    refresh = replace(first, teacher_snapshot=str(snap.path), trained_ids=str(snap.trained_ids))
-    embed_stage(refresh, progress=False)
+    refresh = replace(first, student_snapshot=str(snap.path), trained_ids=str(snap.trained_ids))
+    embed_stage(refresh, progress=False, student=snapshot_model(refresh))
     assert sum(encoded) == 2 * (n - len(trained))  # queries and positives of the ids to come, nothing else
 
     mixed = load_embeddings(tmp_path / "mine")
@@ -233,8 +242,8 @@ def test_a_mid_epoch_refresh_embeds_only_the_ids_to_come(tmp_path, toy_dataset, 
     np.testing.assert_array_equal(np.array(mixed.queries)[trained], teacher_q[trained])
     np.testing.assert_array_equal(np.array(mixed.positives)[trained], teacher_p[trained])
     # the ids to come carry the snapshot's embeddings, exactly as a full pass writes them
-    full = replace(first, out=str(tmp_path / "full"), teacher_snapshot=str(snap.path))
-    embed_stage(full, progress=False)
+    full = replace(first, out=str(tmp_path / "full"), student_snapshot=str(snap.path))
+    embed_stage(full, progress=False, student=snapshot_model(full))
     whole = load_embeddings(tmp_path / "full")
     to_come = np.setdiff1d(np.arange(n), trained)
     np.testing.assert_array_equal(np.array(mixed.queries)[to_come], np.array(whole.queries)[to_come])
@@ -245,7 +254,8 @@ def test_a_mid_epoch_refresh_embeds_only_the_ids_to_come(tmp_path, toy_dataset, 
     _, moved = perturbed_student(lora=True, seed=1)
     write_snapshot(tmp_path / "run", 9, moved.model, cfg, stamp, epoch=1)
     later = latest_snapshot(tmp_path / "run")
-    embed_stage(replace(first, teacher_snapshot=str(later.path)), progress=False)
+    nxt = replace(first, student_snapshot=str(later.path))
+    embed_stage(nxt, progress=False, student=snapshot_model(nxt))
     assert sum(encoded) == 2 * n and "kept" not in load_embeddings(tmp_path / "mine").record
 
 
@@ -282,7 +292,7 @@ def test_a_pinned_snapshot_survives_a_resume_that_re_reaches_its_step(tmp_path):
     """A resumed run re-reaching a step it snapshotted replaced that folder whatever its pin; a miner reading
     it lost it mid-refresh. Now the pinned folder stays (the new copy is dropped), and an unpinned one is
     replaced. A pin on a snapshot already pruned is refused (pin_snapshot says so) instead of pinning air."""
-    from b3stream.snapshot import pin_snapshot, pinned_steps
+    from b3stream.refresh.snapshot import pin_snapshot, pinned_steps
 
     cfg, student = perturbed_student(lora=True, seed=0)
     stamp = {"dataset": "toy", "split": "train", "n": 1, "fingerprint": "0" * 16}
