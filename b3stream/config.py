@@ -80,7 +80,7 @@ class MineConfig:
     teacher: EncoderConfig = field(default_factory=lambda: EncoderConfig(lora=LoraConfig(enabled=False)))
     # a student snapshot folder (refreshed mode): embed with its weights, loaded into `teacher`, which must then
     # be that run's student (the snapshot's own record is checked against it, never obeyed)
-    teacher_snapshot: str | None = None
+    student_snapshot: str | None = None
     device: str | None = None  # embedding device (cpu, cuda, cuda:1); None: the first GPU if any, else cpu
     embed_batch_size: int = 64
     embed_chunk: int = 2048  # rows embedded between two progress records (the resume granularity)

@@ -303,6 +303,15 @@ class Encoder(torch.nn.Module):
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+def is_peft(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model (a LoRA / DoRA student): its snapshot and export save the adapter."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
 def weights_digest(folder: str | Path, known: dict | None = None) -> tuple[str, dict]:
     """SHA-256 over a model folder's weight files, and the per-file record ``{name: {bytes, mtime_ns,
     sha256}}``. Files whose size and mtime match ``known`` (a previous record) are not re-read: hashing a

@@ -108,7 +108,7 @@ class LegacyRunMarker(Record):
 
 
 class Lease(Record):
-    """``RUN/refresh/lease.json``: the snapshot a miner is reading (:func:`b3stream.snapshot.pin_snapshot`)."""
+    """``RUN/refresh/lease.json``: the snapshot a miner is reading (:func:`b3stream.refresh.snapshot.pin_snapshot`)."""
 
     step: Count
     pid: Pid
@@ -141,7 +141,7 @@ class DataStamp(Record):
 
 
 class SnapshotMeta(Record):
-    """``RUN/snapshots/step-NNNNNNN/snapshot.json`` (:mod:`b3stream.snapshot`). ``encoder`` is checked
+    """``RUN/snapshots/step-NNNNNNN/snapshot.json`` (:mod:`b3stream.refresh.snapshot`). ``encoder`` is checked
     against the run's own student before anything of the snapshot loads."""
 
     step: Count

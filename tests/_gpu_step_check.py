@@ -7,7 +7,7 @@ variant, the real trainer (:class:`b3stream.train.loop.Recipe`, one process) is 
 trains ``warmup`` steps, then ``steps`` more with ``torch.cuda.set_sync_debug_mode("warn")``: the step from
 the loader's batch to ``engine.step()`` (the copy of the pinned batch, the forward - plain, GradCache or
 fused sides -, InfoNCE, ``engine.backward``, ``engine.step()``), the monitor's record of the step (not a
-logging step) and the work between steps (``StepEnd.after_step``). Every host wait is recorded with the
+logging step) and the work between steps (``BetweenSteps.after_step``). Every host wait is recorded with the
 Python stack that made it and attributed to the innermost package outside torch (b3stream, deepspeed,
 transformers, ...). Writes ``{variant: {"syncs": {owner: count}, "where": {owner: [frames]}, "steps": ...}}``.
 """
@@ -42,14 +42,14 @@ def run_variant(config: str, warmup: int, steps: int) -> dict:
     import torch
 
     from b3stream.config import TrainConfig, load_config
-    from b3stream.train.collate import loader_workers, step_loader
+    from b3stream.train.collate import loader_workers, plan_loader
     from b3stream.train.loop import Recipe, Throughput
 
     cfg = load_config(TrainConfig, config, [])
     recipe = Recipe(cfg, progress=False)
     recipe.engine.module.train()
     recipe.clock = Throughput(every_step_exact=False)
-    loader = step_loader(recipe.records, recipe.sampler, recipe.encoder.tokenize, loader_workers(cfg.num_workers))
+    loader = plan_loader(recipe.records, recipe.sampler, recipe.encoder.tokenize, loader_workers(cfg.num_workers))
     batches = iter(loader)
     syncs, where = Counter(), {}
 
@@ -76,12 +76,12 @@ def run_variant(config: str, warmup: int, steps: int) -> dict:
             try:
                 recipe.clock.ready()
                 recipe.train_step(batch)
-                recipe.step_end.after_step(recipe.step, epoch_ended=False)
+                recipe.between_steps.after_step(recipe.step, epoch_ended=False)
             finally:
                 if watched:
                     torch.cuda.set_sync_debug_mode("default")
     loader.close()
-    recipe.step_end.close()
+    recipe.between_steps.close()
     return {"syncs": dict(syncs), "where": where, "steps": recipe.step, "fuse": recipe.model.fuse_sides,
             "chunk": recipe.cfg.grad_cache_chunk, "stage": recipe.stage, "precision": recipe.precision}
 

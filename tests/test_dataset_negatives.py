@@ -16,7 +16,7 @@ from b3stream.data.prepare import prepare_file, summary
 from b3stream.data.reader import ShardedDataset
 from b3stream.data.sources import FieldMap
 from b3stream.schedule import load_schedule
-from b3stream.train.collate import StepData
+from b3stream.train.collate import TokenizedBatches
 from b3stream.train.loss import InfoNCE
 from b3stream.train.sampler import ScheduleSampler
 
@@ -76,10 +76,10 @@ def test_a_step_carries_up_to_h_stored_negatives_per_member_drawn_per_epoch(nega
     schedule = load_schedule(random_schedule(negatives_dataset, batch_size=16, K=4, h=2))
     encoder = Encoder(EncoderConfig(max_query_length=32, max_positive_length=32,
                                     lora=LoraConfig(enabled=False)), trainable=False)
-    data = StepData(records, encoder.tokenize, torch.zeros(1, dtype=torch.int64), seed=7)
-    step = ScheduleSampler(schedule, len(records), seed=7, negatives="dataset", h_dataset=H).step(0)
+    data = TokenizedBatches(records, encoder.tokenize, torch.zeros(1, dtype=torch.int64), seed=7)
+    step = ScheduleSampler(schedule, len(records), seed=7, negatives="dataset", h_dataset=H).batch_at(0)
     assert step.with_negatives and step.dataset_negatives == H and step.negative_sizes is None
-    assert len(step.negative_ids) == 0  # dataset: the schedule's own pool is left out
+    assert len(step.hard_negative_ids) == 0  # dataset: the schedule's own pool is left out
     batch = data[(0, step)]
     expected = sum(min(H, len(stored(records, i))) for i in step.ids)
     assert batch.features["negative"]["input_ids"].shape[0] == expected == len(batch.keys["negative"]) > 0
@@ -87,10 +87,11 @@ def test_a_step_carries_up_to_h_stored_negatives_per_member_drawn_per_epoch(nega
                                 for i in step.ids for t in stored(records, i)]).tolist())
     assert set(batch.keys["negative"].tolist()) <= allowed  # the members' own stored negatives, prompted
     # both: the schedule's pool and the stored negatives together; mined (the default): the pool alone
-    both = ScheduleSampler(schedule, len(records), seed=7, negatives="both", h_dataset=H).step(0)
-    assert len(both.negative_ids) > 0 and len(data[(0, both)].keys["negative"]) == len(both.negative_ids) + expected
-    mined = ScheduleSampler(schedule, len(records), seed=7).step(0)
-    assert mined.dataset_negatives == 0 and mined.negative_sizes == [len(mined.negative_ids)]
+    both = ScheduleSampler(schedule, len(records), seed=7, negatives="both", h_dataset=H).batch_at(0)
+    assert len(both.hard_negative_ids) > 0 and len(data[(0, both)].keys["negative"]) == \
+        len(both.hard_negative_ids) + expected
+    mined = ScheduleSampler(schedule, len(records), seed=7).batch_at(0)
+    assert mined.num_dataset_negatives == 0 and mined.negative_sizes == [len(mined.hard_negative_ids)]
     # a record with three: another draw in another epoch, the same draw again for the same epoch (resume)
     three = [records[i] for i in range(len(records)) if len(stored(records, i)) == 3][:4]
     draws = [stored_negatives(three, H, 7, epoch, manifest) for epoch in range(6)]
@@ -114,8 +115,8 @@ def test_stored_negatives_sit_in_the_denominator_and_a_same_text_positive_is_mas
                                     lora=LoraConfig(enabled=False)), trainable=False)
     sampler = ScheduleSampler(schedule, len(records), seed=0, negatives="dataset", h_dataset=3)
     index = [k for k in range(sampler.steps_per_epoch) if len(sampler.global_batch(k)) == 6][0]
-    step = sampler.step(index)
-    batch = StepData(records, encoder.tokenize, torch.zeros(1, dtype=torch.int64))[(0, step)]
+    step = sampler.batch_at(index)
+    batch = TokenizedBatches(records, encoder.tokenize, torch.zeros(1, dtype=torch.int64))[(0, step)]
     with torch.no_grad():
         emb = {side: encoder(**f) for side, f in batch.features.items()}
     tau = 0.05

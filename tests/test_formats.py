@@ -275,7 +275,7 @@ def test_the_loss_masks_a_querys_other_positives(flag_dataset):
     equals InfoNCE by hand where, for each query, every column whose text is one of its positives (its own
     other than the target, its known ones) is masked; without the known keys it would differ."""
     from b3stream.schedule import Schedule
-    from b3stream.train.collate import StepData, stored_negatives
+    from b3stream.train.collate import TokenizedBatches, stored_negatives
     from b3stream.train.loss import InfoNCE
     from b3stream.train.sampler import ScheduleSampler
 
@@ -287,13 +287,13 @@ def test_the_loss_masks_a_querys_other_positives(flag_dataset):
     rest = np.setdiff1d(np.arange(len(recs)), ids)
     schedule = Schedule.from_batches([ids, rest], {"strategy": "random", "data": ds.manifest.stamp("train")})
     sampler = ScheduleSampler(schedule, len(recs), seed=0, negatives="dataset", h_dataset=3)
-    step = sampler.step(next(k for k in range(sampler.steps_per_epoch) if len(sampler.global_batch(k)) == len(ids)))
+    step = sampler.batch_at(next(k for k in range(sampler.steps_per_epoch) if len(sampler.global_batch(k)) == len(ids)))
 
     def tokenize(texts, side):
         return {"input_ids": torch.ones(len(texts), 2, dtype=torch.long),
                 "attention_mask": torch.ones(len(texts), 2, dtype=torch.long)}
 
-    batch = StepData(ds, tokenize, torch.zeros(1, dtype=torch.int64))[(0, step)]
+    batch = TokenizedBatches(ds, tokenize, torch.zeros(1, dtype=torch.int64))[(0, step)]
     members = [recs[int(i)] for i in step.ids]
     assert batch.keys["known"].shape == (len(members), 2)
     negatives = stored_negatives(members, 3, 0, step.epoch, ds.manifest)

@@ -29,7 +29,8 @@ from b3stream.records import (Lease, MinerStatus, RecordError, RunMarker, Sideca
 from b3stream.refresh.drift import Probe
 from b3stream.refresh.miner import read_settings
 from b3stream.schedule import Schedule, ScheduleError, _parse
-from b3stream.snapshot import RunPaths, SnapshotError, list_snapshots, pinned_steps, read_snapshot
+from b3stream.run_paths import RunPaths
+from b3stream.refresh.snapshot import SnapshotError, list_snapshots, pinned_steps, read_snapshot
 from b3stream.train import run_folder
 
 FAST, SLOW = 40, 250

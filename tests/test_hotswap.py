@@ -14,6 +14,7 @@ import torch
 from b3stream.data.manifest import Manifest
 from b3stream.schedule import MAGIC, Schedule, load_schedule, version_path
 from b3stream.dist import DistInfo
+from b3stream.refresh.swap import swap
 from b3stream.train.sampler import ScheduleSampler
 
 
@@ -41,7 +42,7 @@ def test_swap_rebatches_along_the_new_communities():
     sampler = ScheduleSampler(old, n, seed=5)
     sampler.advance()
     consumed = set(sampler.consumed().tolist())
-    sampler.swap(new, step=1)
+    swap(sampler, new, step=1)
     assert sampler.history == [{"epoch": 0, "position": 1, "step": 1, "from": 0, "to": 1}]
     comm = communities_of(new, K)
     members: dict[int, list[int]] = {}
@@ -68,7 +69,7 @@ def test_sampler_state_keeps_the_swap_history():
     old, new = community_schedule(n, 4, 16, 0, 0), community_schedule(n, 4, 16, 1, 1)
     a = ScheduleSampler(old, n, seed=1)
     a.advance()
-    a.swap(new, step=1)
+    swap(a, new, step=1)
     a.advance()
     b = ScheduleSampler(new, n, seed=1)
     b.load_state_dict(a.state_dict())
@@ -133,7 +134,7 @@ def test_the_watcher_skips_any_bad_newer_version_and_training_goes_on(tmp_path, 
     assert new is not None and new.version == 8 and new.path == good
     sampler = ScheduleSampler(load_schedule(first), n, seed=0)
     sampler.advance()
-    sampler.swap(new, step=1)
+    swap(sampler, new, step=1)
     assert sampler.version == 8
 
 

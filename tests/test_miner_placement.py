@@ -13,7 +13,7 @@ import pytest
 
 from b3stream.config import ConfigError, TrainConfig, from_dict
 from b3stream.refresh.trainer import MinerPlacement, MinerProcess, miner_placement
-from b3stream.snapshot import RunPaths
+from b3stream.run_paths import RunPaths
 
 
 @pytest.mark.parametrize("device,gpus,ranks,visible,expect", [

@@ -21,7 +21,9 @@ from b3stream.cli import main
 from b3stream.config import ConfigError, EncoderConfig, LoraConfig, MineConfig, RefreshConfig, TrainConfig, dump_config
 from b3stream.files import tmp_name
 from b3stream.schedule import list_versions
-from b3stream.snapshot import RunPaths, SnapshotError, latest_snapshot, write_snapshot
+from b3stream.run_paths import RunPaths
+from b3stream.refresh.miner import snapshot_model
+from b3stream.refresh.snapshot import SnapshotError, latest_snapshot, write_snapshot
 from b3stream.train import run_folder
 
 from ._train_util import env, random_schedule, read_trace, run, run_side_by_side, write_config
@@ -210,9 +212,9 @@ def test_a_corrupt_snapshot_is_never_embedded(snapshot_run, toy_dataset, tmp_pat
     from b3stream.mining.pipeline import embed_stage
 
     snap = latest_snapshot(corrupt(snapshot_run, how))
-    cfg = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"), teacher_snapshot=str(snap.path))
+    cfg = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"), student_snapshot=str(snap.path))
     with pytest.raises(SnapshotError, match="do not match the SHA-256"):
-        embed_stage(cfg, progress=False)
+        embed_stage(cfg, progress=False, student=snapshot_model(cfg))
     assert not (tmp_path / "mine" / "embeddings" / "embeddings.json").exists()
 
 
@@ -222,15 +224,15 @@ def test_corruption_after_a_snapshot_was_embedded_is_seen(snapshot_run, toy_data
     run = tmp_path / "run"
     shutil.copytree(snapshot_run, run)
     snap = latest_snapshot(run)
-    cfg = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"), teacher_snapshot=str(snap.path),
+    cfg = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"), student_snapshot=str(snap.path),
                      teacher=EncoderConfig(**TINY))  # the student the snapshot was written by
-    embed_stage(cfg, progress=False)
+    embed_stage(cfg, progress=False, student=snapshot_model(cfg))
     adapter = snap.path / "adapter" / "adapter_model.safetensors"
     data = bytearray(adapter.read_bytes())
     data[-100] ^= 0x01
     adapter.write_bytes(bytes(data))
     with pytest.raises(SnapshotError):
-        embed_stage(cfg, progress=False)  # not "up to date" on the strength of the recorded digest
+        embed_stage(cfg, progress=False, student=snapshot_model(cfg))  # not "up to date" on the recorded digest
 
 
 def miner_run(root: Path, data: Path) -> Path:

@@ -22,7 +22,8 @@ import pytest
 from b3stream.config import ConfigError, EncoderConfig, LoraConfig, MineConfig
 from b3stream.data.manifest import Manifest
 from b3stream.schedule import list_versions, load_schedule, version_path
-from b3stream.snapshot import RunPaths, latest_snapshot, list_snapshots, load_snapshot_encoder, write_snapshot
+from b3stream.run_paths import RunPaths
+from b3stream.refresh.snapshot import latest_snapshot, list_snapshots, load_snapshot_encoder, write_snapshot
 from b3stream.dist import free_port
 
 from ._train_util import (REFRESH_STUDENT as STUDENT, env, perturbed_student, read_trace, run, torchrun,

@@ -21,7 +21,8 @@ import torch
 from b3stream.config import TrainConfig, from_dict
 from b3stream.data.manifest import Manifest
 from b3stream.dist import DistInfo
-from b3stream.snapshot import RunPaths, latest_snapshot, list_snapshots, snapshot_parameters, write_snapshot
+from b3stream.run_paths import RunPaths
+from b3stream.refresh.snapshot import latest_snapshot, list_snapshots, snapshot_parameters, write_snapshot
 
 from ._train_util import perturbed_student, random_schedule
 
@@ -43,7 +44,7 @@ def _gate(monkeypatch):
     """Hold every snapshot write at its start until the block's gate is opened; records the writing
     threads and those that hashed the weight files."""
     import b3stream.encoder as encoder_module
-    import b3stream.snapshot as snapshot_module
+    import b3stream.refresh.snapshot as snapshot_module
 
     gate, threads = threading.Event(), {"write": [], "hash": []}
     real_write, real_digest = snapshot_module._write_weights, encoder_module.weights_digest
@@ -89,7 +90,7 @@ def test_a_snapshot_step_returns_before_the_write_and_writes_what_a_synchronous_
     writer = SnapshotWriter()
     with _gate(monkeypatch) as (gate, threads):
         t0 = time.perf_counter()
-        snapshot(None, enc, _cfg(), manifest, RunPaths(run), 4, 0, stage=0, dist=CPU1, trained=np.arange(6),
+        snapshot(enc, _cfg(), manifest, RunPaths(run), 4, 0, stage=0, dist=CPU1, trained=np.arange(6),
                  writer=writer)
         assert time.perf_counter() - t0 < 5 and writer.busy() and list_snapshots(run) == []
         with torch.no_grad():  # the next optimizer step, while the snapshot is written
@@ -112,7 +113,7 @@ def test_a_snapshot_step_returns_before_the_write_and_writes_what_a_synchronous_
 
 
 def test_a_failed_write_surfaces_at_the_next_snapshot_and_at_the_end(tmp_path, toy_dataset, monkeypatch):
-    import b3stream.snapshot as snapshot_module
+    import b3stream.refresh.snapshot as snapshot_module
     from b3stream.refresh.trainer import SnapshotWriter, snapshot
 
     cfg, student = perturbed_student(True, seed=2)
@@ -124,11 +125,11 @@ def test_a_failed_write_surfaces_at_the_next_snapshot_and_at_the_end(tmp_path, t
 
     monkeypatch.setattr(snapshot_module, "_write_weights", broken)
     writer = SnapshotWriter()
-    snapshot(None, enc, _cfg(), manifest, RunPaths(tmp_path), 2, 0, stage=0, dist=CPU1, writer=writer)
+    snapshot(enc, _cfg(), manifest, RunPaths(tmp_path), 2, 0, stage=0, dist=CPU1, writer=writer)
     with pytest.raises(RuntimeError, match="snapshot of step 2 could not be written: OSError.*No space"):
-        snapshot(None, enc, _cfg(), manifest, RunPaths(tmp_path), 4, 0, stage=0, dist=CPU1, writer=writer)
+        snapshot(enc, _cfg(), manifest, RunPaths(tmp_path), 4, 0, stage=0, dist=CPU1, writer=writer)
     writer.wait()  # raised once: step 4's write had not started
-    snapshot(None, enc, _cfg(), manifest, RunPaths(tmp_path), 6, 0, stage=0, dist=CPU1, writer=writer)
+    snapshot(enc, _cfg(), manifest, RunPaths(tmp_path), 6, 0, stage=0, dist=CPU1, writer=writer)
     with pytest.raises(RuntimeError, match="step 6"):
         writer.wait()  # the end of training
     assert list_snapshots(tmp_path) == [] and not any((tmp_path / "snapshots").iterdir())  # no temp left
@@ -153,7 +154,7 @@ def test_under_zero3_a_lora_snapshot_gathers_only_the_adapter(tmp_path, toy_data
     monkeypatch.setattr(deepspeed.zero, "GatheredParameters", recording)
     enc = types.SimpleNamespace(model=student.model, cfg=cfg)
     other = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), backend="gloo")
-    snapshot(None, enc, _cfg(), Manifest.load(toy_dataset), RunPaths(tmp_path), 2, 0, stage=3, dist=other)
+    snapshot(enc, _cfg(), Manifest.load(toy_dataset), RunPaths(tmp_path), 2, 0, stage=3, dist=other)
     assert list_snapshots(tmp_path) == []  # rank 1 gathers, writes nothing
     names = {id(p): n for n, p in student.model.named_parameters()}
     picked = [names[id(p)] for p in gathered[0]]
@@ -217,11 +218,11 @@ def test_a_new_version_is_listed_loaded_and_verified_off_the_loop_thread(tmp_pat
 
 
 def test_step_end_at_a_snapshot_step_leaves_the_files_to_the_writer(tmp_path, toy_dataset, monkeypatch):
-    """The trainer's between-steps work (StepEnd.after_step) at a snapshot step with a new version published:
+    """The trainer's between-steps work (BetweenSteps.after_step) at a snapshot step with a new version published:
     it returns with the snapshot's write held, lists no folder and loads no schedule on the loop's thread,
     and swaps at a later step once the loader has the version; flush() waits for the write."""
     import b3stream.refresh.hotswap as hotswap
-    from b3stream.refresh.trainer import StepEnd
+    from b3stream.refresh.trainer import BetweenSteps
     from b3stream.schedule import load_schedule
     from b3stream.train.sampler import ScheduleSampler
 
@@ -232,22 +233,19 @@ def test_step_end_at_a_snapshot_step_leaves_the_files_to_the_writer(tmp_path, to
                                           version=0))
     sampler = ScheduleSampler(first, manifest.split("train").n, seed=0)
     said = []
-    recipe = types.SimpleNamespace(
-        cfg=_cfg(every=2), dist=CPU1, manifest=manifest, paths=paths, refreshed=True, watch_folder=paths.schedules,
-        watch_every=1, start="new", step=0, sampler=sampler, engine=None, stage=0,
-        encoder=types.SimpleNamespace(model=student.model, cfg=cfg),
-        monitor=types.SimpleNamespace(write=said.append, scalars=lambda *a, **k: None))
+    monitor = types.SimpleNamespace(write=said.append, scalars=lambda *a, **k: None)
+    encoder = types.SimpleNamespace(model=student.model, cfg=cfg)
     loop_thread = threading.current_thread().name
     on_loop = []
     for name in ("load_schedule", "list_versions"):
         real = getattr(hotswap, name)
         monkeypatch.setattr(hotswap, name, lambda *a, _real=real, _name=name, **k: (
             on_loop.append(_name) if threading.current_thread().name == loop_thread else None, _real(*a, **k))[1])
-    end = StepEnd(recipe)
+    end = BetweenSteps(_cfg(every=2), sampler, CPU1, monitor, manifest, paths, encoder, stage=0,
+                       watch_folder=paths.schedules, watch_every=1)
     with _gate(monkeypatch) as (gate, threads):
         for step in (1, 2):
             sampler.advance()
-            recipe.step = step
             t0 = time.perf_counter()
             assert end.after_step(step, epoch_ended=False) is False
             assert time.perf_counter() - t0 < 2
@@ -257,7 +255,6 @@ def test_step_end_at_a_snapshot_step_leaves_the_files_to_the_writer(tmp_path, to
     swapped_at = None
     for step in range(3, sampler.steps_per_epoch):
         sampler.advance()
-        recipe.step = step
         end.watcher.settle(30)
         if end.after_step(step, epoch_ended=False):
             swapped_at = step

@@ -349,3 +349,22 @@ def test_a_wait_for_a_snapshot_the_miner_skipped_ends_at_once(tmp_path, code_dat
     paths.status.write_text(json.dumps({"state": "waiting", "probes": [
         {"snapshot_step": 5, "refresh": False}, {"snapshot_step": 10, "refresh": False, "drift": 0.01}]}))
     assert wait(600) < 5 and "found no drift" in said[-1]
+
+
+def test_mining_imports_no_refresh_and_embeds_a_snapshot_only_as_handed_in(tmp_path, toy_dataset):
+    """Dependencies one way: loading the mining stages loads nothing of refreshed mode (the miner reads a
+    student snapshot and hands it to the embed stage, refresh.miner.snapshot_model), and a config naming a
+    snapshot the stage was not handed is refused before anything is written."""
+    import subprocess
+    import sys
+
+    from b3stream.config import ConfigError
+    from b3stream.mining.pipeline import embed_stage
+
+    code = "import sys, b3stream.mining.pipeline; print([m for m in sys.modules if m.startswith('b3stream.refresh')])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    cfg = MineConfig(data=str(toy_dataset), out=str(tmp_path / "mine"), student_snapshot=str(tmp_path / "step-0000001"))
+    with pytest.raises(ConfigError, match="student_snapshot"):
+        embed_stage(cfg, progress=False)
+    assert not (tmp_path / "mine").exists()

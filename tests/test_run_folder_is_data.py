@@ -22,7 +22,8 @@ from b3stream.data.manifest import Manifest
 from b3stream.files import HOST, pid_alive, sweep_temps
 from b3stream.refresh.miner import read_settings
 from b3stream.schedule import list_versions, load_schedule, publish_schedule, version_path
-from b3stream.snapshot import RunPaths, latest_snapshot, list_snapshots, pinned_steps, write_snapshot
+from b3stream.run_paths import RunPaths
+from b3stream.refresh.snapshot import latest_snapshot, list_snapshots, pinned_steps, write_snapshot
 from b3stream.train import run_folder
 
 from ._train_util import env, moved_student, random_schedule

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from b3stream.refresh.swap import swap
 from b3stream.schedule import Schedule, ScheduleError
 from b3stream.train.sampler import ScheduleSampler, split_bounds
 
@@ -25,7 +26,7 @@ def run_epoch(samplers: list[ScheduleSampler]) -> list[list[np.ndarray]]:
     epoch = samplers[0].epoch
     while samplers[0].epoch == epoch:
         assert len({s.steps_left for s in samplers}) == 1, "ranks disagree on the steps left"
-        steps.append([s.step().ids for s in samplers])
+        steps.append([s.batch_at().ids for s in samplers])
         for s in samplers:
             s.advance()
     return steps
@@ -53,7 +54,7 @@ def test_rank_slices_are_whole_communities():
     for index in range(sampler.steps_per_epoch):
         batch = sampler.global_batch(index)
         communities = {tuple(batch[i:i + K]) for i in range(0, size, K)}
-        mine = sampler.step(index).ids
+        mine = sampler.batch_at(index).ids
         assert len(mine) == size // world
         assert {tuple(mine[i:i + K]) for i in range(0, len(mine), K)} <= communities
 
@@ -106,7 +107,7 @@ def test_hard_negative_pool_is_shared_unique_and_outside_the_batch():
         pool = samplers[0].negative_pool(index)
         batch = samplers[0].global_batch(index)
         assert len(np.unique(pool)) == len(pool) and not np.isin(pool, batch).any()
-        shares = [s.step(index).negative_ids for s in samplers]
+        shares = [s.batch_at(index).hard_negative_ids for s in samplers]
         assert np.array_equal(np.concatenate(shares), pool)
 
 
@@ -122,7 +123,7 @@ def test_swap_rebatches_only_unconsumed_ids_exactly_once():
             s.advance()
     consumed = samplers[0].consumed()
     for s in samplers:
-        s.swap(new)
+        swap(s, new)
     assert samplers[0].version == 1 and samplers[0].position == 0
     rest = run_epoch(samplers)
     after = np.concatenate([ids for step in rest for ids in step])
@@ -136,12 +137,12 @@ def test_swap_rebatches_only_unconsumed_ids_exactly_once():
     fresh = ScheduleSampler(old, n, 0, world, seed=2)
     for _ in range(5):
         fresh.advance()
-    fresh.swap(new)
+    swap(fresh, new)
     fresh.advance()
     state = fresh.state_dict()
     resumed = ScheduleSampler(new, n, 0, world, seed=2)
     resumed.load_state_dict(state)
-    assert np.array_equal(resumed.step().ids, rest[1][0])
+    assert np.array_equal(resumed.batch_at().ids, rest[1][0])
 
 
 def test_a_swap_to_another_batch_size_or_an_older_version_is_refused():
@@ -149,9 +150,9 @@ def test_a_swap_to_another_batch_size_or_an_older_version_is_refused():
     n = 800
     s = ScheduleSampler(make_schedule(n, 64, 8, version=3), n)
     with pytest.raises(ScheduleError, match="[|]B[|]=32, this run trains [|]B[|]=64"):
-        s.swap(make_schedule(n, 32, 4, version=4))
+        swap(s, make_schedule(n, 32, 4, version=4))
     with pytest.raises(ScheduleError, match="older than v3"):
-        s.swap(make_schedule(n, 64, 8, version=2))
+        swap(s, make_schedule(n, 64, 8, version=2))
 
 
 def test_resume_onto_a_newer_schedule_swaps():
@@ -220,7 +221,7 @@ def test_a_swap_keeps_one_task_per_batch(world):
         for s in samplers:
             s.advance()
     for s in samplers:
-        s.swap(new)
+        swap(s, new)
     rest = run_epoch(samplers)
     tasks = [set((np.concatenate(step) >= n // 2).tolist()) for step in rest]
     mixed = [i for i, t in enumerate(tasks) if len(t) > 1]
@@ -245,7 +246,7 @@ def test_after_a_swap_only_the_miners_own_batches_keep_their_hard_negatives():
     # Mined while the trainer went on: the ids trained by the snapshot are apart, one more step is not.
     new = two_task_schedule(n, 32, 4, seed=1, version=1, h=2, apart=s.consumed())
     s.advance()
-    s.swap(new)
+    swap(s, new)
     mined = {frozenset(b.tolist()): np.unique(negs) for b, negs in zip(new.batches, new.hard_negatives)}
     kept = recut = 0
     for index in range(s.steps_per_epoch):

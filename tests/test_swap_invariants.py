@@ -20,6 +20,7 @@ boundary, two in a row, later than their snapshot, refused as the trainer refuse
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from b3stream.mining.embed import Embeddings
 from b3stream.mining.pipeline import NEEDS, cut_communities, plan_batches
 from b3stream.mining.rank import RankParams, merge_threshold, rank
 from b3stream.mining.strategies import BatchInputs, get_strategy
+from b3stream.refresh.swap import check_swap as swappable, swap
 from b3stream.refresh.trainer import fits_now
 from b3stream.schedule import Schedule, ScheduleError
 from b3stream.train.sampler import ScheduleSampler
@@ -137,12 +139,12 @@ def simulate(s: Setting, start: Schedule, events: list[Event], resume_at: int | 
     while step < run.total:
         head = samplers[0]
         assert len({(x.epoch, x.position, x.steps_left, x.epoch_steps, x.version) for x in samplers}) == 1
-        parts = [x.step() for x in samplers]
+        parts = [x.batch_at() for x in samplers]
         assert all(len(p.ids) for p in parts), "a rank without data"
         batch = head.global_batch(head.position)
         assert np.array_equal(np.concatenate([p.ids for p in parts]), batch)
         pool = head.negative_pool(head.position)
-        assert np.array_equal(np.concatenate([p.negative_ids for p in parts]), pool)
+        assert np.array_equal(np.concatenate([p.hard_negative_ids for p in parts]), pool)
         run.steps.append((head.epoch, head.version, batch.copy(), pool.copy()))
         for x in samplers:
             x.advance()
@@ -164,13 +166,13 @@ def simulate(s: Setting, start: Schedule, events: list[Event], resume_at: int | 
             schedule = versions[version]
             try:
                 fits_now(schedule, step, samplers[0].epoch)
-                samplers[0].check_swap(schedule)
+                swappable(samplers[0], schedule)
             except ScheduleError:
                 rejected.add(version)
                 continue
             before = samplers[0].consumed()
             for x in samplers:
-                x.swap(schedule, step=step)
+                swap(x, schedule, step=step)
             run.swaps.append((_copy_plan(samplers[0]), before))
             break
         if resume_at == step:
@@ -365,7 +367,7 @@ def test_five_tasks_three_swaps_keep_the_step_budget():
 
 
 def test_the_watcher_skips_a_schedule_of_another_batch_size(tmp_path, toy_dataset):
-    """The trainer's accept (StepEnd) asks the sampler too: a newer version of another |B| is skipped with a
+    """The trainer's accept (BetweenSteps) asks the swap's check too: a newer version of another |B| is skipped with a
     message, and the next good one is taken."""
     import torch
 
@@ -384,7 +386,7 @@ def test_the_watcher_skips_a_schedule_of_another_batch_size(tmp_path, toy_datase
     watcher = ScheduleWatcher(folder, manifest, DistInfo(rank=0, world_size=1, local_rank=0,
                                                          device=torch.device("cpu"), backend="gloo"), say=said.append,
                                background=False)
-    watcher.accept = sampler.check_swap
+    watcher.accept = partial(swappable, sampler)
     random_schedule(toy_dataset, batch_size=8, K=4, seed=1, folder=folder, version=1)
     assert watcher.check(0) is None and 1 in watcher.rejected
     assert "|B|=8, this run trains |B|=16" in said[-1]
@@ -419,7 +421,7 @@ def test_a_sampler_state_saved_before_fixed_epoch_steps_resumes():
     trained = np.zeros(s.n, bool)
     trained[a.consumed()] = True
     new = mine(s, version=1, trained=trained, source_step=3, source_epoch=0)
-    a.swap(new, step=3)
+    swap(a, new, step=3)
     a.advance()
     old = {k: v for k, v in a.state_dict().items() if k not in ("epoch_steps", "done")}
     c = ScheduleSampler(new, s.n, seed=s.seed, epoch_steps=a.epoch_steps)  # as the trainer's _restore makes it

@@ -239,6 +239,7 @@ def test_a_step_gathers_embeddings_only_and_the_watcher_agrees_off_the_nccl_grou
     collective of their own but the one after the last step. A watcher on an NCCL default group agrees on its
     own gloo group with CPU tensors. The batches after the swap are the new plan's."""
     from b3stream.data.manifest import Manifest
+    from b3stream.refresh.swap import swap
     from b3stream.schedule import load_schedule
     from b3stream.dist import free_port
     from b3stream.train.sampler import ScheduleSampler
@@ -286,7 +287,7 @@ def test_a_step_gathers_embeddings_only_and_the_watcher_agrees_off_the_nccl_grou
     expected = [replay.global_batch(i).tolist() for i in range(SWAP_AT)]
     for _ in range(SWAP_AT):
         replay.advance()
-    replay.swap(load_schedule(folder / "v000002.b3s"))
+    swap(replay, load_schedule(folder / "v000002.b3s"))
     expected += [replay.global_batch(i).tolist() for i in range(4 - SWAP_AT)]
     assert [t["version"] for t in trace] == [1, 1, 1, 2]
     assert [t["ids"] for t in trace] == expected
@@ -310,8 +311,9 @@ def test_loader_workers_outlive_a_swap_and_an_epoch_and_serve_the_new_plan(tmp_p
     from b3stream.data.dedup import content_keys
     from b3stream.data.manifest import Manifest
     from b3stream.data.reader import ShardedDataset
+    from b3stream.refresh.swap import swap
     from b3stream.schedule import load_schedule
-    from b3stream.train.collate import step_loader, texts_of
+    from b3stream.train.collate import plan_loader, texts_of
     from b3stream.train.sampler import ScheduleSampler
 
     from ._train_util import random_schedule
@@ -321,15 +323,15 @@ def test_loader_workers_outlive_a_swap_and_an_epoch_and_serve_the_new_plan(tmp_p
     v1, v2 = (load_schedule(random_schedule(toy_dataset, batch_size=8, K=2, h=2, seed=seed,
                                             folder=tmp_path / "schedules", version=seed + 1)) for seed in (0, 1))
     sampler = ScheduleSampler(v1, len(records), seed=0)
-    loader = step_loader(records, sampler, pid_tokenize, workers)
+    loader = plan_loader(records, sampler, pid_tokenize, workers)
     seen: list[tuple[int, int, list[int]]] = []  # (version, worker pid, ids) per batch
 
     def one_pass(stop_after: int | None = None) -> None:
         for batch in loader:
-            want = sampler.step()
-            got = batch.step
+            want = sampler.batch_at()
+            got = batch.rank_batch
             assert (got.epoch, got.index, got.version) == (want.epoch, want.index, want.version)
-            assert np.array_equal(got.ids, want.ids) and np.array_equal(got.negative_ids, want.negative_ids)
+            assert np.array_equal(got.ids, want.ids) and np.array_equal(got.hard_negative_ids, want.hard_negative_ids)
             texts = texts_of([records[int(i)] for i in want.ids], "positive", manifest)
             assert torch.equal(batch.keys["positive"], torch.from_numpy(content_keys(texts)))
             seen.append((got.version, int(batch.features["query"]["worker_pid"][0]), want.ids.tolist()))
@@ -339,7 +341,7 @@ def test_loader_workers_outlive_a_swap_and_an_epoch_and_serve_the_new_plan(tmp_p
 
     try:
         one_pass(stop_after=3)
-        sampler.swap(v2, step=3)
+        swap(sampler, v2, step=3)
         one_pass()  # ends with the epoch's plan
         epoch0 = len(seen)
         assert sampler.epoch == 1 and sampler.position == 0

@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from b3stream.refresh.swap import swap  # noqa: E402
 from b3stream.schedule import load_schedule, version_path  # noqa: E402
 from b3stream.train.sampler import ScheduleSampler  # noqa: E402
 
@@ -46,7 +47,7 @@ def trained_batches(run: Path) -> list[np.ndarray]:
     out = []
     for step in range(int(summary["steps"])):
         if step in swaps:
-            sampler.swap(load_schedule(version_path(folder, swaps[step])), step=step)
+            swap(sampler, load_schedule(version_path(folder, swaps[step])), step=step)
         out.append(np.asarray(sampler.global_batch(sampler.position)))
         sampler.advance()
     return out

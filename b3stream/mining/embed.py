@@ -31,11 +31,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from ..progress import progress_bar
 
-from ..config import ConfigError, MineConfig
+from ..config import ConfigError, EncoderConfig, MineConfig
 from ..data.manifest import DataError, Manifest, check_stamp, sha256_file
 from ..data.dedup import KnownKeys, content_key, known_keys_of
 from .artefacts import log, new_token, read_record, remove_outputs, same_params, sweep_temps, tmp_name, write_json
@@ -150,6 +151,29 @@ def load_embeddings(folder: str | Path, expect: dict | None = None) -> Embedding
                       stamp=record["stamp"], record=record, folder=folder, known=known)
 
 
+@dataclass(frozen=True)
+class SnapshotModel:
+    """A student snapshot to embed with (MineConfig ``student_snapshot``, refreshed mode), as the miner read
+    and checked it (:func:`b3stream.refresh.miner.snapshot_model`). Handed to the stage rather than read
+    here, so that mining never imports refreshed mode, which sits above it."""
+
+    path: str  # the snapshot folder: what ``student_snapshot`` names
+    step: int  # the training step it was taken at
+    params: dict  # what the embeddings depend on besides the model: source, weights digest, kind
+    verify: Callable[[], None]  # re-hashes its weight files; raises when they no longer match its record
+    # what its weights load into: the run's student, once the snapshot's record agrees (raises otherwise)
+    encoder: Callable[[], EncoderConfig]
+    load: Callable  # (device, dtype) -> the frozen Encoder with the snapshot's weights
+
+
+def _check_student(cfg: MineConfig, student: SnapshotModel | None) -> None:
+    """``student`` must be the snapshot ``cfg.student_snapshot`` names (both or neither)."""
+    named = cfg.student_snapshot
+    if (named is None) != (student is None) or (student is not None and Path(student.path) != Path(named)):
+        raise ConfigError(f"student_snapshot {named!r}: the embed stage embeds with a student snapshot only as "
+                          "refreshed mode's miner hands it in (b3stream refresh), the one the setting names")
+
+
 def expected_stamp(cfg: MineConfig) -> dict | None:
     """The stamp artefacts of this config must carry: the manifest's for ``cfg.data``, else None."""
     if cfg.data is None:
@@ -197,10 +221,11 @@ def _kept_rows(cfg: MineConfig, record: dict | None, params: dict, stamp: dict, 
 # --------------------------------------------------------------------------------------------------
 
 
-def embed_params(cfg: MineConfig, known_files: dict | None = None) -> dict:
+def embed_params(cfg: MineConfig, known_files: dict | None = None, student: SnapshotModel | None = None) -> dict:
     """What the embeddings depend on; a change means re-embedding. A model is identified by the SHA-256 of
     its weight files, not by its path: a teacher folder overwritten in place is a new teacher.
-    ``known_files``: the per-file digests of the last record (reused for files of unchanged size and mtime)."""
+    ``known_files``: the per-file digests of the last record (reused for files of unchanged size and mtime);
+    ``student``: the student snapshot a refresh embeds with, instead of the teacher."""
     if cfg.query_embeddings or cfg.positive_embeddings:
         files = {}
         for side, path in (("queries", cfg.query_embeddings), ("positives", cfg.positive_embeddings)):
@@ -211,13 +236,10 @@ def embed_params(cfg: MineConfig, known_files: dict | None = None) -> dict:
                 "split": cfg.split, "keys": KEY_SCHEME}
     from ..encoder import model_name, resolve_model, settled, weights_digest
 
-    if cfg.teacher_snapshot:
-        from ..snapshot import Snapshot, read_snapshot, snapshot_encoder, verify_snapshot
-
-        snap: Snapshot = read_snapshot(cfg.teacher_snapshot)
-        verify_snapshot(snap)  # every time: corruption after an earlier embedding must not go unseen
-        t = snapshot_encoder(snap, cfg.teacher)  # the student it must be (cfg.teacher), never what it says
-        source = {"source": "snapshot", "snapshot_weights": snap.weights_sha256, "kind": snap.meta["kind"]}
+    if student is not None:
+        student.verify()  # every time: corruption after an earlier embedding must not go unseen
+        t = student.encoder()  # the student it must be (cfg.teacher), never what the snapshot says
+        source = dict(student.params)
     else:
         t = cfg.teacher
         source = {"source": "teacher"}
@@ -230,18 +252,20 @@ def embed_params(cfg: MineConfig, known_files: dict | None = None) -> dict:
             "max_positive_length": t.max_positive_length, "keys": KEY_SCHEME}
 
 
-def embed(cfg: MineConfig, progress: bool = True) -> Path:
-    """Run the embed stage for ``cfg``; returns the embeddings folder. Resumes an interrupted run."""
+def embed(cfg: MineConfig, progress: bool = True, student: SnapshotModel | None = None) -> Path:
+    """Run the embed stage for ``cfg``; returns the embeddings folder. Resumes an interrupted run.
+    ``student``: the snapshot ``cfg.student_snapshot`` names, read by the miner (:class:`SnapshotModel`)."""
     if bool(cfg.query_embeddings) != bool(cfg.positive_embeddings):
         raise ConfigError("give both --query-embeddings and --positive-embeddings, or neither")
+    _check_student(cfg, student)
     if cfg.query_embeddings:
         return import_embeddings(cfg, progress=progress)
     if cfg.data is None:
         raise ConfigError("embed: give --data (a prepared dataset) or --query-embeddings/--positive-embeddings")
-    return embed_with_teacher(cfg, progress=progress)
+    return embed_with_teacher(cfg, progress=progress, student=student)
 
 
-def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
+def embed_with_teacher(cfg: MineConfig, progress: bool = True, student: SnapshotModel | None = None) -> Path:
     """Embed the split with the teacher (or a student snapshot). Under a launcher (``torchrun
     --nproc_per_node N``, process group joined by the caller) each process embeds a contiguous share of the
     rows into the same memory-mapped files and rank 0 writes the rest; an interrupted multi-process run
@@ -260,7 +284,7 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
     stamp, n = ds.stamp, len(ds)
     folder = Path(cfg.out) / FOLDER
     old = read_record(folder / RECORD)
-    params = {**embed_params(cfg, (old or {}).get("weight_files")), "prompts": manifest.prompts}
+    params = {**embed_params(cfg, (old or {}).get("weight_files"), student), "prompts": manifest.prompts}
     weight_files = params.pop("_weight_files")
     same = old is not None and old.get("stamp") == stamp and same_params({**old, "complete": True}, params)
     if same and old.get("complete"):
@@ -268,7 +292,7 @@ def embed_with_teacher(cfg: MineConfig, progress: bool = True) -> Path:
         return folder
     start, kept = _starting_point(cfg, folder, old, params, stamp, n, resumable=same and size == 1, rank=rank)
     barrier()  # every rank has read the old record before rank 0 replaces it
-    encoder, snapshot = _embedding_model(cfg, rank, size)
+    encoder, snapshot = _embedding_model(cfg, rank, size, student)
     if kept and (old or {}).get("dim") != encoder.dim:  # another model width: nothing can be kept
         kept = None
     record = {"stamp": stamp, "params": params, "n": n, "dim": encoder.dim, "rows_done": start, "complete": False,
@@ -354,18 +378,15 @@ def placement(device: str | None, rank: int = 0, size: int = 1):
     return device, dtype
 
 
-def _embedding_model(cfg: MineConfig, rank: int, size: int):
+def _embedding_model(cfg: MineConfig, rank: int, size: int, student: SnapshotModel | None = None):
     """(encoder, snapshot or None): the teacher, or the student snapshot of a refresh, on this process's
     device; one GPU per process under a launcher. Half precision on a GPU: bf16 where the GPU has it (fp16
     overflows in some decoder LLMs), else fp16."""
     from ..encoder import Encoder
 
     device, dtype = placement(cfg.device, rank, size)
-    if cfg.teacher_snapshot:
-        from ..snapshot import load_snapshot_encoder, read_snapshot
-
-        snapshot = read_snapshot(cfg.teacher_snapshot)
-        return load_snapshot_encoder(snapshot, cfg.teacher, device=device, dtype=dtype), snapshot
+    if student is not None:
+        return student.load(device, dtype), student
     return Encoder(cfg.teacher, trainable=False, device=device, dtype=dtype), None
 
 

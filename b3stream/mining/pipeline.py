@@ -26,8 +26,8 @@ from ..progress import progress_bar
 from ..config import ConfigError, MineConfig
 from ..data.manifest import DataError, Manifest, check_stamp, sha256_file
 from .artefacts import log, new_token, read_record, same_params, staged_arrays, sweep_temps, write_json
-from .embed import (FOLDER as EMBED_FOLDER, Embeddings, embed, embed_params, expected_stamp, load_embeddings,
-                    load_trained_ids)
+from .embed import (FOLDER as EMBED_FOLDER, Embeddings, SnapshotModel, embed, embed_params, expected_stamp,
+                    load_embeddings, load_trained_ids)
 from .rank import (FOLDER as RANK_FOLDER, RECORD as RANK_RECORD, RankParams, check_sizes, merge_threshold,
                    rank, split_trained, task_groups)
 from ..schedule import Schedule, publish_schedule, version_path
@@ -59,10 +59,11 @@ def _embeddings(cfg: MineConfig) -> Embeddings:
 # --------------------------------------------------------------------------------------------------
 
 
-def embed_stage(cfg: MineConfig, progress: bool = True) -> Path:
-    """Stage 1 (:mod:`b3stream.mining.embed`): resumable; skips work already done for the same inputs."""
+def embed_stage(cfg: MineConfig, progress: bool = True, student: SnapshotModel | None = None) -> Path:
+    """Stage 1 (:mod:`b3stream.mining.embed`): resumable; skips work already done for the same inputs.
+    ``student``: the snapshot ``cfg.student_snapshot`` names, as refreshed mode's miner read it."""
     t0 = time.perf_counter()
-    folder = embed(cfg, progress=progress)
+    folder = embed(cfg, progress=progress, student=student)
     record = read_record(folder / "embeddings.json")
     from ..dist import world
 
@@ -458,9 +459,9 @@ def _batch_tasks(batches: list[np.ndarray], tasks: np.ndarray) -> np.ndarray:
 def _previous_schedule(folder: Path, stamp: dict | None, below: int | None = None) -> Schedule | None:
     """The newest good schedule in ``folder`` for the same data (below version ``below`` when given: an
     explicit version compares with what precedes it, so reruns stay byte-identical), if any."""
-    from ..schedule import newest_schedule
+    from ..schedule import load_newest_schedule
 
-    return newest_schedule(folder, expect=stamp, below=below)
+    return load_newest_schedule(folder, expect=stamp, below=below)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,9 +583,10 @@ def _up_to_date(record_path: Path, params: dict, expect: dict | None) -> bool:
     return expect is None or record.get("stamp", {}).get("fingerprint") == expect.get("fingerprint")
 
 
-def run_all(cfg: MineConfig, progress: bool = True, on_stage=None) -> Path:
+def run_all(cfg: MineConfig, progress: bool = True, on_stage=None, student: SnapshotModel | None = None) -> Path:
     """Every stage the strategy needs, skipping up-to-date ones; returns the schedule path. ``on_stage(name)``
-    is called before each stage (the background miner reports where it is)."""
+    is called before each stage (the background miner reports where it is); ``student``: the embed stage's
+    student snapshot (:class:`b3stream.mining.embed.SnapshotModel`, refreshed mode)."""
     on_stage = on_stage or (lambda name: None)
     get_strategy(cfg.strategy)  # unknown strategy: fail before any work
     check_seed_and_version(cfg, "all")
@@ -593,7 +595,7 @@ def run_all(cfg: MineConfig, progress: bool = True, on_stage=None) -> Path:
     needs = NEEDS[cfg.strategy]
     if cfg.data is not None or cfg.query_embeddings or cfg.positive_embeddings:
         on_stage("embed")
-        embed_stage(cfg, progress)
+        embed_stage(cfg, progress, student)
     elif not (out_dir(cfg, EMBED_FOLDER) / "embeddings.json").is_file():
         raise ConfigError("give --data (a prepared dataset) or --query-embeddings/--positive-embeddings")
     if "rank" in needs:

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 4 -m b3stream refresh RUN   # the embedding split over 4 processes / GPUs
     python -m b3stream refresh --run RUN  # what the trainer starts itself with refresh.spawn: true
 
-The miner waits for a new student snapshot in ``RUN/snapshots/`` (:mod:`b3stream.snapshot`), embeds the train
+The miner waits for a new student snapshot in ``RUN/snapshots/`` (:mod:`b3stream.refresh.snapshot`), embeds the train
 split with it (``model: student``) or with the fixed teacher (``model: teacher``), then runs rank -> partition
 -> schedule with the same stage code and strategy as static mining (:func:`b3stream.mining.pipeline.run_all`),
 and publishes the next schedule version into ``RUN/schedules/``, where the trainer picks it up at a step
@@ -55,7 +55,8 @@ from ..config import (ConfigError, EncoderConfig, MineConfig, RefreshConfig, Tra
                       from_dict, load_config, validate)
 from ..files import read_json, write_json
 from ..records import RecordError, Sidecar, read_record
-from ..snapshot import RunPaths, Snapshot, latest_snapshot
+from ..run_paths import RunPaths
+from .snapshot import Snapshot, latest_snapshot
 
 STOP = -1  # announced to the other processes under a launcher: no more snapshots
 PROBE_HISTORY = 500  # refresh.when: bound decisions kept in the status file
@@ -115,6 +116,25 @@ def same_encoder(a: EncoderConfig, b: EncoderConfig) -> bool:
 
     a, b = (dataclasses.replace(settled(x), model=resolve_model(x.model), trust_remote_code=False) for x in (a, b))
     return a == b
+
+
+def snapshot_model(cfg: MineConfig):
+    """The student snapshot ``cfg.student_snapshot`` names, as the embed stage embeds with it
+    (:class:`b3stream.mining.embed.SnapshotModel`; None without one): read, and its record checked against
+    the student ``cfg.teacher`` (the run's own, :func:`b3stream.refresh.snapshot.snapshot_encoder`); its
+    weight files are re-hashed each time the stage runs and loaded into that student. The stage is handed it
+    because mining never imports refreshed mode. :class:`SnapshotError` for a snapshot that is not one."""
+    if not cfg.student_snapshot:
+        return None
+    from ..mining.embed import SnapshotModel
+    from .snapshot import load_snapshot_encoder, read_snapshot, snapshot_encoder, verify_snapshot
+
+    snap = read_snapshot(cfg.student_snapshot)
+    return SnapshotModel(
+        path=cfg.student_snapshot, step=snap.step,
+        params={"source": "snapshot", "snapshot_weights": snap.weights_sha256, "kind": snap.meta["kind"]},
+        verify=lambda: verify_snapshot(snap), encoder=lambda: snapshot_encoder(snap, cfg.teacher),
+        load=lambda device, dtype: load_snapshot_encoder(snap, cfg.teacher, device=device, dtype=dtype))
 
 
 class Miner:
@@ -189,7 +209,7 @@ class Miner:
             out=str(self.paths.refresh / "mine"), schedule_dir=str(self.paths.schedules), version=None,
             seed=cfg.seed + snapshot.step, device=self.device, source_step=snapshot.step,
             source_epoch=int(snapshot.meta.get("epoch", 0)),
-            teacher_snapshot=str(snapshot.path) if self.model == "student" else None,
+            student_snapshot=str(snapshot.path) if self.model == "student" else None,
             trained_ids=str(snapshot.trained_ids) if snapshot.trained_ids else None)
 
     def refresh(self, snapshot: Snapshot) -> Path | None:
@@ -197,7 +217,7 @@ class Miner:
         bound``, only when the schedule in use has drifted (:mod:`b3stream.refresh.drift`); None when it has not."""
         from ..dist import broadcast_int
         from ..mining.pipeline import run_all
-        from ..snapshot import pin_snapshot
+        from .snapshot import pin_snapshot
 
         # Pinned before anything of it is read, and until its last read (the new schedule's probe reference):
         # the trainer prunes old snapshots, and this refresh may outlast several of its snapshot intervals.
@@ -210,7 +230,7 @@ class Miner:
             t0 = time.perf_counter()
             self._report(state="embed", snapshot_step=snapshot.step)
             cfg = self.config_for(snapshot)
-            path = run_all(cfg, progress=self.progress, on_stage=self._stage)
+            path = run_all(cfg, progress=self.progress, on_stage=self._stage, student=snapshot_model(cfg))
             if self.settings.when == "bound":
                 self._reference_from_refresh(path, cfg, snapshot)
         finally:
@@ -229,11 +249,11 @@ class Miner:
         ``refresh.bound_drift`` over the reference (:mod:`b3stream.refresh.drift`). Reported in the status."""
         from .drift import Probe, embed_probe
         from ..mining.embed import placement
-        from ..schedule import newest_schedule
-        from ..snapshot import load_snapshot_encoder, verify_snapshot
+        from ..schedule import load_newest_schedule
+        from .snapshot import load_snapshot_encoder, verify_snapshot
 
         device, dtype = placement(self.device)
-        current = newest_schedule(self.paths.schedules)
+        current = load_newest_schedule(self.paths.schedules)
         if current is None:
             return True
         mine = self.mine_config()
@@ -286,7 +306,7 @@ class Miner:
         from .drift import Probe, embed_probe
         from ..mining.embed import load_embeddings, placement
         from ..schedule import load_schedule
-        from ..snapshot import load_snapshot_encoder
+        from .snapshot import load_snapshot_encoder
 
         schedule = load_schedule(path)
         emb = load_embeddings(Path(cfg.out) / "embeddings")
@@ -342,12 +362,12 @@ class Miner:
         """A process other than rank 0 under a launcher: embed a share of each snapshot rank 0 announces."""
         from ..dist import broadcast_int
         from ..mining.pipeline import embed_stage
-        from ..snapshot import SnapshotError, read_snapshot
+        from .snapshot import SnapshotError, read_snapshot
 
         while (step := broadcast_int(STOP)) != STOP:
             try:
-                snapshot = read_snapshot(self.paths.snapshots / f"step-{step:07d}")
-                embed_stage(self.config_for(snapshot), progress=False)
+                cfg = self.config_for(read_snapshot(self.paths.snapshots / f"step-{step:07d}"))
+                embed_stage(cfg, progress=False, student=snapshot_model(cfg))
             except (SnapshotError, FileNotFoundError):
                 pass  # rank 0 refuses the same snapshot and says so
         return 0
@@ -356,7 +376,7 @@ class Miner:
         while not self.should_stop():
             snapshot = latest_snapshot(self.run)
             if snapshot is not None and snapshot.step > last:
-                from ..snapshot import SnapshotError
+                from .snapshot import SnapshotError
 
                 try:
                     self.refresh(snapshot)

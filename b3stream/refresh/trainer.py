@@ -1,7 +1,7 @@
 """The trainer's side of refreshed mode: the run folder the miner reads, student snapshots, the spawned miner.
 
 The trainer never imports the miner: it writes what the miner needs into the run folder
-(:class:`b3stream.snapshot.RunPaths`) and starts it as a command (``python -m b3stream refresh``). The miner
+(:class:`b3stream.run_paths.RunPaths`) and starts it as a command (``python -m b3stream refresh``). The miner
 publishes schedule versions into ``RUN/schedules``, which the loop watches (:mod:`b3stream.refresh.hotswap`).
 """
 
@@ -25,9 +25,11 @@ from ..config import (ConfigError, MineConfig, TrainConfig, apply_overrides, def
 from ..data.manifest import Manifest
 from ..files import write_atomic, write_json
 from ..schedule import Schedule, ScheduleError, sidecar, version_path
-from ..snapshot import RunPaths, capture_weights, snapshot_parameters, write_snapshot
+from ..run_paths import RunPaths
 from ..dist import DistInfo, all_max, local_world_size
+from .snapshot import capture_weights, snapshot_parameters, write_snapshot
 from .hotswap import NotYet, ScheduleWatcher, _cpu_group, refresh_due, source_step, wait_for_refresh
+from .swap import check_swap, swap
 
 # Schedule metadata that is also a MineConfig field: the miner mines as the running schedule was mined.
 _FROM_META = ("strategy", "seed", "per_task", "mix_tasks", "p", "m", "K", "h", "edges", "rank_weights",
@@ -95,10 +97,10 @@ def snapshot_due(cfg: TrainConfig, step: int, epoch_ended: bool, epoch: int) -> 
                 or (r.every_epochs and epoch_ended and epoch % r.every_epochs == 0))
 
 
-def snapshot(engine, encoder, cfg: TrainConfig, manifest: Manifest, paths: RunPaths, step: int, epoch: int,
+def snapshot(encoder, cfg: TrainConfig, manifest: Manifest, paths: RunPaths, step: int, epoch: int,
              stage: int, dist: DistInfo, trained=None, writer: "SnapshotWriter | None" = None) -> None:
     """Every rank calls this at the same step. Rank 0 copies the weights the snapshot saves to host memory
-    (:func:`b3stream.snapshot.capture_weights`; under ZeRO-3 they are gathered first, every rank taking
+    (:func:`b3stream.refresh.snapshot.capture_weights`; under ZeRO-3 they are gathered first, every rank taking
     part: only the adapter's for a LoRA / DoRA student, every weight for a full fine-tune), then ``writer``
     writes, hashes and prunes on its thread while training goes on (None: here, before returning). No rank
     waits for the write. ``trained``: the ids trained this epoch."""
@@ -396,11 +398,12 @@ def miner_process(cfg: TrainConfig, paths: RunPaths, dist: DistInfo, monitor, tr
 # -- between two training steps ---------------------------------------------------------------------
 
 
-class StepEnd:
+class BetweenSteps:
     """The work between two training steps besides training, behind one call, so the loop reads the same in
     every mode: refreshed mode's snapshot when one is due, a look at the spawned miner, and every
     ``watch_every`` steps a look for a newer schedule version (waiting for it where ``refresh.max_lag_steps``
-    says), ending in a hot swap. Static mode without a watched folder does nothing here but agree on stopping.
+    says), ending in a hot swap (:func:`b3stream.refresh.swap.swap`). Static mode without a watched folder
+    does nothing here but agree on stopping.
 
     What of it runs on the loop's thread: at a snapshot step the copy of the snapshot's weights to host
     memory (and under ZeRO-3 their gather); the file writes and the SHA-256 run on rank 0's
@@ -413,64 +416,74 @@ class StepEnd:
     stop flags, in the watcher's collective on a step it checks, else in one all-reduce of their own (none on
     one process); :attr:`stopping` is then the signal every rank stops at, 0 while none was caught.
 
-    ``recipe``: the training recipe (:class:`b3stream.train.loop.Recipe`) whose engine, sampler, monitor and
-    paths it uses; ``miner``: the spawned miner, set once it runs; ``signals``: the loop's
+    Built from what it uses of the trainer: ``cfg`` (its ``mode`` and ``refresh.*``), the live ``sampler``
+    (its epoch, the ids consumed, the swap), ``dist``, ``monitor`` (``write`` and ``scalars``), the train
+    split's ``manifest`` (the snapshots' data stamp and the versions' check), the run folder's ``paths``,
+    the student ``encoder`` and ZeRO ``stage`` (what a snapshot saves), the training ``step`` it starts at,
+    the schedule folder to watch and how often (``watch_folder``, ``watch_every``; None: none) and whether
+    the run ``resumed``. ``miner``: the spawned miner, set once it runs; ``signals``: the loop's
     :class:`~b3stream.train.interrupt.StopSignals`, set while it runs."""
 
-    def __init__(self, recipe):
-        self.r, self.miner, self.waited = recipe, None, 0.0
+    def __init__(self, cfg: TrainConfig, sampler, dist: DistInfo, monitor, manifest: Manifest, paths: RunPaths,
+                 encoder, stage: int, step: int = 0, watch_folder: Path | None = None,
+                 watch_every: int | None = None, resumed: bool = False):
+        self.cfg, self.sampler, self.dist, self.monitor = cfg, sampler, dist, monitor
+        self.manifest, self.paths, self.encoder, self.stage = manifest, paths, encoder, stage
+        self.step, self.watch_every = step, watch_every  # step: the last step trained (the watcher's accept)
+        self.refreshed = cfg.mode == "refreshed"
+        self.miner, self.waited = None, 0.0
         self.signals, self.stopping = None, 0
-        r = recipe
-        self.watcher = ScheduleWatcher(r.watch_folder, r.manifest, r.dist, say=r.monitor.write) \
-            if r.watch_folder and r.watch_every else None
+        self.watcher = ScheduleWatcher(watch_folder, manifest, dist, say=monitor.write) \
+            if watch_folder and watch_every else None
         # the stop flags' group: the watcher's (gloo), else one made here (collective: every rank builds its
-        # StepEnd at the same point) when the default group is NCCL; None on one process or a gloo default group
-        self.group = self.watcher.group if self.watcher is not None else _cpu_group(r.dist)
+        # BetweenSteps at the same point) when the default group is NCCL; None on one process or a gloo group
+        self.group = self.watcher.group if self.watcher is not None else _cpu_group(dist)
         if self.watcher is not None:
-            # the sampler's refusals too (another |B|, an older version): skipped with a message, not raised mid-run
-            self.watcher.accept = lambda schedule: (fits_now(schedule, r.step, r.sampler.epoch),
-                                                    r.sampler.check_swap(schedule))
+            # the swap's refusals too (another |B|, an older version): skipped with a message, not raised mid-run
+            self.watcher.accept = lambda schedule: (fits_now(schedule, self.step, sampler.epoch),
+                                                    check_swap(sampler, schedule))
         # (step, epoch, mined apart) of the snapshots whose schedules max_lag_steps may wait for; a resumed run
         # takes its own from before the resume
-        self.snapshots = own_snapshots(r.paths, r.step) if r.refreshed and r.start == "resume" else []
-        self.share = ThreadShare.for_run(r.cfg, r.dist, r.paths)  # a CPU miner beside a CPU trainer
-        self.writer = SnapshotWriter() if r.refreshed and r.dist.is_main else None
+        self.snapshots = own_snapshots(paths, step) if self.refreshed and resumed else []
+        self.share = ThreadShare.for_run(cfg, dist, paths)  # a CPU miner beside a CPU trainer
+        self.writer = SnapshotWriter() if self.refreshed and dist.is_main else None
         if self.share is not None:
-            r.monitor.write(f"refreshed mode: the trainer uses {self.share.shared} thread(s) per rank while the "
-                            f"miner works, {self.share.full} while it waits")
+            monitor.write(f"refreshed mode: the trainer uses {self.share.shared} thread(s) per rank while the "
+                          f"miner works, {self.share.full} while it waits")
 
     def after_step(self, step: int, epoch_ended: bool) -> bool:
         """Run after step ``step``; True when the sampler swapped to a new schedule version (the loader's
         pass must end: it follows the old plan)."""
-        r, cfg = self.r, self.r.cfg
+        cfg, sampler = self.cfg, self.sampler
+        self.step = step
         if self.share is not None:
             self.share.update()
-        if r.refreshed and snapshot_due(cfg, step, epoch_ended, r.sampler.epoch):
-            trained = r.sampler.consumed()
-            snapshot(r.engine, r.encoder, cfg, r.manifest, r.paths, step, r.sampler.epoch, r.stage, r.dist,
+        if self.refreshed and snapshot_due(cfg, step, epoch_ended, sampler.epoch):
+            trained = sampler.consumed()
+            snapshot(self.encoder, cfg, self.manifest, self.paths, step, sampler.epoch, self.stage, self.dist,
                      trained=trained, writer=self.writer)
-            self.snapshots.append((step, r.sampler.epoch, len(trained) > 0))
+            self.snapshots.append((step, sampler.epoch, len(trained) > 0))
         if self.miner is not None:
             self.miner.check()
-        if self.watcher is None or step % r.watch_every:
+        if self.watcher is None or step % self.watch_every:
             self.agree_stop()
             return False
-        new = self.watcher.check(r.sampler.version, stop=self.caught())  # agrees on stopping too
+        new = self.watcher.check(sampler.version, stop=self.caught())  # agrees on stopping too
         # a snapshot mined apart in an earlier epoch answers nothing now (fits_now refuses it)
-        due = [s for s, epoch, apart in self.snapshots if epoch == r.sampler.epoch or not apart]
+        due = [s for s, epoch, apart in self.snapshots if epoch == sampler.epoch or not apart]
         need = refresh_due(due, step, cfg.refresh.max_lag_steps)  # snapshots: refreshed only
-        if need is not None and not self.watcher.stop and source_step(new or r.sampler.schedule) < need:
-            new, waited = wait_for_refresh(self.watcher, r.sampler.version, new, need, cfg.refresh.poll_seconds,
-                                           cfg.refresh.wait_timeout, miner=self.miner, say=r.monitor.write,
-                                           stop=self.caught, skipped=lambda s: miner_skipped(r.paths, s))
+        if need is not None and not self.watcher.stop and source_step(new or sampler.schedule) < need:
+            new, waited = wait_for_refresh(self.watcher, sampler.version, new, need, cfg.refresh.poll_seconds,
+                                           cfg.refresh.wait_timeout, miner=self.miner, say=self.monitor.write,
+                                           stop=self.caught, skipped=lambda s: miner_skipped(self.paths, s))
             self.waited += waited
-            r.monitor.scalars(step, {"wait_seconds": waited}, group="refresh")
+            self.monitor.scalars(step, {"wait_seconds": waited}, group="refresh")
             self.snapshots = [x for x in self.snapshots if x[0] > need]  # a wait that gave up is not repeated
         self.stopping = self.watcher.stop
         if new is None or self.stopping:  # no swap on the way out: the resumed run finds the version
             return False
-        report_swap(r.monitor, step, r.sampler.schedule, new, len(r.sampler.history) + 1)
-        r.sampler.swap(new, step=step)
+        report_swap(self.monitor, step, sampler.schedule, new, len(sampler.history) + 1)
+        swap(sampler, new, step=step)
         return True
 
     def flush(self) -> None:
@@ -522,7 +535,7 @@ def fits_now(schedule, step: int, epoch: int) -> None:
 def own_snapshots(paths: RunPaths, step: int) -> list[tuple[int, int, bool]]:
     """(step, epoch, mined apart) of the run's snapshots up to ``step``: a resumed run's max_lag_steps
     bound counts the snapshots written before the resume too."""
-    from ..snapshot import list_snapshots
+    from .snapshot import list_snapshots
 
     return [(s.step, int(s.meta.get("epoch", 0)), s.trained_ids is not None)
             for s in list_snapshots(paths.run) if s.step <= step]

@@ -5,7 +5,7 @@
 - ``sampler.py``: :class:`ScheduleSampler` (per-rank slices, exactly once per epoch, resume, hot swap).
 - ``collate.py``: records by id -> prompted, tokenised batches in DataLoader workers.
 - ``loop.py``: :class:`Recipe` (setup steps, the loop, one step) behind :func:`train`; refreshed mode's work
-  between steps comes from :mod:`b3stream.refresh.trainer` (``StepEnd``); ``monitor.py``: TensorBoard and the
+  between steps comes from :mod:`b3stream.refresh.trainer` (``BetweenSteps``); ``monitor.py``: TensorBoard and the
   console line; ``ds_config.py`` fills ``ds_configs/*.json``; ``export.py``; ``checkpoints.py``.
   Process groups: :mod:`b3stream.dist`.
 

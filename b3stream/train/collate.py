@@ -4,8 +4,8 @@ Reading is by id through the data layer (``ShardedDataset[id]``, WebDataset's ``
 composition is entirely the schedule's. Instruction prompts come from the manifest, per task and side
 (paper section 3.3); hard negatives are other examples' positives, so they get the positive prompt.
 
-One :class:`StepLoader` serves a whole run: its workers persist across swaps and epochs, and the main
-process sends each of them the :class:`Step` to build, so they never hold a plan of their own.
+One :class:`PlanLoader` serves a whole run: its workers persist across swaps and epochs, and the main
+process sends each of them the :class:`RankBatch` to build, so they never hold a plan of their own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..data.manifest import Manifest
 from ..data.reader import ShardedDataset
 from ..encoder import Tokenize
 from .loss import token_extents
-from .sampler import ScheduleSampler, Step
+from .sampler import RankBatch, ScheduleSampler
 
 
 def texts_of(records: list[dict], side: str, manifest: Manifest) -> list[str]:
@@ -33,7 +33,7 @@ def texts_of(records: list[dict], side: str, manifest: Manifest) -> list[str]:
 
 @dataclass
 class LocalBatch:
-    step: Step
+    rank_batch: RankBatch  # what the batch was built from (ids, counts, its step's place in the plan)
     features: dict[str, dict[str, torch.Tensor]]  # side -> tokenizer output
     keys: dict[str, torch.Tensor]  # "positive"/"negative" -> int64 content keys of those texts; "known" (when
     # a record has known positives): (n_local, w) keys of each query's known positives, padded with its own
@@ -49,13 +49,13 @@ class LocalBatch:
         return self
 
 
-class StepData(Dataset):
-    """A :class:`Step` -> this rank's tokenised batch.
+class TokenizedBatches(Dataset):
+    """A :class:`RankBatch` -> this rank's tokenised batch.
 
-    Keyed by ``(pass, Step)``, not by an index into a plan: the Step carries its ids, its share of the
+    Keyed by ``(pass, RankBatch)``, not by an index into a plan: it carries its ids, its share of the
     hard negatives and whether the plan has a negative side, so a worker needs no copy of the sampler and
     builds batches of whatever plan the main process is on. That is what lets the workers outlive a swap
-    and an epoch (:class:`StepLoader`). ``current`` is the loader's pass number in memory shared with the
+    and an epoch (:class:`PlanLoader`). ``current`` is the loader's pass number in memory shared with the
     workers: a request left over from an earlier pass (prefetched before a swap) is answered with None at
     once instead of being read and tokenised for nothing, so a new pass does not wait for it."""
 
@@ -63,11 +63,11 @@ class StepData(Dataset):
         self.records, self.tokenize, self.current, self.seed = records, tokenize, current, seed
         self.manifest = records.manifest
 
-    def __getitem__(self, key: tuple[int, Step]) -> LocalBatch | None:
-        number, step = key
+    def __getitem__(self, key: tuple[int, RankBatch]) -> LocalBatch | None:
+        number, part = key
         if number != int(self.current[0]):
             return None  # an earlier pass's request: the loader drops it unseen
-        recs = [self.records[i] for i in step.ids]
+        recs = [self.records[i] for i in part.ids]
         texts = {side: texts_of(recs, side, self.manifest) for side in ("query", "positive")}
         features = {side: self.tokenize(texts[side], side) for side in ("query", "positive")}
         own = content_keys(texts["positive"])
@@ -75,16 +75,17 @@ class StepData(Dataset):
         known = [known_keys_of(r, self.manifest.prompted) for r in recs]
         if any(known):  # the other positives of each query: masked from its logits as same-text positives
             keys["known"] = torch.from_numpy(KnownKeys.from_lists(known).padded(np.arange(len(recs)), own))
-        if step.with_negatives:
+        if part.has_negative_side:
             # Every rank passes a negative side (maybe empty) so all ranks run the same collectives.
-            negs = texts_of([self.records[i] for i in step.negative_ids], "positive", self.manifest)
-            if step.dataset_negatives:
-                negs += stored_negatives(recs, step.dataset_negatives, self.seed, step.epoch, self.manifest)
-            features["negative"] = (self.tokenize(negs, "positive")
-                                    if negs else {"input_ids": torch.zeros(0, 0, dtype=torch.long),
-                                                  "attention_mask": torch.zeros(0, 0, dtype=torch.long)})
-            keys["negative"] = torch.from_numpy(content_keys(negs))
-        return LocalBatch(step=step, features=features, keys=keys,
+            negative_texts = texts_of([self.records[i] for i in part.hard_negative_ids], "positive", self.manifest)
+            if part.num_dataset_negatives:
+                negative_texts += stored_negatives(recs, part.num_dataset_negatives, self.seed, part.epoch,
+                                                   self.manifest)
+            features["negative"] = (self.tokenize(negative_texts, "positive")
+                                    if negative_texts else {"input_ids": torch.zeros(0, 0, dtype=torch.long),
+                                                            "attention_mask": torch.zeros(0, 0, dtype=torch.long)})
+            keys["negative"] = torch.from_numpy(content_keys(negative_texts))
+        return LocalBatch(rank_batch=part, features=features, keys=keys,
                           extents={side: token_extents(f["attention_mask"]) for side, f in features.items()})
 
 
@@ -102,8 +103,9 @@ def stored_negatives(records: list[dict], h: int, seed: int, epoch: int, manifes
     return out
 
 
-class PlanSteps(Sampler):
-    """The DataLoader's sampler: the remaining Steps of the live sampler's current plan, each computed in
+class PlanBatches(Sampler):
+    """The DataLoader's sampler: this rank's batches of the remaining steps of the live sampler's current
+    plan (:class:`RankBatch`), each computed in
     the main process when the loader asks for it (``prefetch_factor`` per worker ahead of training) and
     sent to a worker with the pass number as the dataset key. A pass ends with the plan: at its last step,
     or as soon as the plan changed (a swap, a new epoch), so a pass never asks for a step of a plan it did
@@ -121,7 +123,7 @@ class PlanSteps(Sampler):
         for index in range(s.position, s.steps_per_epoch):
             if self._plan() != plan:
                 return
-            yield number, s.step(index)
+            yield number, s.batch_at(index)
 
 
 def _as_is(item):
@@ -131,24 +133,24 @@ def _as_is(item):
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """A worker ignores SIGINT and SIGTERM, which Ctrl-C sends to the whole foreground process group and a
     cluster may send to every process of a job: the trainer finishes its step, checkpoints and stops the
-    workers itself (``StepLoader.close``), while a worker killed by the signal would make the DataLoader raise
+    workers itself (``PlanLoader.close``), while a worker killed by the signal would make the DataLoader raise
     in the trainer mid-step. A worker still ends with the trainer (torch's watchdog) and on SIGKILL."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class StepLoader:
+class PlanLoader:
     """Batches for the remaining steps of the sampler's current plan, built by DataLoader workers that live
     as long as the loader: iterate it again after a swap or at a new epoch, and the same workers go on.
 
     Starting workers costs a fork of the trainer (its page tables, with the model loaded) or a pickle of
     the dataset, and the first batches of a fresh loader come without prefetch; at every swap and epoch that
-    added up. Each pass over the loader is a new pass of the persistent DataLoader over :class:`PlanSteps`.
+    added up. Each pass over the loader is a new pass of the persistent DataLoader over :class:`PlanBatches`.
     Batches prefetched for the old plan cannot leak into a new pass: a new pass of a DataLoader with
     persistent workers first waits for every outstanding item and drops it (torch's ``_ResumeIteration``
     handshake), and the loop checks each batch's (epoch, index) against the sampler besides. So that the
     wait is short, each pass has a number the workers see in shared memory, and they skip the requests of
-    an earlier one (:class:`StepData`): a swap costs at most the batch each worker is building.
+    an earlier one (:class:`TokenizedBatches`): a swap costs at most the batch each worker is building.
 
     ``num_workers=0`` reads in the main process, one batch when the loop asks for it, nothing prefetched.
     """
@@ -157,8 +159,8 @@ class StepLoader:
                  num_workers: int = 1):
         workers = num_workers > 0
         self.current = torch.zeros(1, dtype=torch.int64).share_memory_()  # the pass number, seen by workers
-        self.loader = DataLoader(StepData(records, tokenize, self.current, sampler.seed), batch_size=None,
-                                 sampler=PlanSteps(sampler, self.current), num_workers=num_workers,
+        self.loader = DataLoader(TokenizedBatches(records, tokenize, self.current, sampler.seed), batch_size=None,
+                                 sampler=PlanBatches(sampler, self.current), num_workers=num_workers,
                                  collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
                                  worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None,
                                  prefetch_factor=2 if workers else None, persistent_workers=workers)
@@ -202,8 +204,8 @@ def loader_workers(num_workers: int | None) -> int:
     return auto_workers(cores, local_world_size())
 
 
-def step_loader(records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tokenize,
-                num_workers: int = 1) -> StepLoader:
-    """A :class:`StepLoader`: make it once per run; each ``for batch in loader`` runs the rest of the
+def plan_loader(records: ShardedDataset, sampler: ScheduleSampler, tokenize: Tokenize,
+                num_workers: int = 1) -> PlanLoader:
+    """A :class:`PlanLoader`: make it once per run; each ``for batch in loader`` runs the rest of the
     sampler's current plan, and the next one (after a swap, at a new epoch) the next plan's."""
-    return StepLoader(records, sampler, tokenize, num_workers)
+    return PlanLoader(records, sampler, tokenize, num_workers)

@@ -32,23 +32,15 @@ from pathlib import Path
 
 import torch
 
-from ..encoder import Encoder, build_head, read_sentence_transformers_folder
+from ..encoder import Encoder, build_head, is_peft, read_sentence_transformers_folder
 
 class ExportError(RuntimeError):
     """The sentence-transformers folder would not embed as the trainer did; the message says why."""
 
 
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
 def save_adapter(encoder: Encoder, folder: Path) -> Path | None:
     """The PEFT adapter of a LoRA student (None for full fine-tuning)."""
-    if not _is_peft(encoder.model):
+    if not is_peft(encoder.model):
         return None
     encoder.model.save_pretrained(str(folder))
     return folder

@@ -3,7 +3,7 @@ checkpoint, stop.
 
 While the training loop runs, :class:`StopSignals` turns the first of these signals into a flag and nothing
 else. At the end of each step the ranks combine their flags in one tiny collective (folded into the schedule
-watcher's check where it runs that step, :class:`b3stream.refresh.trainer.StepEnd`; none at all on one
+watcher's check where it runs that step, :class:`b3stream.refresh.trainer.BetweenSteps`; none at all on one
 process), so every rank stops after the same step, however the signal reached them. The trainer then writes a
 checkpoint there and a summary saying it stopped (no final evaluation or export), the refreshed-mode miner is
 stopped, and :func:`b3stream.train.loop.train` raises :class:`Interrupted`; the commands print its one line

@@ -34,9 +34,9 @@ from ..evaluate import BeirSet, RetrievalSet
 from ..files import write_atomic
 from ..schedule import load_schedule, version_path
 from ..dist import DistInfo, barrier, init_distributed, split_bounds
-from ..refresh.trainer import StepEnd, miner_config, miner_process, place_miner, prepare_run, staleness
-from ..snapshot import RunPaths
-from .collate import loader_workers, step_loader
+from ..refresh.trainer import BetweenSteps, miner_config, miner_process, place_miner, prepare_run, staleness
+from ..run_paths import RunPaths
+from .collate import loader_workers, plan_loader
 from . import run_folder
 from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all, master_weights
@@ -55,7 +55,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 class Recipe:
     """The training recipe: set up in dependency order (data and schedule, the run folder, the student,
     the DeepSpeed engine, a resume), then :meth:`train` runs the loop, one :meth:`train_step` per global
-    batch, with the work between steps (snapshots, schedule versions, swaps) behind :class:`StepEnd`.
+    batch, with the work between steps (snapshots, schedule versions, swaps) behind :class:`BetweenSteps`.
 
     Features, and the keys that control them:
 
@@ -196,14 +196,17 @@ class Recipe:
                                enabled=self.dist.is_main, progress=self.progress)
         self.monitor.write(_banner(cfg, self.dist, self.sampler, self.batch_size, self.total_steps, self.stage,
                                    self.precision, self.step))
-        self.step_end = StepEnd(self)
+        self.between_steps = BetweenSteps(
+            cfg, self.sampler, self.dist, self.monitor, self.manifest, self.paths, self.encoder, self.stage,
+            step=self.step, watch_folder=self.watch_folder, watch_every=self.watch_every,
+            resumed=self.start == "resume")
 
     # -- 6. The loop. -------------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
         # A spawned miner (refreshed mode) runs while the block runs and is stopped however it ends.
         with miner_process(cfg, self.paths, self.dist, self.monitor, self.miner_trust, self.miner_place) as miner:
-            self.step_end.miner = miner
+            self.between_steps.miner = miner
             evals = {}
             if self.evaluates and self.step == 0:  # zero-shot
                 evals["before"] = self.evaluate()
@@ -212,10 +215,10 @@ class Recipe:
             self.engine.module.train()
             self.clock = Throughput(every_step_exact=self.dist.device.type != "cuda")
             self.workers = loader_workers(cfg.num_workers)  # null: from the cores per local rank
-            loader = step_loader(self.records, self.sampler, self.encoder.tokenize, self.workers)  # lives on
+            loader = plan_loader(self.records, self.sampler, self.encoder.tokenize, self.workers)  # lives on
             # While the loop runs, SIGINT / SIGTERM only set a flag; the ranks agree after a step to stop there.
-            with StopSignals() as self.step_end.signals:
-                while self.step < self.total_steps and not self.step_end.stopping:
+            with StopSignals() as self.between_steps.signals:
+                while self.step < self.total_steps and not self.between_steps.stopping:
                     self.clock.ready()
                     for batch in loader:  # the rest of the sampler's current plan; the next pass, the next plan's
                         self.train_step(batch)
@@ -226,24 +229,25 @@ class Recipe:
                             self.save()
                         if self.step >= self.total_steps:
                             break
-                        if self.step_end.after_step(self.step, epoch_ended=self.sampler.epoch > batch.step.epoch):
+                        ended = self.sampler.epoch > batch.rank_batch.epoch
+                        if self.between_steps.after_step(self.step, epoch_ended=ended):
                             break  # swapped: this pass of the loader follows the old plan; the next, the new one
-                        if self.step_end.stopping:
+                        if self.between_steps.stopping:
                             break  # a signal: checkpoint and stop
                         self.clock.ready()
-                self.step_end.agree_stop()  # a signal during the last step stops the run there too
+                self.between_steps.agree_stop()  # a signal during the last step stops the run there too
             loader.close()
-            self.step_end.close()  # the last snapshot written (a failed write raised here), the loader stopped
-            summary = self.finish(evals, miner, stopped=self.step_end.stopping)
+            self.between_steps.close()  # the last snapshot written (a failed write raised here), the loader stopped
+            summary = self.finish(evals, miner, stopped=self.between_steps.stopping)
         if summary["stopped"]:  # the miner is stopped (above); every rank raises, the commands exit 128 + signal
-            raise Interrupted(self.step_end.stopping, self.step, self.checkpoint_path(), cfg.resume, summary)
+            raise Interrupted(self.between_steps.stopping, self.step, self.checkpoint_path(), cfg.resume, summary)
         return summary
 
     def train_step(self, batch) -> None:
         """One global batch: embed every side in one engine forward, InfoNCE over the gathered batch, one
         backward and one optimizer step; then the sampler advances and the monitor records the step."""
         cfg, dist, sampler, clock = self.cfg, self.dist, self.sampler, self.clock
-        if (batch.step.epoch, batch.step.index) != (sampler.epoch, sampler.position):
+        if (batch.rank_batch.epoch, batch.rank_batch.index) != (sampler.epoch, sampler.position):
             raise RuntimeError("data loader and sampler disagree on the step; this is a bug")
         # On CUDA the host runs ahead of the GPU; only steps that log wait for it (``_sync``), and their
         # examples/s covers every step since the last such wait. On CPU every step's clock is exact.
@@ -257,9 +261,9 @@ class Recipe:
         keys = {side: v.to(dist.device, non_blocking=True) for side, v in batch.keys.items()}
         emb = self.engine(features, batch.extents)
         out = self.loss_fn(emb["query"], emb["positive"], emb.get("negative"), keys["positive"], keys.get("negative"),
-                           sizes=batch.step.sizes,
-                           # from the plan, no collective (dataset negatives: gathered, see Step)
-                           negative_sizes=batch.step.negative_sizes, known_keys=keys.get("known"))
+                           sizes=batch.rank_batch.sizes,
+                           # from the plan, no collective (dataset negatives: gathered, see RankBatch)
+                           negative_sizes=batch.rank_batch.negative_sizes, known_keys=keys.get("known"))
         self.engine.backward(out.loss)
         t_backward = _sync(dist) if exact else None
         grad_norm = _grad_norm(self.engine) if self.stage == 0 and self.precision == "fp32" else None
@@ -267,7 +271,7 @@ class Recipe:
         self.engine.step()
         t_end = _sync(dist) if exact else time.perf_counter()
         if cfg.trace_ids:
-            _trace(self.run, self.step + 1, batch.step, sampler.global_batch(sampler.position), out, dist)
+            _trace(self.run, self.step + 1, batch.rank_batch, sampler.global_batch(sampler.position), out, dist)
         sampler.advance()
         self.step += 1
         if grad_norm is None:
@@ -278,7 +282,7 @@ class Recipe:
             "examples_per_s": rate, "time_data": t_fetched - clock.t_ready if exact else None,
             "time_fwd_bwd": t_backward - t_start if exact else None,
             "time_optimizer": t_end - t_backward if exact else None, "hard_negatives": out.negatives,
-            "epoch": batch.step.epoch, "schedule_version": batch.step.version,
+            "epoch": batch.rank_batch.epoch, "schedule_version": batch.rank_batch.version,
             "staleness": staleness(sampler.schedule, self.step),
             "strategy": sampler.schedule.meta.get("strategy", "?"),
         }, histograms={"pos_sim": out.pos_sims, "hardest_neg_sim": out.hardest_sims})
@@ -293,7 +297,7 @@ class Recipe:
         return out
 
     def save(self) -> None:
-        self.step_end.flush()  # a checkpoint never names a step whose snapshot is still being written
+        self.between_steps.flush()  # a checkpoint never names a step whose snapshot is still being written
         _save(self.engine, self.sampler, self.step, self.cfg, self.run / "checkpoints", self.dist)
         self.saved_at = self.step
 
@@ -324,7 +328,7 @@ class Recipe:
             "steps_per_s": 1.0 / float(np.median(self.clock.step_times)) if self.clock.step_times else None,
             "ranks_in_sync": _ranks_in_sync(self.engine, dist, self.stage), "eval": evals, "export": exported,
             "mode": cfg.mode, "swaps": sampler.history, "num_workers": getattr(self, "workers", None),
-            "refresh_wait_seconds": self.step_end.waited if self.refreshed else None,
+            "refresh_wait_seconds": self.between_steps.waited if self.refreshed else None,
             "miner_restarts": miner.restarts if miner is not None else None,
             # per rank: the student's bytes right after loading (a share under ZeRO-3), the process's peak RSS
             # once the student had loaded, once the engine stood, and at the end

@@ -26,8 +26,8 @@ rank computed for every slice and hands each rank the part for its own embedding
 parameter gradients over ranks, so each rank's loss is scaled by ``world / |B|`` (not ``1 / n_local``):
 the averaged gradient is then exactly the gradient of the global mean, also when the last batch of an
 epoch does not split evenly. The tests check this against one process holding the whole batch. The
-gathers need every rank's row count; the trainer passes the counts its plan implies (``Step.sizes``,
-``Step.negative_sizes``), so a step's collectives are the embeddings' and keys' gathers, the gradients'
+gathers need every rank's row count; the trainer passes the counts its plan implies (``RankBatch.sizes``,
+``RankBatch.negative_sizes``), so a step's collectives are the embeddings' and keys' gathers, the gradients'
 reduce-scatters and the statistics' all-reduce, with no all-gather of counts and no ``.item()`` (a host wait
 on NCCL) to read them.
 

@@ -12,26 +12,15 @@ each global batch:
   neighbouring batch), so each rank has a non-empty slice at every step.
 - **Exactly once per epoch**: an epoch plan is a permutation of the schedule's batches (seeded by
   ``(seed, epoch)``); the batches themselves are the miner's.
-- **Hot swap** (:meth:`ScheduleSampler.swap`): a new schedule version (same |B|, never an older version)
-  re-batches only the ids not yet consumed in this epoch, along the NEW schedule's batches and communities,
-  taken in a seeded order (tasks interleave as in an epoch plan). A batch none of whose members was consumed
-  stays the miner's batch where it is, with its hard negatives; refreshed mode's miner batches the ids to
-  come apart from those trained at its snapshot, so after a swap these are all of them but those that ids
-  trained between the snapshot and the swap broke. The survivors of broken batches are re-cut within each
-  task (the schedule's ``batch_task``, when it kept tasks apart): whole K-communities first, then fragments,
-  every |B| (a multiple of K, so whole communities stay in one batch), each piece where its first batch
-  was; what is left of each task is pooled at the end of the plan and cut every |B|, as the miner pools its
-  tails. B3++ hard negatives are kept only by the miner's own batches: they were drawn for exactly those
-  members, while a re-cut batch's pooled rows could hold a new member's top-p neighbour or same-text
-  positive, so re-cut batches train on in-batch negatives alone. The swaps are recorded in
-  :attr:`ScheduleSampler.history`.
+- **Hot swap** (:meth:`ScheduleSampler.continue_on`, called by :func:`b3stream.refresh.swap.swap`): a new
+  schedule version (same |B|, never an older version) re-batches only the ids not yet consumed in this epoch,
+  along the NEW schedule's batches and communities, taken in a seeded order (tasks interleave as in an epoch
+  plan); which schedules a run may swap to, and how the ids to come are re-cut, is
+  :mod:`b3stream.refresh.swap`'s. The swaps are recorded in :attr:`ScheduleSampler.history`.
 - **A fixed number of steps per epoch** (:attr:`ScheduleSampler.epoch_steps`): the run's first plan fixes
   it, and every later plan (a swap's, a new epoch's, on any schedule of the same |B|) has exactly the steps
   the epoch has left, so a step budget of ``epochs * epoch_steps`` (the trainer's, and its learning-rate
-  schedule's) ends each epoch when every id has been trained. An epoch's ids are |B| a step but one step,
-  and a swap keeps them so (one short step, not one per task), so the pieces above fill the steps left as
-  they are; only a schedule batched otherwise than that (several short batches) makes whole batches give up
-  their negatives to be re-cut into the steps left.
+  schedule's) ends each epoch when every id has been trained.
 - **Resumable**: :meth:`state_dict` holds the schedule version, epoch, position, swap count, the steps and
   ids consumed this epoch, the steps per epoch and the seed; loading it rebuilds the identical plan (or, if
   that version is gone, swaps to the given schedule) so a resumed run trains the same remaining ids.
@@ -49,12 +38,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..dist import split_bounds
+from ..refresh.swap import fit, recut, whole_batches
 from ..schedule import Schedule, ScheduleError
 
 
 @dataclass
-class Step:
-    """One rank's share of one global batch.
+class RankBatch:
+    """One rank's share of one global batch (of one optimizer step).
 
     It carries everything a DataLoader worker needs to build the batch (the ids, whether the plan has a
     hard-negative side) and everything the loss needs to know about the other ranks (their row counts), so
@@ -64,61 +54,21 @@ class Step:
     epoch: int
     index: int  # position in the epoch plan
     ids: np.ndarray  # this rank's slice of the global batch
-    negative_ids: np.ndarray  # this rank's share of the batch's hard-negative pool (may be empty)
+    hard_negative_ids: np.ndarray  # this rank's share of the batch's hard-negative pool (may be empty)
     global_size: int  # |B| of this step
     version: int | None  # schedule version the batch came from
     sizes: list[int]  # every rank's number of queries (= positives) this step, in rank order
     # every rank's share of the hard-negative pool, in rank order; None when a rank's count is known only
     # after its worker read its records (dataset negatives: examples store different numbers of them)
     negative_sizes: list[int] | None
-    with_negatives: bool  # the step has a hard-negative side: every rank embeds a (maybe empty) one
-    dataset_negatives: int = 0  # up to this many of each member's stored negatives join the pool (h_dataset)
+    has_negative_side: bool  # the step has a hard-negative side: every rank embeds a (maybe empty) one
+    num_dataset_negatives: int = 0  # up to this many of each member's stored negatives join the pool (h_dataset)
 
 
 def rank_sizes(n: int, world: int) -> list[int]:
     """Every rank's row count when ``n`` rows are cut by :func:`split_bounds`: a pure function of the plan,
     so each host knows all of them without a collective (and without a GPU sync to read one)."""
     return [hi - lo for lo, hi in (split_bounds(n, world, rank) for rank in range(world))]
-
-
-def _merge_small(offsets: np.ndarray, world: int) -> np.ndarray:
-    """Merge every batch smaller than ``world`` (a tail) into the batch after it (the last one into the
-    batch before it): a batch with fewer ids than ranks would leave a rank without data."""
-    if not (np.diff(offsets) < world).any():
-        return offsets
-    keep = [int(offsets[0])]
-    for end in offsets[1:-1]:
-        if end - keep[-1] >= world:
-            keep.append(int(end))
-    keep.append(int(offsets[-1]))
-    if len(keep) > 2 and keep[-1] - keep[-2] < world:
-        del keep[-2]
-    return np.asarray(keep, np.int64)
-
-
-@dataclass
-class _Piece:
-    """One step of a plan in the making: rows of ``schedule.ids``, whether they are one of the miner's batches
-    untouched (and keep its hard negatives), and where in the plan it goes."""
-
-    rows: np.ndarray
-    whole: bool
-    key: float
-
-
-def _cut_sizes(total: int, k: int, size: int, world: int) -> list[int]:
-    """Sizes of ``k`` consecutive pieces of ``total`` ids (``total >= k * world``): as many of |B| = ``size``
-    first as leave the others at least ``size // 2`` (or ``world``) ids, the others balanced; all balanced
-    when there is more than ``k * size``."""
-    if k == 0:
-        return []
-    if total >= k * size:
-        full = 0
-    else:
-        low = max(world, size // 2) if total >= k * max(world, size // 2) else world
-        full = k - 1 if size == low else min(k - 1, (total - k * low) // (size - low))
-    rest, parts = total - full * size, k - full
-    return [size] * full + [rest // parts + (1 if i < rest % parts else 0) for i in range(parts)]
 
 
 class ScheduleSampler:
@@ -141,8 +91,8 @@ class ScheduleSampler:
             raise ValueError(f"negatives={negatives!r}: expected mined, dataset or both")
         schedule.check_trainable(n, world_size)
         self.schedule, self.n, self.rank, self.world, self.seed = schedule, n, rank, world_size, seed
-        # which extra negatives a step carries (TrainConfig negatives / h_dataset)
-        self.mined = negatives != "dataset"
+        # which extra negatives a step carries (the TrainConfig choice ``negatives`` and its count h_dataset)
+        self.takes_mined = negatives != "dataset"
         self.h_dataset = h_dataset if negatives != "mined" else 0
         self.epoch, self.position, self.swaps = 0, 0, 0
         self._before = np.empty(0, np.int64)  # ids consumed this epoch before the current plan
@@ -154,123 +104,29 @@ class ScheduleSampler:
     # -- the plan ----------------------------------------------------------------------------------
     def _make_plan(self) -> None:
         """The plan for the rest of the epoch from ``schedule``, excluding ``_before``: flat ids, offsets and
-        aligned negative rows. It has exactly :attr:`epoch_steps` minus the steps trained before it (the first
-        plan of a run fixes that number)."""
+        aligned hard-negative rows. It has exactly :attr:`epoch_steps` minus the steps trained before it (the
+        first plan of a run fixes that number); after a swap the ids to come are re-cut
+        (:func:`b3stream.refresh.swap.recut`)."""
         sched = self.schedule
         rng = np.random.default_rng([self.seed, self.epoch, self.swaps])
         order = rng.permutation(len(sched.offsets) - 1)
-        pieces = self._pieces(order, sched.offsets[order], np.diff(sched.offsets)[order])
+        if len(self._before):
+            pieces = recut(sched, order, self._before, self.n)
+        else:
+            pieces = whole_batches(sched.offsets[order], np.diff(sched.offsets)[order])
         target = None if self._epoch_steps is None else self._epoch_steps - self._done
-        rows, offsets, keep = self._fit(pieces, target)
+        rows, offsets, keep = fit(pieces, target, self.world, sched.batch_size)
         if target is not None and len(offsets) - 1 != target:  # the invariant the step budget rests on
             raise RuntimeError(f"the plan has {len(offsets) - 1} steps where the epoch has {target} left; "
                                "this is a bug")
         self._ids = sched.ids[rows]
-        self._negs = None if sched.negatives is None else sched.negatives[rows]  # a copy (fancy indexing)
-        if self._negs is not None:
-            self._negs[~keep] = -1
+        # each row's hard negatives (a copy: fancy indexing); a re-cut batch's are dropped (-1)
+        self._hard_negatives = None if sched.negatives is None else sched.negatives[rows]
+        if self._hard_negatives is not None:
+            self._hard_negatives[~keep] = -1
         self._offsets = offsets
         if self._epoch_steps is None:
             self._epoch_steps = len(offsets) - 1
-
-    def _pieces(self, order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> list[_Piece]:
-        """The schedule's batches in plan order as pieces of the plan (rows of ``schedule.ids``), without the
-        ids consumed this epoch: a batch none of whose members was consumed stays whole (the miner's batch,
-        with its hard negatives); the survivors of the others are re-cut within each task of ``batch_task``
-        (whole K-communities first, then fragments, cut every |B|, each piece placed where its first batch
-        was), and what is left of each task is pooled at the end and cut every |B|, as the miner pools its
-        tails."""
-        sched = self.schedule
-        if not len(self._before):
-            return [_Piece(np.arange(a, a + n), True, float(i)) for i, (a, n) in enumerate(zip(starts, sizes))]
-        size, K = sched.batch_size, int(sched.meta.get("K") or 1)
-        consumed = np.zeros(self.n, bool)
-        consumed[self._before] = True
-        task_of = sched.batch_task[order] if sched.batch_task is not None else np.zeros(len(order), np.int64)
-        pieces: list[_Piece] = []
-        survivors: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # task -> [(units, fragments)], plan order
-        position = np.full(len(sched.ids), np.inf)  # a surviving row's batch's place in the plan
-        for pos, (a, n) in enumerate(zip(starts, sizes)):
-            rows = np.arange(a, a + n)
-            alive = ~consumed[sched.ids[rows]]
-            if alive.all():
-                if n:
-                    pieces.append(_Piece(rows, True, float(pos)))
-                continue
-            if not alive.any():
-                continue
-            unit = np.arange(n) // K  # a batch is laid out community by community
-            whole_unit = (np.bincount(unit, weights=alive) == K)[unit]
-            survivors.setdefault(int(task_of[pos]), []).append((rows[alive & whole_unit], rows[alive & ~whole_unit]))
-            position[rows[alive]] = pos
-        tails = []
-        for task, parts in survivors.items():  # tasks in plan order of their first broken batch
-            material = np.concatenate([u for u, _ in parts] + [f for _, f in parts])
-            full = len(material) // size * size
-            for lo in range(0, full, size):
-                piece = material[lo : lo + size]
-                pieces.append(_Piece(piece, False, float(position[piece].min())))
-            tails.append(material[full:])
-        pool = np.concatenate(tails) if tails else np.empty(0, np.int64)
-        if len(pool) % size:  # one short step in the epoch, not two: a short batch of the miner's joins the pool
-            short = [p for p in pieces if p.whole and len(p.rows) < size]
-            pieces = [p for p in pieces if not (p.whole and len(p.rows) < size)]
-            pool = np.concatenate([pool, *[p.rows for p in short]])
-        pieces += [_Piece(pool[lo : lo + size], False, np.inf) for lo in range(0, len(pool), size)]
-        pieces.sort(key=lambda p: p.key)  # stable: whole batches before re-cut pieces of the same place
-        return pieces
-
-    def _fit(self, pieces: list[_Piece], target: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows, offsets and which rows keep their hard negatives, in exactly ``target`` steps (None: as many
-        as the pieces make, the first plan of a run) of at least ``world`` ids each.
-
-        The pieces as they are, a piece smaller than the world size merged into a neighbour, when that
-        gives ``target`` steps: always so for the schedule stage's schedules (one short batch, of the ids to
-        come after a refresh), since an epoch's steps are then |B| ids but one and :meth:`_pieces` keeps them
-        so. Else (a schedule batched otherwise: several short batches, here or in the plans before), as few
-        whole batches as needed (the short ones, then the last) give up their hard negatives and join the
-        re-cut material at the end of the plan, which is cut into the steps left, every |B| where it can."""
-        world, size = self.world, self.schedule.batch_size
-        lengths = np.array([len(p.rows) for p in pieces], np.int64)
-        rows = np.concatenate([p.rows for p in pieces]) if pieces else np.empty(0, np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        merged = _merge_small(offsets, world)
-        if target is None or len(merged) - 1 == target:
-            keep = np.repeat(np.array([p.whole for p in pieces], bool), lengths)
-            for cut in np.setdiff1d(offsets, merged):  # a tail merged into a neighbour: no miner's batch now
-                b = np.searchsorted(merged, cut) - 1
-                keep[merged[b] : merged[b + 1]] = False
-            return rows, merged, keep
-        total = int(lengths.sum())
-        kept = np.array([p.whole and n >= world for p, n in zip(pieces, lengths)], bool)
-
-        def feasible() -> bool:
-            k, flex = target - int(kept.sum()), total - int(lengths[kept].sum())
-            return (k == 0 and flex == 0) or (k >= 1 and flex >= k * world)
-
-        # whole batches that give up their negatives first: short ones, then full ones, the last first
-        candidates = sorted(np.flatnonzero(kept), key=lambda i: (lengths[i] >= size, -i))
-        while not feasible():
-            if not candidates:
-                raise ScheduleError(f"{total} ids left cannot fill the {target} steps left of the epoch on "
-                                    f"{world} ranks (at least {world} ids a step)")
-            kept[candidates.pop(0)] = False
-        flex_order = [i for i in range(len(pieces)) if not kept[i] and not pieces[i].whole] + \
-                     [i for i in range(len(pieces)) if not kept[i] and pieces[i].whole]
-        flex = np.concatenate([pieces[i].rows for i in flex_order]) if flex_order else np.empty(0, np.int64)
-        # a demoted batch joins the pooled tails at the end of the plan
-        source = np.repeat(np.array([np.inf if pieces[i].whole else pieces[i].key for i in flex_order]),
-                           lengths[flex_order])
-        out = [(pieces[i].key, 0, i, pieces[i].rows, True) for i in np.flatnonzero(kept)]
-        k, lo = target - int(kept.sum()), 0
-        for j, n in enumerate(_cut_sizes(len(flex), k, size, world)):
-            out.append((float(source[lo]), 1, j, flex[lo : lo + n], False))
-            lo += n
-        out.sort(key=lambda x: x[:3])
-        lengths = np.array([len(x[3]) for x in out], np.int64)
-        rows = np.concatenate([x[3] for x in out]) if out else np.empty(0, np.int64)
-        keep = np.repeat(np.array([x[4] for x in out], bool), lengths)
-        return rows, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), keep
 
     @property
     def steps_per_epoch(self) -> int:
@@ -303,38 +159,44 @@ class ScheduleSampler:
 
     def negative_pool(self, index: int) -> np.ndarray:
         """The global batch's shared hard negatives: unique ids, none of them in the batch."""
-        if self._negs is None:
+        if self._hard_negatives is None:
             return np.empty(0, np.int64)
         batch = self.global_batch(index)
-        pool = np.unique(self._negs[self._offsets[index] : self._offsets[index + 1]])
+        pool = np.unique(self._hard_negatives[self._offsets[index] : self._offsets[index + 1]])
         pool = pool[(pool >= 0) & ~np.isin(pool, batch)]
         return pool if len(pool) >= self.world else np.empty(0, np.int64)
 
-    def step(self, index: int | None = None) -> Step:
-        """This rank's share of step ``index`` of the current plan (default: the next one)."""
+    def batch_at(self, index: int | None = None) -> RankBatch:
+        """This rank's share of the batch of step ``index`` of the current plan (default: the next one)."""
         index = self.position if index is None else index
         if not 0 <= index < self.steps_per_epoch:
             raise IndexError(f"step {index} outside the epoch plan of {self.steps_per_epoch} steps")
         batch = self.global_batch(index)
         lo, hi = split_bounds(len(batch), self.world, self.rank)
-        mined = self.mined and self.schedule.negatives is not None
+        mined = self.takes_mined and self.schedule.negatives is not None
         pool = self.negative_pool(index) if mined else np.empty(0, np.int64)
         nlo, nhi = split_bounds(len(pool), self.world, self.rank)
-        return Step(epoch=self.epoch, index=index, ids=batch[lo:hi], negative_ids=pool[nlo:nhi],
+        return RankBatch(epoch=self.epoch, index=index, ids=batch[lo:hi], hard_negative_ids=pool[nlo:nhi],
                     global_size=len(batch), version=self.version, sizes=rank_sizes(len(batch), self.world),
                     # each rank adds its own members' stored negatives, a count its worker learns
                     negative_sizes=None if self.h_dataset else rank_sizes(len(pool), self.world),
-                    with_negatives=mined or self.h_dataset > 0, dataset_negatives=self.h_dataset)
+                    has_negative_side=mined or self.h_dataset > 0, num_dataset_negatives=self.h_dataset)
 
     def __iter__(self):
-        """The remaining steps of this epoch's plan, without consuming them (see :meth:`advance`)."""
+        """This rank's batches of the remaining steps of this epoch's plan, without consuming them (see
+        :meth:`advance`)."""
         for index in range(self.position, self.steps_per_epoch):
-            yield self.step(index)
+            yield self.batch_at(index)
 
     # -- progress ----------------------------------------------------------------------------------
     def consumed(self) -> np.ndarray:
         """Ids trained on so far this epoch, in order."""
         return np.concatenate([self._before, self._ids[: self._offsets[self.position]]])
+
+    @property
+    def steps_done(self) -> int:
+        """Steps trained so far this epoch, across its plans."""
+        return self._done + self.position
 
     def advance(self) -> None:
         """Mark the current step as trained; the last step of a plan starts the next epoch."""
@@ -348,33 +210,15 @@ class ScheduleSampler:
         self._before = np.empty(0, np.int64)
         self._make_plan()
 
-    def _continue_on(self, schedule: Schedule, consumed: np.ndarray, swaps: int, done: int) -> None:
+    def continue_on(self, schedule: Schedule, consumed: np.ndarray, done: int, swaps: int) -> None:
         """Plan the rest of the epoch on ``schedule``: every id not in ``consumed`` (trained in the epoch's
-        first ``done`` steps), re-batched into the epoch's steps left."""
+        first ``done`` steps), re-batched into the epoch's steps left; ``swaps``: the plans of this epoch so
+        far (it seeds the new plan's order). A hot swap (:func:`b3stream.refresh.swap.swap`, which checks the
+        schedule and records the swap first) and a resume on another version call it."""
         self.schedule, self._before, self.swaps, self._done, self.position = schedule, consumed, swaps, done, 0
         self._make_plan()
         if self.steps_per_epoch == 0:  # nothing left: the swap came exactly at the end of an epoch
             self._next_epoch()
-
-    def check_swap(self, schedule: Schedule) -> None:
-        """Refuse (:class:`ScheduleError`) a schedule this run cannot swap to: one not trainable here, one
-        of another |B| (the run's step budget, learning-rate schedule and DeepSpeed batch size are built
-        for its |B|), or an older version than the one in use."""
-        schedule.check_trainable(self.n, self.world)
-        if schedule.batch_size != self.schedule.batch_size:
-            raise ScheduleError(f"schedule v{schedule.version} has |B|={schedule.batch_size}, this run trains "
-                                f"|B|={self.schedule.batch_size}")
-        if schedule.version is not None and self.version is not None and schedule.version < self.version:
-            raise ScheduleError(f"schedule v{schedule.version} is older than v{self.version}, which is in use")
-
-    def swap(self, schedule: Schedule, step: int | None = None) -> None:
-        """Continue the epoch on ``schedule`` (a newer version for the same data and |B|): only the ids not
-        yet consumed this epoch are re-batched, with the new schedule's batches, into the same number of
-        steps as the epoch had left. ``step``: the global training step, for the history."""
-        self.check_swap(schedule)
-        self.history.append({"epoch": self.epoch, "position": self.position, "step": step,
-                             "from": self.version, "to": schedule.version})
-        self._continue_on(schedule, self.consumed(), self.swaps + 1, self._done + self.position)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -415,4 +259,4 @@ class ScheduleSampler:
         else:  # the saved version is gone or superseded (or its plan came from an older sampler): re-batch
             self.history.append({"epoch": self.epoch, "position": int(state["position"]), "step": None,
                                  "from": state["version"], "to": self.version})
-            self._continue_on(self.schedule, consumed, int(state["swaps"]) + 1, done + int(state["position"]))
+            self.continue_on(self.schedule, consumed, done + int(state["position"]), int(state["swaps"]) + 1)

@@ -1,8 +1,8 @@
-"""Student snapshots: what the trainer hands the background miner in refreshed mode.
+"""Student snapshots: what the trainer hands the background miner in refreshed mode (``RUN/snapshots``).
 
 The trainer and the miner meet only through files: snapshots one way (trainer -> miner), schedules the other
-(:mod:`b3stream.schedule`). A snapshot is everything a miner needs to embed the data with the student as it
-was at one training step::
+(:mod:`b3stream.schedule`); :class:`b3stream.run_paths.RunPaths` names the folders. A snapshot is everything
+a miner needs to embed the data with the student as it was at one training step::
 
     RUN/snapshots/step-0000120/
         snapshot.json         step, epoch, the student's EncoderConfig, the data stamp, kind, weights sha256
@@ -30,6 +30,10 @@ A snapshot folder is data, like everything in a run folder: ``snapshot.json`` is
 into the encoder the *reader* was configured with (the run's own student, ``RUN/config.yaml``), with
 ``trust_remote_code`` as the reading command says, once the record agrees with it on model, pooling and
 lengths (:func:`snapshot_encoder`); a snapshot written for another student is refused.
+
+Both sides of refreshed mode use this module (the trainer writes, the miner reads), so it imports only the
+ground floor and :mod:`b3stream.encoder`: the mining stages are handed a snapshot by the miner
+(:func:`b3stream.refresh.miner.snapshot_model`) and never read one themselves.
 """
 
 from __future__ import annotations
@@ -46,64 +50,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import EncoderConfig, LoraConfig, from_dict
-from .data.manifest import DataError
-from .encoder import Encoder, weights_digest
-from .files import HOST, sweep_temps, tmp_name, write_json, writer_gone
-from .records import Lease, RecordError, SnapshotMeta, read_record, read_record_or_none
+from ..config import EncoderConfig, LoraConfig, from_dict
+from ..data.manifest import DataError
+from ..encoder import Encoder, is_peft, weights_digest
+from ..files import HOST, sweep_temps, tmp_name, write_json, writer_gone
+from ..records import Lease, RecordError, SnapshotMeta, read_record, read_record_or_none
+from ..run_paths import RunPaths
 
-FOLDER = "snapshots"
 META = "snapshot.json"
 TRAINED = "trained.npy"
 _NAME = re.compile(r"^step-(\d{7,})$")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """The files through which a refreshed-mode trainer and its miner meet, under the run folder ``RUN``:
-    snapshots one way, schedules the other, and the miner's settings and status."""
-
-    run: Path
-
-    @property
-    def snapshots(self) -> Path:
-        return self.run / FOLDER
-
-    @property
-    def schedules(self) -> Path:  # every schedule version of the run: the initial one and the refreshed ones
-        return self.run / "schedules"
-
-    @property
-    def refresh(self) -> Path:
-        return self.run / "refresh"
-
-    @property
-    def mine_config(self) -> Path:  # the miner's MineConfig (YAML)
-        return self.refresh / "mine.yaml"
-
-    @property
-    def refresh_config(self) -> Path:  # the RefreshConfig (JSON)
-        return self.refresh / "refresh.json"
-
-    @property
-    def status(self) -> Path:  # where the miner is (JSON)
-        return self.refresh / "status.json"
-
-    @property
-    def finished(self) -> Path:  # written by the trainer at its end: miners exit
-        return self.refresh / "finished"
-
-    @property
-    def log(self) -> Path:  # a spawned miner's stdout and stderr
-        return self.refresh / "miner.log"
-
-    @property
-    def lease(self) -> Path:  # the snapshot a miner is mining from: never pruned while the miner lives
-        return self.refresh / "lease.json"
-
-    @property
-    def run_config(self) -> Path:  # the trainer's settled TrainConfig: the student snapshots must match
-        return self.run / "config.yaml"
 
 
 class SnapshotError(DataError):
@@ -120,7 +76,7 @@ class Snapshot:
     def encoder_config(self) -> EncoderConfig:
         """The student the snapshot says it was written by, as recorded (``trust_remote_code`` never taken
         from it: see :func:`snapshot_encoder`)."""
-        from .config import ConfigError
+        from ..config import ConfigError
 
         try:
             cfg = from_dict(EncoderConfig, self.meta["encoder"], where=f"{self.path / META}: encoder")
@@ -184,19 +140,11 @@ def latest_snapshot(run: str | Path) -> Snapshot | None:
     return found[-1] if found else None
 
 
-def is_lora(model: torch.nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
 def snapshot_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters a snapshot of ``model`` saves (what ZeRO-3 must gather for it): a LoRA / DoRA
     student's adapter (its trainable parameters and every ``lora_`` / ``modules_to_save`` one), every
     parameter of a fully fine-tuned one."""
-    if not is_lora(model):
+    if not is_peft(model):
         return list(model.parameters())
     return [p for name, p in model.named_parameters() if _adapter_name(name, p)]
 
@@ -230,7 +178,7 @@ def capture_weights(model: torch.nn.Module) -> HostWeights:
     step's updates); :meth:`HostWeights.wait` waits for them, on the writer's thread."""
     state = model.state_dict()
     metadata = None
-    if is_lora(model):
+    if is_peft(model):
         kind = "lora"
         state = {k: v for k, v in state.items() if _adapter_name(k)} | \
             {k: state[k] for k, p in model.named_parameters() if p.requires_grad and k in state}
@@ -380,7 +328,7 @@ def snapshot_encoder(snapshot: Snapshot, student: EncoderConfig) -> EncoderConfi
     edited to name another model folder, or to ask for remote code, loads nothing. The LoRA shape (r,
     alpha, target modules) is the snapshot's: it describes the adapter file, and loading checks that the
     file fits it."""
-    from .encoder import resolve_model, settled
+    from ..encoder import resolve_model, settled
 
     recorded, want = snapshot.encoder_config, settled(student)
     if resolve_model(recorded.model) == resolve_model(want.model):  # only then is its folder read (settled)
