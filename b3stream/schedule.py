@@ -3,19 +3,19 @@
 A schedule is one epoch of global batches of example ids, optionally with B3++ hard negatives, plus
 metadata (strategy, p, m, K, |B|, h, seed, data fingerprint, source model and step, batch quality).
 
-File layout (``vNNNNNN.b3s``, little-endian)::
-
-    b"B3SCHED1\\n" | uint64 header length | header JSON | raw arrays
-
-The header lists each array's dtype, shape and byte offset, the metadata, and a SHA-256 over the metadata
-and the array bytes. A reader checks the header against this layout before it reads any array (bounded
-length and nesting, known arrays of int64 with consistent shapes and byte ranges, usable metadata types)
-and the ids against the data stamp's ``n``: whatever the bytes, a bad file is a :class:`ScheduleError`
-naming it, never another exception. Files are written under a temporary name and linked into place under a
-version number no other file has (:func:`publish_schedule`), so a reader never sees a half-written schedule and concurrent
-publishers never share a version; a file whose checksum fails is rejected and :func:`latest_schedule` falls
-back to the newest good version. The content is a pure function of the inputs and the seed (byte-identical
-reruns); wall-clock timings, which are not, go to a ``.json`` sidecar that :func:`load_schedule` merges into
+A schedule file (``vNNNNNN.b3s``) is a safetensors file: its tensors are the int64 arrays below, and its
+string metadata map holds one entry, ``"b3stream"``, a JSON object ``{"meta": ..., "sha256": ...}``: the
+metadata and a SHA-256 over the metadata and the array bytes. safetensors parses and checks the container
+(header length, JSON, dtypes, shapes against byte ranges, ranges inside the file and neither overlapping nor
+leaving gaps); what is ours is checked here: the array names and ranks, the metadata's schema, the checksum,
+and the ids against the data stamp's ``n``. Whatever the bytes, a bad file is a :class:`ScheduleError` naming
+it, never another exception; a file of the old ``B3SCHED1`` container is refused with a request to re-mine it.
+Files are written under a temporary name and linked into place under a version number no other file has
+(:func:`publish_schedule`), so a reader never sees a half-written schedule and concurrent publishers never
+share a version; a file whose checksum fails is rejected and :func:`latest_schedule_path` falls back to the
+newest good version. The content is a pure function of the inputs and the seed (byte-identical reruns:
+safetensors writes the tensors sorted by name, and the metadata map has a single key, whose order cannot
+vary); wall-clock timings, which are not, go to a ``.json`` sidecar that :func:`load_schedule` merges into
 ``meta["timings"]``.
 
 Batches are stored flat (``ids``) with ``offsets`` (batch b is ``ids[offsets[b]:offsets[b+1]]``), laid out
@@ -33,17 +33,22 @@ import json
 import re
 import os
 import secrets
-import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
+from safetensors import safe_open
+from safetensors.numpy import save
 
 from .files import sweep_temps, tmp_name, write_json
+from .records import Count, Record, RecordError, parse_record
 
-MAGIC = b"B3SCHED1\n"
+OLD_MAGIC = b"B3SCHED1"  # the container schedules had before they were safetensors files
+META_KEY = "b3stream"  # the one entry of the safetensors metadata map
 SUFFIX = ".b3s"
 _VERSION_RE = re.compile(r"^v(\d{6})\.b3s$")
 
@@ -160,44 +165,64 @@ class Schedule:
             arrays["hard_negatives"] = self.negatives
         if self.batch_task is not None:
             arrays["batch_task"] = self.batch_task
-        # Sorted by name: the header's JSON lists them sorted, and the checksum follows that order.
-        return {k: np.ascontiguousarray(arrays[k].astype("<i8")) for k in sorted(arrays)}
+        # Sorted by name, the order safetensors lays them out in and the checksum follows; no copy when they
+        # are int64 already (they are, see __post_init__).
+        return {k: np.ascontiguousarray(arrays[k], dtype="<i8") for k in sorted(arrays)}
 
     def to_bytes(self) -> bytes:
         arrays = self._arrays()
         meta = {k: v for k, v in self.meta.items() if k != "timings"}
-        meta_json = json.dumps(meta, sort_keys=True, separators=(",", ":"))
-        digest = hashlib.sha256(meta_json.encode())
-        table, offset = {}, 0
-        for name, arr in arrays.items():
-            table[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
-                           "nbytes": arr.nbytes}
-            offset += arr.nbytes
-            digest.update(arr.tobytes())
-        header = json.dumps({"meta": meta, "arrays": table, "sha256": digest.hexdigest()},
-                            sort_keys=True, separators=(",", ":")).encode()
-        return MAGIC + struct.pack("<Q", len(header)) + header + b"".join(a.tobytes() for a in arrays.values())
+        entry = {"meta": meta, "sha256": _checksum(_canonical(meta), arrays)}
+        return save(arrays, metadata={META_KEY: _canonical(entry)})
 
 
-# -- reading: the header is checked against the format before any array is touched ------------------------
+# -- reading: safetensors checks the container, we check what is ours before any array is read -----------
 
-_MAX_HEADER = 64 << 20  # bytes; a real header (metadata + three array specs) is a few KiB
-_MAX_DEPTH = 32  # nesting of the header JSON; the writer's deepest is about 4
-_DTYPE = "<i8"  # what :meth:`Schedule._arrays` writes, whatever the machine
+_MAX_DEPTH = 32  # nesting of the metadata JSON; the writer's deepest is about 4
 _ARRAY_RANK = {"batch_task": 1, "hard_negatives": 2, "ids": 1, "offsets": 1}  # ids and offsets are required
-# Metadata the loader and trainer compute with: each is absent, null, or an int of at least this value.
-_META_INTS = {"version": 0, "batch_size": 1, "K": 1, "h": 0, "p": 0, "m": 0, "n": 0, "num_batches": 0,
-              "seed": None, "source_step": None}
-_META_DICTS = ("data", "quality", "quality_previous")
+_REMINE = "b3stream mine schedule --config CONFIG"  # the stage that writes schedules; the others are reused
 
 
-def _is_int(value, minimum=None) -> bool:
-    """An int (not a bool, which JSON would give as true/false) no smaller than ``minimum``."""
-    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+class _Stamp(Record):
+    n: Count | None = None
+
+
+class ScheduleMeta(Record):
+    """The metadata fields the loader and trainer compute with: each absent, null, or of this type and range
+    (strict: ``"7"`` is no version, ``true`` no K). Other fields are the miner's notes and pass unchecked."""
+
+    version: Count | None = None
+    batch_size: Annotated[int, Field(ge=1)] | None = None
+    K: Annotated[int, Field(ge=1)] | None = None
+    h: Count | None = None
+    p: Count | None = None
+    m: Count | None = None
+    n: Count | None = None
+    num_batches: Count | None = None
+    seed: int | None = None
+    source_step: int | None = None
+    data: _Stamp | None = None
+    quality: dict | None = None
+    quality_previous: dict | None = None
+    strategy: str | None = None
+    source_model: str | None = None
+
+
+def _canonical(value) -> str:
+    """The one JSON text of ``value`` (sorted keys, no spaces): what is stored and what is checksummed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _checksum(meta_json: str, arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the metadata's canonical JSON and the arrays' little-endian bytes, in name order."""
+    digest = hashlib.sha256(meta_json.encode())
+    for name in sorted(arrays):
+        digest.update(np.ascontiguousarray(arrays[name], dtype="<i8"))  # a view, not a copy, on x86 and ARM
+    return digest.hexdigest()
 
 
 def _depth_ok(value, limit: int) -> bool:
-    """Whether ``value`` nests lists/dicts at most ``limit`` deep; iterative, so a crafted header cannot
+    """Whether ``value`` nests lists/dicts at most ``limit`` deep; iterative, so a crafted file cannot
     exhaust the stack here either."""
     stack = [(value, 1)]
     while stack:
@@ -209,96 +234,69 @@ def _depth_ok(value, limit: int) -> bool:
     return True
 
 
-def _read_header(data: bytes, where: str) -> tuple[dict, memoryview]:
-    """The header JSON and the body after it. Bounded: a header length beyond the file or the cap, and
-    nesting beyond what Python's parser survives (it raises RecursionError), are a corrupt file."""
-    if not data.startswith(MAGIC):
-        raise ScheduleError(f"{where}: not a b3stream schedule (bad magic)")
-    start = len(MAGIC) + 8
-    if len(data) < start:
-        raise ScheduleError(f"{where}: truncated (no header length)")
-    (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
-    if hlen > len(data) - start:
-        raise ScheduleError(f"{where}: truncated (header of {hlen} bytes, {len(data) - start} left in the file)")
-    if hlen > _MAX_HEADER:
-        raise ScheduleError(f"{where}: corrupt header (length {hlen} bytes, above the {_MAX_HEADER} cap)")
-    try:
-        header = json.loads(data[start : start + hlen])
-    except RecursionError:
-        raise ScheduleError(f"{where}: corrupt header (JSON nested too deeply)") from None
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise ScheduleError(f"{where}: corrupt header ({e})") from None
-    if not _depth_ok(header, _MAX_DEPTH):
-        raise ScheduleError(f"{where}: corrupt header (JSON nested deeper than {_MAX_DEPTH} levels)")
-    return header, memoryview(data)[start + hlen :]
-
-
-def _check_header(header, body_size: int, where: str) -> None:
-    """Refuse a header that is not what :meth:`Schedule.to_bytes` writes: its keys and their types, the
-    array table (known names, int64 little-endian, shapes of the right rank, byte ranges that match the
-    shapes and lie back to back in name order, filling the body exactly), the metadata fields the trainer
-    computes with, and the checksum's form."""
-    def bad(problem: str) -> ScheduleError:
-        return ScheduleError(f"{where}: corrupt header ({problem})")
-
-    if not isinstance(header, dict) or set(header) != {"arrays", "meta", "sha256"}:
-        raise bad("expected an object with exactly the keys arrays, meta, sha256")
-    if not isinstance(header["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", header["sha256"]):
-        raise bad("sha256 is not 64 hex digits")
-    _check_meta(header["meta"], bad)
-    arrays = header["arrays"]
-    if not isinstance(arrays, dict) or not {"ids", "offsets"} <= set(arrays) <= set(_ARRAY_RANK):
-        raise bad(f"arrays must name ids, offsets and optionally hard_negatives and batch_task, got {_shown(arrays)}")
-    offset = 0
-    for name in sorted(arrays):
-        _check_array(name, arrays[name], offset, bad)
-        offset += arrays[name]["nbytes"]
-    if offset > body_size:
-        raise ScheduleError(f"{where}: truncated (the arrays need {offset} bytes, {body_size} present)")
-    if offset < body_size:
-        raise bad(f"the arrays take {offset} bytes but {body_size} follow the header")
-
-
-def _check_array(name: str, spec, offset: int, bad) -> None:
-    """One entry of the array table: dtype, shape of the right rank, and a byte range where the writer
-    puts it (``offset``: right after the previous array)."""
-    if not isinstance(spec, dict) or set(spec) != {"dtype", "nbytes", "offset", "shape"}:
-        raise bad(f"array {name!r}: expected dtype, shape, offset, nbytes, got {_shown(spec)}")
-    if spec["dtype"] != _DTYPE:
-        raise bad(f"array {name!r}: dtype {_shown(spec['dtype'])}, expected {_DTYPE!r}")
-    shape = spec["shape"]
-    if not isinstance(shape, list) or len(shape) != _ARRAY_RANK[name] or not all(_is_int(d, 0) for d in shape):
-        raise bad(f"array {name!r}: shape {_shown(shape)} is not {_ARRAY_RANK[name]} non-negative integers")
-    if not _is_int(spec["offset"]) or spec["offset"] != offset:
-        raise bad(f"array {name!r}: at byte {_shown(spec['offset'])} of the body, expected {offset}")
-    size = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPE).itemsize
-    if not _is_int(spec["nbytes"]) or spec["nbytes"] != size:
-        raise bad(f"array {name!r}: nbytes {_shown(spec['nbytes'])} does not match shape {shape} ({size})")
-
-
-def _check_meta(meta, bad) -> None:
-    """The metadata is an object, and the fields code computes with have usable types."""
-    if not isinstance(meta, dict):
-        raise bad(f"meta must be an object, got {_shown(meta)}")
-    for key, minimum in _META_INTS.items():
-        if meta.get(key) is not None and not _is_int(meta[key], minimum):
-            need = "an integer" if minimum is None else f"an integer >= {minimum}"
-            raise bad(f"meta {key!r} is {_shown(meta[key])}, expected {need}")
-    for key in _META_DICTS:
-        if meta.get(key) is not None and not isinstance(meta[key], dict):
-            raise bad(f"meta {key!r} is {_shown(meta[key])}, expected an object")
-    n = (meta.get("data") or {}).get("n")
-    if n is not None and not _is_int(n, 0):
-        raise bad(f"meta data 'n' is {_shown(n)}, expected a non-negative integer")
-    for key in ("strategy", "source_model"):
-        if meta.get(key) is not None and not isinstance(meta[key], str):
-            raise bad(f"meta {key!r} is {_shown(meta[key])}, expected text")
-
-
 def _shown(value, limit: int = 60) -> str:
-    """``repr`` cut short: a crafted header may hold megabytes."""
+    """``repr`` cut short: a crafted file may hold megabytes."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _stored_entry(stored: dict | None, where: str) -> tuple[dict, str]:
+    """The metadata and the checksum of the ``"b3stream"`` entry, checked: an object of exactly those two
+    keys, bounded nesting, a checksum of 64 hex digits and metadata that fits :class:`ScheduleMeta`."""
+    text = (stored or {}).get(META_KEY)
+    if text is None:
+        raise ScheduleError(f"{where}: a safetensors file without the {META_KEY!r} metadata; not a b3stream "
+                            "schedule")
+    try:
+        entry = json.loads(text)
+    except RecursionError:
+        raise ScheduleError(f"{where}: corrupt metadata (JSON nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError
+        raise ScheduleError(f"{where}: corrupt metadata ({e})") from None
+    if not _depth_ok(entry, _MAX_DEPTH):
+        raise ScheduleError(f"{where}: corrupt metadata (JSON nested deeper than {_MAX_DEPTH} levels)")
+    if not isinstance(entry, dict) or set(entry) != {"meta", "sha256"}:
+        raise ScheduleError(f"{where}: corrupt metadata (expected an object with exactly the keys meta, sha256, "
+                            f"got {_shown(entry)})")
+    if not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+        raise ScheduleError(f"{where}: corrupt metadata (sha256 is not 64 hex digits)")
+    try:
+        parse_record(entry["meta"], ScheduleMeta, where)
+    except RecordError as e:
+        raise ScheduleError(str(e)) from None
+    return entry["meta"], entry["sha256"]
+
+
+def _layout(f, where: str) -> list[tuple[str, list[int]]]:
+    """Each array's name and shape in the order of the file, checked for name, dtype and rank (safetensors
+    has checked the rest: shapes that match the byte ranges, ranges back to back from the start of the data
+    to the end of the file, no overlap, no gap)."""
+    names = set(f.keys())
+    if not {"ids", "offsets"} <= names <= set(_ARRAY_RANK):
+        raise ScheduleError(f"{where}: arrays must be ids, offsets and optionally hard_negatives and batch_task, "
+                            f"got {_shown(sorted(names))}")
+    layout = []
+    for name in f.offset_keys():
+        spec = f.get_slice(name)
+        if spec.get_dtype() != "I64":
+            raise ScheduleError(f"{where}: array {name!r} is {_shown(spec.get_dtype())}, expected I64 (int64)")
+        if len(spec.get_shape()) != _ARRAY_RANK[name]:
+            raise ScheduleError(f"{where}: array {name!r} has shape {_shown(spec.get_shape())}, expected "
+                                f"{_ARRAY_RANK[name]} dimension(s)")
+        layout.append((name, spec.get_shape()))
+    return layout
+
+
+def _read_arrays(file, start: int, layout, where: str) -> dict[str, np.ndarray]:
+    """The arrays of ``layout``, read straight into arrays of their own from byte ``start`` on: one copy of the
+    data in memory and no more (safetensors' own loaders hold the file's pages or a buffer beside it)."""
+    file.seek(start)
+    arrays = {}
+    for name, shape in layout:
+        arrays[name] = np.empty(shape, dtype="<i8")
+        if file.readinto(arrays[name].reshape(-1).view(np.uint8)) != arrays[name].nbytes:  # buffered: all of it
+            raise ScheduleError(f"{where}: truncated while it was read (array {name!r})")
+    return arrays
 
 
 def _check_ids(arrays: dict[str, np.ndarray], n: int | None, where: str) -> None:
@@ -315,20 +313,30 @@ def _check_ids(arrays: dict[str, np.ndarray], n: int | None, where: str) -> None
                                 f"(e.g. {int(arr[outside].flat[0])})")
 
 
-def _parse(data: bytes, where: str) -> Schedule:
-    """Bytes -> Schedule. Every way a file can be wrong (foreign, truncated, crafted, corrupt) is a
-    :class:`ScheduleError` naming ``where``; nothing else escapes, whatever the bytes."""
-    header, body = _read_header(data, where)
-    _check_header(header, len(body), where)
-    meta = header["meta"]
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
-    arrays = {}
-    for name in sorted(header["arrays"]):
-        spec = header["arrays"][name]
-        raw = body[spec["offset"] : spec["offset"] + spec["nbytes"]]
-        digest.update(raw)
-        arrays[name] = np.frombuffer(raw, dtype=np.dtype(_DTYPE)).reshape(spec["shape"])
-    if digest.hexdigest() != header["sha256"]:
+def _read(path: Path, where: str) -> Schedule:
+    """A schedule file -> Schedule. Every way a file can be wrong (old format, foreign, truncated, crafted,
+    corrupt) is a :class:`ScheduleError` naming ``where``; nothing else escapes, whatever the bytes.
+
+    safetensors parses and checks the header (it reads no array here); the arrays are then read from our own
+    handle on the file, which must be the file safetensors opened: a publisher's ``overwrite`` may put another
+    file under the name meanwhile."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)  # safetensors' header length, or the start of the old container's magic
+            if head == OLD_MAGIC:
+                raise ScheduleError(f"{where}: a schedule of the old format (B3SCHED1), which this b3stream no "
+                                    f"longer reads; re-mine it: {_REMINE}")
+            with safe_open(path, framework="numpy", backend="pread") as f:
+                meta, sha256 = _stored_entry(f.metadata(), where)
+                layout = _layout(f, where)
+            if not os.path.samestat(os.fstat(file.fileno()), os.stat(path)):
+                raise ScheduleError(f"{where}: replaced while it was read")
+            arrays = _read_arrays(file, 8 + int.from_bytes(head, "little"), layout, where)
+    except (ScheduleError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 (safetensors' SafetensorError, an OSError, whatever a crafted file finds)
+        raise ScheduleError(f"{where}: not a readable safetensors file ({str(e)[:200]})") from None
+    if _checksum(_canonical(meta), arrays) != sha256:
         raise ScheduleError(f"{where}: checksum mismatch; the file is corrupt")
     _check_ids(arrays, (meta.get("data") or {}).get("n"), where)
     try:
@@ -361,13 +369,13 @@ def load_schedule(path: str | Path, expect: dict | None = None) -> Schedule:
     """
     path = Path(path)
     if path.is_dir():
-        found = latest_schedule(path)
+        found = latest_schedule_path(path)
         if found is None:
             raise ScheduleError(f"{path}: holds no valid schedule")
         path = found
     if not path.is_file():
         raise ScheduleError(f"{path}: schedule file does not exist")
-    sched = _parse(path.read_bytes(), str(path))
+    sched = _read(path, str(path))
     sched.path = path
     side = sidecar(path)
     if side.is_file():
@@ -393,8 +401,8 @@ def list_versions(folder: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_RE.match(p.name)))
 
 
-def newest_schedule(folder: str | Path, expect: dict | None = None, above: int | None = None,
-                    below: int | None = None, skip=(), on_reject=None, check=None) -> Schedule | None:
+def load_newest_schedule(folder: str | Path, expect: dict | None = None, above: int | None = None,
+                         below: int | None = None, skip=(), on_reject=None, check=None) -> Schedule | None:
     """The newest schedule in ``folder`` that loads (checksum, and the data stamp ``expect`` when given),
     with a version in (``above``, ``below``) and not in ``skip``; None if there is none. ``check(schedule)``,
     if given, may refuse a schedule that loads by raising. ``on_reject(version, error)`` hears of every newer
@@ -419,12 +427,12 @@ def newest_schedule(folder: str | Path, expect: dict | None = None, above: int |
     return None
 
 
-def latest_schedule(folder: str | Path) -> Path | None:
+def latest_schedule_path(folder: str | Path) -> Path | None:
     """The newest schedule in ``folder`` that verifies; corrupt newer ones are skipped with a warning."""
     def warn(version, error):
         warnings.warn(f"skipping schedule {version_path(folder, version)}: {error}", stacklevel=3)
 
-    found = newest_schedule(folder, on_reject=warn)
+    found = load_newest_schedule(folder, on_reject=warn)
     return found.path if found is not None else None
 
 

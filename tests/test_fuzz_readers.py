@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.numpy import save
 
 from b3stream.config import ConfigError, MineConfig, RefreshConfig, TrainConfig, load_config
 from b3stream.data.manifest import DataError, Manifest
@@ -28,7 +30,7 @@ from b3stream.records import (Lease, MinerStatus, RecordError, RunMarker, Sideca
                               read_record)
 from b3stream.refresh.drift import Probe
 from b3stream.refresh.miner import read_settings
-from b3stream.schedule import Schedule, ScheduleError, _parse
+from b3stream.schedule import META_KEY, Schedule, ScheduleError, load_schedule
 from b3stream.run_paths import RunPaths
 from b3stream.refresh.snapshot import SnapshotError, list_snapshots, pinned_steps, read_snapshot
 from b3stream.train import run_folder
@@ -263,20 +265,46 @@ def test_the_valid_examples_are_valid():
 # -- schedules and shard members ---------------------------------------------------------------------------
 
 
-def _valid_schedule(meta: dict | None = None, h: int = 2) -> bytes:
+def _valid_arrays(h: int = 2) -> dict[str, np.ndarray]:
     batches = [np.arange(0, 4), np.arange(4, 8), np.arange(8, 10)]
     negs = [np.full((len(b), h), 9 - b[0], np.int64) for b in batches] if h else None
+    return Schedule.from_batches(batches, {}, negs, batch_task=np.zeros(3, np.int64))._arrays()
+
+
+def _valid_schedule(meta: dict | None = None, h: int = 2, arrays: dict | None = None) -> bytes:
+    arrays = arrays if arrays is not None else _valid_arrays(h)
     meta = meta if meta is not None else {"strategy": "b3pp", "K": 2, "batch_size": 4, "h": h, "data": STAMP,
                                           "version": 0}
-    return Schedule.from_batches(batches, meta, negs, batch_task=np.zeros(3, np.int64)).to_bytes()
+    return Schedule(ids=arrays["ids"], offsets=arrays["offsets"], meta=meta, negatives=arrays.get("hard_negatives"),
+                    batch_task=arrays.get("batch_task")).to_bytes()
+
+
+def _metadata_of(data: bytes) -> dict:
+    """The safetensors metadata map of a schedule file's bytes."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "v.b3s").write_bytes(data)
+        with safe_open(Path(folder) / "v.b3s", framework="numpy") as f:
+            return f.metadata()
+
+
+# A crafted safetensors tensor table: any names, dtypes, shapes and byte ranges (overlapping, out of range).
+tensor_tables = st.dictionaries(
+    st.sampled_from(["ids", "offsets", "hard_negatives", "batch_task", "weights", "__metadata__"]),
+    st.fixed_dictionaries({"dtype": st.sampled_from(["I64", "I32", "F64", "U8", "BOOL", "X"]) | json_values,
+                           "shape": st.lists(st.integers(-1, 12), max_size=3) | json_values,
+                           "data_offsets": st.lists(st.integers(-8, 200) | st.just(2**64 + 8), min_size=2,
+                                                    max_size=2) | json_values}),
+    max_size=4)
 
 
 @st.composite
 def schedule_bytes(draw):
     valid = _valid_schedule()
-    how = draw(st.sampled_from(["flip", "cut", "splice", "meta", "raw"]))
+    how = draw(st.sampled_from(["flip", "cut", "splice", "table", "entry", "arrays", "ids", "meta", "raw", "old"]))
     if how == "raw":
         return draw(st.binary(max_size=400))
+    if how == "old":  # the container before safetensors
+        return b"B3SCHED1\n" + draw(st.binary(max_size=64))
     if how == "cut":
         return valid[: draw(st.integers(0, len(valid)))]
     if how == "flip":
@@ -285,10 +313,27 @@ def schedule_bytes(draw):
             i = draw(st.integers(0, len(data) - 1))
             data[i] = draw(st.integers(0, 255))
         return bytes(data)
-    if how == "splice":  # a crafted header: the magic, a length, any JSON
-        header = draw(json_values.map(dumps))
-        length = draw(st.sampled_from([len(header), 0, 2**64 - 1, len(header) + 7]))
-        return b"B3SCHED1\n" + length.to_bytes(8, "little") + header + draw(st.binary(max_size=64))
+    if how in ("splice", "table"):  # a crafted header: a length (maybe huge), any JSON or a tensor table
+        header = dumps(draw(json_values if how == "splice" else tensor_tables))
+        length = draw(st.sampled_from([len(header), 0, 2**64 - 1, 2**40, len(header) + 7]))
+        return length.to_bytes(8, "little") + header + draw(st.binary(max_size=200))
+    if how == "entry":  # safetensors' own writer, our metadata entry any JSON or text (or missing)
+        text = draw(json_values.map(json.dumps) | st.text(max_size=40) | st.none())
+        return save(_valid_arrays(), metadata=None if text is None else {META_KEY: text})
+    if how == "arrays":  # a valid entry over arrays of other names, dtypes or ranks
+        arrays = _valid_arrays()
+        name = draw(st.sampled_from(["ids", "offsets", "hard_negatives", "batch_task", "weights"]))
+        dtype = draw(st.sampled_from([np.int64, np.int32, np.float64, np.uint8]))
+        shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        arrays[name] = np.zeros(shape, dtype)
+        return save(arrays, metadata=_metadata_of(valid))
+    if how == "ids":  # ids and hard negatives anywhere, checksum recomputed: what reaches the range checks
+        arrays = _valid_arrays()
+        for name in ("ids", "hard_negatives"):
+            flat = arrays[name].reshape(-1).copy()
+            flat[draw(st.integers(0, len(flat) - 1))] = draw(st.integers(-2**63, 2**63 - 1))
+            arrays[name] = flat.reshape(arrays[name].shape)
+        return _valid_schedule(arrays=arrays)
     meta = json.loads(dumps({"strategy": "b3pp", "K": 2, "batch_size": 4, "h": 2, "data": STAMP, "version": 0}))
     key = draw(st.sampled_from(sorted(meta)))
     meta[key] = draw(json_values)
@@ -299,12 +344,17 @@ def schedule_bytes(draw):
 
 
 def _check_schedule(data: bytes) -> None:
-    try:
-        sched = _parse(data, "crafted.b3s")
-    except ScheduleError as e:
-        assert "crafted.b3s" in str(e)
-        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "crafted.b3s"
+        path.write_bytes(data)
+        try:
+            sched = load_schedule(path)
+        except ScheduleError as e:
+            assert str(e).startswith(f"{path}: ")
+            return
     assert sched.offsets[0] == 0 and sched.offsets[-1] == len(sched.ids)
+    n = (sched.meta.get("data") or {}).get("n")
+    assert (sched.ids >= 0).all() and (n is None or (sched.ids < n).all())
     sched.batch_size, sched.version  # the fields the trainer computes with are usable
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save
 
 from b3stream.data.manifest import Manifest
-from b3stream.schedule import MAGIC, Schedule, load_schedule, version_path
+from b3stream.schedule import META_KEY, Schedule, load_schedule, version_path
 from b3stream.dist import DistInfo
 from b3stream.refresh.swap import swap
 from b3stream.train.sampler import ScheduleSampler
@@ -80,15 +82,12 @@ def test_sampler_state_keeps_the_swap_history():
 
 
 def _with_header(good: Path, change) -> bytes:
-    """The bytes of the schedule file ``good`` with ``change(header)`` applied to its header (the
-    checksum is then stale, but a header that does not fit the format is refused before that matters)."""
-    data = good.read_bytes()
-    (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
-    start = len(MAGIC) + 8
-    header = json.loads(data[start : start + hlen])
-    change(header)
-    raw = json.dumps(header).encode()
-    return MAGIC + struct.pack("<Q", len(raw)) + raw + data[start + hlen :]
+    """The bytes of the schedule file ``good`` with ``change(entry)`` applied to its metadata entry (the
+    checksum is then stale, but metadata that does not fit the format is refused before that matters)."""
+    with safe_open(good, framework="numpy") as f:
+        arrays, entry = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[META_KEY])
+    change(entry)
+    return save(arrays, metadata={META_KEY: json.dumps(entry)})
 
 
 def _with_ids(good: Path, version: int, change) -> bytes:
@@ -111,9 +110,9 @@ def test_the_watcher_skips_any_bad_newer_version_and_training_goes_on(tmp_path, 
     n = manifest.split("train").n
     first = random_schedule(toy_dataset, batch_size=16, K=4, seed=0, folder=folder, version=0)
     crafted = {  # version -> (bytes dropped into the folder, what the message names)
-        1: (_with_header(first, lambda h: h.update(arrays=[])), "arrays must name"),
-        2: (_with_header(first, lambda h: h.update(meta=[1, 2])), "meta must be an object"),
-        3: (MAGIC + struct.pack("<Q", 400_000) + b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        1: (_with_header(first, lambda h: h.update(sha256=[])), "sha256 is not 64 hex digits"),
+        2: (_with_header(first, lambda h: h.update(meta=[1, 2])), "Input should be a valid dictionary"),
+        3: (struct.pack("<Q", 400_000) + b"[" * 200_000 + b"]" * 200_000, "not a readable safetensors file"),
         4: (_with_ids(first, 4, lambda ids: ids.__setitem__(0, -5)), r"1 ids outside 0\.\.\d+ \(e\.g\. -5\)"),
         5: (_with_ids(first, 5, lambda ids: ids.__setitem__(0, 10**6)), r"1 ids outside 0\.\.\d+ \(e\.g\. 1000000\)"),
         6: (_with_ids(first, 6, lambda ids: ids.__setitem__(0, ids[1])), "1 missing, 1 repeated"),  # swap would fail

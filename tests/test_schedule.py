@@ -4,15 +4,21 @@ import json
 import multiprocessing as mp
 import os
 import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save
 
 from b3stream import load_schedule
 from b3stream.cli import main
 from b3stream.schedule import (
-    MAGIC, Schedule, ScheduleError, VersionExistsError, latest_schedule, list_versions, publish_schedule, sidecar,
-    version_path,
+    META_KEY, OLD_MAGIC, Schedule, ScheduleError, VersionExistsError, latest_schedule_path, list_versions,
+    publish_schedule, sidecar, version_path,
 )
 
 STAMP = {"dataset": "toy", "split": "train", "n": 12, "fingerprint": "ab" * 32}
@@ -54,6 +60,47 @@ def test_versions_and_byte_identical_content(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_the_file_is_a_safetensors_file_and_every_array_round_trips(tmp_path):
+    s = _schedule(h=2)
+    s.batch_task = np.array([0, -1, 1])
+    path = publish_schedule(s, tmp_path)
+    plain = load_file(path)  # any safetensors reader reads it
+    assert sorted(plain) == ["batch_task", "hard_negatives", "ids", "offsets"]
+    assert plain["ids"].tolist() == s.ids.tolist() and plain["hard_negatives"].shape == (12, 2)
+    back = load_schedule(path)
+    for name in ("ids", "offsets", "negatives", "batch_task"):
+        assert np.array_equal(getattr(back, name), getattr(s, name)), name
+    with safe_open(path, framework="numpy") as f:
+        entry = json.loads(f.metadata()[META_KEY])
+    assert set(entry) == {"meta", "sha256"} and entry["meta"]["seed"] == 0 and "timings" not in entry["meta"]
+
+
+def test_empty_arrays_round_trip(tmp_path):
+    # no batches at all, and hard negatives with h = 0: zero-byte tensors are valid safetensors
+    empty = load_schedule(publish_schedule(Schedule.from_batches([]), tmp_path))
+    assert empty.ids.shape == (0,) and empty.offsets.tolist() == [0]
+    s = _schedule(h=None)
+    s.negatives = np.zeros((12, 0), np.int64)
+    back = load_schedule(publish_schedule(s, tmp_path))
+    assert back.negatives.shape == (12, 0) and back.ids.tolist() == s.ids.tolist()
+
+
+def _publish_elsewhere(folder) -> bytes:
+    """The bytes of ``_schedule(seed=1, h=2)`` published by a fresh interpreter (its own hash seeds)."""
+    code = ("import sys; from tests.test_schedule import _schedule; from b3stream.schedule import publish_schedule;"
+            "print(publish_schedule(_schedule(seed=1, h=2), sys.argv[1], version=0))")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=Path(__file__).resolve().parents[1],
+                         check=True, capture_output=True, text=True).stdout
+    return Path(out.strip()).read_bytes()
+
+
+def test_republishing_is_byte_identical_across_processes(tmp_path):
+    here = publish_schedule(_schedule(seed=1, h=2), tmp_path / "here", version=0).read_bytes()
+    assert _publish_elsewhere(tmp_path / "a") == here
+    assert _publish_elsewhere(tmp_path / "b") == here
+    assert publish_schedule(_schedule(seed=2, h=2), tmp_path / "c", version=0).read_bytes() != here
+
+
 def test_corrupt_schedule_rejected_and_last_good_kept(tmp_path):
     publish_schedule(_schedule(seed=0), tmp_path)
     bad = publish_schedule(_schedule(seed=1), tmp_path)
@@ -63,9 +110,9 @@ def test_corrupt_schedule_rejected_and_last_good_kept(tmp_path):
     with pytest.raises(ScheduleError, match="checksum mismatch"):
         load_schedule(bad)
     with pytest.warns(UserWarning, match="skipping schedule"):
-        assert latest_schedule(tmp_path) == version_path(tmp_path, 0)
+        assert latest_schedule_path(tmp_path) == version_path(tmp_path, 0)
     bad.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(ScheduleError, match="truncated|corrupt"):
+    with pytest.raises(ScheduleError, match="not a readable safetensors file"):
         load_schedule(bad)
     with pytest.warns(UserWarning):
         assert load_schedule(tmp_path).version == 0
@@ -159,75 +206,93 @@ def test_a_failed_publish_leaves_no_sidecar_and_orphans_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v000009.b3s", "v000009.json"]
 
 
-# -- crafted files: every failure is a ScheduleError naming the file (issue 19, item 5) -------------------
+# -- crafted files: every failure is a ScheduleError naming the file (issue 19 item 5, issue 36 item 3) -------
 
 
-def _header_of(schedule: Schedule) -> tuple[dict, bytes]:
-    """The header dict and the array bytes of a real schedule file."""
-    data = schedule.to_bytes()
-    (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
-    start = len(MAGIC) + 8
-    return json.loads(data[start : start + hlen]), data[start + hlen :]
+def _parts_of(schedule: Schedule) -> tuple[dict, dict]:
+    """The arrays and the ``b3stream`` metadata entry (meta, sha256) of a real schedule file."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "s.b3s"
+        path.write_bytes(schedule.to_bytes())
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[META_KEY])
 
 
-def _craft(path, header, body: bytes = b"", length: int | None = None):
-    """A file with the real magic and ``header`` (a dict, or raw bytes) in place of the writer's."""
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    path.write_bytes(MAGIC + struct.pack("<Q", len(raw) if length is None else length) + raw + body)
-    return path
-
-
-def _edit(change):
-    """A crafted file: the header of a real schedule with ``change(header)`` applied, its body kept."""
+def _edit(change, entry_text=None):
+    """A crafted file: a real schedule's arrays and metadata entry with ``change(arrays, entry)`` applied,
+    written by safetensors itself (so only what is ours is wrong); ``entry_text`` replaces the entry's JSON."""
     def make(path):
-        header, body = _header_of(_schedule(h=2))
-        change(header)
-        return _craft(path, header, body)
+        arrays, entry = _parts_of(_schedule(h=2))
+        change(arrays, entry)
+        text = json.dumps(entry) if entry_text is None else entry_text
+        path.write_bytes(save(arrays, metadata=None if text is False else {META_KEY: text}))
+        return path
     return make
 
 
-def _set(keys, value):
-    def change(header):
-        d = header
-        for k in keys[:-1]:
-            d = d[k]
-        d[keys[-1]] = value
-    return change
+def _meta(key, value):
+    return _edit(lambda arrays, entry: entry["meta"].__setitem__(key, value))
 
 
+def _file(data: bytes):
+    def make(path):
+        path.write_bytes(data)
+        return path
+    return make
+
+
+def _raw(header: bytes, body: bytes = b"", length: int | None = None):
+    """A file in safetensors' framing (u64 little-endian header length, header, body) with any header."""
+    return _file(struct.pack("<Q", len(header) if length is None else length) + header + body)
+
+
+def _tensor_header(**tensors) -> bytes:
+    return json.dumps({name: {"dtype": "I64", "shape": [(end - start) // 8], "data_offsets": [start, end]}
+                       for name, (start, end) in tensors.items()}).encode()
+
+
+NOT_SAFETENSORS = "not a readable safetensors file"
 CRAFTED = {
-    "arrays is a list": (_edit(_set(["arrays"], [])), "arrays must name ids, offsets"),
-    "meta is a list": (_edit(_set(["meta"], [1, 2])), "meta must be an object"),
-    "200000 nested brackets": (lambda p: _craft(p, b"[" * 200_000 + b"]" * 200_000), "nested too deeply"),
-    "nested 100 deep": (lambda p: _craft(p, b'{"meta": ' + b"[" * 100 + b"]" * 100 + b"}"), "nested deeper"),
-    "header longer than the file": (lambda p: _craft(p, b"{}", length=1 << 40), "truncated"),
-    "header not JSON": (lambda p: _craft(p, b"\xff\xfe{"), "corrupt header"),
-    "no header length": (lambda p: p.write_bytes(MAGIC + b"\x01") and p, "truncated"),
-    "unknown array": (_edit(_set(["arrays", "weights"], {"dtype": "<i8", "shape": [0], "offset": 0, "nbytes": 0})),
-                      "arrays must name ids, offsets"),
-    "missing ids": (_edit(lambda h: h["arrays"].pop("ids")), "arrays must name ids, offsets"),
-    "float ids": (_edit(_set(["arrays", "ids", "dtype"], "<f8")), "dtype '<f8', expected '<i8'"),
-    "big-endian ids": (_edit(_set(["arrays", "ids", "dtype"], ">i8")), "dtype '>i8'"),
-    "ids of rank 2": (_edit(_set(["arrays", "ids", "shape"], [3, 4])), "is not 1 non-negative integers"),
-    "negative shape": (_edit(_set(["arrays", "offsets", "shape"], [-4])), "is not 1 non-negative integers"),
-    "shape as text": (_edit(_set(["arrays", "ids", "shape"], "12")), "is not 1 non-negative integers"),
-    "negatives of rank 1": (_edit(_set(["arrays", "hard_negatives", "shape"], [24])), "is not 2 non-negative"),
-    "nbytes off": (_edit(_set(["arrays", "ids", "nbytes"], 8)), "nbytes 8 does not match shape"),
-    "negative offset": (_edit(_set(["arrays", "ids", "offset"], -8)), "at byte -8 of the body"),
-    "overlapping arrays": (_edit(_set(["arrays", "offsets", "offset"], 0)), "at byte 0 of the body, expected"),
-    "array past the end": (_edit(_set(["arrays", "offsets", "shape"], [400])), "nbytes .* does not match"),
-    "sha256 a number": (_edit(_set(["sha256"], 5)), "sha256 is not 64 hex digits"),
-    "extra key": (_edit(_set(["more"], 1)), "exactly the keys arrays, meta, sha256"),
-    "version as text": (_edit(_set(["meta", "version"], "7")), "meta 'version' is '7', expected an integer"),
-    "batch size zero": (_edit(_set(["meta", "batch_size"], 0)), "meta 'batch_size' is 0"),
-    "data a list": (_edit(_set(["meta", "data"], [12])), "meta 'data' is \\[12\\], expected an object"),
-    "data n as text": (_edit(_set(["meta", "data", "n"], "12")), "meta data 'n' is '12'"),
-    "a header of null": (lambda p: _craft(p, b"null"), "exactly the keys arrays, meta, sha256"),
+    "old format": (_file(OLD_MAGIC + b"\n" + bytes(100)),
+                   r"schedule of the old format \(B3SCHED1\).*re-mine it: b3stream mine schedule"),
+    "random bytes": (_file(b"\x07garbage, not a schedule at all"), NOT_SAFETENSORS),
+    "empty file": (_file(b""), NOT_SAFETENSORS),
+    "huge header length": (_raw(b"{}", length=1 << 40), NOT_SAFETENSORS),
+    "header longer than the file": (_raw(b"{}", length=4096), NOT_SAFETENSORS),
+    "header not JSON": (_raw(b"\xff\xfe{   "), NOT_SAFETENSORS),
+    "200000 nested brackets": (_raw(b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"), NOT_SAFETENSORS),
+    "a header of null": (_raw(b"null    "), NOT_SAFETENSORS),
+    "offsets out of range": (_raw(_tensor_header(ids=(0, 80), offsets=(80, 96)), bytes(16)), NOT_SAFETENSORS),
+    "overlapping ranges": (_raw(_tensor_header(ids=(0, 16), offsets=(8, 24)), bytes(24)), NOT_SAFETENSORS),
+    "metadata not text": (_raw(b'{"__metadata__": {"b3stream": 5}}'), NOT_SAFETENSORS),
+    "float ids": (_edit(lambda a, e: a.__setitem__("ids", a["ids"].astype(np.float64))), "'ids' is 'F64', expected I64"),
+    "int32 offsets": (_edit(lambda a, e: a.__setitem__("offsets", a["offsets"].astype(np.int32))), "'I32', expected"),
+    "ids of rank 2": (_edit(lambda a, e: a.__setitem__("ids", a["ids"].reshape(3, 4))), "'ids' has shape \\[3, 4\\]"),
+    "negatives of rank 1": (_edit(lambda a, e: a.__setitem__("hard_negatives", a["hard_negatives"].ravel())),
+                            "'hard_negatives' has shape \\[24\\], expected 2 dimension"),
+    "unknown array": (_edit(lambda a, e: a.__setitem__("weights", np.zeros(2, np.int64))), "arrays must be ids, off"),
+    "missing ids": (_edit(lambda a, e: a.pop("ids")), "arrays must be ids, offsets"),
+    "no b3stream metadata": (_edit(lambda a, e: None, entry_text=False), "without the 'b3stream' metadata"),
+    "metadata not JSON": (_edit(lambda a, e: None, entry_text="{meta: 1"), "corrupt metadata \\(Expecting"),
+    "metadata nested 200000 deep": (_edit(lambda a, e: None, entry_text="[" * 200_000 + "]" * 200_000),
+                                    "nested too deeply"),
+    "metadata nested 100 deep": (_edit(lambda a, e: e["meta"].__setitem__("x", json.loads("[" * 100 + "]" * 100))),
+                                 "nested deeper than 32"),
+    "entry a list": (_edit(lambda a, e: None, entry_text="[1, 2]"), "exactly the keys meta, sha256"),
+    "extra key": (_edit(lambda a, e: e.__setitem__("more", 1)), "exactly the keys meta, sha256"),
+    "sha256 a number": (_edit(lambda a, e: e.__setitem__("sha256", 5)), "sha256 is not 64 hex digits"),
+    "meta a list": (_edit(lambda a, e: e.__setitem__("meta", [1, 2])), "top level: Input should be a valid dict"),
+    "version as text": (_meta("version", "7"), "version: Input should be a valid integer"),
+    "K a boolean": (_meta("K", True), "K: Input should be a valid integer"),
+    "batch size zero": (_meta("batch_size", 0), "batch_size: Input should be greater than or equal to 1"),
+    "data a list": (_meta("data", [12]), "data: Input should be a valid dictionary"),
+    "data n as text": (_meta("data", {**STAMP, "n": "12"}), "data.n: Input should be a valid integer"),
+    "strategy a number": (_meta("strategy", 3), "strategy: Input should be a valid string"),
 }
 
 
 @pytest.mark.parametrize("craft, message", CRAFTED.values(), ids=list(CRAFTED))
-def test_a_crafted_header_is_a_schedule_error_naming_the_file(tmp_path, capsys, craft, message):
+def test_a_crafted_file_is_a_schedule_error_naming_the_file(tmp_path, capsys, craft, message):
     path = craft(tmp_path / "v000001.b3s")
     with pytest.raises(ScheduleError, match=message) as err:
         load_schedule(path)
@@ -240,6 +305,12 @@ def test_a_crafted_header_is_a_schedule_error_naming_the_file(tmp_path, capsys, 
     publish_schedule(_schedule(seed=3), tmp_path, version=0)
     with pytest.warns(UserWarning, match=f"skipping schedule .*v000001.b3s: .*{message}"):
         assert load_schedule(tmp_path).version == 0
+
+
+def test_tampered_metadata_fails_the_checksum(tmp_path):
+    path = _edit(lambda arrays, entry: entry["meta"].__setitem__("seed", 5))(tmp_path / "v000000.b3s")
+    with pytest.raises(ScheduleError, match=rf"^{path}: checksum mismatch"):
+        load_schedule(path)
 
 
 def _checksummed(ids, stamp_n: int | None = 6, negatives=None) -> Schedule:

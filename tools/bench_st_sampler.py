@@ -122,10 +122,10 @@ def miner(args, ds, folder: Path):
 
 def initial_schedule(args, work: Path, ds) -> Path:
     """The static schedule, mined once from the starting model (cached)."""
-    from b3stream.schedule import latest_schedule
+    from b3stream.schedule import latest_schedule_path
 
     folder = work / "mine"
-    found = latest_schedule(folder / "schedules") if (folder / "schedules").is_dir() else None
+    found = latest_schedule_path(folder / "schedules") if (folder / "schedules").is_dir() else None
     if found is not None:
         return found
     t0 = time.perf_counter()

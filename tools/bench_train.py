@@ -75,14 +75,14 @@ def ensure_schedule(args, data: Path, batch_size: int) -> Path:
     if args.schedule:
         return Path(args.schedule)
     from b3stream.data.manifest import Manifest
-    from b3stream.schedule import Schedule, latest_schedule, load_schedule, publish_schedule
+    from b3stream.schedule import Schedule, latest_schedule_path, load_schedule, publish_schedule
 
     manifest = Manifest.load(data)
     folder = Path(args.out) / f"schedule-{batch_size}"
     stamp = manifest.stamp("train")
     if folder.is_dir():
         try:
-            if load_schedule(latest_schedule(folder)).meta.get("data") == stamp:
+            if load_schedule(latest_schedule_path(folder)).meta.get("data") == stamp:
                 return folder
         except Exception:  # noqa: BLE001 - anything unusable is rebuilt
             pass
