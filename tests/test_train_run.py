@@ -77,22 +77,68 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_with_dropout_on(resumed
 
 def test_summary_and_monitoring(resumed_run):
     s = resumed_run["summary"]
-    assert s["steps"] == 4 and s["ranks_in_sync"] is True and s["examples_per_s"] > 0
+    assert s["steps"] == 4 and s["ranks_in_sync"] is True
     assert set(s["eval"]) == {"after"}  # a resumed run does not re-run the zero-shot evaluation
-    for key in ("ndcg@10", "mrr@10", "recall@1", "recall@10"):
-        assert 0.0 <= s["eval"]["after"][key] <= 1.0
+    assert s["eval"]["after"]["queries"] == 24
     assert list((resumed_run["root"] / "run" / "tb").glob("events.out.tfevents.*"))
     assert "step 4/4" in resumed_run["second"].stderr and "ex/s" in resumed_run["second"].stderr
 
 
-def test_sentence_transformers_export_matches_our_encoder(resumed_run):
-    """The exported folder, loaded by sentence-transformers offline, embeds like b3stream's encoder with the
-    trained adapter (and like the merged model loaded through our encoder)."""
+def infonce_of_batches(encoder, data, batches: list[list[int]], tau: float) -> float:
+    """The mean in-batch InfoNCE (query -> positive, the other members' positives as negatives) of ``batches``
+    of train ids under ``encoder``, in plain numpy from the embeddings (not the trainer's loss code)."""
+    from b3stream.data.manifest import Manifest
+    from b3stream.data.reader import ShardedDataset
+
+    manifest = Manifest.load(data)
+    records = ShardedDataset(data, "train", manifest=manifest)
+    losses = []
+    for ids in batches:
+        rows = [records[i] for i in ids]
+        q = encoder.encode([manifest.prompted(r, "query") for r in rows], "query").astype(np.float64)
+        d = encoder.encode([manifest.prompted(r, "positive") for r in rows], "positive").astype(np.float64)
+        logits = q @ d.T / tau
+        top = logits.max(1, keepdims=True)
+        losses.append(np.mean(top[:, 0] + np.log(np.exp(logits - top).sum(1)) - np.diag(logits)))
+    return float(np.mean(losses))
+
+
+@pytest.fixture(scope="module")
+def trained_and_base(resumed_run):
+    """b3stream's encoder with the run's exported adapter, and the untrained model (built once for the tests
+    below: each load is a few seconds on two cores)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    from sentence_transformers import SentenceTransformer
 
     from b3stream.config import EncoderConfig, LoraConfig
+    from b3stream.encoder import Encoder
+
+    trained = Encoder(EncoderConfig(**{**STUDENT, "lora": LoraConfig(r=4, alpha=8)}), trainable=True)
+    set_peft_model_state_dict(trained.model, load_file(str(resumed_run["root"] / "run" / "export" / "adapter"
+                                                           / "adapter_model.safetensors")))
+    base = Encoder(EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=False)}))
+    return trained, base
+
+
+def test_training_lowered_the_loss_of_the_batches_it_trained_on(resumed_run, trained_and_base):
+    """The 4 steps (2, then 2 resumed) were gradient steps: the exported adapter's InfoNCE over the 4 batches
+    it trained on (dropout off) is below the untrained model's on the same batches (a run that did not train,
+    exported the base weights or stepped the wrong way would not be)."""
+    batches = [t["ids"] for t in read_trace(resumed_run["root"] / "run")]
+    assert len(batches) == 4
+    tau = TrainConfig().temperature  # the run's (its config leaves the default)
+    trained, base = trained_and_base
+    before = infonce_of_batches(base, resumed_run["data"], batches, tau)
+    after = infonce_of_batches(trained, resumed_run["data"], batches, tau)
+    print(f"\nInfoNCE of the 4 trained batches: untrained {before:.4f}, trained {after:.4f}")
+    assert after < 0.97 * before, (before, after)  # 0.342 -> 0.322 here (-6%): half that is required
+
+
+def test_sentence_transformers_export_matches_our_encoder(resumed_run, trained_and_base):
+    """The exported folder, loaded by sentence-transformers offline, embeds like b3stream's encoder with the
+    trained adapter (and like the merged model loaded through our encoder)."""
+    from sentence_transformers import SentenceTransformer
+
     from b3stream.data.reader import ShardedDataset
     from b3stream.encoder import Encoder
     from b3stream.evaluate import encoder_config_for
@@ -107,11 +153,10 @@ def test_sentence_transformers_export_matches_our_encoder(resumed_run):
     st_emb = st.encode_document(texts, convert_to_numpy=True, batch_size=4)
     st_queries = st.encode_query(texts, convert_to_numpy=True, batch_size=4)
 
-    trained = Encoder(EncoderConfig(**{**STUDENT, "lora": LoraConfig(r=4, alpha=8)}), trainable=True)
-    set_peft_model_state_dict(trained.model, load_file(str(export / "adapter" / "adapter_model.safetensors")))
+    trained, untrained = trained_and_base
     ours = trained.encode(texts, "positive", batch_size=4)
     merged = Encoder(encoder_config_for(str(export / "sentence-transformers"))).encode(texts, "positive")
-    base = Encoder(EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=False)})).encode(texts, "positive")
+    base = untrained.encode(texts, "positive")
 
     np.testing.assert_allclose(st_emb, ours, atol=2e-5)
     np.testing.assert_allclose(st_queries, trained.encode(texts, "query", batch_size=4), atol=2e-5)
