@@ -19,11 +19,16 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401 - defined on the floor by itself; everyone imports it from here
+from .st_folder import BUNDLED_NAMES, POOLINGS, read_sentence_transformers_folder, resolve_model, valid_pooling
+
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it."""
+# The names a config is checked against, here on the ground floor: the modules that implement them import
+# them from here (their registries are tested to hold exactly these, tests/test_layers.py), so this module
+# never imports upwards.
+STRATEGY_NAMES = ("random", "random_hn", "task", "task_hn", "gcbs", "b3", "b3pp")  # mining/strategies.py
+EDGE_MODES = ("mutual", "union")  # mining/graph.py: S as a graph, both directions present, or either
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,8 +435,6 @@ class _Checker:
 
 
 def _check_encoder(c: EncoderConfig, v: _Checker) -> None:
-    from .model_folder import POOLINGS, valid_pooling  # here: that module imports this one
-
     if c.pooling != "auto" and not valid_pooling(c.pooling):
         v.fail("pooling", f"must be auto, one of {', '.join(POOLINGS)}, or sentence-transformers modes joined by +")
     if c.attn_implementation is not None:
@@ -444,8 +447,6 @@ def _check_encoder(c: EncoderConfig, v: _Checker) -> None:
         problem = _model_problem(c.model)
         if problem:
             raise ConfigError(f"{v.prefix}model: {problem}")
-    from .model_folder import read_sentence_transformers_folder, resolve_model
-
     try:  # a sentence-transformers folder b3stream cannot build faithfully: refused before anything runs
         read_sentence_transformers_folder(resolve_model(c.model))
     except ConfigError as e:
@@ -523,9 +524,6 @@ def _check_mine(c: MineConfig, v: _Checker) -> None:
     |B| against N) or on the stage run (K dividing |B|) is checked by the mining pipeline's pre-flight
     (``b3stream.mining.pipeline.preflight``), also before the teacher loads. The seed and the schedule
     version are checked there too (``check_seed_and_version``)."""
-    from .mining.graph import EDGES  # here: the mining modules import this one
-    from .mining.strategies import STRATEGIES
-
     v.above("embed_batch_size", 0)
     v.above("embed_chunk", 0)
     v.at_least("p", 0)
@@ -542,11 +540,11 @@ def _check_mine(c: MineConfig, v: _Checker) -> None:
     if c.margin is not None and not 0 < c.margin <= 1.5:
         v.fail("margin", "must be in (0, 1.5] (a fraction of the positive's score, e.g. 0.95) or null")
     v.above("K", 0)
-    v.one_of("edges", EDGES)
+    v.one_of("edges", EDGE_MODES)
     v.at_least("metis_ufactor", 1)  # METIS refuses 0 ("Incorrect ufactor")
     v.one_of("partitioner", ("metis", "kaminpar"))
     v.above("partition_threads", 0, optional=True)
-    v.one_of("strategy", tuple(STRATEGIES))
+    v.one_of("strategy", STRATEGY_NAMES)
     v.above("batch_size", 0)
     v.at_least("h", 0)
     v.at_least("quality_sample", 0, optional=True)
@@ -581,9 +579,7 @@ def _model_problem(model: str) -> str | None:
     path = Path(model).expanduser()
     if path.is_dir():
         return None
-    from .encoder import resolve_model  # here: the encoder module imports this one
-
-    if resolve_model(model) != model:  # a name of the bundled model ("minilm")
+    if model in BUNDLED_NAMES:  # a name of the bundled model ("minilm")
         return None
     if path.exists():
         return f"{model} is a file; give the model folder"

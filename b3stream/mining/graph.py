@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import ConfigError
+from ..config import EDGE_MODES, ConfigError
 
-EDGES = ("mutual", "union")
+EDGES = EDGE_MODES  # the modes the config accepts, named on the ground floor
 
 
 @dataclass
