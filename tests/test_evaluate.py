@@ -1,16 +1,14 @@
-"""Retrieval metrics on hand-made rankings, the evaluation set of a split, and `b3stream evaluate`."""
+"""Retrieval metrics on hand-made rankings and the evaluation set of a split (`b3stream evaluate` itself:
+tests/test_evaluate_corpus.py and tests/test_evaluate_beir.py)."""
 
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
 
 from b3stream.evaluate import RetrievalSet, retrieval_metrics, search
-
-from ._train_util import run
 
 
 def test_metrics_single_relevant():
@@ -61,11 +59,3 @@ def test_retrieval_set_deduplicates_texts(tmp_path):
     sample = RetrievalSet(tmp_path / "ds", "test", max_queries=5)
     assert len(sample.queries) == 5 and sample.corpus == es.corpus
     assert RetrievalSet(tmp_path / "ds", "test", max_queries=5).queries == sample.queries  # seeded
-
-
-@pytest.mark.slow
-def test_evaluate_command_zero_shot(code_dataset):
-    res = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--max-queries", "20",
-               "--max-length", "64", "--corpus", "split"], threads=2, timeout=180)  # all: test_evaluate_corpus
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "bundled all-MiniLM-L6-v2" in res.stdout and "ndcg@10" in res.stdout and "(20 queries" in res.stdout

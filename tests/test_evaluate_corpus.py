@@ -81,20 +81,27 @@ def test_per_query_file_matches_the_metrics(code_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_command_all_corpus_per_query(code_dataset, tmp_path):
+def test_evaluate_command_all_corpus_per_query(code_dataset, tmp_path, capsys):
+    """`b3stream evaluate` zero-shot with the bundled model (this also stands for the former
+    test_evaluate.py::test_evaluate_command_zero_shot, one launch instead of two)."""
+    from b3stream.cli import main
+
     pq, js = tmp_path / "ranks.jsonl", tmp_path / "m.json"
     res = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--max-queries", "20",
                "--max-length", "32", "--corpus", "all", "--per-query", str(pq), "--json", str(js)],
               threads=2, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "bundled all-MiniLM-L6-v2" in res.stdout and "ndcg@10" in res.stdout and "(20 queries" in res.stdout
     metrics = json.loads(js.read_text())
     assert metrics["corpus_mode"] == "all" and metrics["corpus"] > 1000 and "corpus: all" in res.stdout
     rows = read_per_query(pq)
     assert len(rows) == 20
     assert np.mean([r["ndcg@10"] for r in rows]) == pytest.approx(metrics["ndcg@10"])
-    bad = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--corpus", "train"],
-              threads=1, timeout=120)
-    assert bad.returncode != 0 and "--corpus" in bad.stderr and "invalid choice" in bad.stderr
+    # the parser's refusal, in this process (no model is loaded before it)
+    with pytest.raises(SystemExit) as bad:
+        main(["evaluate", "--data", str(code_dataset), "--corpus", "train"])
+    err = capsys.readouterr().err
+    assert bad.value.code != 0 and "--corpus" in err and "invalid choice" in err
 
 
 def test_a_task_is_scored_against_its_own_candidates(toy_dataset):
