@@ -288,14 +288,21 @@ def _layout(f, where: str) -> list[tuple[str, list[int]]]:
 
 
 def _read_arrays(file, start: int, layout, where: str) -> dict[str, np.ndarray]:
-    """The arrays of ``layout``, read straight into arrays of their own from byte ``start`` on: one copy of the
-    data in memory and no more (safetensors' own loaders hold the file's pages or a buffer beside it)."""
+    """The arrays of ``layout``: the data from byte ``start`` to the end, read at once into one buffer that the
+    arrays view (read-only), one copy of the data in memory. Measured against the alternatives (10M ids):
+    safetensors' mmap loader keeps the file's pages beside the copies (twice the peak memory), its pread
+    loader was slower (0.13 s against 0.09 s for 76 MB), and arrays allocated one by one were slow by turns
+    (numpy madvises large arrays for huge pages, and a kernel with THP defrag=madvise compacts memory then)."""
+    sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in layout]
     file.seek(start)
-    arrays = {}
-    for name, shape in layout:
-        arrays[name] = np.empty(shape, dtype="<i8")
-        if file.readinto(arrays[name].reshape(-1).view(np.uint8)) != arrays[name].nbytes:  # buffered: all of it
-            raise ScheduleError(f"{where}: truncated while it was read (array {name!r})")
+    data = file.read(8 * sum(sizes))  # with a size: read() alone would join what is buffered to the rest, a copy
+    if len(data) != 8 * sum(sizes) or file.read(1):
+        raise ScheduleError(f"{where}: changed while it was read (not the {8 * sum(sizes)} bytes of arrays "
+                            "its header says)")
+    arrays, offset = {}, 0
+    for (name, shape), size in zip(layout, sizes):
+        arrays[name] = np.frombuffer(data, dtype="<i8", count=size, offset=offset).reshape(shape)
+        offset += 8 * size
     return arrays
 
 
