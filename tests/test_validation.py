@@ -2,20 +2,22 @@
 schedule gives the first updates a rate above 0; ``--quiet`` silences the model-loading bar.
 
 The refusals go through the real commands (``b3stream train``, ``python -m b3stream.train``); the lr
-schedule through DeepSpeed's own scheduler class and one short real training run.
+schedule (transformers' warmup and decay, a JSON's own DeepSpeed WarmupDecayLR) against the formula, alone,
+in a real DeepSpeed engine across a checkpoint, and in one short real training run.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 
 import pytest
 import torch
 
 from b3stream.config import ConfigError, TrainConfig, apply_overrides, load_config
-from b3stream.train.ds_config import build_ds_config, resolve_ds_path, start_lr_schedule
+from b3stream.train.ds_config import build_ds_config, lr_schedule, resolve_ds_path, start_lr_schedule
 
 from ._train_util import random_schedule, run, write_config
 
@@ -86,9 +88,9 @@ def _ds_file(tmp_path, change) -> str:
     (lambda ds: ds["fp16"].update(loss_scal=0), r"unknown DeepSpeed key fp16.loss_scal"),
     (lambda ds: ds.update(zero_optimisation=ds.pop("zero_optimization")),
      r"unknown DeepSpeed key\(s\) 'zero_optimisation' \(did you mean 'zero_optimization'\?\)"),
-    (lambda ds: ds["scheduler"]["params"].update(warmup_typ="linear"),
+    (lambda ds: ds.update(scheduler={"type": "WarmupDecayLR", "params": {"warmup_typ": "linear"}}),
      r"unknown key\(s\) scheduler.params.warmup_typ for WarmupDecayLR"),
-    (lambda ds: ds["scheduler"].update(type="WarmupDecay"), r"scheduler.type 'WarmupDecay' is neither"),
+    (lambda ds: ds.update(scheduler={"type": "WarmupDecay"}), r"scheduler.type 'WarmupDecay' is neither"),
     (lambda ds: ds["zero_optimization"].update(stage="two"), r"zero_optimization.stage: Input should be"),
     (lambda ds: ds.pop("optimizer"), r'no "optimizer" section'),
 ])
@@ -144,56 +146,149 @@ def test_launcher_entry_refuses_a_bad_value(tmp_path, toy_dataset, toy_schedule)
 # -- the lr schedule ---------------------------------------------------------------------------------------
 
 
-def _rates(total: int, warmup_ratio: float, lr: float = 1e-3) -> list[float]:
-    """The rate each update uses, with DeepSpeed's own scheduler class in DeepSpeed's engine order
-    (update with the current rate, then step the scheduler)."""
-    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+def expected_rates(total: int, warmup_ratio: float, lr: float) -> list[float]:
+    """The rate of updates 1..total, from the formula: lr * k / W while warming up over W updates (W = the
+    ratio's share of the run, rounded up), the peak at update W, then linear decay to lr / (n - W) at the
+    last update, n = total + 1; a warmup of 0 or 1 update is none, and the rate is then lr throughout."""
+    warmup = math.ceil(warmup_ratio * total)
+    if warmup < 2:
+        return [lr] * total
+    n = max(total, warmup) + 1
+    return [lr * (k / warmup if k < warmup else (n - k) / (n - warmup)) for k in range(1, total + 1)]
 
-    ds = build_ds_config(TrainConfig(lr=lr, warmup_ratio=warmup_ratio), resolve_ds_path("zero0"), 1, 8, total,
-                         "fp32")
-    assert ds["scheduler"]["type"] == "WarmupDecayLR"
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=ds["optimizer"]["params"]["lr"])
-    sched = WarmupDecayLR(opt, **copy.deepcopy(ds["scheduler"]["params"]))
-    start_lr_schedule(sched)
+
+def _drive(opt, sched, updates: int) -> list[float]:
+    """The rate each update uses, in DeepSpeed's engine order (update with the current rate, then step the
+    scheduler)."""
     rates = []
-    for _ in range(total):
+    for _ in range(updates):
         rates.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     return rates
 
 
-@pytest.mark.parametrize("total, ratio", [(3, 0.9), (10, 0.3), (100, 0.1), (7, 0.0), (20, 0.05), (1, 0.5)])
-def test_every_update_has_a_rate_and_warmup_rises_to_the_peak(total, ratio):
+def _optimizer(lr: float):
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def _rates(total: int, warmup_ratio: float, lr: float = 1e-3) -> list[float]:
+    """b3stream's schedule (the shipped JSONs name none), built as DeepSpeed builds a client scheduler."""
+    cfg = TrainConfig(lr=lr, warmup_ratio=warmup_ratio)
+    ds = build_ds_config(cfg, resolve_ds_path("zero0"), 1, 8, total, "fp32")
+    assert "scheduler" not in ds
+    opt = _optimizer(ds["optimizer"]["params"]["lr"])
+    sched = lr_schedule(ds, cfg, total)(opt)
+    start_lr_schedule(sched)
+    return _drive(opt, sched, total)
+
+
+def _own_warmup_decay_rates(total: int, warmup_ratio: float, lr: float) -> list[float]:
+    """A JSON's own DeepSpeed WarmupDecayLR with "auto" values: DeepSpeed's class, kept as before."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    cfg = TrainConfig(lr=lr, warmup_ratio=warmup_ratio)
+    own = json.loads(resolve_ds_path("zero0").read_text())
+    own["scheduler"] = {"type": "WarmupDecayLR", "params": {k: "auto" for k in (
+        "warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps")} | {"warmup_type": "linear"}}
+    ds = build_ds_config(cfg, _write(own), 1, 8, total, "fp32")
+    assert lr_schedule(ds, cfg, total) is None  # DeepSpeed builds the JSON's own
+    opt = _optimizer(lr)
+    sched = WarmupDecayLR(opt, **copy.deepcopy(ds["scheduler"]["params"]))
+    start_lr_schedule(sched)
+    return _drive(opt, sched, total)
+
+
+def _write(ds: dict):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "ds.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+CASES = [(3, 0.9), (10, 0.3), (100, 0.1), (7, 0.0), (20, 0.05), (1, 0.5), (10, 0.15), (5, 0.2)]
+
+
+@pytest.mark.parametrize("total, ratio", CASES)
+def test_every_update_has_the_rate_of_the_formula(total, ratio):
     rates = _rates(total, ratio, lr=1e-3)
+    assert rates == pytest.approx(expected_rates(total, ratio, 1e-3), rel=1e-12, abs=0)
     assert all(r > 0 for r in rates), rates
     assert max(rates) == pytest.approx(1e-3)
-    warmup = int(torch.tensor(ratio * total).ceil())
-    if warmup >= 2:
-        assert rates[:warmup] == pytest.approx([1e-3 * k / warmup for k in range(1, warmup + 1)])
-    else:
+    warmup = math.ceil(ratio * total)
+    if warmup < 2:
         assert rates[0] == pytest.approx(1e-3)  # no warmup: the first update at the full rate
     peak = rates.index(max(rates))
     assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:]))  # then it decays
 
 
-def test_resume_reapplies_the_rate_of_the_next_update():
-    """After a resume the scheduler holds the iteration of the next update; starting it again must not
-    move it (only re-apply its rate)."""
-    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+@pytest.mark.parametrize("total, ratio", CASES)
+def test_a_json_s_own_warmup_decay_scheduler_is_kept_and_gives_the_same_rates(total, ratio):
+    assert _own_warmup_decay_rates(total, ratio, 3e-4) == _rates(total, ratio, 3e-4)  # to the bit
 
-    ds = build_ds_config(TrainConfig(lr=1e-3, warmup_ratio=0.5), resolve_ds_path("zero0"), 1, 8, 10, "fp32")
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    sched = WarmupDecayLR(opt, **ds["scheduler"]["params"])
+
+def test_resume_reapplies_the_rate_of_the_next_update():
+    """A resumed schedule holds the position of the next update (DeepSpeed saves its state_dict in the
+    checkpoint); starting it again gives the optimizer that update's rate, whatever the optimizer held."""
+    cfg = TrainConfig(lr=1e-3, warmup_ratio=0.5)
+    ds = build_ds_config(cfg, resolve_ds_path("zero0"), 1, 8, 10, "fp32")
+    opt = _optimizer(1e-3)
+    sched = lr_schedule(ds, cfg, 10)(opt)
     start_lr_schedule(sched)
-    for _ in range(3):
-        sched.step()
+    before = _drive(opt, sched, 3)
     state = sched.state_dict()
-    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    resumed = WarmupDecayLR(fresh, **ds["scheduler"]["params"])
+    fresh = _optimizer(1e-3)
+    resumed = lr_schedule(ds, cfg, 10)(fresh)
     resumed.load_state_dict(state)
     start_lr_schedule(resumed)
-    assert resumed.last_batch_iteration == 4 and fresh.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    after = _drive(fresh, resumed, 7)
+    assert before + after == pytest.approx(expected_rates(10, 0.5, 1e-3), rel=1e-12, abs=0)
+
+
+ENGINE_SCRIPT = """
+import json, sys, torch, deepspeed
+from b3stream.config import TrainConfig
+from b3stream.dist import single_process_env
+from b3stream.train.ds_config import build_ds_config, lr_schedule, resolve_ds_path, start_lr_schedule
+single_process_env()
+deepspeed.init_distributed(dist_backend="gloo")
+folder, total, ratio = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+cfg = TrainConfig(lr=1e-3, warmup_ratio=ratio)
+ds = build_ds_config(cfg, resolve_ds_path("zero0"), 1, 4, total, "fp32")
+def engine():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    e, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds,
+                                      lr_scheduler=lr_schedule(ds, cfg, total))
+    return e
+def updates(e, n):
+    rates = []
+    for _ in range(n):
+        loss = e(torch.ones(4, 3)).pow(2).mean()
+        e.backward(loss)
+        rates.append(e.get_lr()[0])
+        e.step()
+    return rates
+first = engine()
+start_lr_schedule(first.lr_scheduler)
+rates = updates(first, 3)
+first.save_checkpoint(folder, tag="step3")
+second = engine()
+second.load_checkpoint(folder, tag="step3")
+start_lr_schedule(second.lr_scheduler)
+print(json.dumps({"before": rates, "after": updates(second, total - 3),
+                  "kind": type(second.lr_scheduler).__name__}))
+"""
+
+
+def test_a_real_deepspeed_engine_uses_the_formula_s_rates_across_a_checkpoint(tmp_path):
+    res = run([sys.executable, "-c", ENGINE_SCRIPT, str(tmp_path / "ckpt"), "8", "0.5"], timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["kind"] == "LambdaLR"  # transformers' schedule, DeepSpeed's client scheduler
+    assert out["before"] + out["after"] == pytest.approx(expected_rates(8, 0.5, 1e-3), rel=1e-12, abs=0)
 
 
 @pytest.mark.slow

@@ -9,6 +9,11 @@ error rather than a silent second source of truth.
 and no gradient accumulation (accumulating would shrink the in-batch negatives; GradCache is how a large
 |B| fits in memory instead).
 
+The learning-rate schedule is b3stream's (:func:`lr_schedule`: transformers' linear warmup and decay over the
+run's steps, handed to ``deepspeed.initialize`` as a client scheduler, whose state DeepSpeed keeps in its
+checkpoints). A JSON that names a ``scheduler`` of its own keeps it: DeepSpeed builds that one, with the
+``"auto"`` values of its WarmupLR / WarmupDecayLR filled in here as for every other section.
+
 The finished dict is checked by DeepSpeed's own config parser (:func:`check_with_deepspeed`) before the model
 loads, so a misspelled key fails in a second with its name instead of as a traceback after loading.
 """
@@ -20,6 +25,7 @@ import difflib
 import inspect
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,23 +101,7 @@ def build_ds_config(cfg: TrainConfig, path: Path, world_size: int, batch_size: i
         # kernels per tensor; DeepSpeed passes the flag through. An explicit "fused" in the JSON wins.
         if device_type == "cuda" and params.get("torch_adam") and "fused" not in params:
             params["fused"] = True
-    sched = ds.get("scheduler")
-    _scheduler_class(sched, path)
-    if sched is not None and sched.get("type") in ("WarmupLR", "WarmupDecayLR"):
-        params = sched.setdefault("params", {})
-        # The rate of update k is the schedule's value at iteration k (start_lr_schedule moves DeepSpeed's
-        # schedule to iteration 1 before the first update): lr * k / W over W warmup updates, the peak lr
-        # at update W, then linear decay. total_num_steps is one past the last update so that it keeps a
-        # rate above 0. DeepSpeed warms up over at least 2 iterations; a warmup of 0 or 1 update is none:
-        # the ramp then starts at the full rate, so it is flat.
-        warmup = math.ceil(cfg.warmup_ratio * total_steps)
-        ramp = warmup >= 2
-        _fill(params, "warmup_min_lr", 0.0 if ramp else float(cfg.lr), "scheduler.params")
-        _fill(params, "warmup_max_lr", float(cfg.lr), "scheduler.params")
-        _fill(params, "warmup_num_steps", warmup if ramp else 2, "scheduler.params")
-        if sched["type"] == "WarmupDecayLR":
-            _fill(params, "total_num_steps", max(total_steps, params["warmup_num_steps"]) + 1,
-                  "scheduler.params")
+    _fill_own_scheduler(ds, path, cfg, total_steps)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
         raise ConfigError(f"{path}: no value to fill for \"auto\" at {', '.join(leftover)}")
@@ -119,19 +109,79 @@ def build_ds_config(cfg: TrainConfig, path: Path, world_size: int, batch_size: i
     return ds
 
 
-def start_lr_schedule(scheduler) -> None:
-    """Put DeepSpeed's warmup schedule at the iteration of the next update; call after any resume.
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """W, the updates the rate rises over (``warmup_ratio`` of the run's, rounded up)."""
+    return math.ceil(cfg.warmup_ratio * total_steps)
 
-    WarmupLR / WarmupDecayLR give the first update the rate of iteration -1 (``warmup_min_lr``) and the
-    second the rate of iteration 0 (``warmup_min_lr`` again: the ramp is ``iteration / warmup``), so with
-    a ramp from 0 the first two updates did nothing. Starting at iteration 1 makes update k use iteration k
-    (:func:`build_ds_config` sets the parameters for that). On resume the checkpoint holds the iteration of
-    the next update; stepping to it again only re-applies its rate to the optimizer.
+
+def lr_schedule(ds: dict, cfg: TrainConfig, total_steps: int):
+    """The client scheduler for ``deepspeed.initialize(lr_scheduler=...)``: a callable DeepSpeed gives its
+    optimizer; None when the JSON names its own ``scheduler`` (DeepSpeed would drop that one for ours).
+
+    Update k (from 1) uses ``lr * k / W`` while k < W, the peak ``lr`` at update W, then ``lr * (n - k) /
+    (n - W)`` with n one past the run's last update, so the last update keeps a rate above 0. A warmup of
+    0 or 1 update is none, and the rate is then ``lr`` throughout, without decay. These are, to the bit, the
+    rates a JSON's own WarmupDecayLR with ``"auto"`` values gives (:func:`_fill_own_scheduler`; the files in
+    ``ds_configs/`` named one until b3stream built its own): tests/test_validation.py checks both against the
+    formula.
+    """
+    if "scheduler" in ds:
+        return None
+    warmup = warmup_steps(cfg, total_steps)
+
+    def build(optimizer):
+        from transformers import get_constant_schedule, get_linear_schedule_with_warmup
+
+        if warmup < 2:
+            return get_constant_schedule(optimizer)
+        schedule = get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, warmup) + 1)
+        # transformers gives update k the factor of step k - 1, 0 for the first update: one step puts it
+        # at update 1's (a resume then loads the checkpoint's position over it). Stepping before the
+        # optimizer is that skip, which torch warns of.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            schedule.step()
+        return schedule
+
+    return build
+
+
+def _fill_own_scheduler(ds: dict, path: Path, cfg: TrainConfig, total_steps: int) -> None:
+    """A JSON's own DeepSpeed WarmupLR / WarmupDecayLR: its ``"auto"`` values from the training config, for
+    the rates of :func:`lr_schedule` (:func:`start_lr_schedule` moves it to iteration 1); another scheduler
+    is DeepSpeed's or torch's as the JSON gives it."""
+    sched = ds.get("scheduler")
+    _scheduler_class(sched, path)
+    if sched is None or sched.get("type") not in ("WarmupLR", "WarmupDecayLR"):
+        return
+    params = sched.setdefault("params", {})
+    # DeepSpeed warms up over at least 2 iterations; a warmup of 0 or 1 update is none: the ramp then
+    # starts at the full rate, so it is flat
+    warmup = warmup_steps(cfg, total_steps)
+    ramp = warmup >= 2
+    _fill(params, "warmup_min_lr", 0.0 if ramp else float(cfg.lr), "scheduler.params")
+    _fill(params, "warmup_max_lr", float(cfg.lr), "scheduler.params")
+    _fill(params, "warmup_num_steps", warmup if ramp else 2, "scheduler.params")
+    if sched["type"] == "WarmupDecayLR":
+        _fill(params, "total_num_steps", max(total_steps, params["warmup_num_steps"]) + 1, "scheduler.params")
+
+
+def start_lr_schedule(scheduler) -> None:
+    """Give the optimizer the rate of the next update; call after any resume.
+
+    A JSON's own WarmupLR / WarmupDecayLR gives the first update the rate of iteration -1 (``warmup_min_lr``)
+    and the second the rate of iteration 0 (``warmup_min_lr`` again: the ramp is ``iteration / warmup``), so
+    with a ramp from 0 the first two updates did nothing: starting at iteration 1 makes update k use iteration
+    k. On resume a checkpoint holds the iteration (the position of :func:`lr_schedule`'s) of the next update;
+    its rate is applied again rather than trusted to the optimizer state.
     """
     from deepspeed.runtime.lr_schedules import WarmupLR
 
     if isinstance(scheduler, WarmupLR):
         scheduler.step(max(1, scheduler.last_batch_iteration))
+    elif isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
 
 
 class _ReadKeys(dict):

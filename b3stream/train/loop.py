@@ -38,7 +38,7 @@ from ..refresh.trainer import BetweenSteps, miner_config, miner_process, place_m
 from ..run_paths import RunPaths
 from .collate import loader_workers, plan_loader
 from . import run_folder
-from .ds_config import build_ds_config, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
+from .ds_config import build_ds_config, lr_schedule, resolve_ds_path, resolve_precision, start_lr_schedule, zero_stage
 from .export import export_all, master_weights
 from .interrupt import Interrupted, StopSignals, signal_name
 from .loss import BatchEmbedder, InfoNCE, all_gather_rows, bound_cpu_heap, gather_sizes
@@ -167,7 +167,7 @@ class Recipe:
         self.loss_fn = InfoNCE(temperature=cfg.temperature, symmetric=cfg.symmetric,
                                mask_duplicates=cfg.mask_duplicate_positives)
 
-    # -- 4. DeepSpeed engine: ZeRO stage, optimizer (AdamW) and warmup/decay schedule from the JSON. ----
+    # -- 4. DeepSpeed engine: ZeRO stage and optimizer (AdamW) from the JSON, warmup/decay lr_schedule. --
     def setup_engine(self) -> None:
         import deepspeed
 
@@ -179,7 +179,7 @@ class Recipe:
         ds_log.setLevel(logging.ERROR)  # initialize() warns about reading the lr before the first step
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, model_parameters=[p for p in self.model.parameters() if p.requires_grad],
-            config=self.ds_config)
+            config=self.ds_config, lr_scheduler=lr_schedule(self.ds_config, self.cfg, self.total_steps))
         ds_log.setLevel(max(level, logging.WARNING))
         self.peak_rss["engine"] = _peak_rss_gb()
         weights_only_engine(self.engine)  # resume unpickles no code (a checkpoint folder need not be trusted)
@@ -191,7 +191,7 @@ class Recipe:
         if self.start == "resume":
             self.step, self.sampler = _restore(self.engine, self.sampler, cfg, self.manifest, self.run / "checkpoints",
                                                self.dist, self.watch_folder)
-        start_lr_schedule(self.engine.lr_scheduler)  # else the first two updates get warmup_min_lr (0)
+        start_lr_schedule(self.engine.lr_scheduler)  # the next update's rate, also after a resume
         self.monitor = Monitor(self.run, self.total_steps, start_step=self.step, log_every=cfg.log_every,
                                enabled=self.dist.is_main, progress=self.progress)
         self.monitor.write(_banner(cfg, self.dist, self.sampler, self.batch_size, self.total_steps, self.stage,
