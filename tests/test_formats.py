@@ -320,18 +320,17 @@ def test_the_loss_masks_a_querys_other_positives(flag_dataset):
 
 
 @pytest.mark.slow
-def test_a_flagembedding_file_trains_with_its_negatives(tmp_path):
+def test_a_flagembedding_file_trains_with_its_negatives(tmp_path, capsys):
     """`prepare jsonl --format flagembedding` -> `mine --strategy random` (the teacher embeds it and stores
     the known positives' keys) -> `train negatives=dataset`: each step's denominator holds up to h_dataset of
-    every member's stored negatives, and the run completes."""
+    every member's stored negatives, and the run completes. prepare and mine run in this process (the same
+    commands, two interpreter launches fewer); train in its own, as a user runs it."""
     src = write_jsonl(tmp_path / "train.jsonl", flagembedding_rows(24))
     data = tmp_path / "ds"
-    res = run([*B3, "prepare", "jsonl", str(src), "--out", str(data), "--format", "flagembedding", "--quiet"])
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "stored hard negatives" in res.stdout
-    res = run([*B3, "mine", "--data", str(data), "--out", str(tmp_path / "mine"), "--strategy", "random",
-               "--batch-size", "8", "--quiet"], threads=2)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert main(["prepare", "jsonl", str(src), "--out", str(data), "--format", "flagembedding", "--quiet"]) == 0
+    assert "stored hard negatives" in capsys.readouterr().out
+    assert main(["mine", "--data", str(data), "--out", str(tmp_path / "mine"), "--strategy", "random",
+                 "--batch-size", "8", "--quiet"]) == 0
     assert (tmp_path / "mine" / "embeddings" / "known_keys.npy").is_file()
     cfg = write_config(tmp_path / "train.yaml", data=str(data), schedule=str(tmp_path / "mine" / "schedules"),
                        out=str(tmp_path / "run"), max_steps=3, trace_ids=True, negatives="dataset", h_dataset=2,
