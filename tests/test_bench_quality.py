@@ -41,6 +41,37 @@ def test_paired_bootstrap_finds_a_real_shift_and_not_a_null_one(bench):
     assert lo_a < hi_b
 
 
+def _reference_interval(strata: list[np.ndarray], reps: int, seed: int) -> tuple[float, float]:
+    """An independent stratified percentile bootstrap: each stratum's queries drawn with replacement, the mean
+    of the strata's means, its 2.5th and 97.5th percentiles."""
+    rng = np.random.default_rng(seed)
+    means = np.mean([v[rng.integers(0, len(v), size=(reps, len(v)))].mean(axis=1) for v in strata], axis=0)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def test_the_stratified_interval_is_the_percentile_bootstrap_within_sampling_noise(bench):
+    rng = np.random.default_rng(1)
+    strata = [rng.uniform(size=300), rng.beta(0.5, 2, size=120), rng.normal(0.3, 0.2, size=50)]
+    centre, lo, hi = bench.stratified_bootstrap(strata, reps=20000, seed=3)
+    assert centre == pytest.approx(np.mean([v.mean() for v in strata]))
+    ref_lo, ref_hi = _reference_interval(strata, reps=20000, seed=11)
+    # the ends of two 20,000-resample percentile intervals differ by Monte Carlo noise only (~1% of the width)
+    width = ref_hi - ref_lo
+    assert abs(lo - ref_lo) < 0.05 * width and abs(hi - ref_hi) < 0.05 * width
+    assert (lo, hi) == bench.stratified_bootstrap(strata, reps=20000, seed=3)[1:]  # seeded: repeatable
+
+
+def test_strata_that_cannot_vary_enter_as_constants(bench):
+    rng = np.random.default_rng(2)
+    varying = rng.uniform(size=200)
+    alone, lo, hi = bench.stratified_bootstrap([varying], reps=4000, seed=5)
+    # a task whose queries all score 0.8, and a task of one query: every resample has their means
+    centre, lo3, hi3 = bench.stratified_bootstrap([varying, np.full(30, 0.8), np.array([0.2])], reps=4000, seed=5)
+    assert centre == pytest.approx((alone + 0.8 + 0.2) / 3)
+    assert (lo3, hi3) == pytest.approx(((lo + 1.0) / 3, (hi + 1.0) / 3))
+    assert bench.stratified_bootstrap([np.full(5, 0.5), np.array([0.1])], reps=100) == pytest.approx((0.3, 0.3, 0.3))
+
+
 def test_per_query_matrix_refuses_unpaired_files(bench, tmp_path):
     for name, queries in (("a", ["q1", "q2"]), ("b", ["q2", "q1"])):
         (tmp_path / name).mkdir()
