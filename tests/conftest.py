@@ -18,9 +18,9 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
 
-# Fixtures that train or mine with the real model: a test using one is slow whatever it does itself (the
+# Fixtures that train, mine or embed with the real model: a test using one is slow whatever it does itself (the
 # others carry @pytest.mark.slow where they train, launch processes or embed a dataset).
-SLOW_FIXTURES = {"mined", "refreshed_run", "resumed_run", "code_mined", "toy_mined"}
+SLOW_FIXTURES = {"mined", "refreshed_run", "resumed_run", "code_mined", "toy_mined", "lora_encoder"}
 
 
 def pytest_collection_modifyitems(items):

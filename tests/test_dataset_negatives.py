@@ -99,6 +99,7 @@ def test_a_step_carries_up_to_h_stored_negatives_per_member_drawn_per_epoch(nega
     assert len({tuple(d) for d in draws}) > 1 and draws[0] == stored_negatives(three, H, 7, 0, manifest)
 
 
+@pytest.mark.slow
 def test_stored_negatives_sit_in_the_denominator_and_a_same_text_positive_is_masked(negatives_dataset):
     """The loss of a batch with its stored negatives equals InfoNCE computed by hand over [in-batch positives |
     stored negatives], where a stored negative with the query's own positive text is left out."""

@@ -1,12 +1,14 @@
 """The shared encoder: bundled MiniLM loads offline and matches sentence-transformers; pooling variants."""
 
 import numpy as np
+import pytest
 import torch
 
 from b3stream.config import EncoderConfig
 from b3stream.encoder import Encoder, pool
 
 
+@pytest.mark.slow
 def test_minilm_matches_sentence_transformers():
     from sentence_transformers import SentenceTransformer
 
@@ -29,6 +31,7 @@ def test_pooling_last_token_handles_both_paddings():
     assert pool(hidden, right, "mean").flatten().tolist() == [0.5, 5.5]
 
 
+@pytest.mark.slow
 def test_encode_restores_each_modules_own_mode():
     """``encode`` must not switch on dropout that was off: training would depend on whether an evaluation
     ran before it."""
@@ -45,6 +48,7 @@ def test_encode_restores_each_modules_own_mode():
     assert all(m.training for m in dropouts)
 
 
+@pytest.mark.slow
 def test_a_sentence_transformers_folder_sets_pooling_and_normalisation(tmp_path):
     """A model exported with CLS pooling and no Normalize module is embedded that way when the config leaves
     pooling on auto (the default); an explicit pooling wins."""
@@ -69,6 +73,7 @@ def test_a_sentence_transformers_folder_sets_pooling_and_normalisation(tmp_path)
     assert Encoder(EncoderConfig(model=str(folder), pooling="mean")).cfg.pooling == "mean"
 
 
+@pytest.mark.slow
 def test_a_saved_adapter_is_continued(tmp_path):
     """`student.adapter`: the student starts from a saved LoRA adapter (trainable, the same embeddings as
     the model that saved it); a teacher embeds with it frozen; a folder that is no adapter is refused."""

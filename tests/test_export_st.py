@@ -35,6 +35,7 @@ def diff_to_trainer(encoder, folder, prompts=PROMPTS) -> dict:
             "document": float(np.abs(st.encode_document(TEXTS, batch_size=2) - d).max())}
 
 
+@pytest.mark.slow
 def test_a_lora_students_export_embeds_as_the_student(tmp_path):
     """Merged LoRA weights, the dataset's prompts as the model's, queries cut at 16 tokens and documents at 40
     (one max_seq_length would have cut queries at 40)."""
@@ -59,6 +60,7 @@ def test_a_lora_students_export_embeds_as_the_student(tmp_path):
                                student.encode([PROMPTS["query"] + t for t in TEXTS], "query"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_full_fine_tune_of_a_dense_folder_exports_its_modules(tmp_path):
     """A student started from a sentence-transformers folder with max pooling and a Dense: the export holds the
     same modules (the Dense as loaded: it is frozen), and embeds as the student."""

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save
@@ -215,6 +216,7 @@ def _two_rank_watch(rank: int, world: int, port: int, root: str, data: str, out:
     tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_version_one_rank_could_not_read_is_tried_again(tmp_path, toy_dataset):
     import shutil
 

@@ -218,6 +218,7 @@ def test_a_corrupt_snapshot_is_never_embedded(snapshot_run, toy_dataset, tmp_pat
     assert not (tmp_path / "mine" / "embeddings" / "embeddings.json").exists()
 
 
+@pytest.mark.slow
 def test_corruption_after_a_snapshot_was_embedded_is_seen(snapshot_run, toy_dataset, tmp_path):
     from b3stream.mining.pipeline import embed_stage
 

@@ -64,6 +64,7 @@ def _gate(monkeypatch):
     gate.set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False])
 def test_a_snapshot_step_returns_before_the_write_and_writes_what_a_synchronous_write_does(
         tmp_path, toy_dataset, monkeypatch, lora):

@@ -71,6 +71,7 @@ def test_watcher_takes_only_strictly_newer_good_versions(tmp_path, code_dataset)
     assert watcher.check(3) is None and "v4 not used" in said[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False])
 def test_snapshot_round_trip(tmp_path, lora):
     """A snapshot loads back into an encoder that embeds exactly like the student that wrote it; old
@@ -130,6 +131,7 @@ def test_refresh_due_bounds_the_lag():
     assert refresh_due([10, 20], 14, 5) is None and refresh_due([10, 20], 15, 5) == 10
 
 
+@pytest.mark.slow
 def test_a_snapshot_missing_adapter_weights_is_refused(tmp_path):
     """An adapter file without some of the student's adapter weights (its digest updated to match) would
     leave them at LoRA's initialisation and embed with the base model: refused."""
@@ -288,6 +290,7 @@ def test_the_trainer_steps_aside_while_a_cpu_miner_works(tmp_path, monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_a_pinned_snapshot_survives_a_resume_that_re_reaches_its_step(tmp_path):
     """A resumed run re-reaching a step it snapshotted replaced that folder whatever its pin; a miner reading
     it lost it mid-refresh. Now the pinned folder stays (the new copy is dropped), and an unpinned one is

@@ -49,6 +49,7 @@ def reference(folder):
     return SentenceTransformer(str(folder), device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["max", "weightedmean", "mean_sqrt_len_tokens", "lasttoken", ("cls", "mean")])
 def test_every_pooling_mode_embeds_as_sentence_transformers(tmp_path, mode):
     folder = st_folder(tmp_path / "st", mode=mode, normalize=mode != "mean_sqrt_len_tokens")
@@ -61,6 +62,7 @@ def test_every_pooling_mode_embeds_as_sentence_transformers(tmp_path, mode):
     assert enc.dim == ref.shape[1]
 
 
+@pytest.mark.slow
 def test_dense_layer_norm_and_normalize_are_applied_in_order(tmp_path):
     folder = st_folder(tmp_path / "st", mode="max", dense=32, layer_norm=True)
     enc = Encoder(EncoderConfig(model=str(folder)))

@@ -201,6 +201,7 @@ def test_one_fused_forward_trains_the_same_batches(resumed_run):
     assert losses["true"][0]["loss"] == pytest.approx(losses["false"][0]["loss"], rel=0.05)
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_refused(tmp_path, code_dataset):
     cfg = write_config(tmp_path / "bad.yaml", data=str(code_dataset), schedule="x", learning_rate=1e-4)
     res = run([*B3, "train", "--config", str(cfg)])
@@ -208,6 +209,7 @@ def test_unknown_config_key_is_refused(tmp_path, code_dataset):
     assert "unknown key(s) 'learning_rate'" in res.stderr
 
 
+@pytest.mark.slow
 def test_schedule_for_other_data_is_refused_before_the_model_loads(tmp_path, code_dataset, toy_dataset):
     sched = random_schedule(toy_dataset, batch_size=8, folder=tmp_path / "toy_sched")
     cfg = write_config(tmp_path / "bad.yaml", data=str(code_dataset), schedule=str(sched), out=str(tmp_path / "r"))

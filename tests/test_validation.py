@@ -109,6 +109,7 @@ def toy_schedule(toy_dataset, tmp_path_factory):
     return random_schedule(toy_dataset, batch_size=8, K=2, folder=tmp_path_factory.mktemp("val") / "schedules")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", BAD_VALUES)
 def test_train_command_refuses_bad_values(override, tmp_path, toy_dataset, toy_schedule):
     cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
@@ -124,6 +125,7 @@ def test_train_command_refuses_bad_values(override, tmp_path, toy_dataset, toy_s
     (lambda ds: ds.pop("optimizer"), 'no "optimizer" section'),
     (lambda ds: ds["zero_optimization"].update(stagee=2), "unknown DeepSpeed key zero_optimization.stagee"),
 ])
+@pytest.mark.slow
 def test_launcher_entry_refuses_a_bad_deepspeed_json(change, message, tmp_path, toy_dataset, toy_schedule):
     cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
                        out=str(tmp_path / "run"))
@@ -135,6 +137,7 @@ def test_launcher_entry_refuses_a_bad_deepspeed_json(change, message, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_launcher_entry_refuses_a_bad_value(tmp_path, toy_dataset, toy_schedule):
     cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
                        out=str(tmp_path / "run"))
