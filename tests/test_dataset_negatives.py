@@ -78,7 +78,7 @@ def test_a_step_carries_up_to_h_stored_negatives_per_member_drawn_per_epoch(nega
                                     lora=LoraConfig(enabled=False)), trainable=False)
     data = TokenizedBatches(records, encoder.tokenize, torch.zeros(1, dtype=torch.int64), seed=7)
     step = ScheduleSampler(schedule, len(records), seed=7, negatives="dataset", h_dataset=H).batch_at(0)
-    assert step.with_negatives and step.dataset_negatives == H and step.negative_sizes is None
+    assert step.has_negative_side and step.num_dataset_negatives == H and step.negative_sizes is None
     assert len(step.hard_negative_ids) == 0  # dataset: the schedule's own pool is left out
     batch = data[(0, step)]
     expected = sum(min(H, len(stored(records, i))) for i in step.ids)
