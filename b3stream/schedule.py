@@ -88,16 +88,16 @@ class Schedule:
     ids: np.ndarray
     offsets: np.ndarray
     meta: dict = field(default_factory=dict)
-    negatives: np.ndarray | None = None  # (len(ids), h), aligned with ids
+    negative_ids: np.ndarray | None = None  # (len(ids), h), aligned with ids
     path: Path | None = None
     batch_task: np.ndarray | None = None  # (num batches,) task index of each batch; None: tasks not kept apart
 
     def __post_init__(self):
         self.ids = np.ascontiguousarray(self.ids, dtype=np.int64)
         self.offsets = np.ascontiguousarray(self.offsets, dtype=np.int64)
-        if self.negatives is not None:
-            self.negatives = np.ascontiguousarray(self.negatives, dtype=np.int64)
-            if self.negatives.ndim != 2 or len(self.negatives) != len(self.ids):
+        if self.negative_ids is not None:
+            self.negative_ids = np.ascontiguousarray(self.negative_ids, dtype=np.int64)
+            if self.negative_ids.ndim != 2 or len(self.negative_ids) != len(self.ids):
                 raise ScheduleError("hard negatives must be a (len(ids), h) array")
         if len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != len(self.ids) or \
                 np.any(np.diff(self.offsets) <= 0):
@@ -109,12 +109,12 @@ class Schedule:
 
     @classmethod
     def from_batches(cls, batches: list[np.ndarray], meta: dict | None = None,
-                     negatives: list[np.ndarray] | None = None, batch_task=None) -> "Schedule":
+                     negative_ids: list[np.ndarray] | None = None, batch_task=None) -> "Schedule":
         sizes = [len(b) for b in batches]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         ids = np.concatenate(batches).astype(np.int64) if batches else np.empty(0, np.int64)
-        negs = np.concatenate(negatives).astype(np.int64) if negatives is not None else None
-        return cls(ids=ids, offsets=offsets, meta=dict(meta or {}), negatives=negs, batch_task=batch_task)
+        negs = np.concatenate(negative_ids).astype(np.int64) if negative_ids is not None else None
+        return cls(ids=ids, offsets=offsets, meta=dict(meta or {}), negative_ids=negs, batch_task=batch_task)
 
     @property
     def batches(self) -> Ragged:
@@ -122,7 +122,7 @@ class Schedule:
 
     @property
     def hard_negatives(self) -> Ragged | None:
-        return None if self.negatives is None else Ragged(self.negatives, self.offsets)
+        return None if self.negative_ids is None else Ragged(self.negative_ids, self.offsets)
 
     @property
     def version(self) -> int | None:
@@ -161,8 +161,8 @@ class Schedule:
     # -- serialisation ------------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {"ids": self.ids, "offsets": self.offsets}
-        if self.negatives is not None:
-            arrays["hard_negatives"] = self.negatives
+        if self.negative_ids is not None:
+            arrays["hard_negatives"] = self.negative_ids
         if self.batch_task is not None:
             arrays["batch_task"] = self.batch_task
         # Sorted by name, the order safetensors lays them out in and the checksum follows; no copy when they
@@ -348,7 +348,7 @@ def _read(path: Path, where: str) -> Schedule:
     _check_ids(arrays, (meta.get("data") or {}).get("n"), where)
     try:
         return Schedule(ids=arrays["ids"], offsets=arrays["offsets"], meta=meta,
-                        negatives=arrays.get("hard_negatives"), batch_task=arrays.get("batch_task"))
+                        negative_ids=arrays.get("hard_negatives"), batch_task=arrays.get("batch_task"))
     except ScheduleError as e:
         raise ScheduleError(f"{where}: {e}") from None
 

@@ -123,7 +123,7 @@ def test_stored_negatives_sit_in_the_denominator_and_a_same_text_positive_is_mas
     tau = 0.05
     out = InfoNCE(temperature=tau)(emb["query"], emb["positive"], emb["negative"], batch.keys["positive"],
                                    batch.keys["negative"])
-    assert out.negatives == 18  # three stored negatives per member, all of them in the pool
+    assert out.num_hard_negatives == 18  # three stored negatives per member, all of them in the pool
     q, d, n = emb["query"], emb["positive"], emb["negative"]
     same = batch.keys["negative"][None, :] == batch.keys["positive"][:, None]  # a stored copy of the positive
     assert all(same[r, 3 * r] for r in range(6))

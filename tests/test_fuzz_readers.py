@@ -275,7 +275,7 @@ def _valid_schedule(meta: dict | None = None, h: int = 2, arrays: dict | None = 
     arrays = arrays if arrays is not None else _valid_arrays(h)
     meta = meta if meta is not None else {"strategy": "b3pp", "K": 2, "batch_size": 4, "h": h, "data": STAMP,
                                           "version": 0}
-    return Schedule(ids=arrays["ids"], offsets=arrays["offsets"], meta=meta, negatives=arrays.get("hard_negatives"),
+    return Schedule(ids=arrays["ids"], offsets=arrays["offsets"], meta=meta, negative_ids=arrays.get("hard_negatives"),
                     batch_task=arrays.get("batch_task")).to_bytes()
 
 

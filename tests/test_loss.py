@@ -40,7 +40,7 @@ def test_infonce_matches_reference(hard, symmetric):
     ref = naive_infonce(q, d, n, 0.05, symmetric)
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert out.global_loss == pytest.approx(ref.item(), rel=1e-5)
-    assert out.batch_size == 12 and out.negatives == hard
+    assert out.batch_size == 12 and out.num_hard_negatives == hard
 
 
 def test_targets_are_right_with_hard_negatives():

@@ -41,13 +41,13 @@ def test_mine_all_stages_end_to_end(toy_mined, capsys):
     assert (meta["strategy"], meta["p"], meta["m"], meta["K"], meta["batch_size"], meta["h"]) == \
         ("b3pp", 2, 10, 4, 16, 2)
     assert meta["source_model"].startswith("all-MiniLM-L6-v2")
-    assert sched.negatives.shape == (n, 2)
+    assert sched.negative_ids.shape == (n, 2)
     # the stored quality is that of this file's batches and negatives on these embeddings (not, say, of the
     # batches before the hard negatives were attached), and it beats random batches of the same size
     queries = np.load(out / "embeddings" / "queries.npy", mmap_mode="r")
     positives = np.load(out / "embeddings" / "positives.npy", mmap_mode="r")
     again = batch_quality(sched.ids, sched.offsets, queries, positives, meta["quality"]["K"],
-                          temperature=meta["quality"]["temperature"], negatives=sched.negatives, sample=None)
+                          temperature=meta["quality"]["temperature"], negatives=sched.negative_ids, sample=None)
     for key in ("theorem1_bound", "neg_sim_mean", "neg_sim_hardest_mean"):
         assert meta["quality"][key] == pytest.approx(again[key], rel=1e-4), key
     perm = np.random.default_rng(0).permutation(n)

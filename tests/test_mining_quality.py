@@ -121,7 +121,7 @@ def random_negatives_like(sched, tasks: np.ndarray, top: np.ndarray, seed: int =
     """As many negatives per batch as B3++ drew, but uniformly at random from the pool B3++ draws from: the
     batch's task without the members and their top-p (X(B), :mod:`b3stream.mining.negatives`)."""
     rng = np.random.default_rng(seed)
-    out = np.empty_like(sched.negatives)
+    out = np.empty_like(sched.negative_ids)
     for lo, hi in zip(sched.offsets[:-1], sched.offsets[1:]):
         members = sched.ids[lo:hi]
         pool = np.setdiff1d(np.flatnonzero(np.isin(tasks, np.unique(tasks[members]))), excluded_ids(members, top))
@@ -135,7 +135,7 @@ def test_b3pp_negatives_beat_random_negatives_of_the_same_size():
     inp = mined(n=1000, tasks=1)
     q, pos, _ = clustered(1000, clusters=30, seed=0)
     s = schedule(inp, "b3pp")
-    hard = batch_quality(s.ids, s.offsets, q, pos, 8, negatives=s.negatives, sample=None)
+    hard = batch_quality(s.ids, s.offsets, q, pos, 8, negatives=s.negative_ids, sample=None)
     rand = random_negatives_like(s, inp.tasks, inp.top)
     base = batch_quality(s.ids, s.offsets, q, pos, 8, negatives=rand, sample=None)
     assert hard["theorem1_bound"] < base["theorem1_bound"] - 0.3, (hard, base)
@@ -144,7 +144,7 @@ def test_b3pp_negatives_beat_random_negatives_of_the_same_size():
         return np.mean([(q[s.ids[lo:hi]] @ pos[negs[lo:hi].ravel()].T).mean()
                         for lo, hi in zip(s.offsets[:-1], s.offsets[1:])])
 
-    assert sim_to_negatives(s.negatives) > 2 * sim_to_negatives(rand) + 0.02
+    assert sim_to_negatives(s.negative_ids) > 2 * sim_to_negatives(rand) + 0.02
 
 
 def test_sampled_estimate_is_close_and_memory_is_chunked():
@@ -232,7 +232,7 @@ def test_schedule_stage_scores_the_replaced_schedule_with_the_same_top_k_pass(tm
     assert MineConfig().quality_sample >= 400
     for sched, got in ((new, new.meta["quality"]), (old, new.meta["quality_previous"])):
         assert_matches_definition(got, theorem1_by_definition(sched.ids, sched.offsets, emb.queries, emb.positives,
-                                                              4, tau, sched.negatives))
+                                                              4, tau, sched.negative_ids))
     assert new.meta["quality"]["scope"] == new.meta["quality_previous"]["scope"] == "all ids"
     assert new.meta["quality_previous"]["version"] == 0
     assert new.meta["quality"]["theorem1_bound"] != new.meta["quality_previous"]["theorem1_bound"]

@@ -54,7 +54,7 @@ def test_every_id_exactly_once_and_full_batches(inputs, name):
     s.check_epoch(inputs.n)
     sizes = np.diff(s.offsets)
     assert np.all(sizes[:-1] == 64) and 0 < sizes[-1] <= 64, "only the last batch may be short"
-    assert (s.negatives is not None) == (name in ("b3pp", "random_hn", "task_hn"))
+    assert (s.negative_ids is not None) == (name in ("b3pp", "random_hn", "task_hn"))
 
 
 @pytest.mark.parametrize("name", STRATS)

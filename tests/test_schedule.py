@@ -31,7 +31,7 @@ def _schedule(seed=0, h=None):
     if h:
         negs = [np.stack([np.setdiff1d(np.arange(12), b)[:h]] * len(b)) for b in batches]
     return Schedule.from_batches(batches, meta={"strategy": "random", "K": 2, "batch_size": 4, "seed": seed,
-                                                "data": STAMP, "timings": {"total_s": 0.1}}, negatives=negs)
+                                                "data": STAMP, "timings": {"total_s": 0.1}}, negative_ids=negs)
 
 
 def test_round_trip_with_hard_negatives(tmp_path):
@@ -68,7 +68,7 @@ def test_the_file_is_a_safetensors_file_and_every_array_round_trips(tmp_path):
     assert sorted(plain) == ["batch_task", "hard_negatives", "ids", "offsets"]
     assert plain["ids"].tolist() == s.ids.tolist() and plain["hard_negatives"].shape == (12, 2)
     back = load_schedule(path)
-    for name in ("ids", "offsets", "negatives", "batch_task"):
+    for name in ("ids", "offsets", "hard_negatives", "batch_task"):
         assert np.array_equal(getattr(back, name), getattr(s, name)), name
     with safe_open(path, framework="numpy") as f:
         entry = json.loads(f.metadata()[META_KEY])
@@ -80,9 +80,9 @@ def test_empty_arrays_round_trip(tmp_path):
     empty = load_schedule(publish_schedule(Schedule.from_batches([]), tmp_path))
     assert empty.ids.shape == (0,) and empty.offsets.tolist() == [0]
     s = _schedule(h=None)
-    s.negatives = np.zeros((12, 0), np.int64)
+    s.negative_ids = np.zeros((12, 0), np.int64)
     back = load_schedule(publish_schedule(s, tmp_path))
-    assert back.negatives.shape == (12, 0) and back.ids.tolist() == s.ids.tolist()
+    assert back.negative_ids.shape == (12, 0) and back.ids.tolist() == s.ids.tolist()
 
 
 def _publish_elsewhere(folder) -> bytes:
@@ -320,7 +320,7 @@ def _checksummed(ids, stamp_n: int | None = 6, negatives=None) -> Schedule:
         meta["data"] = {**STAMP, "n": stamp_n}
     ids = np.asarray(ids)
     negatives = None if negatives is None else [negatives[:3], negatives[3:]]
-    return Schedule.from_batches([ids[:3], ids[3:]], meta=meta, negatives=negatives)
+    return Schedule.from_batches([ids[:3], ids[3:]], meta=meta, negative_ids=negatives)
 
 
 @pytest.mark.parametrize("ids, bad, count", [([0, 1, 2, 3, -5, 5], -5, 1), ([0, 1, 2, 3, 10**6, 5], 10**6, 1),
@@ -346,7 +346,7 @@ def test_ids_outside_the_data_are_counted_and_named(tmp_path, ids, bad, count):
 def test_hard_negatives_outside_the_data_are_refused_but_minus_one_padding_is_kept(tmp_path):
     negs = np.array([[1, -1], [2, 0], [0, 1], [4, 5], [3, 5], [3, 4]])
     ok = publish_schedule(_checksummed(range(6), negatives=negs), tmp_path)
-    assert load_schedule(ok).negatives.tolist() == negs.tolist()
+    assert load_schedule(ok).negative_ids.tolist() == negs.tolist()
     negs[4, 1] = 6
     bad = publish_schedule(_checksummed(range(6), negatives=negs), tmp_path)
     with pytest.raises(ScheduleError, match=rf"{bad}: 1 hard negatives outside -1\.\.5 \(e\.g\. 6\)"):

@@ -264,7 +264,7 @@ def test_b3pp_negatives_as_columns(pairs, tmp_path):
     columns = np.array([out["b3_negative_1"], out["b3_negative_2"]]).T
     empty = 0
     for lo, hi in zip(schedule.offsets[:-1], schedule.offsets[1:]):
-        rows, drawn = schedule.ids[lo:hi], schedule.negatives[lo:hi]
+        rows, drawn = schedule.ids[lo:hi], schedule.negative_ids[lo:hi]
         pool = {positive[j] for j in drawn[drawn >= 0]}
         members = {positive[i] for i in rows}
         for i, slots in zip(rows, drawn):
@@ -272,7 +272,7 @@ def test_b3pp_negatives_as_columns(pairs, tmp_path):
                 assert text == positive[j] if j >= 0 else (text in pool or not pool)
                 assert text not in members  # never a member's positive: B3++'s exclusions hold
             empty += int((slots < 0).sum())
-    assert (schedule.negatives >= 0).mean() > 0.9, empty
+    assert (schedule.negative_ids >= 0).mean() > 0.9, empty
 
 
 def test_arguments_pickle_with_the_factory(small, tmp_path):

@@ -235,7 +235,7 @@ def check_swap(s: Setting, plan: dict, before: np.ndarray) -> None:
         if i is None:
             lost += 1
             continue
-        if sched.negatives is not None:
+        if sched.negative_ids is not None:
             drawn = np.unique(sched.hard_negatives[b])
             drawn = drawn[(drawn >= 0) & ~np.isin(drawn, ids)]
             if len(drawn) < s.world:

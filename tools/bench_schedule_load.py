@@ -93,7 +93,7 @@ def build(schedule_cls, n: int, size: int, K: int, h: int):
             "num_batches": len(offsets) - 1, "source_model": "bench", "source_step": None,
             "data": {"dataset": "bench", "split": "train", "n": n, "fingerprint": "ab" * 32},
             "quality": {"theorem1_bound": 1.25, "theorem1_bound_ci95": [1.2, 1.3], "in_batch_sim": 0.31}}
-    return schedule_cls(ids=ids, offsets=offsets, meta=meta, negatives=negatives)
+    return schedule_cls(ids=ids, offsets=offsets, meta=meta, negative_ids=negatives)
 
 
 def load_once(module_file: str, path: Path) -> dict:

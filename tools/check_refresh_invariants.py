@@ -90,7 +90,7 @@ def mined_batches(run: Path) -> dict[tuple[int, frozenset], int]:
     for v in list_versions(run / "schedules"):
         s = load_schedule(version_path(run / "schedules", v))
         for b, ids in enumerate(s.batches):
-            pool = np.unique(s.hard_negatives[b]) if s.negatives is not None else np.empty(0, np.int64)
+            pool = np.unique(s.hard_negatives[b]) if s.negative_ids is not None else np.empty(0, np.int64)
             out[(v, frozenset(ids.tolist()))] = int(((pool >= 0) & ~np.isin(pool, ids)).sum())
     return out
 

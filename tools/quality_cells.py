@@ -110,10 +110,10 @@ def encoded_per_epoch(schedule: Path) -> dict:
 
     s = load_schedule(schedule)
     negatives = 0
-    if s.negatives is not None:
+    if s.negative_ids is not None:
         for b in range(len(s.offsets) - 1):
             ids = np.asarray(s.ids[s.offsets[b]:s.offsets[b + 1]])
-            pool = np.unique(np.asarray(s.negatives[s.offsets[b]:s.offsets[b + 1]]).ravel())
+            pool = np.unique(np.asarray(s.negative_ids[s.offsets[b]:s.offsets[b + 1]]).ravel())
             negatives += int(np.setdiff1d(pool[pool >= 0], ids).size)
     steps = len(s.offsets) - 1
     return {"queries": len(s.ids), "positives": len(s.ids), "negatives": negatives,

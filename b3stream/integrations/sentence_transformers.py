@@ -526,13 +526,13 @@ def with_hard_negatives(dataset, schedule, seed: int = 0):
     are the schedule's, so a re-mined schedule (the callback) changes the batches but not them."""
     stamp = dataset_stamp(dataset)
     sched = _load(schedule, stamp)
-    if sched.negatives is None or sched.negatives.shape[1] == 0:
+    if sched.negative_ids is None or sched.negative_ids.shape[1] == 0:
         raise ScheduleError(f"schedule {sched.path or '(in memory)'} ({sched.meta.get('strategy')}) holds no hard "
                             "negatives: mine it with strategy b3pp (or random_hn / task_hn) and h > 0")
     records = dataset_records(dataset)
-    n, h = len(records), sched.negatives.shape[1]
+    n, h = len(records), sched.negative_ids.shape[1]
     negatives = np.full((n, h), -1, np.int64)
-    negatives[sched.ids] = sched.negatives
+    negatives[sched.ids] = sched.negative_ids
     rng = np.random.default_rng(seed)
     for lo, hi in zip(sched.offsets[:-1], sched.offsets[1:]):
         rows = sched.ids[lo:hi]

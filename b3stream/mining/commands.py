@@ -178,8 +178,8 @@ def inspect_schedule(path, embeddings=None) -> int:
               f"full batches {int((sizes == meta.get('batch_size')).sum())}")
     else:
         print("  0 batches, 0 ids")
-    if sched.negatives is not None:
-        print(f"  hard negatives: {sched.negatives.shape[1]} per example")
+    if sched.negative_ids is not None:
+        print(f"  hard negatives: {sched.negative_ids.shape[1]} per example")
     timings = meta.get("timings") or {}
     if timings:
         print("  timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items() if v is not None))

@@ -434,11 +434,11 @@ def _upcoming(schedule: Schedule, to_come: np.ndarray | None
     """(ids, offsets, negatives) of ``schedule``'s batches restricted to the ids in the mask ``to_come``
     (emptied batches dropped); the whole schedule when it is None."""
     if to_come is None:
-        return schedule.ids, schedule.offsets, schedule.negatives
+        return schedule.ids, schedule.offsets, schedule.negative_ids
     keep = to_come[schedule.ids]
     sizes = np.add.reduceat(keep.astype(np.int64), schedule.offsets[:-1]) if len(keep) else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes[sizes > 0])]).astype(np.int64)
-    negatives = None if schedule.negatives is None else schedule.negatives[keep]
+    negatives = None if schedule.negative_ids is None else schedule.negative_ids[keep]
     return schedule.ids[keep], offsets, negatives
 
 

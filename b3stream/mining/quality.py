@@ -421,4 +421,4 @@ def schedule_quality(schedule, queries: np.ndarray, positives: np.ndarray, K: in
     """:func:`batch_quality` of a :class:`~b3stream.schedule.Schedule` (K from its metadata)."""
     K = K or int(schedule.meta.get("K") or 32)
     return batch_quality(schedule.ids, schedule.offsets, queries, positives, K, temperature,
-                         negatives=schedule.negatives, sample=sample, seed=seed, progress=progress)
+                         negatives=schedule.negative_ids, sample=sample, seed=seed, progress=progress)

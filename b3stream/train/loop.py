@@ -281,7 +281,7 @@ class Recipe:
             **out.device_stats(), "lr": lr, "grad_norm": grad_norm,  # tensors: read when it logs
             "examples_per_s": rate, "time_data": t_fetched - clock.t_ready if exact else None,
             "time_fwd_bwd": t_backward - t_start if exact else None,
-            "time_optimizer": t_end - t_backward if exact else None, "hard_negatives": out.negatives,
+            "time_optimizer": t_end - t_backward if exact else None, "hard_negatives": out.num_hard_negatives,
             "epoch": batch.rank_batch.epoch, "schedule_version": batch.rank_batch.version,
             "staleness": staleness(sampler.schedule, self.step),
             "strategy": sampler.schedule.meta.get("strategy", "?"),
@@ -453,7 +453,7 @@ def _trace(run: Path, step: int, s, global_ids: np.ndarray, out, dist: DistInfo)
     name = "trace.jsonl" if dist.is_main else f"trace.rank{dist.rank}.jsonl"
     with open(run / name, "a") as f:
         f.write(json.dumps({"step": step, "epoch": s.epoch, "index": s.index, "version": s.version,
-                            "loss": out.global_loss, "negatives": out.negatives,
+                            "loss": out.global_loss, "negatives": out.num_hard_negatives,
                             "ids": [int(i) for i in global_ids]}) + "\n")
 
 

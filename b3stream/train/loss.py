@@ -210,7 +210,7 @@ class LossOutput:
     loss: torch.Tensor
     stats: torch.Tensor  # [mean l_i, mean q_i . d_i, mean hardest negative, accuracy], global, detached
     batch_size: int  # |B| (global)
-    negatives: int  # |N| (global hard negatives)
+    num_hard_negatives: int  # |N| (global hard negatives)
     pos_sims: torch.Tensor | None = None  # this rank's q_i . d_i (for histograms)
     hardest_sims: torch.Tensor | None = None  # this rank's most similar negative per query
     _floats: list[float] | None = field(default=None, repr=False)
@@ -335,7 +335,7 @@ class InfoNCE:
                 dist.all_reduce(stats)
             stats = stats / total
         # No .tolist() / .cpu() here: each would make the host wait for the GPU on every step (LossOutput).
-        return LossOutput(loss=scaled, stats=stats, batch_size=total, negatives=n_neg, pos_sims=pos,
+        return LossOutput(loss=scaled, stats=stats, batch_size=total, num_hard_negatives=n_neg, pos_sims=pos,
                           hardest_sims=hardest)
 
 

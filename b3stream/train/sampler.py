@@ -121,7 +121,7 @@ class ScheduleSampler:
                                "this is a bug")
         self._ids = sched.ids[rows]
         # each row's hard negatives (a copy: fancy indexing); a re-cut batch's are dropped (-1)
-        self._hard_negatives = None if sched.negatives is None else sched.negatives[rows]
+        self._hard_negatives = None if sched.negative_ids is None else sched.negative_ids[rows]
         if self._hard_negatives is not None:
             self._hard_negatives[~keep] = -1
         self._offsets = offsets
@@ -173,7 +173,7 @@ class ScheduleSampler:
             raise IndexError(f"step {index} outside the epoch plan of {self.steps_per_epoch} steps")
         batch = self.global_batch(index)
         lo, hi = split_bounds(len(batch), self.world, self.rank)
-        mined = self.takes_mined and self.schedule.negatives is not None
+        mined = self.takes_mined and self.schedule.negative_ids is not None
         pool = self.negative_pool(index) if mined else np.empty(0, np.int64)
         nlo, nhi = split_bounds(len(pool), self.world, self.rank)
         return RankBatch(epoch=self.epoch, index=index, ids=batch[lo:hi], hard_negative_ids=pool[nlo:nhi],
