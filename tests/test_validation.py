@@ -1,7 +1,8 @@
 """Bad values are refused when the config is read, before any model loads or run folder appears; the lr
 schedule gives the first updates a rate above 0; ``--quiet`` silences the model-loading bar.
 
-The refusals go through the real commands (``b3stream train``, ``python -m b3stream.train``); the lr
+The refusals go through the real commands' entries (``b3stream train``, ``python -m b3stream.train``), in
+this process, and one launched case per command for its exit code; the lr
 schedule (transformers' warmup and decay, a JSON's own DeepSpeed WarmupDecayLR) against the formula, alone,
 in a real DeepSpeed engine across a checkpoint, and in one short real training run.
 """
@@ -109,14 +110,39 @@ def toy_schedule(toy_dataset, tmp_path_factory):
     return random_schedule(toy_dataset, batch_size=8, K=2, folder=tmp_path_factory.mktemp("val") / "schedules")
 
 
-@pytest.mark.slow
+def _refused_in_process(entry, argv, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of a command entry run in this process; it returns or exits (argparse)."""
+    try:
+        code = entry(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override", BAD_VALUES)
-def test_train_command_refuses_bad_values(override, tmp_path, toy_dataset, toy_schedule):
+def test_train_command_refuses_bad_values(override, tmp_path, toy_dataset, toy_schedule, capsys):
+    """`b3stream train --config X key=value` through the command's own entry, in this process (the launched
+    command's exit code: test_train_command_exits_2_on_a_bad_value)."""
+    from b3stream.cli import main
+
     cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
                        out=str(tmp_path / "run"))
-    res = run([*B3, "train", "--config", str(cfg), override])
+    code, err = _refused_in_process(main, ["train", "--config", str(cfg), override], capsys)
+    assert code == 2, err[-2000:]
+    assert BAD_VALUES[override] in err
+    assert "Traceback" not in err and "Loading weights" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_train_command_exits_2_on_a_bad_value(tmp_path, toy_dataset, toy_schedule):
+    """The launched command: exit code 2, the key named, no traceback, no model loaded, no run folder (the value
+    that once passed the check and failed after the model loaded)."""
+    cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
+                       out=str(tmp_path / "run"))
+    res = run([*B3, "train", "--config", str(cfg), "temperature=inf"])
     assert res.returncode == 2, res.stderr[-2000:]
-    assert BAD_VALUES[override] in res.stderr
+    assert BAD_VALUES["temperature=inf"] in res.stderr
     assert "Traceback" not in res.stderr and "Loading weights" not in res.stderr
     assert not (tmp_path / "run").exists()
 
@@ -125,15 +151,22 @@ def test_train_command_refuses_bad_values(override, tmp_path, toy_dataset, toy_s
     (lambda ds: ds.pop("optimizer"), 'no "optimizer" section'),
     (lambda ds: ds["zero_optimization"].update(stagee=2), "unknown DeepSpeed key zero_optimization.stagee"),
 ])
-@pytest.mark.slow
-def test_launcher_entry_refuses_a_bad_deepspeed_json(change, message, tmp_path, toy_dataset, toy_schedule):
+def test_launcher_entry_refuses_a_bad_deepspeed_json(change, message, tmp_path, toy_dataset, toy_schedule, capsys,
+                                                     monkeypatch):
+    """`python -m b3stream.train --deepspeed BAD.json`'s entry in this process; its ``finish`` (which ends a
+    launched process with os._exit) hands the code back instead. The launched entry's exit code:
+    test_launcher_entry_refuses_a_bad_value."""
+    import b3stream.dist
+    from b3stream.train.__main__ import main
+
+    finished = []
+    monkeypatch.setattr(b3stream.dist, "finish", finished.append)
     cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
                        out=str(tmp_path / "run"))
-    res = run([sys.executable, "-m", "b3stream.train", "--config", str(cfg),
-               "--deepspeed", _ds_file(tmp_path, change)])
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert message in res.stderr
-    assert "Traceback" not in res.stderr and "Loading weights" not in res.stderr
+    code, err = _refused_in_process(main, ["--config", str(cfg), "--deepspeed", _ds_file(tmp_path, change)], capsys)
+    assert code == 2 and finished == [2], err[-2000:]
+    assert message in err
+    assert "Traceback" not in err and "Loading weights" not in err
     assert not (tmp_path / "run").exists()
 
 
@@ -143,6 +176,7 @@ def test_launcher_entry_refuses_a_bad_value(tmp_path, toy_dataset, toy_schedule)
                        out=str(tmp_path / "run"))
     res = run([sys.executable, "-m", "b3stream.train", "--config", str(cfg), "temperature=-1"])
     assert res.returncode == 2 and "temperature: must be > 0" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "Loading weights" not in res.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -300,7 +334,8 @@ def test_short_run_logs_rising_warmup_rates_and_quiet_hides_the_loading_bar(tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = write_config(tmp_path / "train.yaml", data=str(toy_dataset), schedule=str(toy_schedule),
-                       out=str(tmp_path / "run"), max_steps=3, warmup_ratio=0.9, lr=3e-4)
+                       out=str(tmp_path / "run"), max_steps=3, warmup_ratio=0.9, lr=3e-4,
+                       student={"max_query_length": 16, "max_positive_length": 16})
     res = run([*B3, "train", "--config", str(cfg), "--quiet"], threads=2)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Loading weights" not in res.stderr
@@ -315,7 +350,8 @@ def test_short_run_logs_rising_warmup_rates_and_quiet_hides_the_loading_bar(tmp_
 
 @pytest.mark.slow
 def test_mine_quiet_hides_the_loading_bar(tmp_path, toy_dataset):
-    res = run([*B3, "mine", "embed", "--data", str(toy_dataset), "--out", str(tmp_path / "mine"), "--quiet"],
+    res = run([*B3, "mine", "embed", "--data", str(toy_dataset), "--out", str(tmp_path / "mine"), "--quiet",
+               "--set", "teacher.max_query_length=16", "--set", "teacher.max_positive_length=16"],
               threads=2)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "mine" / "embeddings" / "queries.npy").is_file()
