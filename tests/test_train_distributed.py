@@ -45,7 +45,10 @@ def test_two_rank_zero2_lora_training(tmp_path, code_dataset):
     sched = random_schedule(code_dataset, batch_size=16, K=4, h=2, folder=tmp_path / "schedules")
     cfg = write_config(tmp_path / "train.yaml", data=str(code_dataset), schedule=str(sched.parent),
                        out=str(tmp_path / "run"), deepspeed="zero2", max_steps=3, trace_ids=True,
-                       grad_cache_chunk=4, eval_split="test", eval_max_queries=16, num_workers=1)
+                       grad_cache_chunk=4, eval_split="test", eval_max_queries=16, num_workers=1,
+                       # the test split's own corpus (a few hundred documents, not every split's ~1,200) and
+                       # short texts: the evaluation is still split over both ranks, before and after
+                       eval_corpus="split", student={"max_query_length": 16, "max_positive_length": 32})
     res = torchrun(2, ["-m", "b3stream.train", "--config", str(cfg)], free_port(), timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "terminate called" not in res.stderr
@@ -88,7 +91,8 @@ def test_deepspeed_launcher(tmp_path, code_dataset):
     launcher = str(Path(sys.executable).parent / "deepspeed")  # installed with the deepspeed package
     sched = random_schedule(code_dataset, batch_size=8, K=2, folder=tmp_path / "schedules")
     cfg = write_config(tmp_path / "train.yaml", data=str(code_dataset), schedule=str(sched),
-                       out=str(tmp_path / "run"), max_steps=1)
+                       out=str(tmp_path / "run"), max_steps=1,
+                       student={"max_query_length": 16, "max_positive_length": 16})
     res = run([sys.executable, launcher, "--master_port", str(free_port()), "--module", "b3stream.train",
                "--config", str(cfg), "--deepspeed", "ds_configs/zero2.json"], threads=2, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
