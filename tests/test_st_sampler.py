@@ -326,7 +326,7 @@ def one_thread():
 
 
 def _trainer(ds, miner, tmp_path, epochs=2, loss="mnrl", callbacks=()):
-    """sentence-transformers' trainer on B3 batches, the bundled MiniLM at 32 tokens, recording the rows of
+    """sentence-transformers' trainer on B3 batches, the bundled MiniLM at 16 tokens, recording the rows of
     every batch its collator receives (in training order)."""
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
@@ -337,7 +337,7 @@ def _trainer(ds, miner, tmp_path, epochs=2, loss="mnrl", callbacks=()):
     from b3stream.integrations.sentence_transformers import B3BatchSampler
 
     model = SentenceTransformer(default_model_path(), device="cpu")
-    model.max_seq_length = 32
+    model.max_seq_length = 16
     fn = MultipleNegativesRankingLoss(model) if loss == "mnrl" else \
         CachedMultipleNegativesRankingLoss(model, mini_batch_size=4)
     args = SentenceTransformerTrainingArguments(
@@ -373,7 +373,7 @@ def tiny(pairs, tmp_path_factory):
 
     ds = st_dataset(pairs, 48)
     model = SentenceTransformer(default_model_path(), device="cpu")
-    model.max_seq_length = 32
+    model.max_seq_length = 16
     miner = B3Miner(ds, tmp_path_factory.mktemp("tiny") / "mine", batch_size=16, K=8, p=2, m=10)
     return ds, miner, miner.mine(model)
 
