@@ -140,3 +140,22 @@ def perturbed_student(lora: bool, seed: int):
 
     cfg = EncoderConfig(**{**REFRESH_STUDENT, "lora": LoraConfig(enabled=lora, r=4, alpha=8)})
     return cfg, moved_student(cfg, seed)
+
+
+def refused_in_process(argv: list[str], capfd) -> tuple[int, str]:
+    """(exit code, stderr) of ``b3stream ARGV`` run through the CLI's entry in this process: a refusal that
+    needs no launch (the launched command's exit code 2: test_validation.py::test_train_command_exits_2_on_a_
+    bad_value). It returns or exits (argparse). ``b3stream train`` sets the rendezvous variables of its
+    one-process group (RANK, MASTER_PORT, ...) for itself: they are taken out again, so that nothing later in
+    this worker inherits them. ``capfd``: what is written to the file descriptor counts too (a progress bar)."""
+    from b3stream.cli import main
+
+    saved = dict(os.environ)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return code, capfd.readouterr().err

@@ -1,7 +1,9 @@
 """`b3stream train` end to end in one process: stop + resume, export, evaluation, refusals.
 
 Real parts throughout: the bundled MiniLM weights with LoRA, DeepSpeed (ZeRO-0, gloo), the code-search
-shards read by id. Lengths are short and runs a few steps long to keep this quick on two cores.
+shards read by id. Lengths are short (24 / 32 tokens), runs a few steps long, evaluations on the test split's
+own corpus, and independent runs side by side (one thread each) to keep this quick on two cores; the
+refusals run through the command's entry in this process.
 """
 
 from __future__ import annotations
@@ -19,24 +21,31 @@ from b3stream.schedule import load_schedule
 from b3stream.train.ds_config import build_ds_config, resolve_ds_path
 from b3stream.train.sampler import ScheduleSampler
 
-from ._train_util import random_schedule, read_trace, run, write_config
+from ._train_util import random_schedule, read_trace, refused_in_process, run, run_side_by_side, write_config
 
 B3 = [sys.executable, "-m", "b3stream"]
-STUDENT = {"max_query_length": 48, "max_positive_length": 48, "lora": {"r": 4, "alpha": 8}}
+STUDENT = {"max_query_length": 24, "max_positive_length": 32, "lora": {"r": 4, "alpha": 8}}
+EVAL = ["eval_split=test", "eval_max_queries=24", "eval_corpus=split"]  # the resumed run's closing evaluation
 
 
 @pytest.fixture(scope="module")
 def resumed_run(code_dataset, tmp_path_factory):
-    """Train 2 steps and stop; then ask for 4 steps with export + evaluation: the second run resumes."""
+    """Train 2 steps and stop; then ask for 4 steps with export + evaluation: the second run resumes.
+    Beside the first run (independent of it): the same 4 steps in one run that opens with an evaluation
+    (``straight``, for test_resumed_run_reproduces_the_uninterrupted_losses_with_dropout_on)."""
     root = tmp_path_factory.mktemp("train_run")
     sched = random_schedule(code_dataset, batch_size=8, K=2, folder=root / "schedules")
     cfg = write_config(root / "train.yaml", data=str(code_dataset), schedule=str(sched.parent),
                        out=str(root / "run"), student=STUDENT, max_steps=2, trace_ids=True, seed=3)
-    first = run([*B3, "train", "--config", str(cfg)], threads=2)
+    straight_cfg = write_config(root / "straight.yaml", data=str(code_dataset), schedule=str(sched),
+                                out=str(root / "straight"), student=STUDENT, max_steps=4, trace_ids=True, seed=3,
+                                eval_split="test", eval_max_queries=8, eval_corpus="split")  # an evaluation runs
+    first, straight = run_side_by_side([*B3, "train", "--config", str(cfg)],
+                                       [*B3, "train", "--config", str(straight_cfg)])
     assert first.returncode == 0, first.stderr[-3000:]
+    assert straight.returncode == 0, straight.stderr[-3000:]
     trace_first = read_trace(root / "run")
-    second = run([*B3, "train", "--config", str(cfg), "max_steps=4", "export=true", "eval_split=test",
-                  "eval_max_queries=24"], threads=2)
+    second = run([*B3, "train", "--config", str(cfg), "max_steps=4", "export=true", *EVAL], threads=2)
     assert second.returncode == 0, second.stderr[-3000:]
     return {"root": root, "schedule": sched, "first": first, "second": second, "trace_first": trace_first,
             "summary": json.loads((root / "run" / "summary.json").read_text()), "data": code_dataset}
@@ -62,13 +71,11 @@ def test_resume_continues_with_the_same_remaining_ids(resumed_run):
 def test_resumed_run_reproduces_the_uninterrupted_losses_with_dropout_on(resumed_run):
     """One run of 4 steps with an opening evaluation == 2 steps without one + a resumed 2 (LoRA dropout
     0.05 and the backbone's 0.1 on): dropout masks depend on (seed, step, rank), never on what ran before,
-    and train mode is set explicitly rather than left to whether an evaluation ran."""
+    and train mode is set explicitly rather than left to whether an evaluation ran. The one run: the fixture's
+    ``straight``, launched beside the first 2 steps."""
     root = resumed_run["root"]
-    cfg = write_config(root / "straight.yaml", data=str(resumed_run["data"]), schedule=str(resumed_run["schedule"]),
-                       out=str(root / "straight"), student=STUDENT, max_steps=4, trace_ids=True, seed=3,
-                       eval_split="test", eval_max_queries=8, eval_corpus="split")  # an evaluation runs: any corpus
-    res = run([*B3, "train", "--config", str(cfg)], threads=2)
-    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((root / "straight" / "summary.json").read_text())
+    assert set(summary["eval"]) == {"before", "after"}, summary["eval"]  # it did open with an evaluation
     straight = read_trace(root / "straight")
     resumed = read_trace(root / "run")
     assert [t["ids"] for t in straight] == [t["ids"] for t in resumed]
@@ -79,7 +86,7 @@ def test_summary_and_monitoring(resumed_run):
     s = resumed_run["summary"]
     assert s["steps"] == 4 and s["ranks_in_sync"] is True
     assert set(s["eval"]) == {"after"}  # a resumed run does not re-run the zero-shot evaluation
-    assert s["eval"]["after"]["queries"] == 24
+    assert s["eval"]["after"]["queries"] == 24 and s["eval"]["after"]["corpus_mode"] == "split"
     assert list((resumed_run["root"] / "run" / "tb").glob("events.out.tfevents.*"))
     assert "step 4/4" in resumed_run["second"].stderr and "ex/s" in resumed_run["second"].stderr
 
@@ -167,13 +174,19 @@ def test_sentence_transformers_export_matches_our_encoder(resumed_run, trained_a
 
 
 @pytest.mark.slow
-def test_evaluate_command_on_the_export(resumed_run):
+def test_evaluate_command_on_the_export(resumed_run, capsys):
+    """`b3stream evaluate` on the export, through the command's entry in this process (the launched command:
+    test_evaluate_beir.py::test_evaluate_command_on_a_beir_folder), scores as the trainer's closing evaluation
+    did (the same queries and corpus)."""
+    from b3stream.cli import main
+
     export = resumed_run["root"] / "run" / "export" / "sentence-transformers"
     out = resumed_run["root"] / "eval.json"
-    res = run([*B3, "evaluate", "--model", str(export), "--data", str(resumed_run["data"]),
-               "--max-queries", "24", "--json", str(out)], threads=2)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "ndcg@10" in res.stdout
+    code = main(["evaluate", "--model", str(export), "--data", str(resumed_run["data"]), "--max-queries", "24",
+                 "--corpus", "split", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "ndcg@10" in printed.out
     metrics = json.loads(out.read_text())
     after = resumed_run["summary"]["eval"]["after"]
     assert metrics["queries"] == after["queries"] and metrics["corpus"] == after["corpus"]
@@ -186,38 +199,40 @@ def test_evaluate_command_on_the_export(resumed_run):
 @pytest.mark.slow
 def test_one_fused_forward_trains_the_same_batches(resumed_run):
     """fuse_sides (the GPU default) through the real engine on CPU: the same batches as the run with a
-    forward per side and the same loss up to dropout noise (the masks differ; tau = 1 keeps that small)."""
+    forward per side and the same loss up to dropout noise (the masks differ; tau = 1 keeps that small).
+    The two runs are independent: side by side."""
     root = resumed_run["root"]
-    losses = {}
-    for fuse in ("true", "false"):
-        cfg = write_config(root / f"fuse-{fuse}.yaml", data=str(resumed_run["data"]),
-                           schedule=str(resumed_run["schedule"]), out=str(root / f"fuse-{fuse}"),
-                           student=STUDENT, max_steps=1, trace_ids=True, seed=3, eval_split=None,
-                           temperature=1.0, export=False, fuse_sides=fuse == "true")
-        res = run([*B3, "train", "--config", str(cfg)], threads=2)
+    configs = {fuse: write_config(root / f"fuse-{fuse}.yaml", data=str(resumed_run["data"]),
+                                  schedule=str(resumed_run["schedule"]), out=str(root / f"fuse-{fuse}"),
+                                  student=STUDENT, max_steps=1, trace_ids=True, seed=3, eval_split=None,
+                                  temperature=1.0, export=False, fuse_sides=fuse == "true")
+               for fuse in ("true", "false")}
+    for res in run_side_by_side(*([*B3, "train", "--config", str(cfg)] for cfg in configs.values())):
         assert res.returncode == 0, res.stderr[-3000:]
-        losses[fuse] = read_trace(root / f"fuse-{fuse}")
+    losses = {fuse: read_trace(root / f"fuse-{fuse}") for fuse in configs}
+    assert all(len(trace) == 1 for trace in losses.values())
     assert [t["ids"] for t in losses["true"]] == [t["ids"] for t in losses["false"]]
     assert losses["true"][0]["loss"] == pytest.approx(losses["false"][0]["loss"], rel=0.05)
 
 
-@pytest.mark.slow
-def test_unknown_config_key_is_refused(tmp_path, code_dataset):
+def test_unknown_config_key_is_refused(tmp_path, code_dataset, capfd):
     cfg = write_config(tmp_path / "bad.yaml", data=str(code_dataset), schedule="x", learning_rate=1e-4)
-    res = run([*B3, "train", "--config", str(cfg)])
-    assert res.returncode == 2
-    assert "unknown key(s) 'learning_rate'" in res.stderr
+    code, err = refused_in_process(["train", "--config", str(cfg)], capfd)
+    assert code == 2, err[-2000:]
+    assert "unknown key(s) 'learning_rate'" in err
 
 
 @pytest.mark.slow
-def test_schedule_for_other_data_is_refused_before_the_model_loads(tmp_path, code_dataset, toy_dataset):
+def test_schedule_for_other_data_is_refused_before_the_model_loads(tmp_path, code_dataset, toy_dataset, capfd):
+    """Refused in setup's first stage, after the (one-process) group is up and before the model loads: in this
+    process, so that what a load would print to the terminal is seen too."""
     sched = random_schedule(toy_dataset, batch_size=8, folder=tmp_path / "toy_sched")
     cfg = write_config(tmp_path / "bad.yaml", data=str(code_dataset), schedule=str(sched), out=str(tmp_path / "r"))
     start = time.time()
-    res = run([*B3, "train", "--config", str(cfg)])
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "built for data 'toy'" in res.stderr and "rebuild it for this data" in res.stderr
-    assert "Loading weights" not in res.stderr and "step 1/" not in res.stderr
+    code, err = refused_in_process(["train", "--config", str(cfg)], capfd)
+    assert code == 2, err[-2000:]
+    assert "built for data 'toy'" in err and "rebuild it for this data" in err
+    assert "Loading weights" not in err and "step 1/" not in err
     assert time.time() - start < 60
     assert not (tmp_path / "r").exists()
 
