@@ -2,8 +2,9 @@
 line is printed, the exit status is 130 / 143, and running the same command resumes, training every id of
 each epoch exactly once over the two runs (b3stream/train/interrupt.py).
 
-The runs are real (the bundled MiniLM with LoRA, DeepSpeed ZeRO-0 on gloo, one DataLoader worker) on 48
-prepared toy pairs, 6 steps an epoch, so a whole run takes seconds on two cores.
+The runs are real (the bundled MiniLM with LoRA, DeepSpeed ZeRO-0 on gloo, one DataLoader worker) on 32
+prepared toy pairs, 4 steps an epoch (two epochs: a resume crosses an epoch boundary), so a whole run takes
+seconds on two cores.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ._train_util import REPO, env, random_schedule, read_trace, run, write_conf
 from .conftest import toy_rows, write_jsonl
 
 B3 = [sys.executable, "-m", "b3stream"]
-N = 48  # training pairs: 6 steps of |B| = 8 an epoch
+N = 32  # training pairs: 4 steps of |B| = 8 an epoch
+STEPS = 2 * N // 8  # two epochs
 
 
 def test_stop_signals_flag_the_first_signal_and_restore_the_handlers():
@@ -59,7 +61,7 @@ def test_interrupted_says_where_to_resume():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """48 toy pairs, all in the train split, and a random schedule of |B| = 8 (K = 2)."""
+    """32 toy pairs, all in the train split, and a random schedule of |B| = 8 (K = 2)."""
     from b3stream.data.prepare import prepare_file
     from b3stream.data.sources import FieldMap
 
@@ -67,7 +69,7 @@ def tiny(tmp_path_factory):
     src = write_jsonl(root / "pairs.jsonl", toy_rows(N, tasks=1, groups=N))
     data = root / "data"
     prepare_file(str(src), "jsonl", str(data), FieldMap(query="q", positive="p", group="g"),
-                 held_out={"validation": 0.0, "test": 0.0}, samples_per_shard=24, progress=False)
+                 held_out={"validation": 0.0, "test": 0.0}, samples_per_shard=16, progress=False)
     sched = random_schedule(data, batch_size=8, K=2, folder=root / "schedules")
     return {"root": root, "data": data, "schedule": sched}
 
@@ -133,25 +135,25 @@ def test_sigterm_checkpoints_exits_143_and_the_same_command_resumes_each_id_once
     cfg, run_dir = _config(tiny, "term"), tiny["root"] / "term"
     res = _interrupt([*B3, "train", "--config", str(cfg), "--quiet"], run_dir, signal.SIGTERM)
     step = _assert_stopped_cleanly(res, run_dir, "SIGTERM", 143)
-    assert 2 <= step < 12
+    assert 2 <= step < STEPS
 
     again = run([*B3, "train", "--config", str(cfg), "--quiet"], threads=2)
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"resuming at step {step}" in again.stderr
     trace = read_trace(run_dir)
-    assert [t["step"] for t in trace] == list(range(1, 13))
+    assert [t["step"] for t in trace] == list(range(1, STEPS + 1))
     for epoch in (0, 1):
         ids = [i for t in trace if t["epoch"] == epoch for i in t["ids"]]
         assert sorted(ids) == list(range(N)), f"epoch {epoch}: not every id exactly once"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["completed"] is True and summary["stopped"] is None and summary["steps"] == 12
+    assert summary["completed"] is True and summary["stopped"] is None and summary["steps"] == STEPS
 
 
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_and_exits_130(tiny):
     cfg, run_dir = _config(tiny, "int"), tiny["root"] / "int"
     res = _interrupt([*B3, "train", "--config", str(cfg), "--quiet"], run_dir, signal.SIGINT, after_steps=1)
-    assert _assert_stopped_cleanly(res, run_dir, "SIGINT", 130) < 12
+    assert _assert_stopped_cleanly(res, run_dir, "SIGINT", 130) < STEPS
 
 
 @pytest.mark.slow
@@ -169,7 +171,7 @@ def test_two_ranks_under_torchrun_stop_at_the_same_step_and_resume(tiny):
 
     res = _interrupt(torchrun(), run_dir, signal.SIGTERM, threads=1)
     step = _assert_stopped_cleanly(res, run_dir, "SIGTERM", None)
-    assert 2 <= step < 12
+    assert 2 <= step < STEPS
     assert [json.loads(line)["step"] for line in (run_dir / "trace.rank1.jsonl").read_text().splitlines()] == \
         list(range(1, step + 1))
     tag = run_dir / "checkpoints" / f"step{step:08d}"
@@ -179,7 +181,7 @@ def test_two_ranks_under_torchrun_stop_at_the_same_step_and_resume(tiny):
     again = run(torchrun(), threads=1)
     assert again.returncode == 0, again.stderr[-4000:]
     trace = read_trace(run_dir)
-    assert [t["step"] for t in trace] == list(range(1, 13))
+    assert [t["step"] for t in trace] == list(range(1, STEPS + 1))
     assert [json.loads(line)["ids"] for line in (run_dir / "trace.rank1.jsonl").read_text().splitlines()] == \
         [t["ids"] for t in trace]
     for epoch in (0, 1):
