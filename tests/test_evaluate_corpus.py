@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from b3stream.data.manifest import Manifest
 from b3stream.data.reader import ShardedDataset
 from b3stream.evaluate import METRICS, RetrievalSet, read_per_query, search
 
-from ._train_util import run
 
 
 def _positives(data, split: str) -> set[str]:
@@ -82,18 +80,20 @@ def test_per_query_file_matches_the_metrics(code_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_command_all_corpus_per_query(code_dataset, tmp_path, capsys):
-    """`b3stream evaluate` zero-shot with the bundled model (this also stands for the former
-    test_evaluate.py::test_evaluate_command_zero_shot, one launch instead of two)."""
+    """`b3stream evaluate` zero-shot with the bundled model, through the command's entry in this process (this
+    also stands for the former test_evaluate.py::test_evaluate_command_zero_shot; the launched command:
+    test_evaluate_beir.py::test_evaluate_command_on_a_beir_folder). Texts cut at 16 tokens: the >1,000
+    documents of ``--corpus all`` are the cost."""
     from b3stream.cli import main
 
     pq, js = tmp_path / "ranks.jsonl", tmp_path / "m.json"
-    res = run([sys.executable, "-m", "b3stream", "evaluate", "--data", str(code_dataset), "--max-queries", "20",
-               "--max-length", "32", "--corpus", "all", "--per-query", str(pq), "--json", str(js)],
-              threads=2, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "bundled all-MiniLM-L6-v2" in res.stdout and "ndcg@10" in res.stdout and "(20 queries" in res.stdout
+    code = main(["evaluate", "--data", str(code_dataset), "--max-queries", "20", "--max-length", "16",
+                 "--corpus", "all", "--per-query", str(pq), "--json", str(js)])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert "bundled all-MiniLM-L6-v2" in out.out and "ndcg@10" in out.out and "(20 queries" in out.out
     metrics = json.loads(js.read_text())
-    assert metrics["corpus_mode"] == "all" and metrics["corpus"] > 1000 and "corpus: all" in res.stdout
+    assert metrics["corpus_mode"] == "all" and metrics["corpus"] > 1000 and "corpus: all" in out.out
     rows = read_per_query(pq)
     assert len(rows) == 20
     assert np.mean([r["ndcg@10"] for r in rows]) == pytest.approx(metrics["ndcg@10"])
