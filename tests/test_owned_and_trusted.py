@@ -26,7 +26,7 @@ from b3stream.refresh.miner import snapshot_model
 from b3stream.refresh.snapshot import SnapshotError, latest_snapshot, write_snapshot
 from b3stream.train import run_folder
 
-from ._train_util import env, random_schedule, read_trace, run, run_side_by_side, write_config
+from ._train_util import env, random_schedule, read_trace, refused_in_process, run, run_side_by_side, write_config
 
 B3 = [sys.executable, "-m", "b3stream"]
 TINY = dict(max_query_length=16, max_positive_length=16)
@@ -84,27 +84,27 @@ def test_mine_embed_keeps_files_it_did_not_write(tmp_path, toy_dataset):
 
 
 @pytest.mark.slow
-def test_train_refuses_a_folder_holding_files_it_did_not_write(tmp_path, toy_dataset):
+def test_train_refuses_a_folder_holding_files_it_did_not_write(tmp_path, toy_dataset, capfd):
     """config.yaml and summary.json already in `out` are not overwritten without a word: refused before the
-    model loads, and nothing in the folder changes."""
+    model loads, and nothing in the folder changes (the command's entry in this process)."""
     sched = random_schedule(toy_dataset, batch_size=8, K=2, folder=tmp_path / "sched")
     out = tmp_path / "T"
     out.mkdir()
     (out / "config.yaml").write_text("mine: 1\n")
     (out / "summary.json").write_text('{"mine": 1}')
     cfg = write_config(tmp_path / "t.yaml", data=str(toy_dataset), schedule=str(sched), out=str(out), max_steps=1)
-    res = run([*B3, "train", "--config", str(cfg), "--quiet"])
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "files no b3stream run wrote" in res.stderr and "overwrite=true" in res.stderr
-    assert "Traceback" not in res.stderr and "Loading weights" not in res.stderr
+    code, err = refused_in_process(["train", "--config", str(cfg)], capfd)
+    assert code == 2, err[-2000:]
+    assert "files no b3stream run wrote" in err and "overwrite=true" in err
+    assert "Traceback" not in err and "Loading weights" not in err
     assert (out / "config.yaml").read_text() == "mine: 1\n" and (out / "summary.json").read_text() == '{"mine": 1}'
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "summary.json"]
 
 
 @pytest.mark.slow
-def test_refreshed_mode_never_deletes_a_mining_folder(tmp_path, toy_dataset):
+def test_refreshed_mode_never_deletes_a_mining_folder(tmp_path, toy_dataset, capfd):
     """`train mode=refreshed out=H` with H a mining folder: refused even with overwrite=true (the run would
-    publish into and prune H/schedules, H/snapshots); every file stays."""
+    publish into and prune H/schedules, H/snapshots); every file stays (the command's entry in this process)."""
     H = tmp_path / "H"
     for v in (1, 2):
         random_schedule(toy_dataset, batch_size=8, K=2, folder=H / "schedules", version=v)
@@ -116,11 +116,11 @@ def test_refreshed_mode_never_deletes_a_mining_folder(tmp_path, toy_dataset):
     cfg = write_config(tmp_path / "r.yaml", data=str(toy_dataset), schedule=str(start), out=str(H), max_steps=2,
                        mode="refreshed", refresh={"every_steps": 1, "spawn": False})
     for extra in ([], ["overwrite=true"]):
-        res = run([*B3, "train", "--config", str(cfg), "--quiet", *extra])
-        assert res.returncode == 2, res.stderr[-2000:]
-        assert "Traceback" not in res.stderr
+        code, err = refused_in_process(["train", "--config", str(cfg), *extra], capfd)
+        assert code == 2, err[-2000:]
+        assert "Traceback" not in err
         assert sorted(str(p.relative_to(H)) for p in H.rglob("*")) == before
-    assert "schedules, snapshots hold files" in res.stderr
+    assert "schedules, snapshots hold files" in err  # overwrite=true: refused for being a mining folder
 
 
 def test_overwrite_replaces_an_earlier_run_but_keeps_other_files(tmp_path):
