@@ -2,8 +2,9 @@
 embedding with the student's snapshots, real FAISS / METIS, hot swaps (the pieces on their own, without a
 training run: tests/test_refresh_parts.py).
 
-The runs are small (about 360 code-search pairs, |B| = 8, K = 4, MiniLM with short texts) so that a refresh
-takes seconds on two cores; trainer and miner share those cores.
+The runs are small (200 code-search pairs, all of them train pairs: 25 steps an epoch at |B| = 8, K = 4;
+MiniLM with texts cut to 24 / 32 tokens) so that a refresh takes seconds on two cores; trainer and miner share
+those cores.
 """
 
 from __future__ import annotations
@@ -26,25 +27,35 @@ from b3stream.run_paths import RunPaths
 from b3stream.refresh.snapshot import latest_snapshot, list_snapshots, load_snapshot_encoder, write_snapshot
 from b3stream.dist import free_port
 
-from ._train_util import (REFRESH_STUDENT as STUDENT, env, perturbed_student, read_trace, run, torchrun,
-                          write_config)
+from ._train_util import env, moved_student, read_trace, run, torchrun, write_config
 
 B3 = [sys.executable, "-m", "b3stream"]
+# the student of these runs, and the teacher that mined their starting schedule, read texts this short
+STUDENT = {"max_query_length": 24, "max_positive_length": 32, "lora": {"r": 4, "alpha": 8}}
+STOP = 30  # the fixture run stops here (5 steps into its second epoch of 25) and is resumed
 
 
 @pytest.fixture(scope="module")
 def mined(tmp_path_factory):
-    """~360 training pairs and a static b3 schedule mined with the bundled MiniLM teacher."""
+    """200 training pairs and a static b3 schedule mined with the bundled MiniLM teacher."""
     from b3stream.data.prepare import prepare_codesearch
     from b3stream.mining.pipeline import run_all
 
     root = tmp_path_factory.mktemp("refresh")
     data = root / "data"
-    prepare_codesearch(str(data), packages=["stdlib"], max_pairs=400, samples_per_shard=200, progress=False)
-    teacher = EncoderConfig(max_query_length=32, max_positive_length=48, lora=LoraConfig(enabled=False))
+    prepare_codesearch(str(data), packages=["stdlib"], max_pairs=200, samples_per_shard=200, progress=False,
+                       held_out={})  # nothing is evaluated: every pair a train pair
+    teacher = EncoderConfig(max_query_length=STUDENT["max_query_length"],
+                            max_positive_length=STUDENT["max_positive_length"], lora=LoraConfig(enabled=False))
     sched = run_all(MineConfig(data=str(data), out=str(root / "mine"), teacher=teacher, strategy="b3", p=2, m=20,
                                K=4, batch_size=8, per_task=False), progress=False)
     return {"root": root, "data": data, "schedule": sched}
+
+
+def run_student(seed: int):
+    """(config, Encoder) of these runs' student (LoRA) with its trainable weights moved off the bundled model's."""
+    cfg = EncoderConfig(**{**STUDENT, "lora": LoraConfig(enabled=True, r=4, alpha=8)})
+    return cfg, moved_student(cfg, seed)
 
 
 def refreshed_config(mined, name: str, **extra) -> Path:
@@ -69,10 +80,12 @@ def assert_exactly_once_per_epoch(trace: list[dict], n: int) -> None:
 
 @pytest.fixture(scope="module")
 def refreshed_run(mined):
-    """Two epochs in refreshed mode, stopped after 50 steps and resumed (one run serves the swap, the
-    exactly-once and the resume assertions: refreshed runs are the suite's slowest tests)."""
-    cfg = refreshed_config(mined, "run", epochs=2)
-    first = run([*B3, "train", "--config", str(cfg), "max_steps=50"], threads=1, timeout=600)
+    """Two epochs in refreshed mode, stopped after STOP steps and resumed (one run serves the swap, the
+    exactly-once and the resume assertions: refreshed runs are the suite's slowest tests). ``max_lag_steps``
+    only bounds how late a refresh may land (the first swap lands before STOP however loaded the machine);
+    a miner that keeps up never makes the trainer wait."""
+    cfg = refreshed_config(mined, "run", epochs=2, refresh={"max_lag_steps": 12, "wait_timeout": 300})
+    first = run([*B3, "train", "--config", str(cfg), f"max_steps={STOP}"], threads=1, timeout=600)
     assert first.returncode == 0, first.stderr[-4000:]
     out = mined["root"] / "run"
     before = json.loads((out / "summary.json").read_text())
@@ -100,7 +113,7 @@ def test_refreshed_run_swaps_mid_epoch_and_trains_each_id_once(mined, refreshed_
     for v in versions[1:]:
         meta = load_schedule(version_path(out / "schedules", v)).meta
         assert meta["source_step"] % 6 == 0 and meta["strategy"] == "b3" and meta["K"] == 4
-        assert meta["source_epoch"] in (0, 1) and 0 <= meta["trained_apart"] < 400
+        assert meta["source_epoch"] in (0, 1) and 0 <= meta["trained_apart"] < n
         assert meta["quality"]["theorem1_bound"] > 0 and meta["quality_previous"]["version"] == v - 1
         assert {"embed", "rank", "partition", "schedule"} <= set(meta["timings"])
     assert any(load_schedule(version_path(out / "schedules", v)).meta["trained_apart"] for v in versions[1:])
@@ -203,8 +216,8 @@ def test_batch_hardness_replays_the_batches_a_refreshed_run_trained(refreshed_ru
 @pytest.mark.slow
 def test_two_ranks_swap_at_the_same_step(mined):
     # one epoch; max_lag_steps makes the first swap certain however slow the miner is on a loaded machine
-    cfg = refreshed_config(mined, "run2", epochs=1, max_steps=24, deepspeed="zero2",
-                           refresh={"every_steps": 4, "max_lag_steps": 12, "wait_timeout": 300})
+    cfg = refreshed_config(mined, "run2", epochs=1, max_steps=16, deepspeed="zero2",
+                           refresh={"every_steps": 4, "max_lag_steps": 8, "wait_timeout": 300})
     res = torchrun(2, ["-m", "b3stream.train", "--config", str(cfg)], free_port(), timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     out = mined["root"] / "run2"
@@ -222,11 +235,12 @@ def test_a_slow_miner_killed_twice_comes_back_and_lands_its_refreshes(mined):
     And the miner is SIGKILLed twice while it embeds: training goes on, the miner is restarted, its refreshes
     land (``max_lag_steps`` makes the trainer wait for them, so this does not hang on timing), and no partial
     schedule is ever read."""
-    cfg = refreshed_config(mined, "killed", refresh={"every_steps": 1, "keep": 2, "max_lag_steps": 12,
+    # within one epoch (25 steps): the first refresh is in use by step 9, one from a later snapshot by step 19
+    cfg = refreshed_config(mined, "killed", refresh={"every_steps": 1, "keep": 2, "max_lag_steps": 8,
                                                      "wait_timeout": 120, "poll_seconds": 0.2})
     out = mined["root"] / "killed"
     status_file = RunPaths(out).status
-    proc = subprocess.Popen([*B3, "train", "--config", str(cfg), "max_steps=40"], env=env(1), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*B3, "train", "--config", str(cfg), "max_steps=24"], env=env(1), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     killed: list[int] = []
     deadline = time.time() + 400
@@ -274,7 +288,7 @@ def test_two_process_miner_embeds_like_the_snapshot(mined, refreshed_run, tmp_pa
 
     out = refreshed_run["out"]
     RunPaths(out).finished.unlink(missing_ok=True)
-    cfg, student = perturbed_student(lora=True, seed=7)
+    cfg, student = run_student(seed=7)
     before = max(list_versions(out / "schedules"))
     snap = write_snapshot(out, 9999, student.model, cfg, Manifest.load(mined["data"]).stamp("train"), keep=100)
     res = torchrun(2, ["-m", "b3stream", "refresh", str(out), "--once", "--quiet", "--nice", "0"],
@@ -295,8 +309,9 @@ def test_two_process_miner_embeds_like_the_snapshot(mined, refreshed_run, tmp_pa
 def test_mine_embed_on_two_processes_equals_one(mined, tmp_path):
     """`torchrun --nproc_per_node 2 -m b3stream mine embed` writes the embeddings one process wrote (the
     fixture's, same teacher and lengths)."""
-    args = ["mine", "embed", "--data", str(mined["data"]), "--set", "teacher.max_positive_length=48",
-            "--set", "teacher.max_query_length=32", "--set", "teacher.lora.enabled=false", "--quiet"]
+    args = ["mine", "embed", "--data", str(mined["data"]), "--set",
+            f"teacher.max_positive_length={STUDENT['max_positive_length']}", "--set",
+            f"teacher.max_query_length={STUDENT['max_query_length']}", "--set", "teacher.lora.enabled=false", "--quiet"]
     two = torchrun(2, ["-m", "b3stream", *args, "--out", str(tmp_path / "two")], free_port(), timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     one = mined["root"] / "mine"
@@ -318,29 +333,49 @@ def test_a_resumed_refreshed_run_continues_the_epoch_on_its_swapped_schedule(min
     version it had swapped to, keeps the swap history, restarts the miner, and the epoch still trains
     every id exactly once."""
     before, after, out = refreshed_run["before"], refreshed_run["summary"], refreshed_run["out"]
-    assert before["swaps"], "no swap in the first 50 steps"
-    assert before["steps"] == 50 and after["steps"] > 50
+    assert before["swaps"], f"no swap in the first {STOP} steps"
+    assert before["steps"] == STOP and before["epoch"] == 1 and after["steps"] > STOP  # stopped mid-epoch
     second = refreshed_run["second"].stderr
-    assert "resuming at step 50" in second and "miner started" in second
+    assert f"resuming at step {STOP}" in second and "miner started" in second
     assert after["swaps"][: len(before["swaps"])] == before["swaps"]
     trace = read_trace(out)
     assert [t["step"] for t in trace] == list(range(1, len(trace) + 1))
-    assert trace[50]["version"] >= before["schedule_version"]
+    assert trace[STOP]["version"] >= before["schedule_version"]
     assert_exactly_once_per_epoch(trace, Manifest.load(mined["data"]).split("train").n)
 
 
 @pytest.mark.slow
-def test_refreshed_mode_refuses_bad_settings_before_anything_is_written(mined):
+def test_refreshed_mode_refuses_bad_settings_before_anything_is_written(mined, capsys):
+    """Each refusal through the command's own entry point (``b3stream.cli.main``) in this process; one of them
+    launched, for the exit code and stderr of the real command."""
+    import logging
+
+    import torch
+
+    from b3stream.cli import main
+
     cfg = refreshed_config(mined, "bad")
+    launched = run([*B3, "train", "--config", str(cfg), "refresh.every_steps=0"], threads=1, timeout=120)
+    assert launched.returncode == 2, launched.stderr[-2000:]
+    assert "every_steps" in launched.stderr and "Traceback" not in launched.stderr
+    assert not (mined["root"] / "bad").exists()
     for override, named in (("refresh.mine={strategi: b3}", "strategi"), ("refresh.every_steps=0", "every_steps"),
                             ("refresh.model=oracle", "refresh.model"), ("mode=sometimes", "mode"),
                             ("refresh.max_lag_steps=-1", "max_lag_steps")):
-        res = run([*B3, "train", "--config", str(cfg), override], threads=1, timeout=120)
-        assert res.returncode == 2, (override, res.stderr[-2000:])
-        assert named in res.stderr and "Traceback" not in res.stderr
+        assert main(["train", "--config", str(cfg), override]) == 2, (override, capsys.readouterr().err[-2000:])
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, (override, err[-2000:])
         assert not (mined["root"] / "bad").exists()
-    res = run([*B3, "refresh", str(mined["root"] / "nowhere")], threads=1, timeout=120)
-    assert res.returncode == 2 and "no miner configuration" in res.stderr
+    # `b3stream refresh` sets its niceness, torch's threads and a log handler before it looks at the folder:
+    # given as this process has them, and the handler taken off again
+    logger = logging.getLogger("b3stream.mining")
+    kept = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        code = main(["refresh", str(mined["root"] / "nowhere"), "--nice", "0", "--threads",
+                     str(torch.get_num_threads())])
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = kept
+    assert code == 2 and "no miner configuration" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -351,7 +386,7 @@ def test_max_lag_zero_trains_every_refresh_from_the_step_of_its_snapshot(mined, 
     ids are still trained exactly once. With ``refresh.model: teacher`` the embeddings carry no snapshot step,
     and the schedule must still say which snapshot it answers (else the trainer waits until its timeout)."""
     # two refreshes from the student; one from the teacher, whose point is which snapshot it answers
-    every, steps = (15, 40) if model == "student" else (20, 25)
+    every, steps = (8, 20) if model == "student" else (8, 12)
     cfg = refreshed_config(mined, f"sync-{model}", epochs=1, max_steps=steps,
                            refresh={"every_steps": every, "max_lag_steps": 0, "model": model, "wait_timeout": 300})
     res = run([*B3, "train", "--config", str(cfg)], threads=1, timeout=600)
@@ -380,12 +415,12 @@ def test_refresh_with_the_teacher_embeds_with_the_teacher_that_mined_the_schedul
     from b3stream.refresh.trainer import miner_config
 
     schedule = load_schedule(mined["schedule"])
-    assert schedule.meta["teacher"]["lora"]["enabled"] is False and schedule.meta["teacher"]["max_query_length"] == 32
-    student = {**STUDENT, "pooling": "cls", "max_query_length": 24}
+    assert schedule.meta["teacher"]["lora"]["enabled"] is False and schedule.meta["teacher"]["max_query_length"] == 24
+    student = {**STUDENT, "pooling": "cls", "max_query_length": 16}
     cfg = from_dict(TrainConfig, {"data": str(mined["data"]), "schedule": str(mined["schedule"]), "student": student,
                                   "mode": "refreshed", "refresh": {"every_steps": 4, "model": "teacher"}})
     mine = miner_config(cfg, schedule)
-    assert mine.teacher.pooling == "mean" and mine.teacher.max_query_length == 32  # the teacher's, not the student's
+    assert mine.teacher.pooling == "mean" and mine.teacher.max_query_length == 24  # the teacher's, not the student's
     assert mine.partitioner == schedule.meta["partitioner"] == "metis"
     schedule.meta["partitioner"] = "kaminpar"  # the miner partitions as the running schedule was partitioned
     assert miner_config(cfg, schedule).partitioner == "kaminpar"
