@@ -138,7 +138,7 @@ def test_training_lowered_the_loss_of_the_batches_it_trained_on(resumed_run, tra
     before = infonce_of_batches(base, resumed_run["data"], batches, tau)
     after = infonce_of_batches(trained, resumed_run["data"], batches, tau)
     print(f"\nInfoNCE of the 4 trained batches: untrained {before:.4f}, trained {after:.4f}")
-    assert after < 0.97 * before, (before, after)  # 0.342 -> 0.322 here (-6%): half that is required
+    assert after < 0.97 * before, (before, after)  # 0.284 -> 0.267 here (-6%): half that is required
 
 
 def test_sentence_transformers_export_matches_our_encoder(resumed_run, trained_and_base):
