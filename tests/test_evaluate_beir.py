@@ -201,7 +201,8 @@ def test_training_evaluates_on_a_beir_folder(code_dataset, tmp_path):
     folder = write_beir(tmp_path / "beir")
     sched = random_schedule(code_dataset, batch_size=8, K=2, folder=tmp_path / "schedules")
     cfg = write_config(tmp_path / "train.yaml", data=str(code_dataset), schedule=str(sched.parent),
-                       out=str(tmp_path / "run"), student={"model": str(start)}, max_steps=2, export=True,
+                       out=str(tmp_path / "run"), max_steps=2, export=True,
+                       student={"model": str(start), "max_query_length": 16, "max_positive_length": 16},
                        eval_beir=str(folder))
     res = run([sys.executable, "-m", "b3stream", "train", "--config", str(cfg)], threads=2, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
