@@ -22,23 +22,8 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 # others carry @pytest.mark.slow where they train, launch processes or embed a dataset).
 SLOW_FIXTURES = {"mined", "refreshed_run", "resumed_run", "code_mined", "toy_mined", "lora_encoder"}
 
-# The files that cost the most, most first (measured with --durations on a quiet 2-core box). The workers take
-# whole files (--dist loadfile) in collection order (pyproject: --no-loadscope-reorder, which would otherwise
-# put the files with the most tests first): the long ones start at once and the many short ones fill in
-# around them, instead of one long file starting last and running alone at the end.
-LONGEST_FIRST = ("test_refresh.py", "test_train_run.py", "test_owned_and_trusted.py", "test_train_distributed.py",
-                 "test_st_sampler.py", "test_train_interrupt.py", "test_refresh_multitask.py",
-                 "test_decoder_student.py", "test_run_folder_is_data.py", "test_validation.py",
-                 "test_refresh_parts.py", "test_evaluate_beir.py", "test_evaluate_corpus.py", "test_mining_quality.py",
-                 "test_loss.py", "test_dataset_negatives.py", "test_bench_train.py", "test_formats.py",
-                 "test_train_hostsync.py", "test_export_st.py")
-
 
 def pytest_collection_modifyitems(items):
-    missing = [name for name in LONGEST_FIRST if not (Path(__file__).parent / name).is_file()]
-    assert not missing, f"tests/conftest.py LONGEST_FIRST names files that are gone: {missing}"
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
     cuda = None
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
