@@ -23,6 +23,23 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 SLOW_FIXTURES = {"mined", "refreshed_run", "resumed_run", "code_mined", "toy_mined", "lora_encoder"}
 
 
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_rendezvous_left_behind():
+    """A command run in the test process (``cli.main(["train", ...])``) sets a one-process group's rendezvous
+    variables for itself; left in the worker, every later run launched with its environment would share one
+    MASTER_PORT (two at once: EADDRINUSE). Put them back as they were after each test."""
+    before = {key: os.environ.get(key) for key in RENDEZVOUS}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def pytest_collection_modifyitems(items):
     cuda = None
     for item in items:

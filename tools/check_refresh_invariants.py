@@ -75,6 +75,8 @@ def train(data: Path, schedule: Path, run: Path, args) -> subprocess.CompletedPr
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # each run is a one-process group of its own, on a port it picks itself
     return subprocess.run([sys.executable, "-m", "b3stream", "train", "--config", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=args.timeout)
 
