@@ -25,9 +25,10 @@ from .progress import progress_bar
 
 from .config import ConfigError, EncoderConfig
 from .model_folder import (  # noqa: F401 - re-exported: callers import them from here
-    HEAD_MODULES, POOLINGS, ST_POOLING_MODES, SentenceTransformersFolder, default_model_path, model_prompts,
-    read_sentence_transformers_folder, resolve_model, sentence_transformers_settings, settled, st_pooling_mode,
-    valid_pooling, with_model_prompts)
+    model_prompts, sentence_transformers_settings, settled, with_model_prompts)
+from .st_folder import (  # noqa: F401 - re-exported: callers import them from here
+    HEAD_MODULES, POOLINGS, ST_POOLING_MODES, SentenceTransformersFolder, default_model_path,
+    read_sentence_transformers_folder, resolve_model, st_pooling_mode, valid_pooling)
 
 
 def quiet_model_loading() -> None:

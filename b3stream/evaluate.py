@@ -371,7 +371,7 @@ def encoder_config_for(path: str | None, pooling: str | None = None, max_length:
     """An EncoderConfig for a saved model, embedding as sentence-transformers would: a sentence-transformers
     folder tells its pooling, normalisation (:func:`b3stream.encoder.settled`) and lengths, the query and
     document lengths apart where it has them (b3stream's exports do). ``max_length``: both lengths."""
-    from .model_folder import read_sentence_transformers_folder, resolve_model
+    from .st_folder import read_sentence_transformers_folder, resolve_model
 
     cfg = EncoderConfig(model=path, lora=LoraConfig(enabled=False))
     st = read_sentence_transformers_folder(resolve_model(path)) if path else None

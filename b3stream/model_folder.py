@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import EncoderConfig
-from .st_folder import (  # noqa: F401 - re-exported: callers import them from here
-    BUNDLED_NAMES, HEAD_MODULES, POOLINGS, ST_POOLING_MODES, SentenceTransformersFolder, default_model_path,
-    read_sentence_transformers_folder, resolve_model, st_pooling_mode, valid_pooling)
+from .st_folder import POOLINGS  # noqa: F401 - the poolings a folder's Pooling may name (tests/test_layers.py)
+from .st_folder import SentenceTransformersFolder, read_sentence_transformers_folder, resolve_model
 
 
 def sentence_transformers_settings(folder: str | Path) -> dict:

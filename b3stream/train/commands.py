@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..model_folder import POOLINGS
+from ..st_folder import POOLINGS
 
 
 def register(sub) -> None:
