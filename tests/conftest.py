@@ -23,21 +23,17 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 SLOW_FIXTURES = {"mined", "refreshed_run", "resumed_run", "code_mined", "toy_mined", "lora_encoder"}
 
 
-RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 @pytest.fixture(autouse=True)
-def _no_rendezvous_left_behind():
-    """A command run in the test process (``cli.main(["train", ...])``) sets a one-process group's rendezvous
-    variables for itself; left in the worker, every later run launched with its environment would share one
-    MASTER_PORT (two at once: EADDRINUSE). Put them back as they were after each test."""
-    before = {key: os.environ.get(key) for key in RENDEZVOUS}
+def _environment_put_back():
+    """A command run in the test process (``cli.main(["train", ...])``) sets variables for itself: its
+    one-process group's rendezvous (RANK, MASTER_PORT, ...), ``--quiet``'s HF_HUB_DISABLE_PROGRESS_BARS. Left in
+    the worker, every later run launched with its environment would inherit them (two on one MASTER_PORT:
+    EADDRINUSE). The environment is put back as it was after each test."""
+    before = dict(os.environ)
     yield
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def pytest_collection_modifyitems(items):
