@@ -98,9 +98,13 @@ VALID = {
 }
 
 
+# One root per worker, removed when the worker exits: thousands of examples must not leave thousands of folders.
+_ROOT = tempfile.TemporaryDirectory(prefix="fuzz-")
+
+
 def in_folder(write):
-    """Run ``write(folder)`` then return the folder (a fresh temporary one per example)."""
-    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    """Run ``write(folder)`` then return the folder (a fresh one per example, under the worker's root)."""
+    folder = Path(tempfile.mkdtemp(dir=_ROOT.name))
     write(folder)
     return folder
 

@@ -13,6 +13,8 @@ import copy
 import json
 import math
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,21 +230,15 @@ def _own_warmup_decay_rates(total: int, warmup_ratio: float, lr: float) -> list[
     own = json.loads(resolve_ds_path("zero0").read_text())
     own["scheduler"] = {"type": "WarmupDecayLR", "params": {k: "auto" for k in (
         "warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps")} | {"warmup_type": "linear"}}
-    ds = build_ds_config(cfg, _write(own), 1, 8, total, "fp32")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "ds.json"
+        path.write_text(json.dumps(own))
+        ds = build_ds_config(cfg, path, 1, 8, total, "fp32")
     assert lr_schedule(ds, cfg, total) is None  # DeepSpeed builds the JSON's own
     opt = _optimizer(lr)
     sched = WarmupDecayLR(opt, **copy.deepcopy(ds["scheduler"]["params"]))
     start_lr_schedule(sched)
     return _drive(opt, sched, total)
-
-
-def _write(ds: dict):
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp()) / "ds.json"
-    path.write_text(json.dumps(ds))
-    return path
 
 
 CASES = [(3, 0.9), (10, 0.3), (100, 0.1), (7, 0.0), (20, 0.05), (1, 0.5), (10, 0.15), (5, 0.2)]
