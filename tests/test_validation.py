@@ -283,10 +283,9 @@ def test_resume_reapplies_the_rate_of_the_next_update():
 ENGINE_SCRIPT = """
 import json, sys, torch, deepspeed
 from b3stream.config import TrainConfig
-from b3stream.dist import single_process_env
+from b3stream.dist import init_distributed
 from b3stream.train.ds_config import build_ds_config, lr_schedule, resolve_ds_path, start_lr_schedule
-single_process_env()
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed()  # the trainer's own start (it skips the JIT build of DeepSpeed's CPU shared-memory op)
 folder, total, ratio = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 cfg = TrainConfig(lr=1e-3, warmup_ratio=ratio)
 ds = build_ds_config(cfg, resolve_ds_path("zero0"), 1, 4, total, "fp32")
