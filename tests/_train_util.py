@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,13 @@ def run_side_by_side(*commands: list[str], timeout: int = 300, threads: int | tu
 
 
 def torchrun(nproc: int, module_args: list[str], port: int, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={port}", *module_args], timeout=timeout)
+    """A ``torchrun`` launch with its own TMPDIR, removed afterwards: the elastic agent makes a
+    ``torchelastic_*`` log folder in the temporary directory on every launch and never removes it."""
+    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+            *module_args]
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as tmp:
+        return subprocess.run(args, cwd=REPO, env={**env(1), "TMPDIR": tmp}, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 def read_trace(run_dir: Path) -> list[dict]:
