@@ -49,9 +49,16 @@ def write_config(path: Path, **values) -> Path:
     return path
 
 
+# The temporary directory of every process a test launches, removed when this worker exits: what a launched
+# process leaves there is gone with it (torch's elastic agent makes a torchelastic_* folder on every launch
+# and never removes it).
+_LAUNCH_TMP = tempfile.TemporaryDirectory(prefix="launched-")
+
+
 def env(threads: int = 1) -> dict:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+             TMPDIR=_LAUNCH_TMP.name,
              PYTHONPATH=str(REPO) + os.pathsep + e.get("PYTHONPATH", ""))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(key, None)
@@ -74,13 +81,8 @@ def run_side_by_side(*commands: list[str], timeout: int = 300, threads: int | tu
 
 
 def torchrun(nproc: int, module_args: list[str], port: int, timeout: int = 300) -> subprocess.CompletedProcess:
-    """A ``torchrun`` launch with its own TMPDIR, removed afterwards: the elastic agent makes a
-    ``torchelastic_*`` log folder in the temporary directory on every launch and never removes it."""
-    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-            *module_args]
-    with tempfile.TemporaryDirectory(prefix="torchrun-") as tmp:
-        return subprocess.run(args, cwd=REPO, env={**env(1), "TMPDIR": tmp}, capture_output=True, text=True,
-                              timeout=timeout)
+    return run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={port}", *module_args], timeout=timeout)
 
 
 def read_trace(run_dir: Path) -> list[dict]:

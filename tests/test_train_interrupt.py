@@ -157,13 +157,12 @@ def test_ctrl_c_checkpoints_and_exits_130(tiny):
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_stop_at_the_same_step_and_resume(tiny, tmp_path, monkeypatch):
+def test_two_ranks_under_torchrun_stop_at_the_same_step_and_resume(tiny):
     """SIGTERM to torchrun's process group (the launcher forwards it to each rank, which runs in a session of
     its own): both ranks stop after the same step, write their shares of a ZeRO-2 checkpoint there, rank 0
     prints the line; torchrun again resumes, and each epoch trains every id once."""
     from b3stream.dist import free_port
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the elastic agent's torchelastic_* log folders land here
     cfg, run_dir = _config(tiny, "two", deepspeed="zero2"), tiny["root"] / "two"
 
     def torchrun() -> list[str]:
